@@ -1,6 +1,6 @@
 //! A bounded, thread-safe cache from pre-tokenized piece to its BPE token ids.
 
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::Mutex;
 
 use rustc_hash::{FxBuildHasher, FxHashMap};
@@ -11,23 +11,25 @@ const ENTRIES_PER_SHARD: usize = 8192;
 /// Pieces longer than this many bytes are not cached (they are rare and expensive to key).
 pub(crate) const MAX_CACHED_PIECE: usize = 48;
 
+type Shard = Mutex<FxHashMap<Box<[u8]>, Box<[u32]>>>;
+
 /// Sharded so that threads encoding a batch rarely wait on one another; each shard stops
 /// accepting entries once full, so memory stays bounded whatever the input.
 pub(crate) struct PieceCache {
-    shards: Box<[Mutex<FxHashMap<Box<[u8]>, Box<[u32]>>>]>,
+    shards: Box<[Shard]>,
 }
 
 impl PieceCache {
     pub(crate) fn new() -> Self {
         Self {
-            shards: (0..SHARDS).map(|_| Mutex::new(FxHashMap::default())).collect(),
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(FxHashMap::default()))
+                .collect(),
         }
     }
 
-    fn shard(&self, piece: &[u8]) -> &Mutex<FxHashMap<Box<[u8]>, Box<[u32]>>> {
-        let mut h = FxBuildHasher.build_hasher();
-        piece.hash(&mut h);
-        &self.shards[(h.finish() >> 60) as usize % SHARDS]
+    fn shard(&self, piece: &[u8]) -> &Shard {
+        &self.shards[(FxBuildHasher.hash_one(piece) >> 60) as usize % SHARDS]
     }
 
     /// Appends the cached ids of `piece` to `out`; false on a miss.

@@ -43,7 +43,10 @@ pub fn total_bytes(files: &[PathBuf]) -> Result<u64> {
     files.iter().try_fold(0u64, |sum, f| {
         let meta = std::fs::metadata(f).map_err(|e| BpeError::io(f, e))?;
         if meta.is_dir() {
-            return Err(BpeError::io(f, std::io::Error::other("is a directory, expected a text file")));
+            return Err(BpeError::io(
+                f,
+                std::io::Error::other("is a directory, expected a text file"),
+            ));
         }
         Ok(sum + meta.len())
     })
@@ -121,7 +124,11 @@ impl ChunkReader {
             }
             let mut buf = std::mem::take(&mut self.carry);
             let mut eof = self.fill(&mut buf, self.chunk_bytes)?;
-            let mut cut = if eof { buf.len() } else { last_safe_boundary(&buf) };
+            let mut cut = if eof {
+                buf.len()
+            } else {
+                last_safe_boundary(&buf)
+            };
             // No safe boundary (e.g. no newlines): read further, then cut at a UTF-8 boundary.
             while cut == 0 && !eof {
                 let want = buf.len() + self.chunk_bytes;
@@ -166,7 +173,10 @@ impl ChunkReader {
 }
 
 fn last_safe_boundary(buf: &[u8]) -> usize {
-    (1..buf.len()).rev().find(|&q| is_safe_boundary(buf, q)).unwrap_or(0)
+    (1..buf.len())
+        .rev()
+        .find(|&q| is_safe_boundary(buf, q))
+        .unwrap_or(0)
 }
 
 fn char_boundary_before(buf: &[u8], mut q: usize) -> usize {

@@ -55,7 +55,9 @@ pub enum BpeError {
         vocab_size: usize,
     },
     /// The requested vocabulary cannot even hold the byte alphabet and the special tokens.
-    #[error("vocab size {requested} is too small: byte-level BPE needs at least {minimum} (256 bytes + special tokens)")]
+    #[error(
+        "vocab size {requested} is too small: byte-level BPE needs at least {minimum} (256 bytes + special tokens)"
+    )]
     VocabTooSmall {
         /// What was asked for.
         requested: usize,

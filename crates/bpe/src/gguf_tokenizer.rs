@@ -19,7 +19,9 @@ pub(crate) fn pre_tokenizer_for(name: &str) -> Result<PreTokenizer> {
     };
     Ok(match name {
         "gpt-2" | "gpt2" | "default" | "phi-2" | "jais" => PreTokenizer::gpt2(),
-        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => digits_then_gpt2,
+        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => {
+            digits_then_gpt2
+        }
         "llama3" | "llama-bpe" | "llama-v3" | "dbrx" | "smaug-bpe" | "falcon3" | "pixtral" => {
             PreTokenizer::with_split(Split::Cl100k)
         }
@@ -49,7 +51,11 @@ pub(crate) fn from_gguf(file: &GgufFile) -> Result<Tokenizer> {
         Some(_) => pre_tokenizer_for(file.get_str("tokenizer.ggml.pre")?)?,
         None => PreTokenizer::gpt2(),
     };
-    let id_of = |key: &str| file.get(key).and_then(|v| v.as_u64()).and_then(|i| u32::try_from(i).ok());
+    let id_of = |key: &str| {
+        file.get(key)
+            .and_then(|v| v.as_u64())
+            .and_then(|i| u32::try_from(i).ok())
+    };
 
     let mut vocab = Vec::with_capacity(tokens.len());
     let mut added = Vec::new();

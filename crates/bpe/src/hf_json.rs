@@ -21,26 +21,43 @@ fn json_error(path: &Path, source: serde_json::Error) -> BpeError {
 }
 
 fn shape_error(path: &Path, msg: &str) -> BpeError {
-    json_error(path, serde_json::Error::io(std::io::Error::other(msg.to_owned())))
+    json_error(
+        path,
+        serde_json::Error::io(std::io::Error::other(msg.to_owned())),
+    )
 }
 
 /// Parses a `tokenizer.json` document; `path` is only used in error messages.
 pub fn from_json(text: &str, path: &Path) -> Result<Tokenizer> {
     let root: Value = serde_json::from_str(text).map_err(|e| json_error(path, e))?;
-    let model = root.get("model").ok_or_else(|| shape_error(path, "no \"model\" field"))?;
+    let model = root
+        .get("model")
+        .ok_or_else(|| shape_error(path, "no \"model\" field"))?;
     match model.get("type").and_then(Value::as_str) {
         Some("BPE") | None => {}
-        Some(other) => return Err(unsupported(format!("model type {other:?} (only BPE is supported)"))),
+        Some(other) => {
+            return Err(unsupported(format!(
+                "model type {other:?} (only BPE is supported)"
+            )));
+        }
     }
     for key in ["continuing_subword_prefix", "end_of_word_suffix"] {
-        if model.get(key).and_then(Value::as_str).is_some_and(|s| !s.is_empty()) {
+        if model
+            .get(key)
+            .and_then(Value::as_str)
+            .is_some_and(|s| !s.is_empty())
+        {
             return Err(unsupported(format!("BPE {key}")));
         }
     }
     if model.get("byte_fallback").and_then(Value::as_bool) == Some(true) {
         return Err(unsupported("byte_fallback (SentencePiece-style BPE)"));
     }
-    if model.get("dropout").and_then(Value::as_f64).is_some_and(|d| d > 0.0) {
+    if model
+        .get("dropout")
+        .and_then(Value::as_f64)
+        .is_some_and(|d| d > 0.0)
+    {
         return Err(unsupported("BPE dropout"));
     }
     if let Some(n) = root.get("normalizer").filter(|n| !n.is_null()) {
@@ -52,7 +69,10 @@ pub fn from_json(text: &str, path: &Path) -> Result<Tokenizer> {
         Some(Value::Array(items)) => items
             .iter()
             .map(|t| {
-                let id = t.get("id").and_then(Value::as_u64).and_then(|i| u32::try_from(i).ok());
+                let id = t
+                    .get("id")
+                    .and_then(Value::as_u64)
+                    .and_then(|i| u32::try_from(i).ok());
                 let content = t.get("content").and_then(Value::as_str);
                 match (id, content) {
                     (Some(id), Some(content)) => Ok(AddedToken {
@@ -60,7 +80,10 @@ pub fn from_json(text: &str, path: &Path) -> Result<Tokenizer> {
                         content: content.to_owned(),
                         special: t.get("special").and_then(Value::as_bool).unwrap_or(false),
                     }),
-                    _ => Err(shape_error(path, "an added token lacks \"id\" or \"content\"")),
+                    _ => Err(shape_error(
+                        path,
+                        "an added token lacks \"id\" or \"content\"",
+                    )),
                 }
             })
             .collect::<Result<_>>()?,
@@ -118,10 +141,16 @@ pub fn from_json(text: &str, path: &Path) -> Result<Tokenizer> {
     Tokenizer::from_parts(TokenizerParts {
         vocab,
         merges,
-        eos_id: added.iter().find(|t| t.content == "<|endoftext|>").map(|t| t.id),
+        eos_id: added
+            .iter()
+            .find(|t| t.content == "<|endoftext|>")
+            .map(|t| t.id),
         added,
         pre_tokenizer,
-        ignore_merges: model.get("ignore_merges").and_then(Value::as_bool).unwrap_or(false),
+        ignore_merges: model
+            .get("ignore_merges")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
         bos_id: None,
     })
 }
@@ -139,7 +168,10 @@ pub(crate) fn decode_merge(index: usize, left: &str, right: &str) -> Result<(Vec
 }
 
 fn type_name(v: &Value) -> String {
-    v.get("type").and_then(Value::as_str).unwrap_or("(untyped)").to_owned()
+    v.get("type")
+        .and_then(Value::as_str)
+        .unwrap_or("(untyped)")
+        .to_owned()
 }
 
 fn parse_pre_tokenizer(v: &Value) -> Result<PreTokenizer> {
@@ -150,7 +182,11 @@ fn parse_pre_tokenizer(v: &Value) -> Result<PreTokenizer> {
             .map(|a| a.iter().collect())
             .unwrap_or_default(),
         Some(_) => vec![v],
-        None => return Err(unsupported("no ByteLevel pre-tokenizer: not a byte-level BPE tokenizer")),
+        None => {
+            return Err(unsupported(
+                "no ByteLevel pre-tokenizer: not a byte-level BPE tokenizer",
+            ));
+        }
     };
     let mut pre = PreTokenizer::with_split(Split::None);
     let mut regex: Option<Split> = None;
@@ -159,7 +195,9 @@ fn parse_pre_tokenizer(v: &Value) -> Result<PreTokenizer> {
         match step.get("type").and_then(Value::as_str) {
             Some("Digits") if i == 0 => {
                 if step.get("individual_digits").and_then(Value::as_bool) != Some(true) {
-                    return Err(unsupported("Digits pre-tokenizer without individual_digits"));
+                    return Err(unsupported(
+                        "Digits pre-tokenizer without individual_digits",
+                    ));
                 }
                 pre.individual_digits = true;
             }
@@ -169,28 +207,52 @@ fn parse_pre_tokenizer(v: &Value) -> Result<PreTokenizer> {
                     .and_then(|p| p.get("Regex"))
                     .and_then(Value::as_str)
                     .ok_or_else(|| unsupported("Split pre-tokenizer without a Regex pattern"))?;
-                let behavior = step.get("behavior").and_then(Value::as_str).unwrap_or("Isolated");
-                if behavior != "Isolated" || step.get("invert").and_then(Value::as_bool) == Some(true) {
-                    return Err(unsupported(format!("Split pre-tokenizer with behavior {behavior}")));
+                let behavior = step
+                    .get("behavior")
+                    .and_then(Value::as_str)
+                    .unwrap_or("Isolated");
+                if behavior != "Isolated"
+                    || step.get("invert").and_then(Value::as_bool) == Some(true)
+                {
+                    return Err(unsupported(format!(
+                        "Split pre-tokenizer with behavior {behavior}"
+                    )));
                 }
-                regex = Some(Split::from_pattern(pattern).map_err(Box::new)?);
+                regex = Some(Split::from_pattern(pattern)?);
             }
             Some("ByteLevel") if i + 1 == steps.len() => {
                 byte_level_seen = true;
-                pre.add_prefix_space = step.get("add_prefix_space").and_then(Value::as_bool).unwrap_or(false);
-                let use_regex = step.get("use_regex").and_then(Value::as_bool).unwrap_or(true);
+                pre.add_prefix_space = step
+                    .get("add_prefix_space")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false);
+                let use_regex = step
+                    .get("use_regex")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(true);
                 pre.split = match (use_regex, regex.take()) {
                     (true, None) => Split::Gpt2,
                     (false, Some(split)) => split,
                     (false, None) => Split::None,
-                    (true, Some(_)) => return Err(unsupported("a Split regex followed by ByteLevel's own regex")),
+                    (true, Some(_)) => {
+                        return Err(unsupported(
+                            "a Split regex followed by ByteLevel's own regex",
+                        ));
+                    }
                 };
             }
-            _ => return Err(unsupported(format!("pre-tokenizer sequence {}", Value::Array(steps.iter().map(|s| json!(type_name(s))).collect())))),
+            _ => {
+                return Err(unsupported(format!(
+                    "pre-tokenizer sequence {}",
+                    Value::Array(steps.iter().map(|s| json!(type_name(s))).collect())
+                )));
+            }
         }
     }
     if !byte_level_seen {
-        return Err(unsupported("no ByteLevel pre-tokenizer: not a byte-level BPE tokenizer"));
+        return Err(unsupported(
+            "no ByteLevel pre-tokenizer: not a byte-level BPE tokenizer",
+        ));
     }
     Ok(pre)
 }
@@ -270,16 +332,24 @@ pub fn to_json(tok: &Tokenizer) -> String {
 /// Loads GPT-2-style `vocab.json` + `merges.txt` (GPT-2 pre-tokenizer; `<|endoftext|>`, if present,
 /// becomes a special token and the end-of-text id).
 pub fn from_vocab_merges(vocab_path: &Path, merges_path: &Path) -> Result<Tokenizer> {
-    let vocab_text = std::fs::read_to_string(vocab_path).map_err(|e| BpeError::io(vocab_path, e))?;
-    let merges_text = std::fs::read_to_string(merges_path).map_err(|e| BpeError::io(merges_path, e))?;
-    let vocab_map: Map<String, Value> = serde_json::from_str(&vocab_text).map_err(|e| json_error(vocab_path, e))?;
+    let vocab_text =
+        std::fs::read_to_string(vocab_path).map_err(|e| BpeError::io(vocab_path, e))?;
+    let merges_text =
+        std::fs::read_to_string(merges_path).map_err(|e| BpeError::io(merges_path, e))?;
+    let vocab_map: Map<String, Value> =
+        serde_json::from_str(&vocab_text).map_err(|e| json_error(vocab_path, e))?;
     let mut vocab = Vec::with_capacity(vocab_map.len());
     let mut added = Vec::new();
     for (token, id) in &vocab_map {
         let id = id
             .as_u64()
             .and_then(|i| u32::try_from(i).ok())
-            .ok_or_else(|| shape_error(vocab_path, &format!("vocab entry {token:?} has no valid id")))?;
+            .ok_or_else(|| {
+                shape_error(
+                    vocab_path,
+                    &format!("vocab entry {token:?} has no valid id"),
+                )
+            })?;
         let bytes = byte_level::decode_str(token).ok_or_else(|| BpeError::InvalidToken {
             token: token.clone(),
             id,

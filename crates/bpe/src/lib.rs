@@ -36,7 +36,9 @@ use std::path::Path;
 pub use error::{BpeError, Result};
 pub use pretokenize::{PreTokenizer, Split};
 pub use shard::{BatchSampler, ShardError, ShardWriter, TokenShard, TokenWidth};
-pub use tokenizer::{AddedToken, Encoding, SpecialTokens, StreamDecoder, Tokenizer, TokenizerParts};
+pub use tokenizer::{
+    AddedToken, Encoding, SpecialTokens, StreamDecoder, Tokenizer, TokenizerParts,
+};
 pub use trainer::{BpeTrainer, TrainerConfig};
 
 impl Tokenizer {

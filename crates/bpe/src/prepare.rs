@@ -61,7 +61,12 @@ pub struct PrepareReport {
 }
 
 /// Tokenizes `files` into `out_dir/train.bin` and `out_dir/val.bin`.
-pub fn prepare(tok: &Tokenizer, files: &[PathBuf], out_dir: &Path, cfg: &PrepareConfig) -> Result<PrepareReport> {
+pub fn prepare(
+    tok: &Tokenizer,
+    files: &[PathBuf],
+    out_dir: &Path,
+    cfg: &PrepareConfig,
+) -> Result<PrepareReport> {
     if !(0.0..1.0).contains(&cfg.val_fraction) {
         return Err(BpeError::InvalidArgument(format!(
             "val fraction {} must be in [0, 1)",
@@ -116,7 +121,11 @@ pub fn prepare(tok: &Tokenizer, files: &[PathBuf], out_dir: &Path, cfg: &Prepare
             .map(|c| tok.encode_bytes(&c.bytes, SpecialTokens::AsText))
             .collect();
         for (chunk, ids) in chunks.iter().zip(&encoded) {
-            let writer = if chunk.after_split { &mut val } else { &mut train };
+            let writer = if chunk.after_split {
+                &mut val
+            } else {
+                &mut train
+            };
             if chunk.doc_start
                 && let Some(eot) = separator
             {

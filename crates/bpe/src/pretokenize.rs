@@ -34,7 +34,7 @@ pub enum Split {
 
 impl Split {
     /// Picks the fast splitter for a known pattern, or compiles a custom one.
-    pub fn from_pattern(pattern: &str) -> Result<Self, fancy_regex::Error> {
+    pub fn from_pattern(pattern: &str) -> Result<Self, Box<fancy_regex::Error>> {
         Ok(match pattern {
             GPT2_PATTERN => Split::Gpt2,
             CL100K_PATTERN | LLAMA3_PATTERN => Split::Cl100k,
@@ -62,10 +62,10 @@ pub struct RegexSplit {
 
 impl RegexSplit {
     /// Compiles `pattern` with `fancy-regex` (look-around supported).
-    pub fn new(pattern: &str) -> Result<Self, fancy_regex::Error> {
+    pub fn new(pattern: &str) -> Result<Self, Box<fancy_regex::Error>> {
         Ok(Self {
             pattern: pattern.to_owned(),
-            regex: fancy_regex::Regex::new(pattern)?,
+            regex: fancy_regex::Regex::new(pattern).map_err(Box::new)?,
         })
     }
 }
@@ -125,7 +125,10 @@ impl PreTokenizer {
 /// true right after a `\n` that is followed by a non-whitespace character. Holds for every split
 /// pattern here except `Split::None` and custom regexes, where it is the conventional line cut.
 pub fn is_safe_boundary(text: &[u8], pos: usize) -> bool {
-    pos > 0 && pos < text.len() && text[pos - 1] == b'\n' && char_at(text, pos).class != Class::Space
+    pos > 0
+        && pos < text.len()
+        && text[pos - 1] == b'\n'
+        && char_at(text, pos).class != Class::Space
 }
 
 fn split_with(split: &Split, text: &[u8], base: usize, ends: &mut Vec<usize>) {
@@ -204,7 +207,10 @@ fn split_cl100k(text: &[u8], base: usize, ends: &mut Vec<usize>) {
             }
             let is_crlf = c.ch == u32::from(b'\r') || c.ch == u32::from(b'\n');
             let next = (i + c.len < n).then(|| char_at(text, i + c.len));
-            if !is_crlf && c.class != Class::Number && next.is_some_and(|x| x.class == Class::Letter) {
+            if !is_crlf
+                && c.class != Class::Number
+                && next.is_some_and(|x| x.class == Class::Letter)
+            {
                 break 'piece run_end(text, i + c.len, Class::Letter, usize::MAX);
             }
             // `\p{N}{1,3}`
@@ -237,7 +243,11 @@ fn split_cl100k(text: &[u8], base: usize, ends: &mut Vec<usize>) {
 fn contraction(rest: &[u8], ignore_case: bool) -> Option<usize> {
     let lower = |i: usize| -> Option<u8> {
         let b = *rest.get(i)?;
-        Some(if ignore_case { b.to_ascii_lowercase() } else { b })
+        Some(if ignore_case {
+            b.to_ascii_lowercase()
+        } else {
+            b
+        })
     };
     match lower(0)? {
         b's' | b't' | b'm' | b'd' => Some(1),
@@ -286,7 +296,11 @@ fn whitespace_end(text: &[u8], i: usize, crlf: bool) -> usize {
     if let Some(end) = last_crlf_end {
         return end;
     }
-    if j == text.len() || count == 1 { j } else { last_start }
+    if j == text.len() || count == 1 {
+        j
+    } else {
+        last_start
+    }
 }
 
 fn split_regex(regex: &fancy_regex::Regex, text: &[u8], base: usize, ends: &mut Vec<usize>) {
@@ -365,7 +379,11 @@ fn char_at(text: &[u8], i: usize) -> Char {
         };
     }
     let (ch, len) = decode_multibyte(&text[i..]);
-    let class = if ch == INVALID { Class::Other } else { class_of(ch) };
+    let class = if ch == INVALID {
+        Class::Other
+    } else {
+        class_of(ch)
+    };
     Char { ch, len, class }
 }
 
@@ -430,9 +448,11 @@ fn class_of_slow(ch: u32) -> Class {
     }
     use GeneralCategory as G;
     match get_general_category(c) {
-        G::UppercaseLetter | G::LowercaseLetter | G::TitlecaseLetter | G::ModifierLetter | G::OtherLetter => {
-            Class::Letter
-        }
+        G::UppercaseLetter
+        | G::LowercaseLetter
+        | G::TitlecaseLetter
+        | G::ModifierLetter
+        | G::OtherLetter => Class::Letter,
         G::DecimalNumber | G::LetterNumber | G::OtherNumber => Class::Number,
         _ => Class::Other,
     }
@@ -486,7 +506,11 @@ mod tests {
     fn gpt2_matches_its_regex() {
         let pre = PreTokenizer::gpt2();
         for s in SAMPLES {
-            assert_eq!(pieces(&pre, s), regex_pieces(GPT2_PATTERN, s), "input {s:?}");
+            assert_eq!(
+                pieces(&pre, s),
+                regex_pieces(GPT2_PATTERN, s),
+                "input {s:?}"
+            );
         }
     }
 
@@ -494,8 +518,16 @@ mod tests {
     fn cl100k_matches_its_regex() {
         let pre = PreTokenizer::with_split(Split::Cl100k);
         for s in SAMPLES {
-            assert_eq!(pieces(&pre, s), regex_pieces(CL100K_PATTERN, s), "input {s:?}");
-            assert_eq!(pieces(&pre, s), regex_pieces(LLAMA3_PATTERN, s), "input {s:?}");
+            assert_eq!(
+                pieces(&pre, s),
+                regex_pieces(CL100K_PATTERN, s),
+                "input {s:?}"
+            );
+            assert_eq!(
+                pieces(&pre, s),
+                regex_pieces(LLAMA3_PATTERN, s),
+                "input {s:?}"
+            );
         }
     }
 
@@ -505,13 +537,19 @@ mod tests {
             individual_digits: true,
             ..PreTokenizer::gpt2()
         };
-        assert_eq!(pieces(&pre, "in 2024, x  12"), ["in", " ", "2", "0", "2", "4", ",", " x", "  ", "1", "2"]);
+        assert_eq!(
+            pieces(&pre, "in 2024, x  12"),
+            ["in", " ", "2", "0", "2", "4", ",", " x", "  ", "1", "2"]
+        );
     }
 
     #[test]
     fn invalid_bytes_split_losslessly() {
         let text: &[u8] = b"ok \xff\xfe bad \xe4\xb8 cut";
-        for pre in [PreTokenizer::gpt2(), PreTokenizer::with_split(Split::Cl100k)] {
+        for pre in [
+            PreTokenizer::gpt2(),
+            PreTokenizer::with_split(Split::Cl100k),
+        ] {
             let joined: Vec<u8> = pre.pieces(text).concat();
             assert_eq!(joined, text);
         }

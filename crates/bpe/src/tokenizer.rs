@@ -146,7 +146,10 @@ impl Tokenizer {
                 });
             }
             *slot = Some(bytes.clone().into_boxed_slice());
-            if bpe_ids.insert(bytes.clone().into_boxed_slice(), *id).is_some() {
+            if bpe_ids
+                .insert(bytes.clone().into_boxed_slice(), *id)
+                .is_some()
+            {
                 return Err(BpeError::InvalidToken {
                     token: lossy(bytes),
                     id: *id,
@@ -171,10 +174,16 @@ impl Tokenizer {
                 merge: format!("{} {}", lossy(left), lossy(right)),
                 reason,
             };
-            let a = *bpe_ids.get(left.as_slice()).ok_or_else(|| bad("left token is not in the vocabulary"))?;
-            let b = *bpe_ids.get(right.as_slice()).ok_or_else(|| bad("right token is not in the vocabulary"))?;
+            let a = *bpe_ids
+                .get(left.as_slice())
+                .ok_or_else(|| bad("left token is not in the vocabulary"))?;
+            let b = *bpe_ids
+                .get(right.as_slice())
+                .ok_or_else(|| bad("right token is not in the vocabulary"))?;
             let joined = [left.as_slice(), right.as_slice()].concat();
-            let result = *bpe_ids.get(joined.as_slice()).ok_or_else(|| bad("merged token is not in the vocabulary"))?;
+            let result = *bpe_ids
+                .get(joined.as_slice())
+                .ok_or_else(|| bad("merged token is not in the vocabulary"))?;
             merges.entry(pair_key(a, b)).or_insert(Merge {
                 rank: rank as u32,
                 result,
@@ -267,15 +276,20 @@ impl Tokenizer {
         self.parts.bos_id
     }
 
-    /// End-of-text id: the format's EOS token, else the `<|endoftext|>` special token.
+    /// End-of-sequence id as the format names it (for chat models often `<|im_end|>`).
+    pub fn eos_id(&self) -> Option<u32> {
+        self.parts.eos_id
+    }
+
+    /// The document separator for token shards: the `<|endoftext|>` special token if there is one,
+    /// else the format's end-of-sequence token.
     pub fn eot_id(&self) -> Option<u32> {
-        self.parts.eos_id.or_else(|| {
-            self.parts
-                .added
-                .iter()
-                .find(|t| t.content == "<|endoftext|>")
-                .map(|t| t.id)
-        })
+        self.parts
+            .added
+            .iter()
+            .find(|t| t.content == "<|endoftext|>")
+            .map(|t| t.id)
+            .or(self.parts.eos_id)
     }
 
     /// Encodes text; special-token text is encoded as plain text.
@@ -304,7 +318,11 @@ impl Tokenizer {
     }
 
     /// Encodes many texts in parallel (rayon's thread pool); the output order matches the input.
-    pub fn encode_batch<S: AsRef<str> + Sync>(&self, texts: &[S], specials: SpecialTokens) -> Vec<Vec<u32>> {
+    pub fn encode_batch<S: AsRef<str> + Sync>(
+        &self,
+        texts: &[S],
+        specials: SpecialTokens,
+    ) -> Vec<Vec<u32>> {
         texts
             .par_iter()
             .map(|t| self.encode_bytes(t.as_ref().as_bytes(), specials))
@@ -426,12 +444,18 @@ impl Tokenizer {
     /// Bytes this vocabulary has no token for (dropped when encoding); empty for a complete
     /// byte-level vocabulary, which then round-trips any input exactly.
     pub fn unencodable_bytes(&self) -> Vec<u8> {
-        (0..=255u8).filter(|&b| self.byte_ids[usize::from(b)] == NO_TOKEN).collect()
+        (0..=255u8)
+            .filter(|&b| self.byte_ids[usize::from(b)] == NO_TOKEN)
+            .collect()
     }
 
     /// BPE on one piece, through the cache.
     fn bpe_piece(&self, piece: &[u8], out: &mut Vec<u32>) {
-        if self.has_missing_bytes && piece.iter().any(|&b| self.byte_ids[usize::from(b)] == NO_TOKEN) {
+        if self.has_missing_bytes
+            && piece
+                .iter()
+                .any(|&b| self.byte_ids[usize::from(b)] == NO_TOKEN)
+        {
             let kept: Vec<u8> = piece
                 .iter()
                 .copied()
@@ -477,8 +501,14 @@ impl Tokenizer {
 
     /// Quadratic merge loop: lowest rank first, leftmost on ties. Fastest for short pieces.
     fn merge_small(&self, piece: &[u8], out: &mut Vec<u32>) {
-        let mut symbols: Vec<u32> = piece.iter().map(|&b| self.byte_ids[usize::from(b)]).collect();
-        let mut pairs: Vec<Merge> = symbols.windows(2).map(|w| self.merge_of(w[0], w[1])).collect();
+        let mut symbols: Vec<u32> = piece
+            .iter()
+            .map(|&b| self.byte_ids[usize::from(b)])
+            .collect();
+        let mut pairs: Vec<Merge> = symbols
+            .windows(2)
+            .map(|w| self.merge_of(w[0], w[1]))
+            .collect();
         loop {
             let mut best = NO_RANK;
             let mut at = 0;
@@ -508,7 +538,10 @@ impl Tokenizer {
     fn merge_large(&self, piece: &[u8], out: &mut Vec<u32>) {
         const NONE: u32 = u32::MAX;
         let n = piece.len();
-        let mut id: Vec<u32> = piece.iter().map(|&b| self.byte_ids[usize::from(b)]).collect();
+        let mut id: Vec<u32> = piece
+            .iter()
+            .map(|&b| self.byte_ids[usize::from(b)])
+            .collect();
         let mut next: Vec<u32> = (1..=n as u32).collect();
         next[n - 1] = NONE;
         let mut prev: Vec<u32> = (0..n as u32).map(|i| i.wrapping_sub(1)).collect();
@@ -591,10 +624,11 @@ impl StreamDecoder {
 
     /// Adds one token; returns the text that is now complete (possibly empty).
     pub fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> Result<String> {
-        self.pending.extend_from_slice(tokenizer.token_bytes(id).ok_or(BpeError::IdOutOfRange {
-            id: u64::from(id),
-            vocab_size: tokenizer.vocab_size(),
-        })?);
+        self.pending
+            .extend_from_slice(tokenizer.token_bytes(id).ok_or(BpeError::IdOutOfRange {
+                id: u64::from(id),
+                vocab_size: tokenizer.vocab_size(),
+            })?);
         let valid = match std::str::from_utf8(&self.pending) {
             Ok(_) => self.pending.len(),
             // An incomplete character at the end waits; an invalid sequence is flushed lossily.

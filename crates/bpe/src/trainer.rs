@@ -62,7 +62,9 @@ impl BpeTrainer {
             });
         }
         if config.special_tokens.iter().any(String::is_empty) {
-            return Err(BpeError::InvalidArgument("special tokens cannot be empty".into()));
+            return Err(BpeError::InvalidArgument(
+                "special tokens cannot be empty".into(),
+            ));
         }
         let specials = if config.special_tokens.is_empty() {
             None
@@ -89,13 +91,13 @@ impl BpeTrainer {
 
     /// Counts the words of many texts in parallel.
     pub fn feed_batch<S: AsRef<[u8]> + Sync>(&mut self, texts: &[S]) {
-        let counts = texts
-            .par_iter()
-            .map(|t| self.count(t.as_ref()))
-            .reduce(FxHashMap::default, |mut a, b| {
+        let counts = texts.par_iter().map(|t| self.count(t.as_ref())).reduce(
+            FxHashMap::default,
+            |mut a, b| {
                 merge_counts(&mut a, b);
                 a
-            });
+            },
+        );
         merge_counts(&mut self.words, counts);
     }
 
@@ -201,7 +203,10 @@ impl BpeTrainer {
                 .map(|(i, bytes)| (bytes, first_byte_id + i as u32))
                 .collect(),
             merges,
-            eos_id: added.iter().find(|t| t.content == "<|endoftext|>").map(|t| t.id),
+            eos_id: added
+                .iter()
+                .find(|t| t.content == "<|endoftext|>")
+                .map(|t| t.id),
             added,
             pre_tokenizer: cfg.pre_tokenizer.clone(),
             ignore_merges: false,
@@ -226,7 +231,9 @@ fn progress(show: bool, len: u64, what: &'static str) -> ProgressBar {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::new(len);
-    if let Ok(style) = ProgressStyle::with_template("{msg:>16} [{bar:30}] {percent:>3}% {elapsed} (eta {eta})") {
+    if let Ok(style) =
+        ProgressStyle::with_template("{msg:>16} [{bar:30}] {percent:>3}% {elapsed} (eta {eta})")
+    {
         bar.set_style(style.progress_chars("=> "));
     }
     bar.set_message(what);
@@ -243,7 +250,11 @@ fn merge_loop(
     cfg: &TrainerConfig,
 ) -> Vec<(Vec<u8>, Vec<u8>)> {
     let target = cfg.vocab_size - cfg.special_tokens.len();
-    let mut by_bytes: FxHashMap<Vec<u8>, u32> = vocab.iter().enumerate().map(|(i, b)| (b.clone(), i as u32)).collect();
+    let mut by_bytes: FxHashMap<Vec<u8>, u32> = vocab
+        .iter()
+        .enumerate()
+        .map(|(i, b)| (b.clone(), i as u32))
+        .collect();
     let mut pair_counts: FxHashMap<Pair, i64> = FxHashMap::default();
     let mut pair_words: FxHashMap<Pair, Vec<u32>> = FxHashMap::default();
     for (w, word) in words.iter().enumerate() {
@@ -254,9 +265,15 @@ fn merge_loop(
         }
     }
     // Max-heap on (count, smallest pair first); entries go stale and are re-checked on pop.
-    let mut heap: BinaryHeap<(i64, std::cmp::Reverse<Pair>)> =
-        pair_counts.iter().map(|(&p, &c)| (c, std::cmp::Reverse(p))).collect();
-    let bar = progress(cfg.show_progress, (target.saturating_sub(vocab.len())) as u64, "merging");
+    let mut heap: BinaryHeap<(i64, std::cmp::Reverse<Pair>)> = pair_counts
+        .iter()
+        .map(|(&p, &c)| (c, std::cmp::Reverse(p)))
+        .collect();
+    let bar = progress(
+        cfg.show_progress,
+        (target.saturating_sub(vocab.len())) as u64,
+        "merging",
+    );
     let mut merges = Vec::new();
     let mut seen_at: Vec<u32> = vec![u32::MAX; words.len()];
     let mut touched: FxHashSet<Pair> = FxHashSet::default();
@@ -389,7 +406,10 @@ mod tests {
             vocab_size: 100,
             ..TrainerConfig::default()
         };
-        assert!(matches!(BpeTrainer::new(small), Err(BpeError::VocabTooSmall { minimum: 257, .. })));
+        assert!(matches!(
+            BpeTrainer::new(small),
+            Err(BpeError::VocabTooSmall { minimum: 257, .. })
+        ));
         let t = BpeTrainer::new(TrainerConfig::default()).unwrap();
         assert!(matches!(t.finish(), Err(BpeError::EmptyCorpus)));
     }

@@ -10,7 +10,11 @@ use tokenizers::Tokenizer as HfTokenizer;
 
 fn docs(path: &Path, limit: usize) -> Vec<String> {
     let text = std::fs::read_to_string(path).unwrap();
-    text.split("\n\n").filter(|d| !d.is_empty()).take(limit).map(str::to_owned).collect()
+    text.split("\n\n")
+        .filter(|d| !d.is_empty())
+        .take(limit)
+        .map(str::to_owned)
+        .collect()
 }
 
 fn assert_same_ids(kiln: &Tokenizer, hf: &HfTokenizer, texts: &[String], specials: SpecialTokens) {
@@ -18,20 +22,33 @@ fn assert_same_ids(kiln: &Tokenizer, hf: &HfTokenizer, texts: &[String], special
     for (text, ours) in texts.iter().zip(&batch) {
         let theirs = hf.encode(text.as_str(), false).unwrap();
         assert_eq!(ours, theirs.get_ids(), "ids differ on {text:?}");
-        assert_eq!(&kiln.encode_bytes(text.as_bytes(), specials), ours, "batch differs from single on {text:?}");
+        assert_eq!(
+            &kiln.encode_bytes(text.as_bytes(), specials),
+            ours,
+            "batch differs from single on {text:?}"
+        );
         assert_eq!(kiln.decode(ours).unwrap(), *text, "round trip of {text:?}");
     }
 }
 
 fn hard_strings() -> Vec<String> {
-    common::HARD_STRINGS.iter().map(|s| (*s).to_owned()).collect()
+    common::HARD_STRINGS
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect()
 }
 
 #[test]
 fn gpt2_matches_hf_on_real_text() {
-    let Some(dir) = common::shared("tokenizers/gpt2") else { return };
-    let Some(shakespeare) = common::shared("data/tinyshakespeare.txt") else { return };
-    let Some(wiki) = common::shared("data/wikitext-2/valid.txt") else { return };
+    let Some(dir) = common::shared("tokenizers/gpt2") else {
+        return;
+    };
+    let Some(shakespeare) = common::shared("data/tinyshakespeare.txt") else {
+        return;
+    };
+    let Some(wiki) = common::shared("data/wikitext-2/valid.txt") else {
+        return;
+    };
     let kiln = Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
     let hf = HfTokenizer::from_file(dir.join("tokenizer.json")).unwrap();
     let mut texts = docs(&shakespeare, usize::MAX);
@@ -43,7 +60,9 @@ fn gpt2_matches_hf_on_real_text() {
 
 #[test]
 fn offsets_cover_exactly_the_token_bytes() {
-    let Some(dir) = common::shared("tokenizers/gpt2") else { return };
+    let Some(dir) = common::shared("tokenizers/gpt2") else {
+        return;
+    };
     let kiln = Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
     let hf = HfTokenizer::from_file(dir.join("tokenizer.json")).unwrap();
     for text in common::HARD_STRINGS {
@@ -57,16 +76,26 @@ fn offsets_cover_exactly_the_token_bytes() {
         assert_eq!(pos, text.len());
         if text.is_ascii() {
             let theirs = hf.encode(*text, false).unwrap();
-            assert_eq!(enc.offsets, theirs.get_offsets(), "offsets differ from HF on {text:?}");
+            assert_eq!(
+                enc.offsets,
+                theirs.get_offsets(),
+                "offsets differ from HF on {text:?}"
+            );
         }
     }
 }
 
 #[test]
 fn smollm2_gguf_tokenizer_matches_reference() {
-    let Some(gguf) = common::shared("models/SmolLM2-135M-Instruct.Q4_1.gguf") else { return };
-    let Some(dir) = common::shared("tokenizers/smollm2") else { return };
-    let Some(wiki) = common::shared("data/wikitext-2/test.txt") else { return };
+    let Some(gguf) = common::shared("models/SmolLM2-135M-Instruct.Q4_1.gguf") else {
+        return;
+    };
+    let Some(dir) = common::shared("tokenizers/smollm2") else {
+        return;
+    };
+    let Some(wiki) = common::shared("data/wikitext-2/test.txt") else {
+        return;
+    };
     let kiln = Tokenizer::from_file(&gguf).unwrap();
     // The reference: HF's BPE from SmolLM2's vocab + merges, with SmolLM2's pre-tokenizer
     // (digits isolated one by one, then GPT-2's byte-level regex).
@@ -77,10 +106,12 @@ fn smollm2_gguf_tokenizer_matches_reference() {
     .build()
     .unwrap();
     let mut hf = HfTokenizer::new(model);
-    hf.with_pre_tokenizer(Some(tokenizers::pre_tokenizers::sequence::Sequence::new(vec![
-        tokenizers::pre_tokenizers::digits::Digits::new(true).into(),
-        tokenizers::pre_tokenizers::byte_level::ByteLevel::new(false, true, true).into(),
-    ])));
+    hf.with_pre_tokenizer(Some(tokenizers::pre_tokenizers::sequence::Sequence::new(
+        vec![
+            tokenizers::pre_tokenizers::digits::Digits::new(true).into(),
+            tokenizers::pre_tokenizers::byte_level::ByteLevel::new(false, true, true).into(),
+        ],
+    )));
     let mut texts = docs(&wiki, 2000);
     texts.extend(hard_strings().into_iter().filter(|s| !s.contains("<|")));
     texts.push("In 2024, 1234567 apples cost $3.50".into());
@@ -91,7 +122,10 @@ fn smollm2_gguf_tokenizer_matches_reference() {
     // ChatML control tokens are special tokens.
     let chat = kiln.encode_with_special("<|im_start|>user\nHi<|im_end|>");
     assert_eq!(kiln.token_bytes(chat[0]).unwrap(), b"<|im_start|>");
-    assert_eq!(kiln.decode(&chat).unwrap(), "<|im_start|>user\nHi<|im_end|>");
+    assert_eq!(
+        kiln.decode(&chat).unwrap(),
+        "<|im_start|>user\nHi<|im_end|>"
+    );
     assert!(kiln.eot_id().is_some());
 }
 
@@ -108,11 +142,17 @@ fn train(corpus: &Path, vocab_size: usize, split: Split) -> Tokenizer {
 
 #[test]
 fn trained_tokenizers_load_in_hf_with_identical_ids() {
-    let Some(shakespeare) = common::shared("data/tinyshakespeare.txt") else { return };
+    let Some(shakespeare) = common::shared("data/tinyshakespeare.txt") else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let mut texts = docs(&shakespeare, 2000);
     texts.extend(hard_strings());
-    for (name, split) in [("gpt2", Split::Gpt2), ("cl100k", Split::Cl100k), ("none", Split::None)] {
+    for (name, split) in [
+        ("gpt2", Split::Gpt2),
+        ("cl100k", Split::Cl100k),
+        ("none", Split::None),
+    ] {
         let tok = train(&shakespeare, 1024, split);
         assert_eq!(tok.vocab_size(), 1024, "{name}");
         let path = dir.path().join(format!("{name}.json"));
@@ -128,7 +168,9 @@ fn trained_tokenizers_load_in_hf_with_identical_ids() {
 
 #[test]
 fn any_bytes_round_trip() {
-    let Some(dir) = common::shared("tokenizers/gpt2") else { return };
+    let Some(dir) = common::shared("tokenizers/gpt2") else {
+        return;
+    };
     let tok = Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
     let mut state = 0x9E37_79B9_7F4A_7C15u64;
     for len in 0..400 {
@@ -138,7 +180,16 @@ fn any_bytes_round_trip() {
                 state ^= state >> 7;
                 state ^= state << 17;
                 // Bias towards spaces, letters and UTF-8 lead/continuation bytes.
-                [b' ', b'a', b'\n', 0xE4, 0xB8, 0xF0, 0x9F, (state >> 32) as u8][(state % 8) as usize]
+                [
+                    b' ',
+                    b'a',
+                    b'\n',
+                    0xE4,
+                    0xB8,
+                    0xF0,
+                    0x9F,
+                    (state >> 32) as u8,
+                ][(state % 8) as usize]
             })
             .collect();
         for specials in [SpecialTokens::AsText, SpecialTokens::Parse] {

@@ -1,0 +1,59 @@
+//! Command-line definitions and dispatch.
+
+mod data;
+mod quickstart;
+mod tokenizer;
+
+use clap::{Parser, Subcommand};
+
+/// Kiln: from raw text to a trained, quantized, served language model, on Burn.
+#[derive(Debug, Parser)]
+#[command(name = "kiln", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    /// Worker threads for parallel work (default: all cores).
+    #[arg(long, global = true, value_name = "N")]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the pipeline end to end on a corpus (default: the Rust sources of Kiln's dependencies).
+    Quickstart(quickstart::Args),
+    /// Train, inspect and apply byte-level BPE tokenizers.
+    #[command(subcommand)]
+    Tokenizer(tokenizer::Command),
+    /// Turn corpora into token shards for training.
+    #[command(subcommand)]
+    Data(data::Command),
+    /// Show the build: version, compiled backend, and a smoke test on its default device.
+    Info,
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Some(n) = cli.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n.max(1))
+            .build_global()?;
+    }
+    match cli.command {
+        Command::Quickstart(args) => quickstart::run(args),
+        Command::Tokenizer(cmd) => tokenizer::run(cmd),
+        Command::Data(cmd) => data::run(cmd),
+        Command::Info => {
+            println!("kiln {}", env!("CARGO_PKG_VERSION"));
+            println!("backend: {}", kiln::backend::BACKEND_NAME);
+            println!("smoke test (sum of 1..=4): {}", kiln::backend::smoke_test());
+            println!("threads: {}", rayon::current_num_threads());
+            Ok(())
+        }
+    }
+}
+
+/// Whether progress bars should be drawn (stderr is a terminal).
+fn interactive() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal()
+}
