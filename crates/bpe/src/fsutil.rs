@@ -15,7 +15,11 @@ pub fn temp_path(path: &Path) -> PathBuf {
 }
 
 /// Writes `bytes` to `path` atomically: readers see the old file or the new one, never a torn one.
+/// A path that exists but is not a regular file (`/dev/stdout`, a pipe) is written in place.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
+        return std::fs::write(path, bytes).map_err(|e| BpeError::io(path, e));
+    }
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| BpeError::io(dir, e))?;
     }

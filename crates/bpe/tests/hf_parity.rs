@@ -198,3 +198,38 @@ fn any_bytes_round_trip() {
         }
     }
 }
+
+/// Kiln's trainer makes the same merges, in the same order, with the same ids, as HF's
+/// `BpeTrainer` configured as `../shared/peers/tokenizer_peer.py` configures it.
+#[test]
+fn trainer_reproduces_hf_merges_and_vocab() {
+    use tokenizers::models::TrainerWrapper;
+    use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
+    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+
+    let Some(shakespeare) = common::shared("data/tinyshakespeare.txt") else {
+        return;
+    };
+    let vocab_size = 2048;
+    let ours = train(&shakespeare, vocab_size, Split::Gpt2);
+
+    let mut hf = HfTokenizer::new(BPE::default());
+    hf.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+    let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
+        .vocab_size(vocab_size)
+        .min_frequency(2)
+        .special_tokens(vec![tokenizers::AddedToken::from("<|endoftext|>", true)])
+        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+        .show_progress(false)
+        .build()
+        .into();
+    hf.train_from_files(
+        &mut trainer,
+        vec![shakespeare.to_string_lossy().into_owned()],
+    )
+    .unwrap();
+    let theirs: serde_json::Value = serde_json::from_str(&hf.to_string(false).unwrap()).unwrap();
+    let mine: serde_json::Value = serde_json::from_str(&ours.to_json()).unwrap();
+    assert_eq!(mine["model"]["merges"], theirs["model"]["merges"]);
+    assert_eq!(mine["model"]["vocab"], theirs["model"]["vocab"]);
+}

@@ -1,0 +1,204 @@
+//! The `kiln` command line as other tools use it: the contract in its `--help`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+fn kiln(args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kiln runs");
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn ok(out: &Output) -> &[u8] {
+    assert!(
+        out.status.success(),
+        "kiln failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    &out.stdout
+}
+
+fn shared(rel: &str) -> Option<PathBuf> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared")
+        .join(rel);
+    if p.exists() {
+        return Some(p);
+    }
+    assert!(
+        std::env::var("KILN_REQUIRE_SHARED").as_deref() != Ok("1"),
+        "{} missing",
+        p.display()
+    );
+    None
+}
+
+const TEXT: &str =
+    "Byte-level BPE: 中文, emoji 🦀, e\u{301}, tabs\t\tand   spaces.\n<|endoftext|> stays text.\n";
+
+#[test]
+fn train_encode_decode_prepare() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("corpus.txt");
+    std::fs::write(&corpus, TEXT.repeat(50)).unwrap();
+    let tok = dir.path().join("tokenizer.json");
+    let t = tok.to_str().unwrap();
+    ok(&kiln(
+        &[
+            "tokenizer",
+            "train",
+            "--vocab-size",
+            "300",
+            "--special",
+            "<|endoftext|>",
+            "--special",
+            "<|pad|>",
+            "--output",
+            t,
+            corpus.to_str().unwrap(),
+        ],
+        b"",
+    ));
+    let ids = String::from_utf8(
+        ok(&kiln(
+            &["tokenizer", "encode", "--tokenizer", t],
+            TEXT.as_bytes(),
+        ))
+        .to_vec(),
+    )
+    .unwrap();
+    assert!(
+        ids.trim().split(' ').all(|w| w.parse::<u32>().is_ok()),
+        "{ids}"
+    );
+    let back = ok(&kiln(
+        &["tokenizer", "decode", "--tokenizer", t],
+        ids.as_bytes(),
+    ))
+    .to_vec();
+    assert_eq!(back, TEXT.as_bytes());
+    // With --special, the special token's text becomes its id (0: the first special).
+    let special = String::from_utf8(
+        ok(&kiln(
+            &["tokenizer", "encode", "--special", "-t", t],
+            b"<|endoftext|>",
+        ))
+        .to_vec(),
+    )
+    .unwrap();
+    assert_eq!(special.trim(), "0");
+
+    let shards = dir.path().join("shards");
+    let out = kiln(
+        &[
+            "data",
+            "prepare",
+            "--tokenizer",
+            t,
+            "--output",
+            shards.to_str().unwrap(),
+            "--val-fraction",
+            "0.2",
+            corpus.to_str().unwrap(),
+        ],
+        b"",
+    );
+    ok(&out);
+    let train = std::fs::metadata(shards.join("train.bin")).unwrap().len();
+    let val = std::fs::metadata(shards.join("val.bin")).unwrap().len();
+    assert!(train > val && val > 1024, "{train} {val}");
+}
+
+#[test]
+fn encodes_with_a_gguf_model() {
+    let Some(model) = shared("models/SmolLM2-135M-Instruct.Q4_1.gguf") else {
+        return;
+    };
+    let out = kiln(
+        &[
+            "tokenizer",
+            "encode",
+            "--tokenizer",
+            model.to_str().unwrap(),
+        ],
+        b"In 2024",
+    );
+    let ids = String::from_utf8(ok(&out).to_vec()).unwrap();
+    assert_eq!(
+        ids.split_whitespace().count(),
+        1 + 1 + 4,
+        "'In', ' ', then one token per digit: {ids}"
+    );
+}
+
+#[test]
+fn clear_errors_and_exit_codes() {
+    let out = kiln(
+        &["tokenizer", "encode", "--tokenizer", "/nonexistent.json"],
+        b"x",
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent.json"), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("c.txt");
+    std::fs::write(&corpus, "a b c").unwrap();
+    let t = dir.path().join("t.json");
+    let out = kiln(
+        &[
+            "tokenizer",
+            "train",
+            "--vocab-size",
+            "10",
+            "-o",
+            t.to_str().unwrap(),
+            corpus.to_str().unwrap(),
+        ],
+        b"",
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("too small"),
+        "{out:?}"
+    );
+    assert!(!t.exists());
+
+    ok(&kiln(
+        &[
+            "tokenizer",
+            "train",
+            "--vocab-size",
+            "260",
+            "-o",
+            t.to_str().unwrap(),
+            corpus.to_str().unwrap(),
+        ],
+        b"",
+    ));
+    let out = kiln(
+        &["tokenizer", "decode", "-t", t.to_str().unwrap()],
+        b"1 2 banana",
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("\"banana\""),
+        "{out:?}"
+    );
+    let out = kiln(
+        &["tokenizer", "decode", "-t", t.to_str().unwrap()],
+        b"999999",
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("out of range"),
+        "{out:?}"
+    );
+
+    let help = kiln(&["--help"], b"");
+    assert!(String::from_utf8_lossy(ok(&help)).contains("tokenizer"));
+}
