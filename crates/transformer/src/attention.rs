@@ -1,0 +1,164 @@
+//! Causal self-attention `softmax(QKᵀ/√d_k)·V` with grouped-query heads, RoPE and a KV cache.
+
+use burn::module::Module;
+use burn::nn::{Dropout, DropoutConfig, Linear};
+use burn::tensor::backend::Backend;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Bool, Tensor};
+
+use crate::config::{ModelConfig, RopePairing};
+use crate::linear::{INIT_STD, linear};
+use crate::rope::RopeAngles;
+
+/// Multi-head causal self-attention with a fused QKV projection.
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    /// `[d_model, (n_heads + 2·n_kv_heads)·head_dim]`: queries, then keys, then values.
+    pub qkv: Linear<B>,
+    /// `[n_heads·head_dim, d_model]` output projection.
+    pub proj: Linear<B>,
+    /// Dropout on the output projection (training only).
+    pub dropout: Dropout,
+    /// Query heads.
+    #[module(skip)]
+    pub n_heads: usize,
+    /// Key/value heads.
+    #[module(skip)]
+    pub n_kv_heads: usize,
+    /// Width of one head.
+    #[module(skip)]
+    pub head_dim: usize,
+}
+
+/// Per-forward inputs shared by every layer.
+pub(crate) struct AttentionContext<B: Backend> {
+    /// RoPE angles, for rotary models.
+    pub rope: Option<(RopeAngles<B>, RopePairing)>,
+    /// Explicit mask (`true` = hidden), `[batch, heads, q, k]`; when `None`, plain causal masking.
+    pub mask: Option<Tensor<B, 4, Bool>>,
+    /// Where each row's new keys go in the cache, if a cache is used.
+    pub cache: Option<CacheSlots>,
+}
+
+/// Where a forward pass writes into the KV cache.
+pub(crate) struct CacheSlots {
+    /// First cache position written, per row.
+    pub starts: Vec<usize>,
+    /// All rows start at the same position.
+    pub uniform: bool,
+    /// Keys attended to: positions `0..keys_len` of the cache.
+    pub keys_len: usize,
+}
+
+/// One layer's cached keys and values, `[batch, n_kv_heads, capacity, head_dim]`.
+#[derive(Debug)]
+pub(crate) struct LayerKv<B: Backend> {
+    pub k: Option<Tensor<B, 4>>,
+    pub v: Option<Tensor<B, 4>>,
+}
+
+impl<B: Backend> Attention<B> {
+    /// A freshly initialized layer (nanoGPT init; the output projection scaled by 1/√(2·layers)).
+    pub fn new(config: &ModelConfig, device: &B::Device) -> Self {
+        let h = config.head_dim();
+        let width = (config.n_heads + 2 * config.n_kv_heads) * h;
+        let residual_std = INIT_STD / (2.0 * config.n_layers as f64).sqrt();
+        Self {
+            qkv: linear(config.d_model, width, config.bias, INIT_STD, device),
+            proj: linear(
+                config.n_heads * h,
+                config.d_model,
+                config.bias,
+                residual_std,
+                device,
+            ),
+            dropout: DropoutConfig::new(config.dropout).init(),
+            n_heads: config.n_heads,
+            n_kv_heads: config.n_kv_heads,
+            head_dim: h,
+        }
+    }
+
+    /// `x`: `[batch, seq, d_model]` → `[batch, seq, d_model]`.
+    pub(crate) fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        ctx: &AttentionContext<B>,
+        kv: Option<&mut LayerKv<B>>,
+    ) -> Tensor<B, 3> {
+        let [b, t, _] = x.dims();
+        let (h, kvh, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let qkv = self.qkv.forward(x);
+        let split = |from: usize, heads: usize| {
+            qkv.clone()
+                .slice([0..b, 0..t, from * d..(from + heads) * d])
+                .reshape([b, t, heads, d])
+                .swap_dims(1, 2)
+        };
+        let (mut q, mut k, v) = (split(0, h), split(h, kvh), split(h + kvh, kvh));
+        if let Some((angles, pairing)) = &ctx.rope {
+            q = angles.apply(q, *pairing);
+            k = angles.apply(k, *pairing);
+        }
+        let (k, v) = match (kv, &ctx.cache) {
+            (Some(layer), Some(slots)) => write_cache(layer, k, v, slots),
+            _ => (k, v),
+        };
+        let k = repeat_kv(k, h / kvh);
+        let v = repeat_kv(v, h / kvh);
+        let options = AttentionModuleOptions {
+            scale: None,
+            softcap: None,
+            is_causal: ctx.mask.is_none(),
+        };
+        let y = attention(q, k, v, ctx.mask.clone(), None, options);
+        let y = y.swap_dims(1, 2).reshape([b, t, h * d]);
+        self.dropout.forward(self.proj.forward(y))
+    }
+}
+
+/// Writes the new keys/values into the cache and returns the keys/values to attend to.
+fn write_cache<B: Backend>(
+    layer: &mut LayerKv<B>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    slots: &CacheSlots,
+) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    let [b, kvh, t, d] = k.dims();
+    let write = |cache: Tensor<B, 4>, new: Tensor<B, 4>| -> Tensor<B, 4> {
+        if slots.uniform {
+            let s = slots.starts[0];
+            cache.slice_assign([0..b, 0..kvh, s..s + t, 0..d], new)
+        } else {
+            let mut cache = cache;
+            for (row, &s) in slots.starts.iter().enumerate() {
+                let part = new.clone().slice([row..row + 1, 0..kvh, 0..t, 0..d]);
+                cache = cache.slice_assign([row..row + 1, 0..kvh, s..s + t, 0..d], part);
+            }
+            cache
+        }
+    };
+    let (Some(kc), Some(vc)) = (layer.k.take(), layer.v.take()) else {
+        return (k, v);
+    };
+    let kc = write(kc, k);
+    let vc = write(vc, v);
+    let keys = slots.keys_len;
+    let k_all = kc.clone().slice([0..b, 0..kvh, 0..keys, 0..d]);
+    let v_all = vc.clone().slice([0..b, 0..kvh, 0..keys, 0..d]);
+    layer.k = Some(kc);
+    layer.v = Some(vc);
+    (k_all, v_all)
+}
+
+/// Repeats each key/value head `n` times so grouped-query attention lines up with the query heads.
+fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n: usize) -> Tensor<B, 4> {
+    if n == 1 {
+        return x;
+    }
+    let [b, kvh, t, d] = x.dims();
+    x.unsqueeze_dim::<5>(2)
+        .expand([b, kvh, n, t, d])
+        .reshape([b, kvh * n, t, d])
+}

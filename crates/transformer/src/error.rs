@@ -1,0 +1,105 @@
+//! The crate's error type.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong loading, saving or running a model.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `config.json` is malformed.
+    #[error("{}: {source}", path.display())]
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// The parse error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The model configuration is inconsistent.
+    #[error("invalid model config: {0}")]
+    InvalidConfig(String),
+    /// The file describes a model family Kiln does not implement.
+    #[error("unsupported architecture {0:?} (supported: llama, gpt2)")]
+    UnknownArchitecture(String),
+    /// A weight the model needs is not in the file.
+    #[error("missing tensor {name:?} in {file}")]
+    MissingTensor {
+        /// Tensor name as the file format spells it.
+        name: String,
+        /// Where it was looked for.
+        file: String,
+    },
+    /// A weight has the wrong shape.
+    #[error("tensor {name:?}: expected shape {expected:?}, found {found:?}")]
+    ShapeMismatch {
+        /// Tensor name.
+        name: String,
+        /// The shape the config implies.
+        expected: Vec<usize>,
+        /// The shape in the file.
+        found: Vec<usize>,
+    },
+    /// A weight is stored in a type Kiln cannot decode.
+    #[error("tensor {name:?}: {reason}")]
+    BadTensor {
+        /// Tensor name.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A GGUF file could not be read.
+    #[error(transparent)]
+    Gguf(#[from] kiln_bpe::gguf::GgufError),
+    /// Quantized weights could not be decoded.
+    #[error(transparent)]
+    Dequant(#[from] crate::dequant::DequantError),
+    /// A safetensors file could not be read or written.
+    #[error("safetensors {}: {reason}", path.display())]
+    Safetensors {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The tokenizer could not be loaded or used.
+    #[error(transparent)]
+    Tokenizer(#[from] kiln_bpe::BpeError),
+    /// Invalid sampling parameters.
+    #[error(transparent)]
+    Sampling(#[from] crate::sampling::SamplingError),
+    /// The chat template failed.
+    #[error(transparent)]
+    ChatTemplate(#[from] crate::chat::ChatTemplateError),
+    /// A sequence would outgrow the model's context or the KV cache.
+    #[error("sequence of {needed} tokens exceeds the limit of {limit}")]
+    ContextOverflow {
+        /// Tokens the operation needs.
+        needed: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// A caller-supplied argument is out of range.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+}
+
+impl ModelError {
+    /// Wraps an I/O error with the path it concerns.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        ModelError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// `Result` with [`ModelError`].
+pub type Result<T, E = ModelError> = std::result::Result<T, E>;

@@ -1,0 +1,184 @@
+//! Llama-architecture GGUF files (llama.cpp's format): config from metadata, weights dequantized to
+//! f32 and mapped onto Kiln's parameters.
+//!
+//! GGUF stores each linear weight as `[out, in]` (ggml dims `[in, out]`); Kiln's layout is `[in, out]`,
+//! with Q, K and V fused (and SwiGLU's gate and up fused). llama.cpp permutes Q and K so that RoPE
+//! rotates adjacent pairs, so GGUF models run with [`RopePairing::Interleaved`].
+
+use kiln_bpe::gguf::{GgufFile, TensorInfo};
+use rayon::prelude::*;
+
+use crate::config::{MlpKind, ModelConfig, NormKind, PositionEncoding, RopePairing};
+use crate::dequant::dequantize;
+use crate::error::{ModelError, Result};
+use crate::weights::{NamedTensor, concat_rows, transpose};
+
+/// The model structure a GGUF file describes (`general.architecture == "llama"`).
+pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
+    let arch = file.get_str("general.architecture")?;
+    if arch != "llama" {
+        return Err(ModelError::UnknownArchitecture(arch.to_owned()));
+    }
+    let key = |k: &str| format!("{arch}.{k}");
+    let n_heads = file.get_u64(&key("attention.head_count"))? as usize;
+    let d_model = file.get_u64(&key("embedding_length"))? as usize;
+    let vocab_size = match file.get("tokenizer.ggml.tokens") {
+        Some(_) => file.get_string_array("tokenizer.ggml.tokens")?.len(),
+        None => file.get_u64(&key("vocab_size"))? as usize,
+    };
+    let config = ModelConfig {
+        architecture: arch.to_owned(),
+        vocab_size,
+        context_length: file.get_u64(&key("context_length"))? as usize,
+        n_layers: file.get_u64(&key("block_count"))? as usize,
+        n_heads,
+        n_kv_heads: match file.get(&key("attention.head_count_kv")) {
+            Some(_) => file.get_u64(&key("attention.head_count_kv"))? as usize,
+            None => n_heads,
+        },
+        d_model,
+        d_ff: file.get_u64(&key("feed_forward_length"))? as usize,
+        position: PositionEncoding::Rope {
+            theta: match file.get(&key("rope.freq_base")) {
+                Some(_) => file.get_f32(&key("rope.freq_base"))?,
+                None => 10_000.0,
+            },
+            pairing: RopePairing::Interleaved,
+        },
+        norm: NormKind::RmsNorm {
+            eps: f64::from(file.get_f32(&key("attention.layer_norm_rms_epsilon"))?),
+        },
+        mlp: MlpKind::SwiGlu,
+        bias: false,
+        tied_embeddings: file.tensor("output.weight").is_none(),
+        dropout: 0.0,
+    };
+    config.validate()?;
+    Ok(config)
+}
+
+fn info<'a>(file: &'a GgufFile, name: &str, source: &str) -> Result<&'a TensorInfo> {
+    file.tensor(name).ok_or_else(|| ModelError::MissingTensor {
+        name: name.to_owned(),
+        file: source.to_owned(),
+    })
+}
+
+/// Dequantizes one tensor; checks it has the `[rows, cols]` shape (row-major) the config implies.
+fn load(file: &GgufFile, name: &str, shape: &[usize], source: &str) -> Result<Vec<f32>> {
+    let t = info(file, name, source)?;
+    let found = t.shape();
+    if found != shape {
+        return Err(ModelError::ShapeMismatch {
+            name: name.to_owned(),
+            expected: shape.to_vec(),
+            found,
+        });
+    }
+    Ok(dequantize(
+        name,
+        t.ty.id(),
+        t.ty.name(),
+        file.tensor_data(t),
+        t.n_elements() as usize,
+    )?)
+}
+
+/// Every Kiln parameter of `config`, read from `file`.
+pub(crate) fn tensors_from_gguf(
+    file: &GgufFile,
+    config: &ModelConfig,
+    source: &str,
+) -> Result<Vec<NamedTensor>> {
+    let (d, ff, v) = (config.d_model, config.d_ff, config.vocab_size);
+    let (q_out, kv_out) = (
+        config.n_heads * config.head_dim(),
+        config.n_kv_heads * config.head_dim(),
+    );
+    let tensor = |path: String, source_name: &str, shape: Vec<usize>, data: Vec<f32>| NamedTensor {
+        path,
+        source_name: source_name.to_owned(),
+        shape,
+        data,
+    };
+    let mut out = vec![
+        tensor(
+            "tok_emb.weight".into(),
+            "token_embd.weight",
+            vec![v, d],
+            load(file, "token_embd.weight", &[v, d], source)?,
+        ),
+        tensor(
+            "norm_f.weight".into(),
+            "output_norm.weight",
+            vec![d],
+            load(file, "output_norm.weight", &[d], source)?,
+        ),
+    ];
+    if !config.tied_embeddings {
+        let w = load(file, "output.weight", &[v, d], source)?;
+        out.push(tensor(
+            "lm_head.weight".into(),
+            "output.weight",
+            vec![d, v],
+            transpose(&w, v, d),
+        ));
+    }
+    let layers: Vec<Result<Vec<NamedTensor>>> = (0..config.n_layers)
+        .into_par_iter()
+        .map(|i| {
+            let name = |s: &str| format!("blk.{i}.{s}.weight");
+            let path = |s: &str| format!("blocks.{i}.{s}.weight");
+            let q = load(file, &name("attn_q"), &[q_out, d], source)?;
+            let k = load(file, &name("attn_k"), &[kv_out, d], source)?;
+            let vv = load(file, &name("attn_v"), &[kv_out, d], source)?;
+            let qkv = transpose(&concat_rows(vec![q, k, vv]), q_out + 2 * kv_out, d);
+            let o = load(file, &name("attn_output"), &[d, q_out], source)?;
+            let gate = load(file, &name("ffn_gate"), &[ff, d], source)?;
+            let up = load(file, &name("ffn_up"), &[ff, d], source)?;
+            let down = load(file, &name("ffn_down"), &[d, ff], source)?;
+            Ok(vec![
+                tensor(
+                    path("norm1"),
+                    &name("attn_norm"),
+                    vec![d],
+                    load(file, &name("attn_norm"), &[d], source)?,
+                ),
+                tensor(
+                    path("attn.qkv"),
+                    &name("attn_q"),
+                    vec![d, q_out + 2 * kv_out],
+                    qkv,
+                ),
+                tensor(
+                    path("attn.proj"),
+                    &name("attn_output"),
+                    vec![q_out, d],
+                    transpose(&o, d, q_out),
+                ),
+                tensor(
+                    path("norm2"),
+                    &name("ffn_norm"),
+                    vec![d],
+                    load(file, &name("ffn_norm"), &[d], source)?,
+                ),
+                tensor(
+                    path("mlp.up"),
+                    &name("ffn_up"),
+                    vec![d, 2 * ff],
+                    transpose(&concat_rows(vec![gate, up]), 2 * ff, d),
+                ),
+                tensor(
+                    path("mlp.down"),
+                    &name("ffn_down"),
+                    vec![ff, d],
+                    transpose(&down, d, ff),
+                ),
+            ])
+        })
+        .collect();
+    for layer in layers {
+        out.extend(layer?);
+    }
+    Ok(out)
+}

@@ -1,0 +1,254 @@
+//! [`Transformer`]: token embedding → blocks → final norm → logits, with or without a KV cache.
+
+use burn::module::Module;
+use burn::nn::{Dropout, DropoutConfig, Embedding, Linear};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Bool, Int, Tensor, TensorData};
+
+use crate::attention::{AttentionContext, CacheSlots};
+use crate::block::Block;
+use crate::cache::KvCache;
+use crate::config::{ModelConfig, PositionEncoding};
+use crate::error::{ModelError, Result};
+use crate::linear::{INIT_STD, embedding, linear};
+use crate::norm::Norm;
+use crate::rope::RopeAngles;
+
+/// Which positions to compute logits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// Every position: `[batch, seq, vocab]`.
+    All,
+    /// Only each row's last real token: `[batch, 1, vocab]` (what generation needs).
+    Last,
+}
+
+/// A decoder-only Transformer (GPT-2 and Llama families), generic over the Burn backend.
+#[derive(Module, Debug)]
+pub struct Transformer<B: Backend> {
+    /// Token embedding `[vocab, d_model]`.
+    pub tok_emb: Embedding<B>,
+    /// Learned position embedding `[context, d_model]` (GPT-2), absent with RoPE.
+    pub pos_emb: Option<Embedding<B>>,
+    /// The blocks.
+    pub blocks: Vec<Block<B>>,
+    /// Final norm.
+    pub norm_f: Norm<B>,
+    /// Output projection `[d_model, vocab]`; absent when tied to `tok_emb`.
+    pub lm_head: Option<Linear<B>>,
+    /// Dropout on the embeddings (training only).
+    pub emb_dropout: Dropout,
+    /// The structure.
+    #[module(skip)]
+    pub config: ModelConfig,
+}
+
+impl ModelConfig {
+    /// A randomly initialized model (nanoGPT's initialization) on `device`.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Result<Transformer<B>> {
+        Transformer::new(self.clone(), device)
+    }
+}
+
+impl<B: Backend> Transformer<B> {
+    /// A randomly initialized model.
+    pub fn new(config: ModelConfig, device: &B::Device) -> Result<Self> {
+        config.validate()?;
+        Ok(Self {
+            tok_emb: embedding(config.vocab_size, config.d_model, device),
+            pos_emb: matches!(config.position, PositionEncoding::Learned)
+                .then(|| embedding(config.context_length, config.d_model, device)),
+            blocks: (0..config.n_layers)
+                .map(|_| Block::new(&config, device))
+                .collect(),
+            norm_f: Norm::new(config.norm, config.d_model, config.bias, device),
+            lm_head: (!config.tied_embeddings)
+                .then(|| linear(config.d_model, config.vocab_size, false, INIT_STD, device)),
+            emb_dropout: DropoutConfig::new(config.dropout).init(),
+            config,
+        })
+    }
+
+    /// The structure.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Full causal forward pass over `tokens` (`[batch, seq]`, positions from 0): logits
+    /// `[batch, seq, vocab]`. This is the training path; dropout is active on autodiff backends.
+    pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Result<Tensor<B, 3>> {
+        let [_, t] = tokens.dims();
+        self.check_context(t)?;
+        let positions = vec![(0..t).collect::<Vec<_>>()];
+        let ctx = self.context(&positions, None, None, &tokens.device());
+        let hidden = self.hidden(tokens, &positions, &ctx, None);
+        Ok(self.logits(hidden))
+    }
+
+    /// Forward pass that appends `tokens` (`[batch, seq]`) to `cache` and attends to everything cached.
+    ///
+    /// `valid[i]` (default: all of `seq`) is how many of row `i`'s tokens are real; the rest is padding
+    /// that is written to the cache but never attended to, and is overwritten by the row's next tokens.
+    /// This is how a batch of prompts of different lengths is prefilled in one pass.
+    pub fn forward_cached(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        cache: &mut KvCache<B>,
+        valid: Option<&[usize]>,
+        which: Logits,
+    ) -> Result<Tensor<B, 3>> {
+        let [b, t] = tokens.dims();
+        if b != cache.batch_size() {
+            return Err(ModelError::InvalidArgument(format!(
+                "{b} rows of tokens for a cache of {} rows",
+                cache.batch_size()
+            )));
+        }
+        let valid: Vec<usize> = match valid {
+            Some(v) if v.len() != b || v.iter().any(|&n| n > t) => {
+                return Err(ModelError::InvalidArgument(format!(
+                    "valid lengths {v:?} do not fit {b} rows of {t} tokens"
+                )));
+            }
+            Some(v) => v.to_vec(),
+            None => vec![t; b],
+        };
+        let starts = cache.lens.clone();
+        for &s in &starts {
+            if s + t > cache.capacity() {
+                return Err(ModelError::ContextOverflow {
+                    needed: s + t,
+                    limit: cache.capacity(),
+                });
+            }
+        }
+        let uniform = starts.iter().all(|&s| s == starts[0]) && valid.iter().all(|&n| n == t);
+        let keys_len = starts.iter().map(|s| s + t).max().unwrap_or(t);
+        let positions: Vec<Vec<usize>> = if uniform {
+            vec![(starts[0]..starts[0] + t).collect()]
+        } else {
+            starts.iter().map(|&s| (s..s + t).collect()).collect()
+        };
+        let device = tokens.device();
+        let mask = (!uniform).then(|| self.ragged_mask(&starts, &valid, t, keys_len, &device));
+        let slots = CacheSlots {
+            starts: starts.clone(),
+            uniform,
+            keys_len,
+        };
+        let ctx = self.context(&positions, mask, Some(slots), &device);
+        let hidden = self.hidden(tokens, &positions, &ctx, Some(cache));
+        for (len, n) in cache.lens.iter_mut().zip(&valid) {
+            *len += n;
+        }
+        let hidden = match which {
+            Logits::All => hidden,
+            Logits::Last => last_rows(hidden, &valid),
+        };
+        Ok(self.logits(hidden))
+    }
+
+    fn check_context(&self, t: usize) -> Result<()> {
+        if t > self.config.context_length {
+            return Err(ModelError::ContextOverflow {
+                needed: t,
+                limit: self.config.context_length,
+            });
+        }
+        Ok(())
+    }
+
+    fn context(
+        &self,
+        positions: &[Vec<usize>],
+        mask: Option<Tensor<B, 4, Bool>>,
+        cache: Option<CacheSlots>,
+        device: &B::Device,
+    ) -> AttentionContext<B> {
+        let rope = match self.config.position {
+            PositionEncoding::Rope { theta, pairing } => Some((
+                RopeAngles::new(positions, self.config.head_dim(), theta, device),
+                pairing,
+            )),
+            PositionEncoding::Learned => None,
+        };
+        AttentionContext { rope, mask, cache }
+    }
+
+    /// `true` where row `r`'s query `i` must not see key `j`: the future, and the row's padding.
+    fn ragged_mask(
+        &self,
+        starts: &[usize],
+        valid: &[usize],
+        t: usize,
+        keys: usize,
+        device: &B::Device,
+    ) -> Tensor<B, 4, Bool> {
+        let b = starts.len();
+        let mut data = Vec::with_capacity(b * t * keys);
+        for (&s, &n) in starts.iter().zip(valid) {
+            for i in 0..t {
+                data.extend((0..keys).map(|j| j > s + i || j >= s + n.max(1)));
+            }
+        }
+        let mask = Tensor::<B, 4, Bool>::from_data(TensorData::new(data, [b, 1, t, keys]), device);
+        mask.expand([b, self.config.n_heads, t, keys])
+    }
+
+    fn hidden(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        positions: &[Vec<usize>],
+        ctx: &AttentionContext<B>,
+        mut cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
+        let device = tokens.device();
+        let mut x = self.tok_emb.forward(tokens);
+        if let Some(pos_emb) = &self.pos_emb {
+            let rows = positions.len();
+            let t = positions.first().map_or(0, Vec::len);
+            let flat: Vec<i64> = positions.iter().flatten().map(|&p| p as i64).collect();
+            let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [rows, t]), &device);
+            x = x + pos_emb.forward(ids);
+        }
+        let mut x = self.emb_dropout.forward(x);
+        for (i, block) in self.blocks.iter().enumerate() {
+            let kv = cache.as_deref_mut().and_then(|c| c.layers.get_mut(i));
+            x = block.forward(x, ctx, kv);
+        }
+        self.norm_f.forward(x)
+    }
+
+    fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => {
+                let [b, t, d] = hidden.dims();
+                let w = self.tok_emb.weight.val();
+                hidden.reshape([b * t, d]).matmul(w.transpose()).reshape([
+                    b,
+                    t,
+                    self.config.vocab_size,
+                ])
+            }
+        }
+    }
+}
+
+/// Row `r`'s hidden state at position `valid[r] - 1`: `[batch, 1, d]`.
+fn last_rows<B: Backend>(hidden: Tensor<B, 3>, valid: &[usize]) -> Tensor<B, 3> {
+    let [b, t, d] = hidden.dims();
+    if valid.iter().all(|&n| n == t) {
+        return hidden.slice([0..b, t - 1..t, 0..d]);
+    }
+    let index: Vec<i64> = valid
+        .iter()
+        .enumerate()
+        .map(|(r, &n)| (r * t + n.max(1) - 1) as i64)
+        .collect();
+    let index = Tensor::<B, 1, Int>::from_data(TensorData::new(index, [b]), &hidden.device());
+    hidden
+        .reshape([b * t, d])
+        .select(0, index)
+        .reshape([b, 1, d])
+}
