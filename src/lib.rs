@@ -7,9 +7,11 @@
 //! | stage | crate |
 //! |---|---|
 //! | tokenizer training, encoding, token shards | [`bpe`] (`kiln-bpe`) |
+//! | GPT-2 / Llama models, weights, generation | [`transformer`] (`kiln-transformer`) |
 //!
 //! See `docs/architecture.md` for the whole pipeline.
 
 pub use kiln_bpe as bpe;
+pub use kiln_transformer as transformer;
 
 pub mod backend;

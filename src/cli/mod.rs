@@ -1,6 +1,7 @@
 //! Command-line definitions and dispatch.
 
 mod data;
+mod generate;
 mod quickstart;
 mod tokenizer;
 
@@ -27,6 +28,8 @@ enum Command {
     /// Turn corpora into token shards for training.
     #[command(subcommand)]
     Data(data::Command),
+    /// Generate text with a model (a .gguf file or a model directory).
+    Generate(generate::Args),
     /// Show the build: version, compiled backend, and a smoke test on its default device.
     Info,
 }
@@ -42,6 +45,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Quickstart(args) => quickstart::run(args),
         Command::Tokenizer(cmd) => tokenizer::run(cmd),
         Command::Data(cmd) => data::run(cmd),
+        Command::Generate(args) => generate::run(args),
         Command::Info => {
             println!("kiln {}", env!("CARGO_PKG_VERSION"));
             println!("backend: {}", kiln::backend::BACKEND_NAME);

@@ -1,0 +1,141 @@
+//! `kiln generate`: continue a prompt (or answer it, with `--chat`); only the continuation goes to
+//! stdout, streamed as it is produced; diagnostics and timings go to stderr.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::Args as ClapArgs;
+use kiln::backend::DefaultBackend;
+use kiln::bpe::SpecialTokens;
+use kiln::transformer::chat::{ChatMessage, ChatTemplate};
+use kiln::transformer::sampling::SamplingParams;
+use kiln::transformer::{GenerateParams, Generator, load_model};
+
+#[derive(Debug, ClapArgs)]
+pub struct Args {
+    /// A .gguf model, a Kiln model directory, or a Hugging Face checkpoint directory.
+    #[arg(long, short, value_name = "M")]
+    pub model: PathBuf,
+    /// The prompt.
+    #[arg(long, short, value_name = "TEXT")]
+    pub prompt: String,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 128, value_name = "N")]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 = greedy.
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f32,
+    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches P.
+    #[arg(long, default_value_t = 0.95, value_name = "P")]
+    pub top_p: f32,
+    /// Keep only the K most likely tokens (0 = all).
+    #[arg(long, default_value_t = 40, value_name = "K")]
+    pub top_k: usize,
+    /// Penalize tokens seen in the last 64 (1.0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    /// Random seed (default: from the clock).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Stop when this string is produced (repeatable).
+    #[arg(long = "stop", value_name = "TEXT")]
+    pub stop: Vec<String>,
+    /// Wrap the prompt in the model's chat template (ChatML if it has none).
+    #[arg(long)]
+    pub chat: bool,
+    /// With --chat: a system message.
+    #[arg(long, value_name = "TEXT")]
+    pub system: Option<String>,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let device = Default::default();
+    let started = std::time::Instant::now();
+    let loaded = load_model::<DefaultBackend>(&args.model, &device)
+        .with_context(|| format!("loading {}", args.model.display()))?;
+    let Some(tokenizer) = loaded.tokenizer.as_ref() else {
+        bail!(
+            "{} has no tokenizer (expected tokenizer.json beside the weights)",
+            args.model.display()
+        );
+    };
+    let config = loaded.model.config();
+    eprintln!(
+        "loaded {} ({} layers, width {}, {:.1}M parameters) in {:.2}s on {}",
+        args.model.display(),
+        config.n_layers,
+        config.d_model,
+        config.num_params() as f64 / 1e6,
+        started.elapsed().as_secs_f64(),
+        kiln::backend::BACKEND_NAME,
+    );
+
+    let mut stop_strings = args.stop.clone();
+    let mut stop_ids: Vec<u32> = tokenizer
+        .eos_id()
+        .into_iter()
+        .chain(tokenizer.eot_id())
+        .collect();
+    let prompt_ids = if args.chat {
+        let template = match &loaded.chat_template {
+            Some(source) => ChatTemplate::new(source)?,
+            None => ChatTemplate::chatml(),
+        };
+        let mut messages = Vec::new();
+        if let Some(system) = &args.system {
+            messages.push(ChatMessage::system(system.clone()));
+        }
+        messages.push(ChatMessage::user(args.prompt.clone()));
+        let text = template.render(&messages, true)?;
+        if let Some(end) = template.end_of_turn() {
+            if let Some(id) = tokenizer.token_id(end.as_bytes()) {
+                stop_ids.push(id);
+            }
+            stop_strings.push(end);
+        }
+        tokenizer.encode_bytes(text.as_bytes(), SpecialTokens::Parse)
+    } else {
+        tokenizer.encode(&args.prompt)
+    };
+    stop_ids.sort_unstable();
+    stop_ids.dedup();
+
+    let sampling = SamplingParams {
+        temperature: args.temperature,
+        top_k: (args.top_k > 0).then_some(args.top_k),
+        top_p: (args.top_p < 1.0).then_some(args.top_p),
+        repetition_penalty: args.repetition_penalty,
+        seed: args.seed.unwrap_or_else(clock_seed),
+        ..SamplingParams::default()
+    };
+    let params = GenerateParams {
+        max_new_tokens: args.max_tokens,
+        sampling,
+        stop_ids,
+        stop_strings,
+    };
+    let mut generator = Generator::new(&loaded.model, tokenizer, &prompt_ids, params)?;
+    let mut out = std::io::stdout().lock();
+    while let Some(piece) = generator.next_piece()? {
+        out.write_all(piece.text.as_bytes())?;
+        out.flush()?;
+    }
+    writeln!(out)?;
+    let stats = generator.stats();
+    eprintln!(
+        "prompt {} tokens at {:.1} tok/s, generated {} tokens at {:.1} tok/s, finish: {}",
+        stats.prompt_tokens,
+        stats.prefill_tokens_per_second(),
+        stats.generated_tokens,
+        stats.decode_tokens_per_second(),
+        generator.finish_reason().map_or("length", |f| f.as_str()),
+    );
+    Ok(())
+}
+
+fn clock_seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
