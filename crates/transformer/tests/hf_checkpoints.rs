@@ -31,21 +31,51 @@ fn check(arch: &str) {
     }
     let dir = tempfile::tempdir().unwrap();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/hf_reference.py");
-    let out = Command::new("python3").arg(script).arg(dir.path()).arg(arch).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(dir.path())
+        .arg(arch)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let expected: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("expected.json")).unwrap()).unwrap();
-    let ids: Vec<i64> = expected["ids"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
-    let want: Vec<f32> = expected["logits"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("expected.json")).unwrap())
+            .unwrap();
+    let ids: Vec<i64> = expected["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect();
+    let want: Vec<f32> = expected["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
 
     let device = Default::default();
     let loaded = load_model::<B>(dir.path(), &device).unwrap();
     assert_eq!(loaded.model.config().architecture, arch);
     let n = ids.len();
     let input = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, n]), &device);
-    let got: Vec<f32> = loaded.model.forward(input).unwrap().into_data().to_vec().unwrap();
+    let got: Vec<f32> = loaded
+        .model
+        .forward(input)
+        .unwrap()
+        .into_data()
+        .to_vec()
+        .unwrap();
     assert_eq!(got.len(), want.len());
-    let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    let worst = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
     assert!(worst < 1e-4, "{arch}: largest logit difference {worst}");
 }
 

@@ -42,18 +42,35 @@ fn check_case(loaded: &kiln_transformer::LoadedModel<B>, case: &serde_json::Valu
     let tok = loaded.tokenizer.as_ref().unwrap();
     let model = &loaded.model;
     let config = model.config().clone();
-    let ids_of = |key: &str| -> Vec<u32> { case[key].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect() };
+    let ids_of = |key: &str| -> Vec<u32> {
+        case[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect()
+    };
     let prompt = case["prompt"].as_str().unwrap();
     let ids = tok.encode(prompt);
     assert_eq!(ids, ids_of("prompt_ids"), "prompt ids of {prompt:?}");
 
     let mut cache = KvCache::<B>::new(&config, 1, 64, &device).unwrap();
-    let input = Tensor::<B, 2, Int>::from_data(TensorData::new(ids.iter().map(|&i| i64::from(i)).collect(), [1, ids.len()]), &device);
-    let logits = model.forward_cached(input, &mut cache, None, Logits::All).unwrap();
+    let input = Tensor::<B, 2, Int>::from_data(
+        TensorData::new(ids.iter().map(|&i| i64::from(i)).collect(), [1, ids.len()]),
+        &device,
+    );
+    let logits = model
+        .forward_cached(input, &mut cache, None, Logits::All)
+        .unwrap();
     let v = config.vocab_size;
     let all: Vec<f32> = logits.into_data().to_vec().unwrap();
     let mut worst = 0.0f32;
-    for (pos, want) in case["top5_per_position"].as_array().unwrap().iter().enumerate() {
+    for (pos, want) in case["top5_per_position"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+    {
         let row = &all[pos * v..(pos + 1) * v];
         let mut order: Vec<usize> = (0..v).collect();
         order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
@@ -62,7 +79,11 @@ fn check_case(loaded: &kiln_transformer::LoadedModel<B>, case: &serde_json::Valu
             let logit = pair[1].as_f64().unwrap() as f32;
             if order[rank] != id {
                 let theirs = row[order[rank]];
-                assert!((theirs - logit).abs() < 1e-3, "{prompt:?} position {pos} rank {rank}: {} vs {id}", order[rank]);
+                assert!(
+                    (theirs - logit).abs() < 1e-3,
+                    "{prompt:?} position {pos} rank {rank}: {} vs {id}",
+                    order[rank]
+                );
             }
             worst = worst.max((row[id] - logit).abs());
         }
@@ -75,12 +96,18 @@ fn check_case(loaded: &kiln_transformer::LoadedModel<B>, case: &serde_json::Valu
     let mut generated = vec![];
     while generated.len() < want_greedy.len() {
         generated.push(next);
-        let input = Tensor::<B, 2, Int>::from_data(TensorData::new(vec![i64::from(next)], [1, 1]), &device);
-        let logits = model.forward_cached(input, &mut cache, None, Logits::Last).unwrap();
+        let input =
+            Tensor::<B, 2, Int>::from_data(TensorData::new(vec![i64::from(next)], [1, 1]), &device);
+        let logits = model
+            .forward_cached(input, &mut cache, None, Logits::Last)
+            .unwrap();
         next = argmax(&logits.into_data().to_vec::<f32>().unwrap());
     }
     assert_eq!(generated, want_greedy, "greedy continuation of {prompt:?}");
-    assert_eq!(tok.decode(&generated).unwrap(), case["greedy_text"].as_str().unwrap());
+    assert_eq!(
+        tok.decode(&generated).unwrap(),
+        case["greedy_text"].as_str().unwrap()
+    );
     worst
 }
 
@@ -93,7 +120,8 @@ fn smollm2_matches_reference_logits_and_greedy_text() {
         return;
     };
     let loaded = load_gguf::<B>(&model_path, &Default::default()).unwrap();
-    let golden: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(golden_path).unwrap()).unwrap();
+    let golden: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(golden_path).unwrap()).unwrap();
     assert_eq!(golden["greedy_text"], " Paris.\n\nThe answer is:");
     let mut worst = check_case(&loaded, &golden);
     // More prompts (Chinese, code, a story) produced with ../shared/peers/llama_gguf_ref.py.
