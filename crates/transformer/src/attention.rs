@@ -105,15 +105,28 @@ impl<B: Backend> Attention<B> {
             (Some(layer), Some(slots)) => write_cache(layer, k, v, slots),
             _ => (k, v),
         };
-        let k = repeat_kv(k, h / kvh);
-        let v = repeat_kv(v, h / kvh);
-        let options = AttentionModuleOptions {
-            scale: None,
-            softcap: None,
-            is_causal: ctx.mask.is_none(),
+        let y = if t == 1 && ctx.mask.is_none() {
+            // One new token per row, every cached key visible: fold each KV head's group of query
+            // heads into the query axis instead of copying the keys and values once per query head.
+            let rep = h / kvh;
+            let q = q.reshape([b, kvh, rep, d]);
+            let options = AttentionModuleOptions {
+                scale: None,
+                softcap: None,
+                is_causal: false,
+            };
+            attention(q, k, v, None, None, options).reshape([b, t, h * d])
+        } else {
+            let k = repeat_kv(k, h / kvh);
+            let v = repeat_kv(v, h / kvh);
+            let options = AttentionModuleOptions {
+                scale: None,
+                softcap: None,
+                is_causal: ctx.mask.is_none(),
+            };
+            let y = attention(q, k, v, ctx.mask.clone(), None, options);
+            y.swap_dims(1, 2).reshape([b, t, h * d])
         };
-        let y = attention(q, k, v, ctx.mask.clone(), None, options);
-        let y = y.swap_dims(1, 2).reshape([b, t, h * d]);
         self.dropout.forward(self.proj.forward(y))
     }
 }

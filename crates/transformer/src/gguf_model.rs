@@ -2,8 +2,8 @@
 //! f32 and mapped onto Kiln's parameters.
 //!
 //! GGUF stores each linear weight as `[out, in]` (ggml dims `[in, out]`); Kiln's layout is `[in, out]`,
-//! with Q, K and V fused (and SwiGLU's gate and up fused). llama.cpp permutes Q and K so that RoPE
-//! rotates adjacent pairs, so GGUF models run with [`RopePairing::Interleaved`].
+//! with Q, K and V fused. llama.cpp permutes Q and K so that RoPE rotates adjacent pairs; the loader
+//! undoes that permutation, so GGUF models run with [`RopePairing::HalfSplit`] like HF checkpoints.
 
 use kiln_bpe::gguf::{GgufFile, TensorInfo};
 use rayon::prelude::*;
@@ -43,7 +43,8 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
                 Some(_) => file.get_f32(&key("rope.freq_base"))?,
                 None => 10_000.0,
             },
-            pairing: RopePairing::Interleaved,
+            // The loader reorders Q and K rows so that RoPE rotates half-split pairs (see below).
+            pairing: RopePairing::HalfSplit,
         },
         norm: NormKind::RmsNorm {
             eps: f64::from(file.get_f32(&key("attention.layer_norm_rms_epsilon"))?),
@@ -82,6 +83,23 @@ fn load(file: &GgufFile, name: &str, shape: &[usize], source: &str) -> Result<Ve
         file.tensor_data(t),
         t.n_elements() as usize,
     )?)
+}
+
+/// Reorders the rows of a `[heads·head_dim, d]` Q or K projection from llama.cpp's layout (RoPE
+/// rotates rows `2i` and `2i+1` of each head) to Hugging Face's (rows `i` and `i + head_dim/2`), the
+/// inverse of `convert_hf_to_gguf.py`'s permutation. Attention scores are unchanged (Q and K get the
+/// same permutation); the half-split rotation then runs on whole contiguous halves.
+fn interleaved_to_half_split(rows: Vec<f32>, head_dim: usize, d: usize) -> Vec<f32> {
+    let half = head_dim / 2;
+    let mut out = vec![0.0f32; rows.len()];
+    for (head, block) in rows.chunks_exact(head_dim * d).enumerate() {
+        let base = head * head_dim * d;
+        for (r, row) in block.chunks_exact(d).enumerate() {
+            let to = if r % 2 == 0 { r / 2 } else { half + r / 2 };
+            out[base + to * d..base + (to + 1) * d].copy_from_slice(row);
+        }
+    }
+    out
 }
 
 /// Every Kiln parameter of `config`, read from `file`.
@@ -129,8 +147,14 @@ pub(crate) fn tensors_from_gguf(
         .map(|i| {
             let name = |s: &str| format!("blk.{i}.{s}.weight");
             let path = |s: &str| format!("blocks.{i}.{s}.weight");
-            let q = load(file, &name("attn_q"), &[q_out, d], source)?;
-            let k = load(file, &name("attn_k"), &[kv_out, d], source)?;
+            let hd = config.head_dim();
+            let q =
+                interleaved_to_half_split(load(file, &name("attn_q"), &[q_out, d], source)?, hd, d);
+            let k = interleaved_to_half_split(
+                load(file, &name("attn_k"), &[kv_out, d], source)?,
+                hd,
+                d,
+            );
             let vv = load(file, &name("attn_v"), &[kv_out, d], source)?;
             let qkv = transpose(&concat_rows(vec![q, k, vv]), q_out + 2 * kv_out, d);
             let o = load(file, &name("attn_output"), &[d, q_out], source)?;
@@ -163,10 +187,16 @@ pub(crate) fn tensors_from_gguf(
                     load(file, &name("ffn_norm"), &[d], source)?,
                 ),
                 tensor(
+                    path("mlp.gate"),
+                    &name("ffn_gate"),
+                    vec![d, ff],
+                    transpose(&gate, ff, d),
+                ),
+                tensor(
                     path("mlp.up"),
                     &name("ffn_up"),
-                    vec![d, 2 * ff],
-                    transpose(&concat_rows(vec![gate, up]), 2 * ff, d),
+                    vec![d, ff],
+                    transpose(&up, ff, d),
                 ),
                 tensor(
                     path("mlp.down"),

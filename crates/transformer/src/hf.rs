@@ -287,10 +287,16 @@ pub(crate) fn tensors_from_hf(file: &Path, config: &ModelConfig) -> Result<Vec<N
             ck.get(&n("post_attention_layernorm"), &[d])?,
         ));
         out.push(tensor(
+            p("mlp.gate"),
+            &n("mlp.gate_proj"),
+            vec![d, ff],
+            transpose(&gate, ff, d),
+        ));
+        out.push(tensor(
             p("mlp.up"),
             &n("mlp.up_proj"),
-            vec![d, 2 * ff],
-            transpose(&concat_rows(vec![gate, up]), 2 * ff, d),
+            vec![d, ff],
+            transpose(&up, ff, d),
         ));
         out.push(tensor(
             p("mlp.down"),

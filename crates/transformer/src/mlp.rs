@@ -9,10 +9,12 @@ use burn::tensor::backend::Backend;
 use crate::config::{MlpKind, ModelConfig};
 use crate::linear::{INIT_STD, linear};
 
-/// `down(act(up(x)))`, or for SwiGLU `down(silu(gate(x)) · up(x))` with gate and up fused in `up`.
+/// `down(act(up(x)))`, or for SwiGLU `down(silu(gate(x)) · up(x))`.
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
-    /// `[d_model, d_ff]`, or `[d_model, 2·d_ff]` (gate, then up) for SwiGLU.
+    /// `[d_model, d_ff]` gate projection (SwiGLU only).
+    pub gate: Option<Linear<B>>,
+    /// `[d_model, d_ff]`.
     pub up: Linear<B>,
     /// `[d_ff, d_model]`.
     pub down: Linear<B>,
@@ -26,14 +28,12 @@ pub struct Mlp<B: Backend> {
 impl<B: Backend> Mlp<B> {
     /// A freshly initialized block (the output projection scaled by 1/√(2·layers), as nanoGPT).
     pub fn new(config: &ModelConfig, device: &B::Device) -> Self {
-        let up_width = if config.mlp == MlpKind::SwiGlu {
-            2 * config.d_ff
-        } else {
-            config.d_ff
-        };
         let residual_std = INIT_STD / (2.0 * config.n_layers as f64).sqrt();
+        let swiglu = config.mlp == MlpKind::SwiGlu;
         Self {
-            up: linear(config.d_model, up_width, config.bias, INIT_STD, device),
+            gate: swiglu
+                .then(|| linear(config.d_model, config.d_ff, config.bias, INIT_STD, device)),
+            up: linear(config.d_model, config.d_ff, config.bias, INIT_STD, device),
             down: linear(
                 config.d_ff,
                 config.d_model,
@@ -52,17 +52,10 @@ impl<B: Backend> Mlp<B> {
 
     /// `[batch, seq, d_model]` → `[batch, seq, d_model]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let h = self.up.forward(x);
-        let h = match self.kind {
-            0 => gelu_approximate(h),
-            1 => gelu(h),
-            _ => {
-                let [b, t, w] = h.dims();
-                let ff = w / 2;
-                let gate = h.clone().slice([0..b, 0..t, 0..ff]);
-                let up = h.slice([0..b, 0..t, ff..w]);
-                silu(gate) * up
-            }
+        let h = match (&self.gate, self.kind) {
+            (Some(gate), _) => silu(gate.forward(x.clone())) * self.up.forward(x),
+            (None, 0) => gelu_approximate(self.up.forward(x)),
+            (None, _) => gelu(self.up.forward(x)),
         };
         self.dropout.forward(self.down.forward(h))
     }

@@ -225,11 +225,15 @@ impl<B: Backend> Transformer<B> {
             None => {
                 let [b, t, d] = hidden.dims();
                 let w = self.tok_emb.weight.val();
-                hidden.reshape([b * t, d]).matmul(w.transpose()).reshape([
-                    b,
-                    t,
-                    self.config.vocab_size,
-                ])
+                let v = self.config.vocab_size;
+                let rows = hidden.reshape([b * t, d]);
+                if b * t <= 64 {
+                    // Few rows (generation): `W · hᵀ` reads the embedding in its stored layout
+                    // instead of materializing its transpose on every step.
+                    w.matmul(rows.transpose()).transpose().reshape([b, t, v])
+                } else {
+                    rows.matmul(w.transpose()).reshape([b, t, v])
+                }
             }
         }
     }

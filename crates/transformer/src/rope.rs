@@ -46,11 +46,13 @@ impl<B: Backend> RopeAngles<B> {
         let (cos, sin) = (self.cos.clone(), self.sin.clone());
         match pairing {
             RopePairing::HalfSplit => {
+                // x·[cos, cos] + [x₂, x₁]·[-sin, sin]: whole-row products that broadcast one
+                // `[seq, head_dim]` table over batch and heads (fast paths on every backend).
+                let cos_full = Tensor::cat(vec![cos.clone(), cos], 3);
+                let sin_full = Tensor::cat(vec![sin.clone().neg(), sin], 3);
                 let x1 = x.clone().slice([0..b, 0..h, 0..t, 0..half]);
-                let x2 = x.slice([0..b, 0..h, 0..t, half..d]);
-                let out1 = x1.clone() * cos.clone() - x2.clone() * sin.clone();
-                let out2 = x2 * cos + x1 * sin;
-                Tensor::cat(vec![out1, out2], 3)
+                let x2 = x.clone().slice([0..b, 0..h, 0..t, half..d]);
+                x * cos_full + Tensor::cat(vec![x2, x1], 3) * sin_full
             }
             RopePairing::Interleaved => {
                 let pairs = x.reshape([b, h, t, half, 2]);

@@ -53,7 +53,8 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-/// Writes `model` as a llama.cpp-style GGUF (F32 tensors, `[out, in]` weights).
+/// Writes `model` as a llama.cpp-style GGUF (F32 tensors, `[out, in]` weights). `model` must use
+/// interleaved RoPE pairs, llama.cpp's convention; the loader converts them to half-split.
 fn write_gguf(model: &Transformer<B>, path: &Path, skip: Option<&str>, arch: &str) {
     let c = model.config();
     let (d, ff, hd) = (c.d_model, c.d_ff, c.head_dim());
@@ -132,16 +133,16 @@ fn write_gguf(model: &Transformer<B>, path: &Path, skip: Option<&str>, arch: &st
             &[q as u64, du],
             transpose(&values(b.attn.proj.weight.val()), q, d),
         );
-        let up = transpose(&values(b.mlp.up.weight.val()), d, 2 * ff);
+        let gate = b.mlp.gate.as_ref().unwrap().weight.val();
         add(
             &format!("blk.{i}.ffn_gate.weight"),
             &[du, ff as u64],
-            up[..ff * d].to_vec(),
+            transpose(&values(gate), d, ff),
         );
         add(
             &format!("blk.{i}.ffn_up.weight"),
             &[du, ff as u64],
-            up[ff * d..].to_vec(),
+            transpose(&values(b.mlp.up.weight.val()), d, ff),
         );
         add(
             &format!("blk.{i}.ffn_down.weight"),

@@ -1,0 +1,110 @@
+//! Kiln's side of the generation speed comparison with llama.cpp (`scripts/bench_generate.sh`):
+//! a prompt of `--prompt-tokens` tokens, then `--new-tokens` greedy tokens, one sequence.
+//!
+//! ```text
+//! cargo run --release --example generate_bench -- MODEL.gguf [--prompt-tokens 128] [--new-tokens 128] [--runs 3] [--ids-out ids.json]
+//! ```
+//! Prefill is timed as the prompt's forward pass (logits of the last position); decode as the
+//! single-token steps after it. Prints medians over `--runs`, one line per measurement.
+
+use std::time::Instant;
+
+use burn::tensor::{Int, Tensor, TensorData};
+use kiln::backend::DefaultBackend as B;
+use kiln::transformer::{KvCache, Logits, load_model};
+
+const TEXT: &str = "The history of natural language processing generally started in the 1950s, although work can be \
+found from earlier periods. In 1950, Alan Turing published an article titled Computing Machinery and Intelligence \
+which proposed what is now called the Turing test as a criterion of intelligence. ";
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let flag = |name: &str, default: usize| -> usize {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let model_path = args
+        .first()
+        .ok_or("usage: generate_bench MODEL [--prompt-tokens N] [--new-tokens N] [--runs N]")?;
+    let (n_prompt, n_new, runs) = (
+        flag("--prompt-tokens", 128),
+        flag("--new-tokens", 128),
+        flag("--runs", 3),
+    );
+    let device = Default::default();
+    let loaded = load_model::<B>(model_path, &device)?;
+    let tok = loaded
+        .tokenizer
+        .as_ref()
+        .ok_or("the model has no tokenizer")?;
+    let model = &loaded.model;
+    let mut ids = Vec::new();
+    while ids.len() < n_prompt {
+        ids.extend(tok.encode(TEXT));
+    }
+    ids.truncate(n_prompt);
+    if let Some(i) = args.iter().position(|a| a == "--ids-out")
+        && let Some(path) = args.get(i + 1)
+    {
+        std::fs::write(path, format!("{ids:?}"))?;
+    }
+    let (mut prefill, mut decode) = (Vec::new(), Vec::new());
+    let mut generated = Vec::new();
+    for _ in 0..runs.max(1) {
+        let mut cache = KvCache::<B>::new(model.config(), 1, n_prompt + n_new, &device)?;
+        let input = Tensor::<B, 2, Int>::from_data(
+            TensorData::new(ids.iter().map(|&i| i64::from(i)).collect(), [1, ids.len()]),
+            &device,
+        );
+        let t = Instant::now();
+        let logits: Vec<f32> = model
+            .forward_cached(input, &mut cache, None, Logits::Last)?
+            .into_data()
+            .to_vec()?;
+        prefill.push(t.elapsed().as_secs_f64());
+        let argmax = |v: &[f32]| {
+            v.iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map_or(0, |(i, _)| i as u32)
+        };
+        let mut next = argmax(&logits);
+        generated.clear();
+        let t = Instant::now();
+        for _ in 0..n_new {
+            generated.push(next);
+            let input = Tensor::<B, 2, Int>::from_data(
+                TensorData::new(vec![i64::from(next)], [1, 1]),
+                &device,
+            );
+            let logits: Vec<f32> = model
+                .forward_cached(input, &mut cache, None, Logits::Last)?
+                .into_data()
+                .to_vec()?;
+            next = argmax(&logits);
+        }
+        decode.push(t.elapsed().as_secs_f64());
+    }
+    let (p, d) = (median(prefill), median(decode));
+    println!(
+        "peer=kiln task=prefill tokens={n_prompt} seconds={p:.3} tok_per_s={:.1}",
+        n_prompt as f64 / p
+    );
+    println!(
+        "peer=kiln task=decode tokens={n_new} seconds={d:.3} tok_per_s={:.1}",
+        n_new as f64 / d
+    );
+    eprintln!(
+        "continuation: {:?}",
+        tok.decode(&generated[..generated.len().min(24)])?
+    );
+    Ok(())
+}
