@@ -39,6 +39,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         flag("--new-tokens", 128),
         flag("--runs", 3),
     );
+    let capacity = flag("--capacity", n_prompt + n_new).max(n_prompt + n_new);
     let device = Default::default();
     let loaded = load_model::<B>(model_path, &device)?;
     let tok = loaded
@@ -59,7 +60,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (mut prefill, mut decode) = (Vec::new(), Vec::new());
     let mut generated = Vec::new();
     for _ in 0..runs.max(1) {
-        let mut cache = KvCache::<B>::new(model.config(), 1, n_prompt + n_new, &device)?;
+        let mut cache = KvCache::<B>::new(model.config(), 1, capacity, &device)?;
         let input = Tensor::<B, 2, Int>::from_data(
             TensorData::new(ids.iter().map(|&i| i64::from(i)).collect(), [1, ids.len()]),
             &device,

@@ -7,6 +7,7 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Tensor};
 
+use crate::cache::LayerKv;
 use crate::config::{ModelConfig, RopePairing};
 use crate::linear::{INIT_STD, linear};
 use crate::rope::RopeAngles;
@@ -49,13 +50,6 @@ pub(crate) struct CacheSlots {
     pub uniform: bool,
     /// Keys attended to: positions `0..keys_len` of the cache.
     pub keys_len: usize,
-}
-
-/// One layer's cached keys and values, `[batch, n_kv_heads, capacity, head_dim]`.
-#[derive(Debug)]
-pub(crate) struct LayerKv<B: Backend> {
-    pub k: Option<Tensor<B, 4>>,
-    pub v: Option<Tensor<B, 4>>,
 }
 
 impl<B: Backend> Attention<B> {
@@ -102,7 +96,7 @@ impl<B: Backend> Attention<B> {
             k = angles.apply(k, *pairing);
         }
         let (k, v) = match (kv, &ctx.cache) {
-            (Some(layer), Some(slots)) => write_cache(layer, k, v, slots),
+            (Some(layer), Some(slots)) => layer.write(k, v, slots),
             _ => (k, v),
         };
         let y = if t == 1 && ctx.mask.is_none() {
@@ -129,40 +123,6 @@ impl<B: Backend> Attention<B> {
         };
         self.dropout.forward(self.proj.forward(y))
     }
-}
-
-/// Writes the new keys/values into the cache and returns the keys/values to attend to.
-fn write_cache<B: Backend>(
-    layer: &mut LayerKv<B>,
-    k: Tensor<B, 4>,
-    v: Tensor<B, 4>,
-    slots: &CacheSlots,
-) -> (Tensor<B, 4>, Tensor<B, 4>) {
-    let [b, kvh, t, d] = k.dims();
-    let write = |cache: Tensor<B, 4>, new: Tensor<B, 4>| -> Tensor<B, 4> {
-        if slots.uniform {
-            let s = slots.starts[0];
-            cache.slice_assign([0..b, 0..kvh, s..s + t, 0..d], new)
-        } else {
-            let mut cache = cache;
-            for (row, &s) in slots.starts.iter().enumerate() {
-                let part = new.clone().slice([row..row + 1, 0..kvh, 0..t, 0..d]);
-                cache = cache.slice_assign([row..row + 1, 0..kvh, s..s + t, 0..d], part);
-            }
-            cache
-        }
-    };
-    let (Some(kc), Some(vc)) = (layer.k.take(), layer.v.take()) else {
-        return (k, v);
-    };
-    let kc = write(kc, k);
-    let vc = write(vc, v);
-    let keys = slots.keys_len;
-    let k_all = kc.clone().slice([0..b, 0..kvh, 0..keys, 0..d]);
-    let v_all = vc.clone().slice([0..b, 0..kvh, 0..keys, 0..d]);
-    layer.k = Some(kc);
-    layer.v = Some(vc);
-    (k_all, v_all)
 }
 
 /// Repeats each key/value head `n` times so grouped-query attention lines up with the query heads.

@@ -4,7 +4,8 @@ use burn::module::Module;
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 
-use crate::attention::{Attention, AttentionContext, LayerKv};
+use crate::attention::{Attention, AttentionContext};
+use crate::cache::LayerKv;
 use crate::config::ModelConfig;
 use crate::mlp::Mlp;
 use crate::norm::Norm;

@@ -113,19 +113,21 @@ impl ModelConfig {
                 return bad(format!("{name} must be positive"));
             }
         }
-        if self.d_model % self.n_heads != 0 {
+        if !self.d_model.is_multiple_of(self.n_heads) {
             return bad(format!(
                 "d_model {} is not a multiple of n_heads {}",
                 self.d_model, self.n_heads
             ));
         }
-        if self.n_heads % self.n_kv_heads != 0 {
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return bad(format!(
                 "n_heads {} is not a multiple of n_kv_heads {}",
                 self.n_heads, self.n_kv_heads
             ));
         }
-        if matches!(self.position, PositionEncoding::Rope { .. }) && self.head_dim() % 2 != 0 {
+        if matches!(self.position, PositionEncoding::Rope { .. })
+            && !self.head_dim().is_multiple_of(2)
+        {
             return bad(format!(
                 "RoPE needs an even head dimension, got {}",
                 self.head_dim()

@@ -167,7 +167,7 @@ fn tensor(path: String, source: &str, shape: Vec<usize>, data: Vec<f32>) -> Name
 pub(crate) fn tensors_from_hf(file: &Path, config: &ModelConfig) -> Result<Vec<NamedTensor>> {
     let bytes = std::fs::read(file).map_err(|e| ModelError::io(file, e))?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| st_error(file, e))?;
-    let has = |n: &str| st.names().iter().any(|x| *x == n);
+    let has = |n: &str| st.names().contains(&n);
     let (d, ff, v) = (config.d_model, config.d_ff, config.vocab_size);
     let mut out = Vec::new();
     if config.architecture == "gpt2" {

@@ -11,7 +11,7 @@ const TOL: f32 = 1e-4;
 fn tiny_gpt2() -> ModelConfig {
     ModelConfig {
         vocab_size: 97,
-        context_length: 32,
+        context_length: 160,
         n_layers: 2,
         n_heads: 4,
         n_kv_heads: 4,
@@ -25,7 +25,7 @@ fn tiny_gpt2() -> ModelConfig {
 fn tiny_llama(pairing: RopePairing) -> ModelConfig {
     ModelConfig {
         vocab_size: 101,
-        context_length: 32,
+        context_length: 160,
         n_layers: 2,
         n_heads: 6,
         n_kv_heads: 2,
@@ -79,22 +79,22 @@ fn check_model(config: ModelConfig) {
     let model = config.init::<B>(&device).unwrap();
     let v = config.vocab_size;
 
-    // Batch 1: prefill 5 tokens, then 6 tokens one at a time.
-    let seq = sequence(1, 11, v);
+    // Batch 1: prefill 60 tokens, then 16 one at a time, crossing a cache block boundary.
+    let seq = sequence(1, 76, v);
     let full = reference(&model, &seq);
-    let mut cache = KvCache::<B>::new(&config, 1, 16, &device).unwrap();
+    let mut cache = KvCache::<B>::new(&config, 1, 150, &device).unwrap();
     let prefill = to_vec(
         model
             .forward_cached(
-                tokens(&[seq[..5].to_vec()], 5),
+                tokens(&[seq[..60].to_vec()], 60),
                 &mut cache,
                 None,
                 Logits::All,
             )
             .unwrap(),
     );
-    assert!(max_diff(&prefill, &full[..5 * v]) < TOL);
-    for (i, &tok) in seq.iter().enumerate().skip(5) {
+    assert!(max_diff(&prefill, &full[..60 * v]) < TOL);
+    for (i, &tok) in seq.iter().enumerate().skip(60) {
         let step = to_vec(
             model
                 .forward_cached(tokens(&[vec![tok]], 1), &mut cache, None, Logits::Last)
@@ -103,17 +103,17 @@ fn check_model(config: ModelConfig) {
         let d = max_diff(&step, &full[i * v..(i + 1) * v]);
         assert!(d < TOL, "{}: step {i} differs by {d}", config.architecture);
     }
-    assert_eq!(cache.lens(), &[11]);
+    assert_eq!(cache.lens(), &[76]);
 
-    // Batch 4, ragged: prompts of 3, 7, 1 and 5 tokens prefilled together (padded), then each
+    // Batch 4, ragged: prompts of 3, 67, 1 and 62 tokens prefilled together (padded), then each
     // row decodes 4 more tokens in lockstep.
-    let lens = [3usize, 7, 1, 5];
+    let lens = [3usize, 67, 1, 62];
     let seqs: Vec<Vec<u32>> = lens
         .iter()
         .enumerate()
         .map(|(i, &n)| sequence(i as u32 + 2, n + 4, v))
         .collect();
-    let mut cache = KvCache::<B>::new(&config, 4, 16, &device).unwrap();
+    let mut cache = KvCache::<B>::new(&config, 4, 150, &device).unwrap();
     let prompts: Vec<Vec<u32>> = seqs
         .iter()
         .zip(&lens)
@@ -121,7 +121,7 @@ fn check_model(config: ModelConfig) {
         .collect();
     let last = to_vec(
         model
-            .forward_cached(tokens(&prompts, 7), &mut cache, Some(&lens), Logits::Last)
+            .forward_cached(tokens(&prompts, 67), &mut cache, Some(&lens), Logits::Last)
             .unwrap(),
     );
     for (row, (s, &n)) in seqs.iter().zip(&lens).enumerate() {
@@ -150,7 +150,7 @@ fn check_model(config: ModelConfig) {
             );
         }
     }
-    assert_eq!(cache.lens(), &[7, 11, 5, 9]);
+    assert_eq!(cache.lens(), &[7, 71, 5, 66]);
 
     // A row can be reset and reused while the others keep their state.
     cache.reset(2);
@@ -165,7 +165,7 @@ fn check_model(config: ModelConfig) {
     );
     let d = max_diff(&out[2 * v..3 * v], &reference(&model, &fresh)[2 * v..3 * v]);
     assert!(d < TOL, "reused row differs by {d}");
-    assert_eq!(cache.lens(), &[7, 11, 3, 9]);
+    assert_eq!(cache.lens(), &[7, 71, 3, 66]);
 }
 
 #[test]
@@ -189,7 +189,7 @@ fn overflow_is_an_error() {
         .forward_cached(tokens(&[vec![1; 5]], 5), &mut cache, None, Logits::All)
         .unwrap_err();
     assert!(err.to_string().contains("exceeds"), "{err}");
-    assert!(KvCache::<B>::new(&config, 1, 64, &device).is_err());
-    let err = model.forward(tokens(&[vec![1; 40]], 40)).unwrap_err();
-    assert!(err.to_string().contains("40"), "{err}");
+    assert!(KvCache::<B>::new(&config, 1, 161, &device).is_err());
+    let err = model.forward(tokens(&[vec![1; 170]], 170)).unwrap_err();
+    assert!(err.to_string().contains("170"), "{err}");
 }
