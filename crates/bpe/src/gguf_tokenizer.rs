@@ -3,7 +3,7 @@
 use crate::byte_level;
 use crate::error::{BpeError, Result};
 use crate::gguf::GgufFile;
-use crate::hf_json::decode_merge;
+use crate::hf_json::merge_from_line;
 use crate::pretokenize::{PreTokenizer, Split};
 use crate::tokenizer::{AddedToken, Tokenizer, TokenizerParts};
 
@@ -79,12 +79,7 @@ pub(crate) fn from_gguf(file: &GgufFile) -> Result<Tokenizer> {
     }
     let mut merges = Vec::with_capacity(merges_raw.len());
     for (index, m) in merges_raw.iter().enumerate() {
-        let (a, b) = m.split_once(' ').ok_or_else(|| BpeError::BadMerge {
-            index,
-            merge: m.clone(),
-            reason: "expected two tokens separated by one space",
-        })?;
-        merges.push(decode_merge(index, a, b)?);
+        merges.push(merge_from_line(index, m)?);
     }
     Tokenizer::from_parts(TokenizerParts {
         vocab,

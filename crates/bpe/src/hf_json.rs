@@ -155,6 +155,16 @@ pub fn from_json(text: &str, path: &Path) -> Result<Tokenizer> {
     })
 }
 
+/// Parses merge `index` written as `"left right"` (merges.txt, GGUF, old tokenizer.json files).
+pub(crate) fn merge_from_line(index: usize, line: &str) -> Result<(Vec<u8>, Vec<u8>)> {
+    let (a, b) = line.split_once(' ').ok_or_else(|| BpeError::BadMerge {
+        index,
+        merge: line.to_owned(),
+        reason: "expected two tokens separated by one space",
+    })?;
+    decode_merge(index, a, b)
+}
+
 /// Decodes the two byte-level strings of merge `index`.
 pub(crate) fn decode_merge(index: usize, left: &str, right: &str) -> Result<(Vec<u8>, Vec<u8>)> {
     match (byte_level::decode_str(left), byte_level::decode_str(right)) {
@@ -370,12 +380,7 @@ pub fn from_vocab_merges(vocab_path: &Path, merges_path: &Path) -> Result<Tokeni
         if line.is_empty() || (index == 0 && line.starts_with("#version")) {
             continue;
         }
-        let (a, b) = line.split_once(' ').ok_or_else(|| BpeError::BadMerge {
-            index,
-            merge: line.to_owned(),
-            reason: "expected two tokens separated by one space",
-        })?;
-        merges.push(decode_merge(index, a, b)?);
+        merges.push(merge_from_line(index, line)?);
     }
     Tokenizer::from_parts(TokenizerParts {
         vocab,
