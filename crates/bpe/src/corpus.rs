@@ -203,7 +203,7 @@ mod tests {
         let a = write(dir.path(), "a.txt", &line.repeat(200));
         let b = write(dir.path(), "b.txt", "second doc\nwith two lines");
         let mut reader = ChunkReader::new(vec![a, b], 1024);
-        let mut docs = vec![Vec::new(), Vec::new()];
+        let mut docs = [Vec::new(), Vec::new()];
         let mut starts = 0;
         while let Some(c) = reader.next_chunk().unwrap() {
             if c.doc_start {
