@@ -1,0 +1,140 @@
+//! Checkpoints: `RUN_DIR/checkpoints/step-<N>/` holding the model directory (`model/`), the exact
+//! model and optimizer state, and the trainer state. Written to a temp directory and renamed, so a
+//! crash mid-write leaves the previous checkpoints intact; only the newest `keep` are kept.
+
+use std::path::{Path, PathBuf};
+
+use burn::module::{AutodiffModule, Module};
+use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
+use burn::tensor::backend::AutodiffBackend;
+use kiln_bpe::Tokenizer;
+use kiln_transformer::{Transformer, save_model_dir};
+use serde::{Deserialize, Serialize};
+
+use crate::config::TrainConfig;
+use crate::error::{Result, TrainError};
+use crate::optimizer::{GroupedAdamW, OptimizerRecord};
+
+/// Where a run is and how it got there: enough, with the model and optimizer state, to continue
+/// exactly where it stopped.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimizer steps completed.
+    pub step: u64,
+    /// Multiplier on the scheduled learning rate (halved by each divergence recovery).
+    pub lr_scale: f64,
+    /// Training tokens consumed.
+    pub tokens_seen: u64,
+    /// Most recent validation loss.
+    pub val_loss: Option<f64>,
+    /// The run's configuration (training metadata).
+    pub config: TrainConfig,
+}
+
+fn recorder() -> NamedMpkFileRecorder<FullPrecisionSettings> {
+    NamedMpkFileRecorder::new()
+}
+
+fn ck_error(path: &Path, reason: impl ToString) -> TrainError {
+    TrainError::Checkpoint {
+        path: path.to_owned(),
+        reason: reason.to_string(),
+    }
+}
+
+/// `RUN_DIR/checkpoints`.
+pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
+    run_dir.join("checkpoints")
+}
+
+/// Completed checkpoints of a run, oldest first, with their step.
+pub fn list_checkpoints(run_dir: &Path) -> Vec<(u64, PathBuf)> {
+    let mut out: Vec<(u64, PathBuf)> = std::fs::read_dir(checkpoints_dir(run_dir))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let step = name.strip_prefix("step-")?.parse().ok()?;
+            e.path()
+                .join("trainer_state.json")
+                .exists()
+                .then(|| (step, e.path()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Saves a checkpoint for `state.step`; returns its directory.
+pub fn save_checkpoint<B: AutodiffBackend>(
+    run_dir: &Path,
+    model: &Transformer<B>,
+    optimizer: &GroupedAdamW<B, Transformer<B>>,
+    state: &TrainerState,
+    tokenizer: Option<&Tokenizer>,
+    keep: usize,
+) -> Result<PathBuf> {
+    let root = checkpoints_dir(run_dir);
+    std::fs::create_dir_all(&root).map_err(|e| TrainError::io(&root, e))?;
+    let dir = root.join(format!("step-{}", state.step));
+    let tmp = root.join(format!(".step-{}.tmp-{}", state.step, std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
+    let written = (|| -> Result<()> {
+        save_model_dir(&model.valid(), tokenizer, None, tmp.join("model"))?;
+        recorder()
+            .record(model.clone().into_record(), tmp.join("model_state"))
+            .map_err(|e| ck_error(&tmp, e))?;
+        recorder()
+            .record(optimizer.to_record(), tmp.join("optimizer"))
+            .map_err(|e| ck_error(&tmp, e))?;
+        let json = serde_json::to_string_pretty(state).unwrap_or_default();
+        let path = tmp.join("trainer_state.json");
+        std::fs::write(&path, json).map_err(|e| TrainError::io(&path, e))
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
+    }
+    std::fs::rename(&tmp, &dir).map_err(|e| TrainError::io(&dir, e))?;
+    let all = list_checkpoints(run_dir);
+    for (_, old) in all.iter().take(all.len().saturating_sub(keep.max(1))) {
+        let _ = std::fs::remove_dir_all(old);
+    }
+    Ok(dir)
+}
+
+/// Reads a checkpoint's trainer state.
+pub fn load_state(dir: &Path) -> Result<TrainerState> {
+    let path = dir.join("trainer_state.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| TrainError::io(&path, e))?;
+    serde_json::from_str(&text).map_err(|e| ck_error(dir, e))
+}
+
+/// Restores the exact model state (weights and parameter ids) saved in `dir`.
+pub fn load_model_state<B: AutodiffBackend>(
+    dir: &Path,
+    model: Transformer<B>,
+    device: &B::Device,
+) -> Result<Transformer<B>> {
+    let record = recorder()
+        .load(dir.join("model_state"), device)
+        .map_err(|e| ck_error(dir, e))?;
+    Ok(model.load_record(record))
+}
+
+/// Restores the optimizer state saved in `dir` (create `optimizer` from the restored model first).
+pub fn load_optimizer_state<B: AutodiffBackend>(
+    dir: &Path,
+    optimizer: GroupedAdamW<B, Transformer<B>>,
+    device: &B::Device,
+) -> Result<GroupedAdamW<B, Transformer<B>>> {
+    let record: OptimizerRecord<B, Transformer<B>> = recorder()
+        .load(dir.join("optimizer"), device)
+        .map_err(|e| ck_error(dir, e))?;
+    Ok(optimizer.load_record(record))
+}

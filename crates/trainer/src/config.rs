@@ -1,0 +1,245 @@
+//! [`TrainConfig`]: everything a training run needs, read from a TOML file and overridable by flags.
+
+use std::path::{Path, PathBuf};
+
+use kiln_transformer::ModelConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, TrainError};
+
+/// Numeric precision of the forward and backward passes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Everything in f32.
+    #[default]
+    F32,
+    /// bf16 compute, f32 master weights and optimizer state.
+    Bf16,
+    /// f16 compute with dynamic loss scaling, f32 master weights and optimizer state.
+    F16,
+}
+
+/// The model to train: a preset (with optional overrides) or a full [`ModelConfig`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ModelSpec {
+    /// A named preset (`shakespeare-char`, `shakespeare-char-cpu`, `gpt2`, `gpt2-medium`, `smollm2-135m`).
+    Preset {
+        /// Preset name.
+        preset: String,
+        /// Vocabulary size (default: the tokenizer's).
+        #[serde(default)]
+        vocab_size: Option<usize>,
+        /// Dropout override.
+        #[serde(default)]
+        dropout: Option<f64>,
+    },
+    /// Every field spelled out.
+    Full(ModelConfig),
+}
+
+impl ModelSpec {
+    /// The model configuration, given the tokenizer's vocabulary size.
+    pub fn resolve(&self, tokenizer_vocab: Option<usize>) -> Result<ModelConfig> {
+        let config = match self {
+            ModelSpec::Full(c) => c.clone(),
+            ModelSpec::Preset {
+                preset,
+                vocab_size,
+                dropout,
+            } => {
+                let vocab = vocab_size.or(tokenizer_vocab);
+                let mut c = ModelConfig::preset(preset, vocab)?;
+                if let Some(v) = vocab {
+                    c.vocab_size = v;
+                }
+                if let Some(d) = dropout {
+                    c.dropout = *d;
+                }
+                c
+            }
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+/// A training run's settings. Defaults are nanoGPT's Shakespeare-char CPU recipe.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// The model.
+    pub model: ModelSpec,
+    /// Directory with `train.bin` and `val.bin` (from `kiln data prepare`).
+    pub data_dir: PathBuf,
+    /// Tokenizer saved with every checkpoint (`tokenizer.json` or a GGUF); optional.
+    pub tokenizer: Option<PathBuf>,
+    /// Sequences per micro-batch.
+    pub micro_batch: usize,
+    /// Tokens per sequence (at most the model's context).
+    pub seq_len: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Optimizer steps to run.
+    pub max_steps: u64,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Learning rate at the end of the cosine decay.
+    pub min_lr: f64,
+    /// Linear warmup steps.
+    pub warmup_steps: u64,
+    /// Step at which the cosine reaches `min_lr` (default: `max_steps`).
+    pub decay_steps: Option<u64>,
+    /// AdamW β₁.
+    pub beta1: f64,
+    /// AdamW β₂.
+    pub beta2: f64,
+    /// AdamW ε.
+    pub eps: f64,
+    /// Decoupled weight decay, applied to matrices only (not biases, norms or embeddings).
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this (0 = off).
+    pub grad_clip: f64,
+    /// Compute precision.
+    pub precision: Precision,
+    /// Evaluate every this many steps (0 = only at the end).
+    pub eval_interval: u64,
+    /// Validation batches per evaluation (0 = the whole split).
+    pub eval_batches: usize,
+    /// Save a checkpoint every this many steps (0 = only at the end).
+    pub checkpoint_interval: u64,
+    /// Checkpoints to keep (oldest removed first).
+    pub keep_checkpoints: usize,
+    /// Seed for initialization, data order and dropout.
+    pub seed: u64,
+    /// Log every this many steps.
+    pub log_interval: u64,
+    /// Consecutive non-finite steps before reloading the last checkpoint with a lower LR.
+    pub max_bad_steps: u32,
+    /// Peak FLOP/s of the device, for MFU (CPU: `../shared/peers/cpu_peak.py`).
+    pub peak_flops: Option<f64>,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            model: ModelSpec::Preset {
+                preset: "shakespeare-char-cpu".into(),
+                vocab_size: None,
+                dropout: None,
+            },
+            data_dir: PathBuf::from("data"),
+            tokenizer: None,
+            micro_batch: 12,
+            seq_len: 64,
+            grad_accum: 1,
+            max_steps: 2000,
+            lr: 1e-3,
+            min_lr: 1e-4,
+            warmup_steps: 100,
+            decay_steps: None,
+            beta1: 0.9,
+            beta2: 0.99,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            grad_clip: 1.0,
+            precision: Precision::F32,
+            eval_interval: 250,
+            eval_batches: 0,
+            checkpoint_interval: 500,
+            keep_checkpoints: 2,
+            seed: 1337,
+            log_interval: 10,
+            max_bad_steps: 3,
+            peak_flops: None,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Reads a TOML file; relative paths in it are taken relative to the file's directory.
+    pub fn load(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
+        let mut config: Self = toml::from_str(&text)
+            .map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        if config.data_dir.is_relative() {
+            config.data_dir = base.join(&config.data_dir);
+        }
+        if let Some(t) = config.tokenizer.as_mut().filter(|t| t.is_relative()) {
+            *t = base.join(&*t);
+        }
+        Ok(config)
+    }
+
+    /// The config as TOML (what a run directory records).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+
+    /// Step at which the learning rate reaches `min_lr`.
+    pub fn decay_steps(&self) -> u64 {
+        self.decay_steps.unwrap_or(self.max_steps)
+    }
+
+    /// Checks the numbers fit together.
+    pub fn validate(&self, model: &ModelConfig) -> Result<()> {
+        let bad = |m: String| Err(TrainError::Config(m));
+        if self.micro_batch == 0 || self.seq_len == 0 || self.grad_accum == 0 {
+            return bad("micro_batch, seq_len and grad_accum must be positive".into());
+        }
+        if self.seq_len > model.context_length {
+            return bad(format!(
+                "seq_len {} exceeds the model's context {}",
+                self.seq_len, model.context_length
+            ));
+        }
+        if !(self.lr > 0.0 && self.min_lr >= 0.0 && self.min_lr <= self.lr) {
+            return bad(format!(
+                "need 0 <= min_lr <= lr and lr > 0 (lr {}, min_lr {})",
+                self.lr, self.min_lr
+            ));
+        }
+        if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
+            return bad("betas must be in [0, 1)".into());
+        }
+        if self.grad_clip < 0.0 || self.weight_decay < 0.0 {
+            return bad("grad_clip and weight_decay must not be negative".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_round_trip_and_presets() {
+        let text = r#"
+            data_dir = "shards"
+            max_steps = 20
+            [model]
+            preset = "shakespeare-char-cpu"
+            vocab_size = 257
+        "#;
+        let c: TrainConfig = toml::from_str(text).unwrap();
+        assert_eq!(c.max_steps, 20);
+        assert_eq!(c.micro_batch, 12);
+        let m = c.model.resolve(None).unwrap();
+        assert_eq!((m.n_layers, m.d_model, m.vocab_size), (4, 128, 257));
+        let again: TrainConfig = toml::from_str(&c.to_toml()).unwrap();
+        assert_eq!(again, c);
+        assert!(toml::from_str::<TrainConfig>("bogus = 1").is_err());
+        let mut bad = c.clone();
+        bad.seq_len = 1000;
+        assert!(
+            bad.validate(&m)
+                .unwrap_err()
+                .to_string()
+                .contains("context")
+        );
+    }
+}

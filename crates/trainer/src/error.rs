@@ -1,0 +1,60 @@
+//! The crate's error type.
+
+use std::path::PathBuf;
+
+/// Everything that can stop training, each with a message that says what and where.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// A file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The training config is malformed or inconsistent.
+    #[error("invalid training config: {0}")]
+    Config(String),
+    /// A checkpoint is missing or unreadable.
+    #[error("checkpoint {}: {reason}", path.display())]
+    Checkpoint {
+        /// The checkpoint directory.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The model failed.
+    #[error(transparent)]
+    Model(#[from] kiln_transformer::ModelError),
+    /// The data or tokenizer failed.
+    #[error(transparent)]
+    Data(#[from] kiln_bpe::BpeError),
+    /// Token shards failed.
+    #[error(transparent)]
+    Shard(#[from] kiln_bpe::ShardError),
+    /// Training kept producing non-finite losses even after recovery.
+    #[error(
+        "training diverged at step {step}: {reason}. Try a lower learning rate, gradient clipping, or f32 precision"
+    )]
+    Diverged {
+        /// The step.
+        step: u64,
+        /// What was non-finite.
+        reason: String,
+    },
+}
+
+impl TrainError {
+    /// Wraps an I/O error with the path it concerns.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        TrainError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// `Result` with [`TrainError`].
+pub type Result<T, E = TrainError> = std::result::Result<T, E>;
