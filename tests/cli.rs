@@ -203,3 +203,92 @@ fn clear_errors_and_exit_codes() {
     let help = kiln(&["--help"], b"");
     assert!(String::from_utf8_lossy(ok(&help)).contains("tokenizer"));
 }
+
+#[test]
+fn train_resume_eval_generate() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("corpus.txt");
+    std::fs::write(&corpus, TEXT.repeat(200)).unwrap();
+    let tok = dir.path().join("tokenizer.json");
+    let data = dir.path().join("data");
+    let run = dir.path().join("run");
+    let p = |x: &std::path::Path| x.to_str().unwrap().to_owned();
+    ok(&kiln(
+        &[
+            "tokenizer",
+            "train",
+            "--vocab-size",
+            "512",
+            "-o",
+            &p(&tok),
+            &p(&corpus),
+        ],
+        b"",
+    ));
+    ok(&kiln(
+        &[
+            "data",
+            "prepare",
+            "-t",
+            &p(&tok),
+            "-o",
+            &p(&data),
+            &p(&corpus),
+        ],
+        b"",
+    ));
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/configs/tiny.toml");
+    let out = kiln(
+        &[
+            "train",
+            "--config",
+            &p(&config),
+            "--data",
+            &p(&data),
+            "--out",
+            &p(&run),
+            "--max-steps",
+            "12",
+        ],
+        b"",
+    );
+    let stdout = String::from_utf8(ok(&out).to_vec()).unwrap();
+    let last = stdout.lines().last().unwrap();
+    assert!(last.starts_with("final val_loss "), "{stdout}");
+    let first: f64 = last["final val_loss ".len()..].parse().unwrap();
+    assert!(first.is_finite() && first < (512f64).ln(), "{first}");
+    assert!(
+        run.join("checkpoints/step-10/model/model.safetensors")
+            .exists()
+    );
+    assert!(run.join("checkpoints/step-12/trainer_state.json").exists());
+
+    let out = kiln(&["train", "--resume", &p(&run), "--max-steps", "16"], b"");
+    assert!(String::from_utf8_lossy(ok(&out)).contains("final val_loss"));
+    let state =
+        std::fs::read_to_string(run.join("checkpoints/step-16/trainer_state.json")).unwrap();
+    assert!(state.contains("\"step\": 16"), "{state}");
+
+    let model = run.join("checkpoints/step-16/model");
+    let out = kiln(&["eval", "--model", &p(&model), "--data", &p(&data)], b"");
+    assert!(String::from_utf8_lossy(ok(&out)).starts_with("val_loss "));
+    let out = kiln(
+        &[
+            "generate",
+            "--model",
+            &p(&model),
+            "--prompt",
+            "Byte",
+            "--max-tokens",
+            "5",
+            "--seed",
+            "3",
+        ],
+        b"",
+    );
+    ok(&out);
+
+    let err = kiln(&["train", "--resume", &p(&dir.path().join("none"))], b"");
+    assert_eq!(err.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&err.stderr).contains("no completed checkpoint"));
+}

@@ -4,6 +4,7 @@ mod data;
 mod generate;
 mod quickstart;
 mod tokenizer;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -28,6 +29,10 @@ enum Command {
     /// Turn corpora into token shards for training.
     #[command(subcommand)]
     Data(data::Command),
+    /// Train a model on token shards (or resume a run).
+    Train(train::TrainArgs),
+    /// Validation loss and perplexity of a model on DIR/val.bin.
+    Eval(train::EvalArgs),
     /// Generate text with a model (a .gguf file or a model directory).
     Generate(generate::Args),
     /// Show the build: version, compiled backend, and a smoke test on its default device.
@@ -46,6 +51,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Tokenizer(cmd) => tokenizer::run(cmd),
         Command::Data(cmd) => data::run(cmd),
         Command::Generate(args) => generate::run(args),
+        Command::Train(args) => train::run(args),
+        Command::Eval(args) => train::eval(args),
         Command::Info => {
             println!("kiln {}", env!("CARGO_PKG_VERSION"));
             println!("backend: {}", kiln::backend::BACKEND_NAME);

@@ -1,6 +1,6 @@
 //! Turning a corpus into `train.bin` / `val.bin` token shards (llm.c's format).
 //!
-//! Each input file is a document; every document starts with the end-of-text token (as llm.c's
+//! `out_dir/tokenizer.json` records the tokenizer the ids come from. Each input file is a document; every document starts with the end-of-text token (as llm.c's
 //! data scripts do) when the tokenizer has one. The split is nanoGPT's: the last `val_fraction` of
 //! the corpus bytes, cut at the first line boundary after that point, is validation. The corpus is
 //! streamed in chunks, so memory stays bounded whatever its size.
@@ -88,6 +88,8 @@ pub fn prepare(
     let mut train = ShardWriter::create(&train_path, width)?;
     let mut val = ShardWriter::create(&val_path, width)?;
     let separator = tok.eot_id();
+    // The shards' ids only mean something with their tokenizer: keep it beside them.
+    tok.save(out_dir.join("tokenizer.json"))?;
 
     let mut reader = ChunkReader::new(files.to_vec(), cfg.chunk_bytes);
     if cfg.val_fraction > 0.0 {

@@ -73,7 +73,8 @@ pub struct TrainConfig {
     pub model: ModelSpec,
     /// Directory with `train.bin` and `val.bin` (from `kiln data prepare`).
     pub data_dir: PathBuf,
-    /// Tokenizer saved with every checkpoint (`tokenizer.json` or a GGUF); optional.
+    /// Tokenizer saved with every checkpoint (default: `data_dir/tokenizer.json`, which
+    /// `kiln data prepare` writes).
     pub tokenizer: Option<PathBuf>,
     /// Sequences per micro-batch.
     pub micro_batch: usize,

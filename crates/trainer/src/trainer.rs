@@ -64,8 +64,17 @@ fn open_shards(config: &TrainConfig) -> Result<(Arc<TokenShard>, Arc<TokenShard>
 
 impl<B: AutodiffBackend> Trainer<B> {
     /// Starts a new run in `run_dir` (created if needed).
-    pub fn new(config: TrainConfig, run_dir: impl AsRef<Path>, device: B::Device) -> Result<Self> {
+    pub fn new(
+        mut config: TrainConfig,
+        run_dir: impl AsRef<Path>,
+        device: B::Device,
+    ) -> Result<Self> {
         let run_dir = run_dir.as_ref().to_owned();
+        if config.tokenizer.is_none() {
+            // `kiln data prepare` leaves the shards' tokenizer beside them.
+            let beside = config.data_dir.join("tokenizer.json");
+            config.tokenizer = beside.exists().then_some(beside);
+        }
         let tokenizer = config
             .tokenizer
             .as_ref()
@@ -333,8 +342,17 @@ impl<B: AutodiffBackend> Trainer<B> {
         self.metrics(json!({"step": step, "recovered": true, "lr_scale": scale}))
     }
 
-    /// Mean cross-entropy over the validation split (the whole split, or `eval_batches` batches).
+    /// Mean cross-entropy over the validation split (its first `eval_batches` batches if set).
     pub fn evaluate(&self) -> Result<f64> {
+        self.evaluate_batches(self.config.eval_batches)
+    }
+
+    /// Mean cross-entropy over the whole validation split.
+    pub fn evaluate_full(&self) -> Result<f64> {
+        self.evaluate_batches(0)
+    }
+
+    fn evaluate_batches(&self, max_batches: usize) -> Result<f64> {
         let model = self
             .model
             .as_ref()
@@ -345,7 +363,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             &self.val,
             self.config.micro_batch,
             self.config.seq_len,
-            self.config.eval_batches,
+            max_batches,
             &self.device,
         )
     }
@@ -365,7 +383,8 @@ impl<B: AutodiffBackend> Trainer<B> {
         )
     }
 
-    /// Trains to `max_steps`, evaluating and checkpointing on schedule; returns the final validation loss.
+    /// Trains to `max_steps`, evaluating and checkpointing on schedule; returns the validation loss
+    /// over the whole split at the end.
     pub fn train(&mut self) -> Result<f64> {
         let total = self.config.max_steps;
         let bar = if self.show_progress {
@@ -410,10 +429,12 @@ impl<B: AutodiffBackend> Trainer<B> {
             if eval_now {
                 let val = self.evaluate()?;
                 self.state.val_loss = Some(val);
-                bar.println(format!(
-                    "step {step}: val loss {val:.4} (ppl {:.2})",
-                    val.exp()
-                ));
+                let line = format!("step {step}: val loss {val:.4} (ppl {:.2})", val.exp());
+                if bar.is_hidden() {
+                    eprintln!("{line}");
+                } else {
+                    bar.println(line);
+                }
                 self.metrics(json!({"step": step, "val_loss": val, "val_ppl": val.exp()}))?;
             }
             if self.config.checkpoint_interval > 0
@@ -424,7 +445,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             }
         }
         bar.finish_and_clear();
-        let val = self.evaluate()?;
+        let val = self.evaluate_full()?;
         self.state.val_loss = Some(val);
         self.metrics(json!({"step": self.state.step, "val_loss": val, "val_ppl": val.exp()}))?;
         self.save_checkpoint()?;

@@ -1,0 +1,110 @@
+//! `kiln train` and `kiln eval`.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::Args as ClapArgs;
+use kiln::backend::{DefaultBackend, TrainBackend};
+use kiln::bpe::TokenShard;
+use kiln::trainer::{TrainConfig, Trainer, evaluate};
+use kiln::transformer::load_model;
+
+#[derive(Debug, ClapArgs)]
+pub struct TrainArgs {
+    /// Training config (TOML); see examples/configs/tiny.toml.
+    #[arg(long, short, value_name = "FILE", required_unless_present = "resume")]
+    pub config: Option<PathBuf>,
+    /// Continue the run in this directory from its newest checkpoint.
+    #[arg(long, value_name = "RUN_DIR", conflicts_with = "config")]
+    pub resume: Option<PathBuf>,
+    /// Token shards directory (overrides the config's data_dir).
+    #[arg(long, value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// Run directory (checkpoints, metrics.jsonl, config.toml).
+    #[arg(long, default_value = "runs/train", value_name = "RUN_DIR")]
+    pub out: PathBuf,
+    /// Stop after this many optimizer steps in total.
+    #[arg(long, value_name = "N")]
+    pub max_steps: Option<u64>,
+    /// Seed for initialization, data order and dropout.
+    #[arg(long, value_name = "S")]
+    pub seed: Option<u64>,
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct EvalArgs {
+    /// A model directory (e.g. RUN_DIR/checkpoints/step-N/model) or a .gguf file.
+    #[arg(long, short, value_name = "M")]
+    pub model: PathBuf,
+    /// Token shards directory; val.bin is evaluated.
+    #[arg(long, value_name = "DIR")]
+    pub data: PathBuf,
+    /// Tokens per window (default: the model's context, at most 256).
+    #[arg(long, value_name = "T")]
+    pub seq_len: Option<usize>,
+    /// Windows per batch.
+    #[arg(long, default_value_t = 8, value_name = "B")]
+    pub batch: usize,
+}
+
+pub fn run(args: TrainArgs) -> anyhow::Result<()> {
+    let device = Default::default();
+    let trainer = if let Some(run_dir) = &args.resume {
+        Trainer::<TrainBackend>::resume(run_dir, args.max_steps, device)
+            .with_context(|| format!("resuming {}", run_dir.display()))?
+    } else {
+        let Some(path) = &args.config else {
+            bail!("either --config or --resume is required");
+        };
+        let mut config = TrainConfig::load(path)?;
+        if let Some(d) = &args.data {
+            config.data_dir = d.clone();
+        }
+        if let Some(m) = args.max_steps {
+            config.max_steps = m;
+        }
+        if let Some(s) = args.seed {
+            config.seed = s;
+        }
+        Trainer::<TrainBackend>::new(config, &args.out, device)?
+    };
+    let m = trainer.model_config();
+    eprintln!(
+        "model: {} layers, width {}, {} heads, context {} ({:.2}M parameters) on {}",
+        m.n_layers,
+        m.d_model,
+        m.n_heads,
+        m.context_length,
+        m.num_params() as f64 / 1e6,
+        kiln::backend::BACKEND_NAME
+    );
+    let started = std::time::Instant::now();
+    let start_step = trainer.state().step;
+    let mut trainer = trainer.with_progress(super::interactive());
+    let val = trainer.train()?;
+    eprintln!(
+        "{} steps in {:.1}s; val loss {val:.4} (perplexity {:.2})",
+        trainer.state().step - start_step,
+        started.elapsed().as_secs_f64(),
+        val.exp()
+    );
+    println!("final val_loss {val:.4}");
+    Ok(())
+}
+
+pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
+    let device = Default::default();
+    let loaded = load_model::<DefaultBackend>(&args.model, &device)
+        .with_context(|| format!("loading {}", args.model.display()))?;
+    let val = TokenShard::open(args.data.join("val.bin"))?;
+    let seq = args
+        .seq_len
+        .unwrap_or(loaded.model.config().context_length.min(256));
+    let loss = evaluate(&loaded.model, &val, args.batch.max(1), seq, 0, &device)?;
+    println!(
+        "val_loss {loss:.4} perplexity {:.3} ({} tokens)",
+        loss.exp(),
+        val.len()
+    );
+    Ok(())
+}
