@@ -6,7 +6,7 @@
 //! ```text
 //! cargo run --release --example shakespeare_char [-- CORPUS] [--max-steps N] [--out DIR] [--gpu-recipe]
 //! ```
-//! `--gpu-recipe` trains nanoGPT's GPU model instead (6 layers, 6 heads, width 384, context 256,
+//! `--embedding-decay` also decays the embedding, as nanoGPT's code does. `--gpu-recipe` trains nanoGPT's GPU model instead (6 layers, 6 heads, width 384, context 256,
 //! batch 64, 5000 steps, dropout 0.2). The corpus defaults to `../shared/data/tinyshakespeare.txt`.
 //! The last line printed is `final val_loss <x>`.
 
@@ -82,6 +82,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         warmup_steps: 100,
         beta2: 0.99,
         weight_decay: 0.1,
+        // nanoGPT's configure_optimizers also decays the embedding (every 2-D parameter).
+        decay_embeddings: args.iter().any(|a| a == "--embedding-decay"),
         grad_clip: 1.0,
         eval_interval,
         eval_batches: 20,

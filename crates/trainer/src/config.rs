@@ -100,6 +100,8 @@ pub struct TrainConfig {
     pub eps: f64,
     /// Decoupled weight decay, applied to matrices only (not biases, norms or embeddings).
     pub weight_decay: f64,
+    /// Also decay embedding tables, as nanoGPT's code does (off: matrices only).
+    pub decay_embeddings: bool,
     /// Clip the global gradient norm to this (0 = off).
     pub grad_clip: f64,
     /// Compute precision.
@@ -144,6 +146,7 @@ impl Default for TrainConfig {
             beta2: 0.99,
             eps: 1e-8,
             weight_decay: 0.1,
+            decay_embeddings: false,
             grad_clip: 1.0,
             precision: Precision::F32,
             eval_interval: 250,

@@ -21,6 +21,8 @@ pub struct ParamInfo {
     pub path: String,
     /// Number of dimensions.
     pub rank: usize,
+    /// Whether it is an embedding table.
+    pub embedding: bool,
     /// Whether weight decay applies.
     pub decay: bool,
 }
@@ -46,11 +48,13 @@ pub fn param_infos<B: AutodiffBackend, M: AutodiffModule<B>>(module: &M) -> Vec<
                 .cloned()
                 .collect::<Vec<_>>()
                 .join(".");
-            let decay = D >= 2 && !path.contains("emb");
+            let embedding = path.contains("emb");
+            let decay = D >= 2 && !embedding;
             self.out.push(ParamInfo {
                 id: param.id,
                 path,
                 rank: D,
+                embedding,
                 decay,
             });
         }
@@ -169,6 +173,22 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> GroupedAdamW<B, M> {
                 .map(|p| p.id)
                 .collect(),
         }
+    }
+
+    /// Also decays the embedding tables (nanoGPT's `configure_optimizers` decays every parameter
+    /// of rank ≥ 2, embeddings included).
+    pub fn with_embedding_decay(mut self, module: &M, on: bool) -> Self {
+        self.decay_ids = param_infos(module)
+            .into_iter()
+            .filter(|p| p.decay || (on && p.embedding && p.rank >= 2))
+            .map(|p| p.id)
+            .collect();
+        self
+    }
+
+    /// Whether the parameter `id` gets weight decay.
+    pub fn decays(&self, id: ParamId) -> bool {
+        self.decay_ids.contains(&id)
     }
 
     /// The global L2 norm of all gradients (as `torch.nn.utils.clip_grad_norm_` computes it).

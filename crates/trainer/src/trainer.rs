@@ -102,7 +102,8 @@ impl<B: AutodiffBackend> Trainer<B> {
             config.beta2,
             config.eps,
             config.weight_decay,
-        );
+        )
+        .with_embedding_decay(&model, config.decay_embeddings);
         Ok(Self {
             state: TrainerState {
                 step: 0,
@@ -161,7 +162,8 @@ impl<B: AutodiffBackend> Trainer<B> {
             config.beta2,
             config.eps,
             config.weight_decay,
-        );
+        )
+        .with_embedding_decay(&model, config.decay_embeddings);
         let optimizer = checkpoint::load_optimizer_state(&dir, optimizer, &device)?;
         Ok(Self {
             config,
@@ -326,7 +328,8 @@ impl<B: AutodiffBackend> Trainer<B> {
                 &self.device,
             )?;
             let c = &self.config;
-            let optimizer = GroupedAdamW::new(&model, c.beta1, c.beta2, c.eps, c.weight_decay);
+            let optimizer = GroupedAdamW::new(&model, c.beta1, c.beta2, c.eps, c.weight_decay)
+                .with_embedding_decay(&model, c.decay_embeddings);
             self.optimizer = Some(checkpoint::load_optimizer_state(
                 &dir,
                 optimizer,

@@ -252,3 +252,30 @@ fn bad_configs_are_clear_errors() {
         .unwrap();
     assert!(err.to_string().contains("no completed checkpoint"), "{err}");
 }
+
+#[test]
+fn embedding_decay_is_opt_in() {
+    let _serial = serial();
+    let config = ModelConfig {
+        vocab_size: 50,
+        context_length: 8,
+        n_layers: 1,
+        n_heads: 2,
+        n_kv_heads: 2,
+        d_model: 8,
+        d_ff: 16,
+        ..ModelConfig::gpt2_124m()
+    };
+    let model: Transformer<B> = config.init(&Default::default()).unwrap();
+    let infos = param_infos::<B, _>(&model);
+    let emb = infos.iter().find(|p| p.path == "tok_emb.weight").unwrap();
+    assert!(emb.embedding && !emb.decay);
+    let qkv = infos
+        .iter()
+        .find(|p| p.path == "blocks.0.attn.qkv.weight")
+        .unwrap();
+    let plain = GroupedAdamW::<B, Transformer<B>>::new(&model, 0.9, 0.99, 1e-8, 0.1);
+    assert!(!plain.decays(emb.id) && plain.decays(qkv.id));
+    let nanogpt = plain.with_embedding_decay(&model, true);
+    assert!(nanogpt.decays(emb.id) && nanogpt.decays(qkv.id));
+}
