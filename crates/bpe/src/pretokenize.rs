@@ -488,7 +488,7 @@ mod tests {
         " Hello  world!  ",
         "I'm here, you're there; they'll've it's 'quoted' ''s",
         "I'M HERE YOU'RE ſ 'ſ THEY'LL",
-        "\n\n\nFirst Citizen:\nBefore we proceed any further, hear me speak.\r\n\r\n  x",
+        "\n\n\nAct One:\nA line of verse, then a blank line.\r\n\r\n  x",
         "numbers 1234567 and ½ and ٣٤٥ then 12ab3",
         "   leading and trailing   \t\n ",
         "tabs\tand\u{a0}nbsp\u{3000}ideographic space",

@@ -62,6 +62,28 @@ fn open_shards(config: &TrainConfig) -> Result<(Arc<TokenShard>, Arc<TokenShard>
     Ok((Arc::new(train), Arc::new(val)))
 }
 
+/// The tokenizer a config names and the model structure it resolves to.
+fn resolve(config: &TrainConfig) -> Result<(Option<Tokenizer>, ModelConfig)> {
+    let tokenizer = config
+        .tokenizer
+        .as_ref()
+        .map(Tokenizer::from_file)
+        .transpose()?;
+    let model_config = config
+        .model
+        .resolve(tokenizer.as_ref().map(Tokenizer::vocab_size))?;
+    Ok((tokenizer, model_config))
+}
+
+/// AdamW with the config's hyper-parameters and parameter groups for `model`.
+fn optimizer_for<B: AutodiffBackend>(
+    model: &Transformer<B>,
+    c: &TrainConfig,
+) -> GroupedAdamW<B, Transformer<B>> {
+    GroupedAdamW::new(model, c.beta1, c.beta2, c.eps, c.weight_decay)
+        .with_embedding_decay(model, c.decay_embeddings)
+}
+
 impl<B: AutodiffBackend> Trainer<B> {
     /// Starts a new run in `run_dir` (created if needed).
     pub fn new(
@@ -75,14 +97,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             let beside = config.data_dir.join("tokenizer.json");
             config.tokenizer = beside.exists().then_some(beside);
         }
-        let tokenizer = config
-            .tokenizer
-            .as_ref()
-            .map(Tokenizer::from_file)
-            .transpose()?;
-        let model_config = config
-            .model
-            .resolve(tokenizer.as_ref().map(Tokenizer::vocab_size))?;
+        let (tokenizer, model_config) = resolve(&config)?;
         config.validate(&model_config)?;
         if config.precision != Precision::F32 {
             return Err(TrainError::Config(format!(
@@ -90,42 +105,30 @@ impl<B: AutodiffBackend> Trainer<B> {
                 config.precision
             )));
         }
-        let (train, val) = open_shards(&config)?;
+        let shards = open_shards(&config)?;
         std::fs::create_dir_all(&run_dir).map_err(|e| TrainError::io(&run_dir, e))?;
         let path = run_dir.join("config.toml");
         std::fs::write(&path, config.to_toml()).map_err(|e| TrainError::io(&path, e))?;
         B::seed(&device, config.seed);
         let model = model_config.init::<B>(&device)?;
-        let optimizer = GroupedAdamW::new(
-            &model,
-            config.beta1,
-            config.beta2,
-            config.eps,
-            config.weight_decay,
-        )
-        .with_embedding_decay(&model, config.decay_embeddings);
-        Ok(Self {
-            state: TrainerState {
-                step: 0,
-                lr_scale: 1.0,
-                tokens_seen: 0,
-                val_loss: None,
-                config: config.clone(),
-            },
+        let optimizer = optimizer_for(&model, &config);
+        let state = TrainerState {
+            step: 0,
+            lr_scale: 1.0,
+            tokens_seen: 0,
+            val_loss: None,
             config,
+        };
+        Ok(Self::assemble(
+            state,
             model_config,
-            model: Some(model),
-            optimizer: Some(optimizer),
+            model,
+            optimizer,
             run_dir,
             device,
-            train,
-            val,
+            shards,
             tokenizer,
-            prefetch: None,
-            bad_steps: 0,
-            poison_next: false,
-            show_progress: false,
-        })
+        ))
     }
 
     /// Continues the run in `run_dir` from its newest checkpoint, optionally to a new `max_steps`.
@@ -145,28 +148,36 @@ impl<B: AutodiffBackend> Trainer<B> {
         if let Some(m) = max_steps {
             state.config.max_steps = m;
         }
-        let config = state.config.clone();
-        let tokenizer = config
-            .tokenizer
-            .as_ref()
-            .map(Tokenizer::from_file)
-            .transpose()?;
-        let model_config = config
-            .model
-            .resolve(tokenizer.as_ref().map(Tokenizer::vocab_size))?;
-        let (train, val) = open_shards(&config)?;
+        let (tokenizer, model_config) = resolve(&state.config)?;
+        let shards = open_shards(&state.config)?;
         let model = checkpoint::load_model_state(&dir, model_config.init::<B>(&device)?, &device)?;
-        let optimizer = GroupedAdamW::new(
-            &model,
-            config.beta1,
-            config.beta2,
-            config.eps,
-            config.weight_decay,
-        )
-        .with_embedding_decay(&model, config.decay_embeddings);
-        let optimizer = checkpoint::load_optimizer_state(&dir, optimizer, &device)?;
-        Ok(Self {
-            config,
+        let optimizer =
+            checkpoint::load_optimizer_state(&dir, optimizer_for(&model, &state.config), &device)?;
+        Ok(Self::assemble(
+            state,
+            model_config,
+            model,
+            optimizer,
+            run_dir,
+            device,
+            shards,
+            tokenizer,
+        ))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        state: TrainerState,
+        model_config: ModelConfig,
+        model: Transformer<B>,
+        optimizer: GroupedAdamW<B, Transformer<B>>,
+        run_dir: PathBuf,
+        device: B::Device,
+        (train, val): (Arc<TokenShard>, Arc<TokenShard>),
+        tokenizer: Option<Tokenizer>,
+    ) -> Self {
+        Self {
+            config: state.config.clone(),
             model_config,
             model: Some(model),
             optimizer: Some(optimizer),
@@ -180,7 +191,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             bad_steps: 0,
             poison_next: false,
             show_progress: false,
-        })
+        }
     }
 
     /// Draw a progress bar on stderr while training.
@@ -327,9 +338,7 @@ impl<B: AutodiffBackend> Trainer<B> {
                 self.model_config.init::<B>(&self.device)?,
                 &self.device,
             )?;
-            let c = &self.config;
-            let optimizer = GroupedAdamW::new(&model, c.beta1, c.beta2, c.eps, c.weight_decay)
-                .with_embedding_decay(&model, c.decay_embeddings);
+            let optimizer = optimizer_for(&model, &self.config);
             self.optimizer = Some(checkpoint::load_optimizer_state(
                 &dir,
                 optimizer,
