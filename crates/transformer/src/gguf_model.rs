@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use crate::config::{MlpKind, ModelConfig, NormKind, PositionEncoding, RopePairing};
 use crate::dequant::dequantize;
 use crate::error::{ModelError, Result};
-use crate::weights::{NamedTensor, concat_rows, transpose};
+use crate::weights::{LlamaBlock, NamedTensor, Source, llama_block, transpose};
 
 /// The model structure a GGUF file describes (`general.architecture == "llama"`).
 pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
@@ -113,21 +113,15 @@ pub(crate) fn tensors_from_gguf(
         config.n_heads * config.head_dim(),
         config.n_kv_heads * config.head_dim(),
     );
-    let tensor = |path: String, source_name: &str, shape: Vec<usize>, data: Vec<f32>| NamedTensor {
-        path,
-        source_name: source_name.to_owned(),
-        shape,
-        data,
-    };
     let mut out = vec![
-        tensor(
-            "tok_emb.weight".into(),
+        NamedTensor::new(
+            "tok_emb.weight",
             "token_embd.weight",
             vec![v, d],
             load(file, "token_embd.weight", &[v, d], source)?,
         ),
-        tensor(
-            "norm_f.weight".into(),
+        NamedTensor::new(
+            "norm_f.weight",
             "output_norm.weight",
             vec![d],
             load(file, "output_norm.weight", &[d], source)?,
@@ -135,76 +129,38 @@ pub(crate) fn tensors_from_gguf(
     ];
     if !config.tied_embeddings {
         let w = load(file, "output.weight", &[v, d], source)?;
-        out.push(tensor(
-            "lm_head.weight".into(),
+        out.push(NamedTensor::new(
+            "lm_head.weight",
             "output.weight",
             vec![d, v],
             transpose(&w, v, d),
         ));
     }
+    let hd = config.head_dim();
     let layers: Vec<Result<Vec<NamedTensor>>> = (0..config.n_layers)
         .into_par_iter()
         .map(|i| {
-            let name = |s: &str| format!("blk.{i}.{s}.weight");
-            let path = |s: &str| format!("blocks.{i}.{s}.weight");
-            let hd = config.head_dim();
-            let q =
-                interleaved_to_half_split(load(file, &name("attn_q"), &[q_out, d], source)?, hd, d);
-            let k = interleaved_to_half_split(
-                load(file, &name("attn_k"), &[kv_out, d], source)?,
-                hd,
-                d,
-            );
-            let vv = load(file, &name("attn_v"), &[kv_out, d], source)?;
-            let qkv = transpose(&concat_rows(vec![q, k, vv]), q_out + 2 * kv_out, d);
-            let o = load(file, &name("attn_output"), &[d, q_out], source)?;
-            let gate = load(file, &name("ffn_gate"), &[ff, d], source)?;
-            let up = load(file, &name("ffn_up"), &[ff, d], source)?;
-            let down = load(file, &name("ffn_down"), &[d, ff], source)?;
-            Ok(vec![
-                tensor(
-                    path("norm1"),
-                    &name("attn_norm"),
-                    vec![d],
-                    load(file, &name("attn_norm"), &[d], source)?,
-                ),
-                tensor(
-                    path("attn.qkv"),
-                    &name("attn_q"),
-                    vec![d, q_out + 2 * kv_out],
-                    qkv,
-                ),
-                tensor(
-                    path("attn.proj"),
-                    &name("attn_output"),
-                    vec![q_out, d],
-                    transpose(&o, d, q_out),
-                ),
-                tensor(
-                    path("norm2"),
-                    &name("ffn_norm"),
-                    vec![d],
-                    load(file, &name("ffn_norm"), &[d], source)?,
-                ),
-                tensor(
-                    path("mlp.gate"),
-                    &name("ffn_gate"),
-                    vec![d, ff],
-                    transpose(&gate, ff, d),
-                ),
-                tensor(
-                    path("mlp.up"),
-                    &name("ffn_up"),
-                    vec![d, ff],
-                    transpose(&up, ff, d),
-                ),
-                tensor(
-                    path("mlp.down"),
-                    &name("ffn_down"),
-                    vec![ff, d],
-                    transpose(&down, d, ff),
-                ),
-            ])
+            let get = |s: &str, shape: &[usize]| -> Result<Source> {
+                let name = format!("blk.{i}.{s}.weight");
+                let data = load(file, &name, shape, source)?;
+                Ok(Source { name, data })
+            };
+            let mut q = get("attn_q", &[q_out, d])?;
+            q.data = interleaved_to_half_split(q.data, hd, d);
+            let mut k = get("attn_k", &[kv_out, d])?;
+            k.data = interleaved_to_half_split(k.data, hd, d);
+            let block = LlamaBlock {
+                attn_norm: get("attn_norm", &[d])?,
+                q,
+                k,
+                v: get("attn_v", &[kv_out, d])?,
+                o: get("attn_output", &[d, q_out])?,
+                ffn_norm: get("ffn_norm", &[d])?,
+                gate: get("ffn_gate", &[ff, d])?,
+                up: get("ffn_up", &[ff, d])?,
+                down: get("ffn_down", &[d, ff])?,
+            };
+            Ok(llama_block(i, block, config))
         })
         .collect();
     for layer in layers {

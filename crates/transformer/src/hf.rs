@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use crate::config::{MlpKind, ModelConfig, NormKind, PositionEncoding, RopePairing};
 use crate::error::{ModelError, Result};
-use crate::weights::{NamedTensor, concat_rows, transpose};
+use crate::weights::{LlamaBlock, NamedTensor, Source, llama_block, transpose};
 
 fn st_error(path: &Path, reason: impl ToString) -> ModelError {
     ModelError::Safetensors {
@@ -154,15 +154,6 @@ impl Checkpoint<'_> {
     }
 }
 
-fn tensor(path: String, source: &str, shape: Vec<usize>, data: Vec<f32>) -> NamedTensor {
-    NamedTensor {
-        path,
-        source_name: source.to_owned(),
-        shape,
-        data,
-    }
-}
-
 /// Every Kiln parameter of `config`, read from an HF `model.safetensors`.
 pub(crate) fn tensors_from_hf(file: &Path, config: &ModelConfig) -> Result<Vec<NamedTensor>> {
     let bytes = std::fs::read(file).map_err(|e| ModelError::io(file, e))?;
@@ -180,15 +171,15 @@ pub(crate) fn tensors_from_hf(file: &Path, config: &ModelConfig) -> Result<Vec<N
             st,
             path: file,
         };
-        out.push(tensor(
-            "tok_emb.weight".into(),
+        out.push(NamedTensor::new(
+            "tok_emb.weight",
             "wte.weight",
             vec![v, d],
             ck.get("wte.weight", &[v, d])?,
         ));
         let ctx = config.context_length;
-        out.push(tensor(
-            "pos_emb.weight".into(),
+        out.push(NamedTensor::new(
+            "pos_emb.weight",
             "wpe.weight",
             vec![ctx, d],
             ck.get("wpe.weight", &[ctx, d])?,
@@ -197,7 +188,12 @@ pub(crate) fn tensors_from_hf(file: &Path, config: &ModelConfig) -> Result<Vec<N
             ("norm_f.weight", "ln_f.weight"),
             ("norm_f.bias", "ln_f.bias"),
         ] {
-            out.push(tensor(ours.into(), theirs, vec![d], ck.get(theirs, &[d])?));
+            out.push(NamedTensor::new(
+                ours,
+                theirs,
+                vec![d],
+                ck.get(theirs, &[d])?,
+            ));
         }
         for i in 0..config.n_layers {
             let map: [(&str, &str, Vec<usize>); 12] = [
@@ -217,7 +213,12 @@ pub(crate) fn tensors_from_hf(file: &Path, config: &ModelConfig) -> Result<Vec<N
             for (ours, theirs, shape) in map {
                 let name = format!("h.{i}.{theirs}");
                 let data = ck.get(&name, &shape)?;
-                out.push(tensor(format!("blocks.{i}.{ours}"), &name, shape, data));
+                out.push(NamedTensor::new(
+                    format!("blocks.{i}.{ours}"),
+                    &name,
+                    shape,
+                    data,
+                ));
             }
         }
         return Ok(out);
@@ -231,79 +232,45 @@ pub(crate) fn tensors_from_hf(file: &Path, config: &ModelConfig) -> Result<Vec<N
         config.n_heads * config.head_dim(),
         config.n_kv_heads * config.head_dim(),
     );
-    out.push(tensor(
-        "tok_emb.weight".into(),
+    out.push(NamedTensor::new(
+        "tok_emb.weight",
         "model.embed_tokens.weight",
         vec![v, d],
         ck.get("model.embed_tokens.weight", &[v, d])?,
     ));
-    out.push(tensor(
-        "norm_f.weight".into(),
+    out.push(NamedTensor::new(
+        "norm_f.weight",
         "model.norm.weight",
         vec![d],
         ck.get("model.norm.weight", &[d])?,
     ));
     if !config.tied_embeddings {
         let w = ck.get("lm_head.weight", &[v, d])?;
-        out.push(tensor(
-            "lm_head.weight".into(),
+        out.push(NamedTensor::new(
+            "lm_head.weight",
             "lm_head.weight",
             vec![d, v],
             transpose(&w, v, d),
         ));
     }
     for i in 0..config.n_layers {
-        let n = |s: &str| format!("model.layers.{i}.{s}.weight");
-        let p = |s: &str| format!("blocks.{i}.{s}.weight");
-        let q = ck.get(&n("self_attn.q_proj"), &[q_out, d])?;
-        let k = ck.get(&n("self_attn.k_proj"), &[kv_out, d])?;
-        let vv = ck.get(&n("self_attn.v_proj"), &[kv_out, d])?;
-        let o = ck.get(&n("self_attn.o_proj"), &[d, q_out])?;
-        let gate = ck.get(&n("mlp.gate_proj"), &[ff, d])?;
-        let up = ck.get(&n("mlp.up_proj"), &[ff, d])?;
-        let down = ck.get(&n("mlp.down_proj"), &[d, ff])?;
-        out.push(tensor(
-            p("norm1"),
-            &n("input_layernorm"),
-            vec![d],
-            ck.get(&n("input_layernorm"), &[d])?,
-        ));
-        out.push(tensor(
-            p("attn.qkv"),
-            &n("self_attn.q_proj"),
-            vec![d, q_out + 2 * kv_out],
-            transpose(&concat_rows(vec![q, k, vv]), q_out + 2 * kv_out, d),
-        ));
-        out.push(tensor(
-            p("attn.proj"),
-            &n("self_attn.o_proj"),
-            vec![q_out, d],
-            transpose(&o, d, q_out),
-        ));
-        out.push(tensor(
-            p("norm2"),
-            &n("post_attention_layernorm"),
-            vec![d],
-            ck.get(&n("post_attention_layernorm"), &[d])?,
-        ));
-        out.push(tensor(
-            p("mlp.gate"),
-            &n("mlp.gate_proj"),
-            vec![d, ff],
-            transpose(&gate, ff, d),
-        ));
-        out.push(tensor(
-            p("mlp.up"),
-            &n("mlp.up_proj"),
-            vec![d, ff],
-            transpose(&up, ff, d),
-        ));
-        out.push(tensor(
-            p("mlp.down"),
-            &n("mlp.down_proj"),
-            vec![ff, d],
-            transpose(&down, d, ff),
-        ));
+        let get = |s: &str, shape: &[usize]| -> Result<Source> {
+            let name = format!("model.layers.{i}.{s}.weight");
+            let data = ck.get(&name, shape)?;
+            Ok(Source { name, data })
+        };
+        let block = LlamaBlock {
+            attn_norm: get("input_layernorm", &[d])?,
+            q: get("self_attn.q_proj", &[q_out, d])?,
+            k: get("self_attn.k_proj", &[kv_out, d])?,
+            v: get("self_attn.v_proj", &[kv_out, d])?,
+            o: get("self_attn.o_proj", &[d, q_out])?,
+            ffn_norm: get("post_attention_layernorm", &[d])?,
+            gate: get("mlp.gate_proj", &[ff, d])?,
+            up: get("mlp.up_proj", &[ff, d])?,
+            down: get("mlp.down_proj", &[d, ff])?,
+        };
+        out.extend(llama_block(i, block, config));
     }
     Ok(out)
 }

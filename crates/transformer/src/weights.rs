@@ -9,6 +9,7 @@ use burn::tensor::TensorData;
 use burn::tensor::backend::Backend;
 use burn_store::{ApplyError, ModuleSnapshot, TensorSnapshot};
 
+use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::model::Transformer;
 
@@ -21,6 +22,85 @@ pub(crate) struct NamedTensor {
     pub source_name: String,
     pub shape: Vec<usize>,
     pub data: Vec<f32>,
+}
+
+impl NamedTensor {
+    /// A tensor for Kiln parameter `path`, read from `source_name`.
+    pub(crate) fn new(
+        path: impl Into<String>,
+        source_name: &str,
+        shape: Vec<usize>,
+        data: Vec<f32>,
+    ) -> Self {
+        Self {
+            path: path.into(),
+            source_name: source_name.to_owned(),
+            shape,
+            data,
+        }
+    }
+}
+
+/// A tensor read from a file, with its name there.
+pub(crate) struct Source {
+    pub name: String,
+    pub data: Vec<f32>,
+}
+
+/// One Llama block as GGUF and Hugging Face store it: linear weights `[out, in]`, Q and K rows in
+/// half-split RoPE order.
+pub(crate) struct LlamaBlock {
+    pub attn_norm: Source,
+    pub q: Source,
+    pub k: Source,
+    pub v: Source,
+    pub o: Source,
+    pub ffn_norm: Source,
+    pub gate: Source,
+    pub up: Source,
+    pub down: Source,
+}
+
+/// Block `i`'s Kiln parameters: Q, K and V fused, every linear weight transposed to `[in, out]`.
+pub(crate) fn llama_block(i: usize, b: LlamaBlock, config: &ModelConfig) -> Vec<NamedTensor> {
+    let (d, ff) = (config.d_model, config.d_ff);
+    let q_out = config.n_heads * config.head_dim();
+    let qkv_out = q_out + 2 * config.n_kv_heads * config.head_dim();
+    let path = |s: &str| format!("blocks.{i}.{s}.weight");
+    vec![
+        NamedTensor::new(path("norm1"), &b.attn_norm.name, vec![d], b.attn_norm.data),
+        NamedTensor::new(
+            path("attn.qkv"),
+            &b.q.name,
+            vec![d, qkv_out],
+            transpose(&[b.q.data, b.k.data, b.v.data].concat(), qkv_out, d),
+        ),
+        NamedTensor::new(
+            path("attn.proj"),
+            &b.o.name,
+            vec![q_out, d],
+            transpose(&b.o.data, d, q_out),
+        ),
+        NamedTensor::new(path("norm2"), &b.ffn_norm.name, vec![d], b.ffn_norm.data),
+        NamedTensor::new(
+            path("mlp.gate"),
+            &b.gate.name,
+            vec![d, ff],
+            transpose(&b.gate.data, ff, d),
+        ),
+        NamedTensor::new(
+            path("mlp.up"),
+            &b.up.name,
+            vec![d, ff],
+            transpose(&b.up.data, ff, d),
+        ),
+        NamedTensor::new(
+            path("mlp.down"),
+            &b.down.name,
+            vec![ff, d],
+            transpose(&b.down.data, d, ff),
+        ),
+    ]
 }
 
 /// Applies `tensors` to `model`; every parameter must be provided, with the right shape.
@@ -92,11 +172,6 @@ pub(crate) fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
         }
     }
     out
-}
-
-/// Stacks row-major matrices that share a column count (concatenation along rows).
-pub(crate) fn concat_rows(parts: Vec<Vec<f32>>) -> Vec<f32> {
-    parts.concat()
 }
 
 #[cfg(test)]
