@@ -4,11 +4,10 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::Args as ClapArgs;
 use kiln::backend::DefaultBackend;
-use kiln::bpe::SpecialTokens;
-use kiln::transformer::chat::{ChatMessage, ChatTemplate};
+use kiln::transformer::chat::ChatMessage;
 use kiln::transformer::sampling::SamplingParams;
 use kiln::transformer::{GenerateParams, Generator, load_model};
 
@@ -54,12 +53,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let loaded = load_model::<DefaultBackend>(&args.model, &device)
         .with_context(|| format!("loading {}", args.model.display()))?;
-    let Some(tokenizer) = loaded.tokenizer.as_ref() else {
-        bail!(
-            "{} has no tokenizer (expected tokenizer.json beside the weights)",
-            args.model.display()
-        );
-    };
+    let tokenizer = loaded.require_tokenizer()?;
     let config = loaded.model.config();
     eprintln!(
         "loaded {} ({} layers, width {}, {:.1}M parameters) in {:.2}s on {}",
@@ -71,35 +65,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         kiln::backend::BACKEND_NAME,
     );
 
-    let mut stop_strings = args.stop.clone();
-    let mut stop_ids: Vec<u32> = tokenizer
-        .eos_id()
-        .into_iter()
-        .chain(tokenizer.eot_id())
-        .collect();
-    let prompt_ids = if args.chat {
-        let template = match &loaded.chat_template {
-            Some(source) => ChatTemplate::new(source)?,
-            None => ChatTemplate::chatml(),
-        };
+    let mut prompt = if args.chat {
         let mut messages = Vec::new();
         if let Some(system) = &args.system {
             messages.push(ChatMessage::system(system.clone()));
         }
         messages.push(ChatMessage::user(args.prompt.clone()));
-        let text = template.render(&messages, true)?;
-        if let Some(end) = template.end_of_turn() {
-            if let Some(id) = tokenizer.token_id(end.as_bytes()) {
-                stop_ids.push(id);
-            }
-            stop_strings.push(end);
-        }
-        tokenizer.encode_bytes(text.as_bytes(), SpecialTokens::Parse)
+        loaded.chat_prompt(&loaded.template()?, &messages)?
     } else {
-        tokenizer.encode(&args.prompt)
+        loaded.text_prompt(&args.prompt)?
     };
-    stop_ids.sort_unstable();
-    stop_ids.dedup();
+    prompt.stop_strings.extend(args.stop.iter().cloned());
 
     let sampling = SamplingParams {
         temperature: args.temperature,
@@ -112,10 +88,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let params = GenerateParams {
         max_new_tokens: args.max_tokens,
         sampling,
-        stop_ids,
-        stop_strings,
+        stop_ids: prompt.stop_ids,
+        stop_strings: prompt.stop_strings,
     };
-    let mut generator = Generator::new(&loaded.model, tokenizer, &prompt_ids, params)?;
+    let mut generator = Generator::new(&loaded.model, tokenizer, &prompt.ids, params)?;
     let mut out = std::io::stdout().lock();
     while let Some(piece) = generator.next_piece()? {
         out.write_all(piece.text.as_bytes())?;

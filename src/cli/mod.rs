@@ -3,6 +3,7 @@
 mod data;
 mod generate;
 mod quickstart;
+mod serve;
 mod tokenizer;
 mod train;
 
@@ -35,6 +36,8 @@ enum Command {
     Eval(train::EvalArgs),
     /// Generate text with a model (a .gguf file or a model directory).
     Generate(generate::Args),
+    /// Serve a model over an OpenAI-compatible HTTP API, with continuous batching.
+    Serve(serve::Args),
     /// Show the build: version, compiled backend, and a smoke test on its default device.
     Info,
 }
@@ -51,6 +54,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Tokenizer(cmd) => tokenizer::run(cmd),
         Command::Data(cmd) => data::run(cmd),
         Command::Generate(args) => generate::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Train(args) => train::run(args),
         Command::Eval(args) => train::eval(args),
         Command::Info => {

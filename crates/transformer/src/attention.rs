@@ -44,10 +44,10 @@ pub(crate) struct AttentionContext<B: Backend> {
 
 /// Where a forward pass writes into the KV cache.
 pub(crate) struct CacheSlots {
-    /// First cache position written, per row.
+    /// The cache row each batch row continues.
+    pub rows: Vec<usize>,
+    /// First cache position written, per batch row.
     pub starts: Vec<usize>,
-    /// All rows start at the same position.
-    pub uniform: bool,
     /// Keys attended to: positions `0..keys_len` of the cache.
     pub keys_len: usize,
 }
@@ -99,17 +99,21 @@ impl<B: Backend> Attention<B> {
             (Some(layer), Some(slots)) => layer.write(k, v, slots),
             _ => (k, v),
         };
-        let y = if t == 1 && ctx.mask.is_none() {
-            // One new token per row, every cached key visible: fold each KV head's group of query
-            // heads into the query axis instead of copying the keys and values once per query head.
+        let y = if t == 1 {
+            // One new token per row: fold each KV head's group of query heads into the query axis
+            // instead of copying the keys and values once per query head.
             let rep = h / kvh;
             let q = q.reshape([b, kvh, rep, d]);
+            let mask = ctx.mask.clone().map(|m| {
+                let keys = m.dims()[3];
+                m.reshape([b, kvh, rep, keys])
+            });
             let options = AttentionModuleOptions {
                 scale: None,
                 softcap: None,
                 is_causal: false,
             };
-            attention(q, k, v, None, None, options).reshape([b, t, h * d])
+            attention(q, k, v, mask, None, options).reshape([b, t, h * d])
         } else {
             let k = repeat_kv(k, h / kvh);
             let v = repeat_kv(v, h / kvh);

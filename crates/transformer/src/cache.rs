@@ -1,11 +1,17 @@
-//! The KV cache: per layer, keys and values of every sequence in a batch, preallocated and filled
-//! in place as tokens arrive.
+//! The KV cache: per layer, keys and values of every sequence in a batch, filled in place as
+//! tokens arrive.
 //!
-//! Each layer's cache is a list of fixed-size blocks of [`BLOCK`] positions (a paged layout, as in
-//! vLLM). A write touches only the blocks it lands in, so its cost does not grow with the cache's
-//! capacity — which matters on backends where an in-place write copies the whole destination
-//! tensor when anything else still references it (Burn 0.21's Flex `slice_assign` always does:
-//! its `to_contiguous()` clones the storage handle before `Arc::make_mut`).
+//! Each row (sequence) of each layer is a list of fixed-size blocks of [`BLOCK`] positions (a paged
+//! layout, as in vLLM), allocated when first written and released when the row is reset. A write
+//! touches only the blocks of the row it lands in, so its cost grows neither with the cache's
+//! capacity nor with the batch — which matters on backends where an in-place write copies the whole
+//! destination tensor when anything else still references it (Burn 0.21's Flex `slice_assign`
+//! always does: its `to_contiguous()` clones the storage handle before `Arc::make_mut`).
+//!
+//! A forward pass may run on any subset of the rows ([`Transformer::forward_rows`]), which is what
+//! continuous batching needs: sequences join and leave while the others keep their caches.
+//!
+//! [`Transformer::forward_rows`]: crate::Transformer::forward_rows
 
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
@@ -17,8 +23,8 @@ use crate::error::{ModelError, Result};
 /// Keys and values for `batch` sequences of up to `capacity` tokens each.
 ///
 /// Row `i` holds sequence `i`; `len(i)` tokens of it are cached. Rows advance independently, so a
-/// batch may hold sequences of different lengths (and a row can be [`reset`](Self::reset) and reused
-/// for a new sequence while the others continue).
+/// batch may hold sequences of different lengths, and a row can be [`reset`](Self::reset) and
+/// reused for a new sequence while the others continue.
 #[derive(Debug)]
 pub struct KvCache<B: Backend> {
     pub(crate) layers: Vec<LayerKv<B>>,
@@ -28,6 +34,7 @@ pub struct KvCache<B: Backend> {
 
 impl<B: Backend> KvCache<B> {
     /// An empty cache for `batch` rows of up to `capacity` tokens (at most the model's context).
+    /// Memory is taken block by block as rows fill up.
     pub fn new(
         config: &ModelConfig,
         batch: usize,
@@ -45,16 +52,13 @@ impl<B: Backend> KvCache<B> {
                 limit: config.context_length,
             });
         }
-        let shape = [batch, config.n_kv_heads, BLOCK, config.head_dim()];
-        let blocks = capacity.div_ceil(BLOCK);
+        let block_shape = [1, config.n_kv_heads, BLOCK, config.head_dim()];
         let layers = (0..config.n_layers)
             .map(|_| LayerKv {
-                k: (0..blocks)
-                    .map(|_| Some(Tensor::zeros(shape, device)))
-                    .collect(),
-                v: (0..blocks)
-                    .map(|_| Some(Tensor::zeros(shape, device)))
-                    .collect(),
+                k: vec![Vec::new(); batch],
+                v: vec![Vec::new(); batch],
+                block_shape,
+                device: device.clone(),
             })
             .collect();
         Ok(Self {
@@ -79,10 +83,14 @@ impl<B: Backend> KvCache<B> {
         &self.lens
     }
 
-    /// Forgets row `row`'s tokens so the row can start a new sequence.
+    /// Forgets row `row`'s tokens (releasing its memory) so the row can start a new sequence.
     pub fn reset(&mut self, row: usize) {
         if let Some(len) = self.lens.get_mut(row) {
             *len = 0;
+            for layer in &mut self.layers {
+                layer.k[row].clear();
+                layer.v[row].clear();
+            }
         }
     }
 
@@ -97,77 +105,113 @@ impl<B: Backend> KvCache<B> {
 /// Positions per cache block.
 pub const BLOCK: usize = 64;
 
-/// One layer's cached keys and values: blocks of `[batch, n_kv_heads, BLOCK, head_dim]`.
+/// One row's blocks; `None` only while a block is being rewritten.
+type Blocks<B> = Vec<Option<Tensor<B, 4>>>;
+
+/// One layer's cached keys and values: per row, blocks of `[1, n_kv_heads, BLOCK, head_dim]`.
 #[derive(Debug)]
 pub(crate) struct LayerKv<B: Backend> {
-    k: Vec<Option<Tensor<B, 4>>>,
-    v: Vec<Option<Tensor<B, 4>>>,
+    k: Vec<Blocks<B>>,
+    v: Vec<Blocks<B>>,
+    block_shape: [usize; 4],
+    device: B::Device,
 }
 
 impl<B: Backend> LayerKv<B> {
-    /// Writes the new keys/values (`[batch, n_kv_heads, seq, head_dim]`) at each row's start
-    /// position and returns all keys/values up to `slots.keys_len`.
+    /// Writes the new keys/values (`[rows, n_kv_heads, seq, head_dim]`; row `i` belongs to cache
+    /// row `slots.rows[i]`) at each row's start position and returns every selected row's keys and
+    /// values up to `slots.keys_len`.
     pub(crate) fn write(
         &mut self,
         k: Tensor<B, 4>,
         v: Tensor<B, 4>,
         slots: &CacheSlots,
     ) -> (Tensor<B, 4>, Tensor<B, 4>) {
-        let [b, _, t, _] = k.dims();
-        if slots.uniform {
-            write_rows(&mut self.k, &k, 0..b, slots.starts[0], t);
-            write_rows(&mut self.v, &v, 0..b, slots.starts[0], t);
-        } else {
-            for (row, &s) in slots.starts.iter().enumerate() {
-                write_rows(&mut self.k, &k, row..row + 1, s, t);
-                write_rows(&mut self.v, &v, row..row + 1, s, t);
-            }
+        let t = k.dims()[2];
+        for (i, (&row, &start)) in slots.rows.iter().zip(&slots.starts).enumerate() {
+            let (shape, device) = (self.block_shape, &self.device);
+            write_row(&mut self.k[row], &k, i, start, t, shape, device);
+            write_row(&mut self.v[row], &v, i, start, t, shape, device);
         }
-        (
-            gather(&self.k, slots.keys_len),
-            gather(&self.v, slots.keys_len),
-        )
+        let gather = |blocks: &mut Vec<Blocks<B>>| {
+            let rows: Vec<Tensor<B, 4>> = slots
+                .rows
+                .iter()
+                .map(|&row| {
+                    row_keys(
+                        &mut blocks[row],
+                        slots.keys_len,
+                        self.block_shape,
+                        &self.device,
+                    )
+                })
+                .collect();
+            if rows.len() == 1 {
+                rows.into_iter().next().expect("one row")
+            } else {
+                Tensor::cat(rows, 0)
+            }
+        };
+        (gather(&mut self.k), gather(&mut self.v))
     }
 }
 
-/// Writes `new[rows, .., 0..t, ..]` at positions `start..start + t` of `rows`.
-fn write_rows<B: Backend>(
-    blocks: &mut [Option<Tensor<B, 4>>],
+/// Makes sure `blocks` covers positions `0..len`, allocating zeroed blocks as needed.
+fn ensure_blocks<B: Backend>(
+    blocks: &mut Blocks<B>,
+    len: usize,
+    shape: [usize; 4],
+    device: &B::Device,
+) {
+    while blocks.len() * BLOCK < len {
+        blocks.push(Some(Tensor::zeros(shape, device)));
+    }
+}
+
+/// Writes `new[i, .., 0..t, ..]` at positions `start..start + t` of one row's blocks.
+fn write_row<B: Backend>(
+    blocks: &mut Blocks<B>,
     new: &Tensor<B, 4>,
-    rows: std::ops::Range<usize>,
+    i: usize,
     start: usize,
     t: usize,
+    shape: [usize; 4],
+    device: &B::Device,
 ) {
     let [_, kvh, _, d] = new.dims();
+    ensure_blocks(blocks, start + t, shape, device);
     let mut pos = start;
     while pos < start + t {
         let index = pos / BLOCK;
         let end = ((index + 1) * BLOCK).min(start + t);
-        let Some(block) = blocks.get_mut(index).and_then(Option::take) else {
-            return;
-        };
         let part = new
             .clone()
-            .slice([rows.clone(), 0..kvh, pos - start..end - start, 0..d]);
+            .slice([i..i + 1, 0..kvh, pos - start..end - start, 0..d]);
         let offset = index * BLOCK;
-        blocks[index] = Some(block.slice_assign(
-            [rows.clone(), 0..kvh, pos - offset..end - offset, 0..d],
-            part,
-        ));
+        if let Some(block) = blocks[index].take() {
+            blocks[index] =
+                Some(block.slice_assign([0..1, 0..kvh, pos - offset..end - offset, 0..d], part));
+        }
         pos = end;
     }
 }
 
-/// The first `len` positions of every row, as one tensor.
-fn gather<B: Backend>(blocks: &[Option<Tensor<B, 4>>], len: usize) -> Tensor<B, 4> {
-    let used: Vec<Tensor<B, 4>> = blocks
+/// The first `len` positions of one row, as one `[1, n_kv_heads, len, head_dim]` tensor (positions
+/// the row has not written yet are zeros, masked out by the caller).
+fn row_keys<B: Backend>(
+    blocks: &mut Blocks<B>,
+    len: usize,
+    shape: [usize; 4],
+    device: &B::Device,
+) -> Tensor<B, 4> {
+    ensure_blocks(blocks, len, shape, device);
+    let mut used: Vec<Tensor<B, 4>> = blocks[..len.div_ceil(BLOCK)]
         .iter()
-        .take(len.div_ceil(BLOCK))
         .flatten()
         .cloned()
         .collect();
     let all = if used.len() == 1 {
-        used.into_iter().next().expect("one block")
+        used.pop().expect("one block")
     } else {
         Tensor::cat(used, 2)
     };

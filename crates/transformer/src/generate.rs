@@ -103,34 +103,34 @@ pub struct Generation {
     pub stats: GenerationStats,
 }
 
-/// A streaming generator: call [`Generator::next_piece`] (or iterate) until it returns `None`.
-pub struct Generator<'a, B: Backend> {
-    model: &'a Transformer<B>,
-    tokenizer: &'a Tokenizer,
+/// The model-free half of generating one sequence: picks each next token from the logits the
+/// caller computed, applies the stop rules, and releases text as it becomes safe to show.
+///
+/// [`Generator`] pairs it with a model and a private KV cache; a serving engine keeps one per
+/// request and computes the logits of many sequences in one batched step.
+#[derive(Debug)]
+pub struct Sequence {
     params: GenerateParams,
     sampler: Sampler,
-    cache: KvCache<B>,
     history: Vec<u32>,
-    generated: Vec<u32>,
+    prompt_len: usize,
     decoder: StreamDecoder,
     held: String,
     text: String,
     /// The last sampled token, not yet fed to the model.
     pending: Option<u32>,
-    started: bool,
     finish: Option<FinishReason>,
-    stats: GenerationStats,
 }
 
-impl<'a, B: Backend> Generator<'a, B> {
-    /// Prepares to continue `prompt` (token ids); nothing runs until the first piece is asked for.
+impl Sequence {
+    /// Checks `prompt` against the model (`vocab_size` tokens, `context` positions) and prepares
+    /// to continue it.
     pub fn new(
-        model: &'a Transformer<B>,
-        tokenizer: &'a Tokenizer,
         prompt: &[u32],
         params: GenerateParams,
+        vocab_size: usize,
+        context: usize,
     ) -> Result<Self> {
-        let context = model.config().context_length;
         if prompt.is_empty() {
             return Err(ModelError::InvalidArgument(
                 "the prompt has no tokens".into(),
@@ -142,40 +142,137 @@ impl<'a, B: Backend> Generator<'a, B> {
                 limit: context,
             });
         }
-        if let Some(&bad) = prompt
-            .iter()
-            .find(|&&id| id as usize >= model.config().vocab_size)
-        {
+        if let Some(&bad) = prompt.iter().find(|&&id| id as usize >= vocab_size) {
             return Err(ModelError::InvalidArgument(format!(
                 "prompt token {bad} is outside the vocabulary"
             )));
         }
-        let capacity = (prompt.len() + params.max_new_tokens).min(context);
-        let device = model.tok_emb.weight.device();
         Ok(Self {
             sampler: Sampler::new(params.sampling.clone())?,
-            cache: KvCache::new(model.config(), 1, capacity, &device)?,
-            model,
-            tokenizer,
             history: prompt.to_vec(),
-            generated: Vec::new(),
+            prompt_len: prompt.len(),
             decoder: StreamDecoder::new(),
             held: String::new(),
             text: String::new(),
             pending: None,
-            started: false,
             finish: None,
-            stats: GenerationStats {
-                prompt_tokens: prompt.len(),
-                ..GenerationStats::default()
-            },
             params,
         })
+    }
+
+    /// The prompt's tokens.
+    pub fn prompt(&self) -> &[u32] {
+        &self.history[..self.prompt_len]
+    }
+
+    /// Tokens generated so far (stop tokens excluded).
+    pub fn generated(&self) -> &[u32] {
+        &self.history[self.prompt_len..]
+    }
+
+    /// Text released so far.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// The token to feed the model next (the last one sampled), if generation goes on.
+    pub fn pending(&self) -> Option<u32> {
+        self.pending.filter(|_| self.finish.is_none())
     }
 
     /// Why generation ended, once it has.
     pub fn finish_reason(&self) -> Option<FinishReason> {
         self.finish
+    }
+
+    /// Picks the next token from `logits` (the model's output after the prompt, or after the
+    /// [`pending`](Self::pending) token) and returns the text that is now safe to show. `Ok(None)`
+    /// once generation has ended.
+    pub fn accept(&mut self, tokenizer: &Tokenizer, logits: &[f32]) -> Result<Option<Piece>> {
+        if self.finish.is_some() {
+            return Ok(None);
+        }
+        self.pending = None;
+        if self.generated().len() >= self.params.max_new_tokens {
+            return Ok(self.end(FinishReason::Length, Vec::new()));
+        }
+        let id = self.sampler.sample(logits, &self.history)?;
+        if self.params.stop_ids.contains(&id) {
+            return Ok(self.end(FinishReason::Stop, Vec::new()));
+        }
+        self.history.push(id);
+        self.pending = Some(id);
+        self.held.push_str(&self.decoder.push(tokenizer, id)?);
+        if let Some(at) = earliest_stop(&self.held, &self.params.stop_strings) {
+            self.held.truncate(at);
+            return Ok(self.end(FinishReason::Stop, vec![id]));
+        }
+        if self.generated().len() >= self.params.max_new_tokens {
+            return Ok(self.end(FinishReason::Length, vec![id]));
+        }
+        let keep = longest_stop_prefix_suffix(&self.held, &self.params.stop_strings);
+        let release = self.held.len() - keep;
+        let text: String = self.held.drain(..release).collect();
+        self.text.push_str(&text);
+        Ok(Some(Piece {
+            ids: vec![id],
+            text,
+        }))
+    }
+
+    /// Ends generation (say, when the context is full), releasing whatever text was held back.
+    pub fn end(&mut self, reason: FinishReason, ids: Vec<u32>) -> Option<Piece> {
+        if self.finish.is_some() {
+            return None;
+        }
+        self.finish = Some(reason);
+        let mut text = std::mem::take(&mut self.held);
+        if reason == FinishReason::Length {
+            text.push_str(&self.decoder.finish());
+        }
+        self.text.push_str(&text);
+        (!text.is_empty() || !ids.is_empty()).then_some(Piece { ids, text })
+    }
+}
+
+/// A streaming generator: call [`Generator::next_piece`] (or iterate) until it returns `None`.
+pub struct Generator<'a, B: Backend> {
+    model: &'a Transformer<B>,
+    tokenizer: &'a Tokenizer,
+    sequence: Sequence,
+    cache: KvCache<B>,
+    started: bool,
+    stats: GenerationStats,
+}
+
+impl<'a, B: Backend> Generator<'a, B> {
+    /// Prepares to continue `prompt` (token ids); nothing runs until the first piece is asked for.
+    pub fn new(
+        model: &'a Transformer<B>,
+        tokenizer: &'a Tokenizer,
+        prompt: &[u32],
+        params: GenerateParams,
+    ) -> Result<Self> {
+        let config = model.config();
+        let capacity = (prompt.len() + params.max_new_tokens).min(config.context_length);
+        let sequence = Sequence::new(prompt, params, config.vocab_size, config.context_length)?;
+        let device = model.tok_emb.weight.device();
+        Ok(Self {
+            cache: KvCache::new(config, 1, capacity, &device)?,
+            model,
+            tokenizer,
+            sequence,
+            started: false,
+            stats: GenerationStats {
+                prompt_tokens: prompt.len(),
+                ..GenerationStats::default()
+            },
+        })
+    }
+
+    /// Why generation ended, once it has.
+    pub fn finish_reason(&self) -> Option<FinishReason> {
+        self.sequence.finish_reason()
     }
 
     /// Counts and timings so far.
@@ -185,97 +282,52 @@ impl<'a, B: Backend> Generator<'a, B> {
 
     fn forward(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
         let device = self.model.tok_emb.weight.device();
-        let data = TensorData::new(
-            ids.iter().map(|&i| i64::from(i)).collect::<Vec<_>>(),
-            [1, ids.len()],
-        );
-        let input = Tensor::<B, 2, Int>::from_data(data, &device);
+        let input = token_rows::<B>(&[ids], &device);
         let logits = self
             .model
             .forward_cached(input, &mut self.cache, None, Logits::Last)?;
-        logits
-            .into_data()
-            .to_vec::<f32>()
-            .map_err(|e| ModelError::InvalidArgument(format!("reading logits: {e:?}")))
-    }
-
-    /// Ends generation, releasing whatever text was held back.
-    fn end(&mut self, reason: FinishReason, ids: Vec<u32>) -> Option<Piece> {
-        self.finish = Some(reason);
-        let mut text = std::mem::take(&mut self.held);
-        if reason == FinishReason::Length {
-            text.push_str(&self.decoder.finish());
-        }
-        self.text.push_str(&text);
-        (!text.is_empty() || !ids.is_empty()).then_some(Piece { ids, text })
+        logits_rows(logits).map(|mut rows| rows.swap_remove(0))
     }
 
     /// Generates the next token; `Ok(None)` once generation has ended.
     pub fn next_piece(&mut self) -> Result<Option<Piece>> {
-        if self.finish.is_some() {
+        if self.sequence.finish_reason().is_some() {
             return Ok(None);
         }
         let logits = if !self.started {
             self.started = true;
             let t = Instant::now();
-            let prompt = self.history.clone();
+            let prompt = self.sequence.prompt().to_vec();
             let logits = self.forward(&prompt)?;
             self.stats.prefill = t.elapsed();
             logits
         } else {
-            let Some(last) = self.pending.take() else {
+            let Some(last) = self.sequence.pending() else {
                 return Ok(None);
             };
             if self.cache.lens()[0] >= self.cache.capacity() {
-                return Ok(self.end(FinishReason::Length, Vec::new()));
+                return Ok(self.sequence.end(FinishReason::Length, Vec::new()));
             }
             let t = Instant::now();
             let logits = self.forward(&[last])?;
             self.stats.decode += t.elapsed();
             logits
         };
-        if self.generated.len() >= self.params.max_new_tokens {
-            return Ok(self.end(FinishReason::Length, Vec::new()));
-        }
-        let id = self.sampler.sample(&logits, &self.history)?;
-        if self.params.stop_ids.contains(&id) {
-            return Ok(self.end(FinishReason::Stop, Vec::new()));
-        }
-        self.history.push(id);
-        self.generated.push(id);
-        self.stats.generated_tokens += 1;
-        self.pending = Some(id);
-        self.held.push_str(&self.decoder.push(self.tokenizer, id)?);
-        if let Some(at) = earliest_stop(&self.held, &self.params.stop_strings) {
-            self.held.truncate(at);
-            return Ok(self.end(FinishReason::Stop, vec![id]));
-        }
-        let keep = longest_stop_prefix_suffix(&self.held, &self.params.stop_strings);
-        let release = self.held.len() - keep;
-        let text: String = self.held.drain(..release).collect();
-        self.text.push_str(&text);
-        if self.generated.len() >= self.params.max_new_tokens {
-            self.finish = Some(FinishReason::Length);
-            let rest = std::mem::take(&mut self.held) + &self.decoder.finish();
-            self.text.push_str(&rest);
-            return Ok(Some(Piece {
-                ids: vec![id],
-                text: text + &rest,
-            }));
-        }
-        Ok(Some(Piece {
-            ids: vec![id],
-            text,
-        }))
+        let piece = self.sequence.accept(self.tokenizer, &logits)?;
+        self.stats.generated_tokens = self.sequence.generated().len();
+        Ok(piece)
     }
 
     /// Runs to the end and returns everything generated.
     pub fn run(mut self) -> Result<Generation> {
         while self.next_piece()?.is_some() {}
         Ok(Generation {
-            ids: self.generated,
-            text: self.text,
-            finish: self.finish.unwrap_or(FinishReason::Length),
+            ids: self.sequence.generated().to_vec(),
+            text: self.sequence.text().to_owned(),
+            finish: self
+                .sequence
+                .finish_reason()
+                .unwrap_or(FinishReason::Length),
             stats: self.stats,
         })
     }
@@ -287,6 +339,33 @@ impl<B: Backend> Iterator for Generator<'_, B> {
     fn next(&mut self) -> Option<Self::Item> {
         self.next_piece().transpose()
     }
+}
+
+/// Token rows of equal length as a `[rows, len]` tensor.
+pub fn token_rows<B: Backend>(rows: &[&[u32]], device: &B::Device) -> Tensor<B, 2, Int> {
+    let len = rows.first().map_or(0, |r| r.len());
+    let flat: Vec<i64> = rows
+        .iter()
+        .flat_map(|r| r.iter().map(|&i| i64::from(i)))
+        .collect();
+    Tensor::from_data(TensorData::new(flat, [rows.len(), len]), device)
+}
+
+/// `[rows, 1, vocab]` logits as one `Vec` per row.
+pub fn logits_rows<B: Backend>(logits: Tensor<B, 3>) -> Result<Vec<Vec<f32>>> {
+    let [rows, _, vocab] = logits.dims();
+    let flat = logits
+        .into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .map_err(|e| ModelError::InvalidArgument(format!("reading logits: {e:?}")))?;
+    if flat.len() != rows * vocab {
+        return Err(ModelError::InvalidArgument(format!(
+            "expected {rows}×{vocab} logits, got {}",
+            flat.len()
+        )));
+    }
+    Ok(flat.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
 }
 
 /// Byte offset of the earliest complete stop string in `text`.

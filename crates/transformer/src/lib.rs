@@ -31,10 +31,13 @@ pub use block::Block;
 pub use cache::KvCache;
 pub use config::{MlpKind, ModelConfig, NormKind, PositionEncoding, RopePairing};
 pub use error::{ModelError, Result};
-pub use generate::{FinishReason, GenerateParams, Generation, GenerationStats, Generator, Piece};
+pub use generate::{
+    FinishReason, GenerateParams, Generation, GenerationStats, Generator, Piece, Sequence,
+    logits_rows, token_rows,
+};
 pub use gguf_model::config_from_gguf;
 pub use hf::config_from_hf;
-pub use load::{LoadedModel, load_gguf, load_model};
+pub use load::{LoadedModel, Prompt, load_gguf, load_model};
 pub use mlp::Mlp;
 pub use model::{Logits, Transformer};
 pub use model_dir::{load_model_dir, save_model_dir};

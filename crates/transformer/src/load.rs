@@ -4,9 +4,10 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::Backend;
-use kiln_bpe::Tokenizer;
 use kiln_bpe::gguf::GgufFile;
+use kiln_bpe::{SpecialTokens, Tokenizer};
 
+use crate::chat::{ChatMessage, ChatTemplate};
 use crate::error::{ModelError, Result};
 use crate::gguf_model::{config_from_gguf, tensors_from_gguf};
 use crate::hf::{config_from_hf, is_hf_dir, tensors_from_hf};
@@ -25,6 +26,93 @@ pub struct LoadedModel<B: Backend> {
     pub chat_template: Option<String>,
     /// Where it came from.
     pub source: PathBuf,
+}
+
+/// A tokenized prompt and the stop rules that go with it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Prompt {
+    /// The prompt's token ids.
+    pub ids: Vec<u32>,
+    /// Tokens that end generation: the tokenizer's end-of-text, plus the end-of-turn token for chats.
+    pub stop_ids: Vec<u32>,
+    /// Strings that end generation (the chat template's end-of-turn marker).
+    pub stop_strings: Vec<String>,
+}
+
+impl<B: Backend> LoadedModel<B> {
+    /// The tokenizer, or an error saying the model came without one.
+    pub fn require_tokenizer(&self) -> Result<&Tokenizer> {
+        self.tokenizer.as_ref().ok_or_else(|| {
+            ModelError::InvalidArgument(format!(
+                "{} has no tokenizer (expected tokenizer.json beside the weights)",
+                self.source.display()
+            ))
+        })
+    }
+
+    /// The model's chat template, or ChatML when it has none.
+    pub fn template(&self) -> Result<ChatTemplate> {
+        match &self.chat_template {
+            Some(source) => Ok(ChatTemplate::new(source)?),
+            None => Ok(ChatTemplate::chatml()),
+        }
+    }
+
+    /// `text` as a plain continuation prompt (see [`Prompt::text`]).
+    pub fn text_prompt(&self, text: &str) -> Result<Prompt> {
+        Ok(Prompt::text(self.require_tokenizer()?, text))
+    }
+
+    /// `messages` ready for the assistant's turn (see [`Prompt::chat`]).
+    pub fn chat_prompt(&self, template: &ChatTemplate, messages: &[ChatMessage]) -> Result<Prompt> {
+        Prompt::chat(self.require_tokenizer()?, template, messages)
+    }
+}
+
+impl Prompt {
+    /// `text` as a plain continuation prompt (special-token text stays text); stops at end of text.
+    pub fn text(tokenizer: &Tokenizer, text: &str) -> Self {
+        Self {
+            ids: tokenizer.encode(text),
+            stop_ids: end_of_text_ids(tokenizer),
+            stop_strings: Vec::new(),
+        }
+    }
+
+    /// `messages` rendered with `template`, ready for the assistant's turn; stops at the end of
+    /// that turn.
+    pub fn chat(
+        tokenizer: &Tokenizer,
+        template: &ChatTemplate,
+        messages: &[ChatMessage],
+    ) -> Result<Self> {
+        let text = template.render(messages, true)?;
+        let mut stop_ids = end_of_text_ids(tokenizer);
+        let mut stop_strings = Vec::new();
+        if let Some(end) = template.end_of_turn() {
+            stop_ids.extend(tokenizer.token_id(end.as_bytes()));
+            stop_strings.push(end);
+        }
+        stop_ids.sort_unstable();
+        stop_ids.dedup();
+        Ok(Self {
+            ids: tokenizer.encode_bytes(text.as_bytes(), SpecialTokens::Parse),
+            stop_ids,
+            stop_strings,
+        })
+    }
+}
+
+/// The tokenizer's end-of-sequence and end-of-text ids.
+fn end_of_text_ids(tokenizer: &Tokenizer) -> Vec<u32> {
+    let mut ids: Vec<u32> = tokenizer
+        .eos_id()
+        .into_iter()
+        .chain(tokenizer.eot_id())
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
 }
 
 fn is_gguf(path: &Path) -> bool {

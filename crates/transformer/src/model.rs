@@ -97,10 +97,37 @@ impl<B: Backend> Transformer<B> {
         valid: Option<&[usize]>,
         which: Logits,
     ) -> Result<Tensor<B, 3>> {
-        let [b, t] = tokens.dims();
+        let [b, _] = tokens.dims();
         if b != cache.batch_size() {
             return Err(ModelError::InvalidArgument(format!(
                 "{b} rows of tokens for a cache of {} rows",
+                cache.batch_size()
+            )));
+        }
+        let rows: Vec<usize> = (0..b).collect();
+        self.forward_rows(tokens, cache, &rows, valid, which)
+    }
+
+    /// Like [`forward_cached`](Self::forward_cached), but only for some of the cache's rows: row `i`
+    /// of `tokens` continues cache row `rows[i]`, and the other rows are left as they are. This is the
+    /// step of continuous batching, where sequences join and leave a running batch.
+    pub fn forward_rows(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        cache: &mut KvCache<B>,
+        rows: &[usize],
+        valid: Option<&[usize]>,
+        which: Logits,
+    ) -> Result<Tensor<B, 3>> {
+        let [b, t] = tokens.dims();
+        let mut seen = vec![false; cache.batch_size()];
+        if rows.len() != b
+            || rows
+                .iter()
+                .any(|&r| r >= seen.len() || std::mem::replace(&mut seen[r], true))
+        {
+            return Err(ModelError::InvalidArgument(format!(
+                "rows {rows:?} do not name {b} distinct rows of a cache of {}",
                 cache.batch_size()
             )));
         }
@@ -113,7 +140,7 @@ impl<B: Backend> Transformer<B> {
             Some(v) => v.to_vec(),
             None => vec![t; b],
         };
-        let starts = cache.lens.clone();
+        let starts: Vec<usize> = rows.iter().map(|&r| cache.lens[r]).collect();
         for &s in &starts {
             if s + t > cache.capacity() {
                 return Err(ModelError::ContextOverflow {
@@ -132,14 +159,14 @@ impl<B: Backend> Transformer<B> {
         let device = tokens.device();
         let mask = (!uniform).then(|| self.ragged_mask(&starts, &valid, t, keys_len, &device));
         let slots = CacheSlots {
-            starts: starts.clone(),
-            uniform,
+            rows: rows.to_vec(),
+            starts,
             keys_len,
         };
         let ctx = self.context(&positions, mask, Some(slots), &device);
         let hidden = self.hidden(tokens, &positions, &ctx, Some(cache));
-        for (len, n) in cache.lens.iter_mut().zip(&valid) {
-            *len += n;
+        for (&row, n) in rows.iter().zip(&valid) {
+            cache.lens[row] += n;
         }
         let hidden = match which {
             Logits::All => hidden,
