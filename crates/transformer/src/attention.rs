@@ -9,7 +9,7 @@ use burn::tensor::{Bool, Tensor};
 
 use crate::cache::LayerKv;
 use crate::config::{ModelConfig, RopePairing};
-use crate::linear::{INIT_STD, linear};
+use crate::linear::{INIT_STD, linear, project};
 use crate::rope::RopeAngles;
 
 /// Multi-head causal self-attention with a fused QKV projection.
@@ -83,7 +83,7 @@ impl<B: Backend> Attention<B> {
     ) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
         let (h, kvh, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let qkv = self.qkv.forward(x);
+        let qkv = project(&self.qkv, x);
         let split = |from: usize, heads: usize| {
             qkv.clone()
                 .slice([0..b, 0..t, from * d..(from + heads) * d])
@@ -125,7 +125,7 @@ impl<B: Backend> Attention<B> {
             let y = attention(q, k, v, ctx.mask.clone(), None, options);
             y.swap_dims(1, 2).reshape([b, t, h * d])
         };
-        self.dropout.forward(self.proj.forward(y))
+        self.dropout.forward(project(&self.proj, y))
     }
 }
 

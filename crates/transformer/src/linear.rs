@@ -30,6 +30,18 @@ pub(crate) fn linear<B: Backend>(
     }
 }
 
+/// `layer` applied to `[batch, seq, d_in]` as one `[batch·seq, d_in]` matrix product.
+///
+/// Burn's `Linear` on a 3-D input broadcasts the weight over the batch, which Flex runs as one
+/// matrix product per batch row: in batched decoding (`seq` = 1) that is a matrix-vector product
+/// per sequence, each reading the whole weight again. Flattening first reads it once.
+pub(crate) fn project<B: Backend>(layer: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    let [b, t, d] = x.dims();
+    let y = layer.forward(x.reshape([b * t, d]));
+    let n = y.dims()[1];
+    y.reshape([b, t, n])
+}
+
 /// An embedding table with N(0, 0.02) rows.
 pub(crate) fn embedding<B: Backend>(n: usize, d: usize, device: &B::Device) -> Embedding<B> {
     Embedding {

@@ -7,7 +7,7 @@ use burn::tensor::activation::{gelu, gelu_approximate, silu};
 use burn::tensor::backend::Backend;
 
 use crate::config::{MlpKind, ModelConfig};
-use crate::linear::{INIT_STD, linear};
+use crate::linear::{INIT_STD, linear, project};
 
 /// `down(act(up(x)))`, or for SwiGLU `down(silu(gate(x)) · up(x))`.
 #[derive(Module, Debug)]
@@ -53,10 +53,10 @@ impl<B: Backend> Mlp<B> {
     /// `[batch, seq, d_model]` → `[batch, seq, d_model]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let h = match (&self.gate, self.kind) {
-            (Some(gate), _) => silu(gate.forward(x.clone())) * self.up.forward(x),
-            (None, 0) => gelu_approximate(self.up.forward(x)),
-            (None, _) => gelu(self.up.forward(x)),
+            (Some(gate), _) => silu(project(gate, x.clone())) * project(&self.up, x),
+            (None, 0) => gelu_approximate(project(&self.up, x)),
+            (None, _) => gelu(project(&self.up, x)),
         };
-        self.dropout.forward(self.down.forward(h))
+        self.dropout.forward(project(&self.down, h))
     }
 }

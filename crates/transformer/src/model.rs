@@ -10,7 +10,7 @@ use crate::block::Block;
 use crate::cache::KvCache;
 use crate::config::{ModelConfig, PositionEncoding};
 use crate::error::{ModelError, Result};
-use crate::linear::{INIT_STD, embedding, linear};
+use crate::linear::{INIT_STD, embedding, linear, project};
 use crate::norm::Norm;
 use crate::rope::RopeAngles;
 
@@ -248,7 +248,7 @@ impl<B: Backend> Transformer<B> {
 
     fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.lm_head {
-            Some(head) => head.forward(hidden),
+            Some(head) => project(head, hidden),
             None => {
                 let [b, t, d] = hidden.dims();
                 let w = self.tok_emb.weight.val();
