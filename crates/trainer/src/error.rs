@@ -34,6 +34,18 @@ pub enum TrainError {
     /// Token shards failed.
     #[error(transparent)]
     Shard(#[from] kiln_bpe::ShardError),
+    /// The backend cannot run this model at the requested precision.
+    #[error(
+        "precision {precision} is not supported for this model on the {backend} backend: {op}. Use precision = \"f32\""
+    )]
+    UnsupportedPrecision {
+        /// The requested precision (`bf16`, `f16`).
+        precision: String,
+        /// The backend, as Burn names it.
+        backend: String,
+        /// The operation that cannot run, and why.
+        op: String,
+    },
     /// Training kept producing non-finite losses even after recovery.
     #[error(
         "training diverged at step {step}: {reason}. Try a lower learning rate, gradient clipping, or f32 precision"

@@ -11,6 +11,7 @@ mod config;
 pub mod data;
 mod error;
 pub mod optimizer;
+pub mod precision;
 pub mod schedule;
 mod trainer;
 
