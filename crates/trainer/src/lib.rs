@@ -10,6 +10,7 @@ pub mod checkpoint;
 mod config;
 pub mod data;
 mod error;
+pub mod memory;
 pub mod optimizer;
 pub mod precision;
 pub mod schedule;

@@ -20,6 +20,7 @@ use crate::checkpoint::{self, TrainerState};
 use crate::config::TrainConfig;
 use crate::data::{Prefetcher, to_tensors};
 use crate::error::{Result, TrainError};
+use crate::memory;
 use crate::optimizer::{GroupedAdamW, scale_grads};
 use crate::precision::{LossScaler, ScaleUpdate, check_supported, compute_copy, materialize};
 use crate::schedule::learning_rate;
@@ -102,7 +103,13 @@ impl<B: AutodiffBackend> Trainer<B> {
         }
         let (tokenizer, model_config) = resolve(&config)?;
         config.validate(&model_config)?;
-        check_supported(&model_config, config.precision, &B::name(&device))?;
+        let backend = B::name(&device);
+        check_supported(&model_config, config.precision, &backend)?;
+        // CPU backends share the host's memory; elsewhere only an explicit budget is checked.
+        let host_memory = backend.contains("flex") || backend.contains("ndarray");
+        if let Some(available) = memory::available_bytes(&config, host_memory) {
+            memory::check_fits(&model_config, &config, available)?;
+        }
         let shards = open_shards(&config)?;
         std::fs::create_dir_all(&run_dir).map_err(|e| TrainError::io(&run_dir, e))?;
         let path = run_dir.join("config.toml");

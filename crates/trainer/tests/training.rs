@@ -9,6 +9,7 @@ use burn::tensor::{DType, ElementConversion, FloatDType, Int, Tensor, TensorData
 use kiln_bpe::prepare::{PrepareConfig, prepare};
 use kiln_bpe::{BpeTrainer, TrainerConfig as BpeConfig};
 use kiln_trainer::checkpoint::list_checkpoints;
+use kiln_trainer::memory;
 use kiln_trainer::optimizer::{GroupedAdamW, param_infos};
 use kiln_trainer::precision::compute_copy;
 use kiln_trainer::{ModelSpec, Precision, StepReport, TrainConfig, TrainError, Trainer};
@@ -521,4 +522,43 @@ fn the_loss_scale_survives_checkpoint_and_resume() {
     );
     assert!(all.iter().any(|r| r.applied && r.loss_scale < 65536.0));
     assert_eq!(straight.state().loss_scaler, resumed.state().loss_scaler);
+}
+
+#[test]
+fn a_run_that_does_not_fit_the_memory_budget_fails_before_training_with_settings_that_fit() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = data(dir.path());
+    config.micro_batch = 8;
+    config.grad_accum = 1;
+    let model = config.model.resolve(Some(257)).unwrap();
+    let need = |b: usize| {
+        memory::estimate(
+            &model,
+            &TrainConfig {
+                micro_batch: b,
+                grad_accum: 8 / b,
+                ..config.clone()
+            },
+        )
+        .total
+    };
+    // Room for micro-batches of 2 (with accumulation), not 4.
+    let budget = (need(2) + need(4)) / 2.0;
+    config.max_memory_gb = Some(budget / memory::GB);
+    let run = dir.path().join("r");
+    let err = Trainer::<B>::new(config.clone(), &run, Default::default())
+        .err()
+        .unwrap();
+    let text = err.to_string();
+    assert!(matches!(err, TrainError::OutOfMemory { .. }), "{text}");
+    assert!(
+        text.contains("micro_batch = 2 with grad_accum = 4 (the same 128 tokens per step)"),
+        "{text}"
+    );
+    assert!(!run.join("checkpoints").exists(), "nothing started");
+    // The suggested settings start.
+    config.micro_batch = 2;
+    config.grad_accum = 4;
+    assert!(Trainer::<B>::new(config, &run, Default::default()).is_ok());
 }
