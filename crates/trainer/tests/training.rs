@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::backend::{Autodiff, Flex};
 use burn::optim::GradientsParams;
 use burn::tensor::{DType, ElementConversion, FloatDType, Int, Tensor, TensorData};
@@ -561,4 +562,33 @@ fn a_run_that_does_not_fit_the_memory_budget_fails_before_training_with_settings
     config.micro_batch = 2;
     config.grad_accum = 4;
     assert!(Trainer::<B>::new(config, &run, Default::default()).is_ok());
+}
+
+/// Balanced checkpointing recomputes memory-bound operations in the backward pass; the numbers
+/// are the same, dropout included.
+#[test]
+fn activation_checkpointing_gives_bitwise_the_same_steps() {
+    type Checkpointed = Autodiff<Flex, BalancedCheckpointing>;
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = data(dir.path());
+    config.activation_checkpointing = true;
+    for precision in [Precision::F32, Precision::Bf16] {
+        config.precision = precision;
+        let mut plain =
+            Trainer::<B>::new(config.clone(), dir.path().join("a"), Default::default()).unwrap();
+        let mut ckpt =
+            Trainer::<Checkpointed>::new(config.clone(), dir.path().join("b"), Default::default())
+                .unwrap();
+        for _ in 0..8 {
+            let (p, c) = (plain.step().unwrap(), ckpt.step().unwrap());
+            assert!(p.applied && c.applied);
+            assert!(
+                p.loss == c.loss && p.grad_norm == c.grad_norm,
+                "{precision:?}: {} vs {}",
+                p.loss,
+                c.loss
+            );
+        }
+    }
 }
