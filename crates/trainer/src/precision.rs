@@ -47,10 +47,11 @@ impl Precision {
 ///
 /// Rotary models cannot: their cos/sin tables are built from f32 data in the device's default
 /// float dtype (`kiln-transformer`'s `RopeAngles::new`) and multiplied with the bf16/f16 queries
-/// and keys, and Burn's backends do not promote mixed dtypes (Flex: `ops/binary.rs` `binary_op`
-/// only debug-asserts equal dtypes, then `FlexTensor::storage` panics with "dtype mismatch").
-/// The device default dtype cannot switch per step either (`burn_backend::set_default_dtypes`
-/// works once per device, before any tensor exists).
+/// and keys, and Flex does not promote mixed dtypes (`ops/binary.rs` `binary_op` only
+/// debug-asserts equal dtypes, then `FlexTensor::storage` panics with "dtype mismatch"). Other
+/// backends were not verified, so the check applies to all of them. The device default dtype cannot
+/// switch per step either (`burn_backend::set_default_dtypes` works once per device, before any
+/// tensor exists).
 pub fn check_supported(model: &ModelConfig, precision: Precision, backend: &str) -> Result<()> {
     if precision == Precision::F32 {
         return Ok(());
