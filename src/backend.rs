@@ -18,6 +18,15 @@ pub type DefaultBackend = burn::backend::Flex;
 /// The training backend: [`DefaultBackend`] with automatic differentiation.
 pub type TrainBackend = burn::backend::Autodiff<DefaultBackend>;
 
+/// The training backend with activation (gradient) checkpointing: Burn's balanced strategy keeps
+/// the outputs of compute-bound operations (matmuls) and recomputes memory-bound ones (element-wise
+/// operations, activations, norms) in the backward pass instead of storing them. `kiln train`
+/// uses it when the config sets `activation_checkpointing = true`.
+pub type CheckpointedTrainBackend = burn::backend::Autodiff<
+    DefaultBackend,
+    burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing,
+>;
+
 /// Human-readable name of [`DefaultBackend`].
 pub const BACKEND_NAME: &str = if cfg!(feature = "cuda") {
     "cuda"

@@ -3,10 +3,12 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
+use burn::tensor::backend::AutodiffBackend;
 use clap::Args as ClapArgs;
-use kiln::backend::{DefaultBackend, TrainBackend};
+use kiln::backend::{CheckpointedTrainBackend, DefaultBackend, TrainBackend};
 use kiln::bpe::TokenShard;
-use kiln::trainer::{TrainConfig, Trainer, evaluate};
+use kiln::trainer::checkpoint;
+use kiln::trainer::{Precision, TrainConfig, Trainer, evaluate};
 use kiln::transformer::load_model;
 
 #[derive(Debug, ClapArgs)]
@@ -29,6 +31,15 @@ pub struct TrainArgs {
     /// Seed for initialization, data order and dropout.
     #[arg(long, value_name = "S")]
     pub seed: Option<u64>,
+    /// Compute precision: f32, bf16 or f16 (f32 master weights; f16 with dynamic loss scaling).
+    #[arg(long, value_name = "P", value_parser = ["f32", "bf16", "f16"])]
+    pub precision: Option<String>,
+    /// Recompute cheap activations in the backward pass instead of storing them (less memory).
+    #[arg(long)]
+    pub activation_checkpointing: bool,
+    /// Memory budget in GB for the pre-flight check (default: the available host memory on CPU).
+    #[arg(long, value_name = "GB")]
+    pub max_memory: Option<f64>,
 }
 
 #[derive(Debug, ClapArgs)]
@@ -47,11 +58,25 @@ pub struct EvalArgs {
     pub batch: usize,
 }
 
+/// A new run from a config, or the continuation of one.
+enum Start {
+    New(Box<TrainConfig>),
+    Resume(PathBuf),
+}
+
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
-    let device = Default::default();
-    let trainer = if let Some(run_dir) = &args.resume {
-        Trainer::<TrainBackend>::resume(run_dir, args.max_steps, device)
-            .with_context(|| format!("resuming {}", run_dir.display()))?
+    let (start, checkpointing) = if let Some(run_dir) = &args.resume {
+        if args.precision.is_some() || args.activation_checkpointing || args.max_memory.is_some() {
+            bail!(
+                "--precision, --activation-checkpointing and --max-memory apply to new runs only"
+            );
+        }
+        let state = checkpoint::latest_state(run_dir)
+            .with_context(|| format!("resuming {}", run_dir.display()))?;
+        (
+            Start::Resume(run_dir.clone()),
+            state.config.activation_checkpointing,
+        )
     } else {
         let Some(path) = &args.config else {
             bail!("either --config or --resume is required");
@@ -66,17 +91,51 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         if let Some(s) = args.seed {
             config.seed = s;
         }
-        Trainer::<TrainBackend>::new(config, &args.out, device)?
+        if let Some(p) = &args.precision {
+            config.precision = match p.as_str() {
+                "bf16" => Precision::Bf16,
+                "f16" => Precision::F16,
+                _ => Precision::F32,
+            };
+        }
+        config.activation_checkpointing |= args.activation_checkpointing;
+        if let Some(gb) = args.max_memory {
+            config.max_memory_gb = Some(gb);
+        }
+        let checkpointing = config.activation_checkpointing;
+        (Start::New(Box::new(config)), checkpointing)
+    };
+    // The checkpointing strategy is a type parameter of Burn's autodiff backend.
+    if checkpointing {
+        train_on::<CheckpointedTrainBackend>(start, &args)
+    } else {
+        train_on::<TrainBackend>(start, &args)
+    }
+}
+
+fn train_on<B: AutodiffBackend>(start: Start, args: &TrainArgs) -> anyhow::Result<()> {
+    let device = B::Device::default();
+    let trainer = match start {
+        Start::Resume(run_dir) => Trainer::<B>::resume(&run_dir, args.max_steps, device)
+            .with_context(|| format!("resuming {}", run_dir.display()))?,
+        Start::New(config) => Trainer::<B>::new(*config, &args.out, device)?,
     };
     let m = trainer.model_config();
+    let c = trainer.config();
     eprintln!(
-        "model: {} layers, width {}, {} heads, context {} ({:.2}M parameters) on {}",
+        "model: {} layers, width {}, {} heads, context {} ({:.2}M parameters) on {}; {}{}",
         m.n_layers,
         m.d_model,
         m.n_heads,
         m.context_length,
         m.num_params() as f64 / 1e6,
-        kiln::backend::BACKEND_NAME
+        kiln::backend::BACKEND_NAME,
+        c.precision.name(),
+        if c.activation_checkpointing {
+            ", activation checkpointing"
+        } else {
+            ""
+        }
     );
     let started = std::time::Instant::now();
     let start_step = trainer.state().step;

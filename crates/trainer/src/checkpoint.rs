@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::TrainConfig;
 use crate::error::{Result, TrainError};
 use crate::optimizer::{GroupedAdamW, OptimizerRecord};
+use crate::precision::LossScaler;
 
 /// Where a run is and how it got there: enough, with the model and optimizer state, to continue
 /// exactly where it stopped.
@@ -27,6 +28,9 @@ pub struct TrainerState {
     pub tokens_seen: u64,
     /// Most recent validation loss.
     pub val_loss: Option<f64>,
+    /// The loss scale and its growth count (f16; scale 1 otherwise).
+    #[serde(default)]
+    pub loss_scaler: LossScaler,
     /// The run's configuration (training metadata).
     pub config: TrainConfig,
 }
@@ -106,6 +110,17 @@ pub fn save_checkpoint<B: AutodiffBackend>(
         let _ = std::fs::remove_dir_all(old);
     }
     Ok(dir)
+}
+
+/// The trainer state of a run's newest completed checkpoint (what `--resume` continues from).
+pub fn latest_state(run_dir: &Path) -> Result<TrainerState> {
+    let (_, dir) = list_checkpoints(run_dir)
+        .pop()
+        .ok_or_else(|| TrainError::Checkpoint {
+            path: checkpoints_dir(run_dir),
+            reason: "no completed checkpoint to resume from".into(),
+        })?;
+    load_state(&dir)
 }
 
 /// Reads a checkpoint's trainer state.

@@ -104,8 +104,18 @@ pub struct TrainConfig {
     pub decay_embeddings: bool,
     /// Clip the global gradient norm to this (0 = off).
     pub grad_clip: f64,
-    /// Compute precision.
+    /// Compute precision: `f32`, or `bf16` / `f16` forward and backward with f32 master weights
+    /// and optimizer state.
     pub precision: Precision,
+    /// f16 only: clean steps in a row before the loss scale doubles (PyTorch's default, 2000).
+    pub loss_scale_growth_interval: u64,
+    /// Recompute cheap activations in the backward pass instead of keeping them (Burn's balanced
+    /// checkpointing): less memory, some extra compute. `kiln train` picks the autodiff backend
+    /// from this; library users choose `B` themselves.
+    pub activation_checkpointing: bool,
+    /// Memory budget in GB (10⁹ bytes) for the pre-flight estimate (default: the host's available
+    /// memory on CPU backends, no check elsewhere).
+    pub max_memory_gb: Option<f64>,
     /// Evaluate every this many steps (0 = only at the end).
     pub eval_interval: u64,
     /// Validation batches per evaluation (0 = the whole split).
@@ -149,6 +159,9 @@ impl Default for TrainConfig {
             decay_embeddings: false,
             grad_clip: 1.0,
             precision: Precision::F32,
+            loss_scale_growth_interval: 2000,
+            activation_checkpointing: false,
+            max_memory_gb: None,
             eval_interval: 250,
             eval_batches: 0,
             checkpoint_interval: 500,
@@ -211,6 +224,9 @@ impl TrainConfig {
         }
         if self.grad_clip < 0.0 || self.weight_decay < 0.0 {
             return bad("grad_clip and weight_decay must not be negative".into());
+        }
+        if self.max_memory_gb.is_some_and(|m| m.is_nan() || m <= 0.0) {
+            return bad("max_memory_gb must be positive".into());
         }
         Ok(())
     }

@@ -92,8 +92,8 @@ fn grad_square_sum<B: AutodiffBackend, M: AutodiffModule<B>>(
     v.total.map_or(0.0, |t| t.into_scalar().elem::<f64>())
 }
 
-/// Multiplies every gradient by `factor`.
-fn scale_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
+/// Multiplies every gradient of `module`'s parameters in `grads` by `factor`.
+pub fn scale_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
     module: &M,
     grads: &mut GradientsParams,
     factor: f64,

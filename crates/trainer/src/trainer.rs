@@ -10,17 +10,19 @@ use burn::module::AutodiffModule;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{ElementConversion, Tensor};
+use burn::tensor::{ElementConversion, FloatDType, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln_bpe::{BatchSampler, TokenShard, Tokenizer};
 use kiln_transformer::{ModelConfig, Transformer};
 use serde_json::json;
 
 use crate::checkpoint::{self, TrainerState};
-use crate::config::{Precision, TrainConfig};
+use crate::config::TrainConfig;
 use crate::data::{Prefetcher, to_tensors};
 use crate::error::{Result, TrainError};
-use crate::optimizer::GroupedAdamW;
+use crate::memory;
+use crate::optimizer::{GroupedAdamW, scale_grads};
+use crate::precision::{LossScaler, ScaleUpdate, check_supported, compute_copy, materialize};
 use crate::schedule::learning_rate;
 
 /// What one optimizer step did.
@@ -36,6 +38,8 @@ pub struct StepReport {
     pub lr: f64,
     /// Whether the update was applied (false when the loss or gradient was not finite).
     pub applied: bool,
+    /// The loss scale the step ran with (1 unless f16).
+    pub loss_scale: f64,
 }
 
 /// A training run in a run directory.
@@ -99,11 +103,12 @@ impl<B: AutodiffBackend> Trainer<B> {
         }
         let (tokenizer, model_config) = resolve(&config)?;
         config.validate(&model_config)?;
-        if config.precision != Precision::F32 {
-            return Err(TrainError::Config(format!(
-                "precision {:?} is not available yet in Kiln's trainer; use precision = \"f32\"",
-                config.precision
-            )));
+        let backend = B::name(&device);
+        check_supported(&model_config, config.precision, &backend)?;
+        // CPU backends share the host's memory; elsewhere only an explicit budget is checked.
+        let host_memory = backend.contains("flex") || backend.contains("ndarray");
+        if let Some(available) = memory::available_bytes(&config, host_memory) {
+            memory::check_fits(&model_config, &config, available)?;
         }
         let shards = open_shards(&config)?;
         std::fs::create_dir_all(&run_dir).map_err(|e| TrainError::io(&run_dir, e))?;
@@ -111,12 +116,18 @@ impl<B: AutodiffBackend> Trainer<B> {
         std::fs::write(&path, config.to_toml()).map_err(|e| TrainError::io(&path, e))?;
         B::seed(&device, config.seed);
         let model = model_config.init::<B>(&device)?;
+        // Draw the initial weights now, from `seed` (Burn initializes parameters lazily).
+        materialize(&model);
         let optimizer = optimizer_for(&model, &config);
         let state = TrainerState {
             step: 0,
             lr_scale: 1.0,
             tokens_seen: 0,
             val_loss: None,
+            loss_scaler: LossScaler::for_precision(
+                config.precision,
+                config.loss_scale_growth_interval,
+            ),
             config,
         };
         Ok(Self::assemble(
@@ -262,6 +273,8 @@ impl<B: AutodiffBackend> Trainer<B> {
             .take()
             .ok_or_else(|| TrainError::Config("trainer lost its model".into()))?;
         let loss_fn = CrossEntropyLossConfig::new().init(&self.device);
+        let compute = c.precision.compute_dtype();
+        let loss_scale = self.state.loss_scaler.scale();
         let mut accumulator = GradientsAccumulator::<Transformer<B>>::new();
         let mut loss_sum = 0.0;
         let poison = std::mem::take(&mut self.poison_next);
@@ -273,7 +286,15 @@ impl<B: AutodiffBackend> Trainer<B> {
                 .ok_or_else(|| TrainError::Config("the data thread stopped".into()))?;
             debug_assert_eq!(batch.step, step);
             let (inputs, targets) = to_tensors::<B>(&batch.tokens, rows, seq, &self.device);
-            let logits = match model.forward(inputs) {
+            // Mixed precision: forward and backward on a bf16/f16 copy whose casts lead back to the
+            // f32 master weights; the loss itself is computed in f32.
+            let logits = match compute {
+                None => model.forward(inputs),
+                Some(dtype) => compute_copy(&model, dtype)
+                    .forward(inputs)
+                    .map(|l| l.cast(FloatDType::F32)),
+            };
+            let logits = match logits {
                 Ok(l) => l,
                 Err(e) => {
                     self.model = Some(model);
@@ -287,10 +308,18 @@ impl<B: AutodiffBackend> Trainer<B> {
             }
             let loss = loss.div_scalar(accum as f32);
             loss_sum += loss.clone().into_scalar().elem::<f64>();
+            let loss = if loss_scale == 1.0 {
+                loss
+            } else {
+                loss.mul_scalar(loss_scale)
+            };
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             accumulator.accumulate(&model, grads);
         }
         let mut grads = accumulator.grads();
+        if loss_scale != 1.0 {
+            scale_grads(&model, &mut grads, 1.0 / loss_scale);
+        }
         let grad_norm = GroupedAdamW::<B, Transformer<B>>::clip(&model, &mut grads, c.grad_clip);
         let finite = loss_sum.is_finite() && grad_norm.is_finite();
         let report = StepReport {
@@ -299,9 +328,11 @@ impl<B: AutodiffBackend> Trainer<B> {
             grad_norm,
             lr,
             applied: finite,
+            loss_scale,
         };
         self.state.step += 1;
         self.state.tokens_seen += (rows * seq * accum) as u64;
+        let scale_update = self.state.loss_scaler.update(grad_norm.is_finite());
         if finite {
             self.bad_steps = 0;
             let optimizer = self
@@ -309,14 +340,35 @@ impl<B: AutodiffBackend> Trainer<B> {
                 .as_mut()
                 .ok_or_else(|| TrainError::Config("trainer lost its optimizer".into()))?;
             self.model = Some(optimizer.step(lr, model, grads));
+            if let ScaleUpdate::Grew(to) = scale_update {
+                self.metrics(json!({"step": step, "loss_scale": to,
+                    "reason": "clean steps: loss scale doubled"}))?;
+            }
         } else {
             self.model = Some(model);
-            self.bad_steps += 1;
-            self.metrics(
-                json!({"step": step, "skipped": true, "loss": loss_sum, "grad_norm": grad_norm}),
-            )?;
-            if self.bad_steps >= self.config.max_bad_steps.max(1) {
-                self.recover(step)?;
+            // An f16 overflow (finite loss, non-finite gradients at a scale above 1) is routine
+            // for dynamic loss scaling: the scale backs off and the step does not count as bad.
+            let overflow = loss_sum.is_finite() && loss_scale > 1.0;
+            let reason = match scale_update {
+                ScaleUpdate::BackedOff(to) => format!(
+                    "non-finite {} with loss scale {loss_scale}: step skipped, loss scale -> {to}",
+                    if loss_sum.is_finite() {
+                        "gradient norm"
+                    } else {
+                        "loss"
+                    }
+                ),
+                _ if !loss_sum.is_finite() => "non-finite loss: step skipped".into(),
+                _ => "non-finite gradient norm: step skipped".into(),
+            };
+            self.metrics(json!({"step": step, "skipped": true, "loss": loss_sum,
+                "grad_norm": grad_norm, "loss_scale": self.state.loss_scaler.scale(),
+                "reason": reason}))?;
+            if !overflow {
+                self.bad_steps += 1;
+                if self.bad_steps >= self.config.max_bad_steps.max(1) {
+                    self.recover(step)?;
+                }
             }
         }
         Ok(report)

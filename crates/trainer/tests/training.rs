@@ -3,15 +3,18 @@
 
 use std::path::Path;
 
+use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::backend::{Autodiff, Flex};
 use burn::optim::GradientsParams;
-use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use burn::tensor::{DType, ElementConversion, FloatDType, Int, Tensor, TensorData};
 use kiln_bpe::prepare::{PrepareConfig, prepare};
 use kiln_bpe::{BpeTrainer, TrainerConfig as BpeConfig};
 use kiln_trainer::checkpoint::list_checkpoints;
+use kiln_trainer::memory;
 use kiln_trainer::optimizer::{GroupedAdamW, param_infos};
-use kiln_trainer::{ModelSpec, TrainConfig, Trainer};
-use kiln_transformer::{ModelConfig, Transformer};
+use kiln_trainer::precision::compute_copy;
+use kiln_trainer::{ModelSpec, Precision, StepReport, TrainConfig, TrainError, Trainer};
+use kiln_transformer::{ModelConfig, PositionEncoding, RopePairing, Transformer};
 
 type B = Autodiff<Flex>;
 
@@ -278,4 +281,314 @@ fn embedding_decay_is_opt_in() {
     assert!(!plain.decays(emb.id) && plain.decays(qkv.id));
     let nanogpt = plain.with_embedding_decay(&model, true);
     assert!(nanogpt.decays(emb.id) && nanogpt.decays(qkv.id));
+}
+
+/// Trains `steps` steps at `precision` from the tiny config; returns (initial, final) validation
+/// loss and the trainer.
+fn train_at(dir: &Path, precision: Precision, steps: u64) -> (f64, f64, Trainer<B>) {
+    let mut config = data(dir);
+    config.max_steps = steps;
+    config.precision = precision;
+    let run = dir.join(format!("run-{precision:?}"));
+    let mut trainer = Trainer::<B>::new(config, &run, Default::default()).unwrap();
+    let before = trainer.evaluate().unwrap();
+    let after = trainer.train().unwrap();
+    (before, after, trainer)
+}
+
+#[test]
+fn bf16_trains_like_f32() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let (start, f32_end, _) = train_at(dir.path(), Precision::F32, 60);
+    let (bf16_start, bf16_end, trainer) = train_at(dir.path(), Precision::Bf16, 60);
+    eprintln!("f32 {start} -> {f32_end}; bf16 {bf16_start} -> {bf16_end}");
+    assert_eq!(start, bf16_start, "same seed, same f32 initial weights");
+    assert!(
+        bf16_end < start * 0.7,
+        "bf16 val loss {start} -> {bf16_end}"
+    );
+    assert!(
+        (bf16_end - f32_end).abs() < 0.05 * f32_end,
+        "bf16 {bf16_end} vs f32 {f32_end}"
+    );
+    assert_eq!(
+        trainer.state().loss_scaler.scale(),
+        1.0,
+        "bf16 needs no loss scaling"
+    );
+}
+
+#[test]
+fn f16_with_loss_scaling_trains() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let (start, f32_end, _) = train_at(dir.path(), Precision::F32, 60);
+    let (_, f16_end, trainer) = train_at(dir.path(), Precision::F16, 60);
+    eprintln!("f32 {start} -> {f32_end}; f16 -> {f16_end}");
+    assert!(f16_end < start * 0.7, "f16 val loss {start} -> {f16_end}");
+    assert!(
+        (f16_end - f32_end).abs() < 0.05 * f32_end,
+        "f16 {f16_end} vs f32 {f32_end}"
+    );
+    assert!(trainer.state().loss_scaler.dynamic);
+}
+
+#[test]
+fn the_compute_copy_runs_in_low_precision_and_hands_f32_gradients_to_the_master_weights() {
+    let _serial = serial();
+    let config = ModelConfig {
+        vocab_size: 50,
+        context_length: 8,
+        n_layers: 1,
+        n_heads: 2,
+        n_kv_heads: 2,
+        d_model: 8,
+        d_ff: 16,
+        bias: true,
+        ..ModelConfig::gpt2_124m()
+    };
+    let device = Default::default();
+    // Fresh (lazily initialized) parameters: the copy must still share the master weights.
+    let model: Transformer<B> = config.init(&device).unwrap();
+    let ids = Tensor::<B, 2, Int>::from_data(
+        TensorData::new((0..16).map(|i| i % 50).collect::<Vec<i64>>(), [2, 8]),
+        &device,
+    );
+    for dtype in [FloatDType::BF16, FloatDType::F16] {
+        let copy = compute_copy(&model, dtype);
+        assert_eq!(copy.tok_emb.weight.val().dtype(), DType::from(dtype));
+        let logits = copy.forward(ids.clone()).unwrap();
+        assert_eq!(logits.dtype(), DType::from(dtype));
+        let loss = logits.cast(FloatDType::F32).mean();
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        for p in param_infos::<B, _>(&model) {
+            let dt = match p.rank {
+                1 => grads.get::<Flex, 1>(p.id).map(|g| g.dtype()),
+                _ => grads.get::<Flex, 2>(p.id).map(|g| g.dtype()),
+            };
+            assert_eq!(dt, Some(DType::F32), "{} ({dtype:?})", p.path);
+        }
+        // The copy holds the master weights, rounded.
+        let master = model
+            .tok_emb
+            .weight
+            .val()
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+        let low = copy.tok_emb.weight.val().cast(FloatDType::F32);
+        let low = low.into_data().to_vec::<f32>().unwrap();
+        let err = master
+            .iter()
+            .zip(&low)
+            .map(|(a, b)| (a - b).abs() / a.abs().max(1e-3))
+            .fold(0.0f32, f32::max);
+        assert!(err < 1e-2, "relative rounding error {err}");
+    }
+}
+
+#[test]
+fn rotary_models_in_low_precision_are_a_clear_error() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = data(dir.path());
+    let ModelSpec::Full(model) = &mut config.model else {
+        unreachable!()
+    };
+    model.position = PositionEncoding::Rope {
+        theta: 10000.0,
+        pairing: RopePairing::HalfSplit,
+    };
+    config.precision = Precision::Bf16;
+    let err = Trainer::<B>::new(config, dir.path().join("r"), Default::default())
+        .err()
+        .unwrap();
+    assert!(
+        matches!(err, TrainError::UnsupportedPrecision { .. }),
+        "{err}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains("flex") && text.contains("bf16") && text.contains("rotary"),
+        "{text}"
+    );
+}
+
+#[test]
+fn the_loss_scale_halves_on_overflow_and_grows_after_clean_steps() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = data(dir.path());
+    config.precision = Precision::F16;
+    config.loss_scale_growth_interval = 3;
+    config.max_bad_steps = 5;
+    let run = dir.path().join("run");
+    let mut trainer = Trainer::<B>::new(config, &run, Default::default()).unwrap();
+    // f16 really overflows at the initial 2^16 on this model: the first steps back off until one
+    // fits (and none of them counts towards divergence recovery).
+    let mut settled = None;
+    for _ in 0..8 {
+        let r = trainer.step().unwrap();
+        assert!(r.applied || r.loss.is_finite());
+        if r.applied {
+            settled = Some(r.loss_scale);
+            break;
+        }
+    }
+    let scale = settled.expect("the scale settles within 8 steps");
+    assert!(scale <= 65536.0);
+    assert_eq!(
+        trainer.state().lr_scale,
+        1.0,
+        "overflows are not divergence"
+    );
+    let before = trainer.evaluate().unwrap();
+    trainer.poison_next_step();
+    let bad = trainer.step().unwrap();
+    assert!(!bad.applied && !bad.grad_norm.is_finite());
+    assert_eq!(trainer.state().loss_scaler.scale(), scale / 2.0, "halved");
+    assert_eq!(
+        trainer.evaluate().unwrap(),
+        before,
+        "a skipped step touches no weight"
+    );
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert!(
+        metrics.contains(&format!("loss scale -> {}", scale / 2.0)),
+        "the skip is logged with its reason: {metrics}"
+    );
+    let scale = scale / 2.0;
+    // Growth interval 3: two clean steps keep the scale, the third doubles it.
+    for expected in [scale, scale, 2.0 * scale] {
+        let r = trainer.step().unwrap();
+        assert!(r.applied);
+        assert_eq!(trainer.state().loss_scaler.scale(), expected);
+    }
+}
+
+#[test]
+fn the_loss_scale_survives_checkpoint_and_resume() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = data(dir.path());
+    config.precision = Precision::F16;
+    config.loss_scale_growth_interval = 4;
+    // Uninterrupted: 20 steps, an overflow injected at step 3.
+    let run_a = dir.path().join("a");
+    let mut straight = Trainer::<B>::new(config.clone(), &run_a, Default::default()).unwrap();
+    let mut all = Vec::new();
+    for i in 0..20 {
+        if i == 3 {
+            straight.poison_next_step();
+        }
+        all.push(straight.step().unwrap());
+    }
+    // The same with a checkpoint at step 9 (mid-way to the next growth) and a resume.
+    let run = dir.path().join("b");
+    let mut first = Trainer::<B>::new(config, &run, Default::default()).unwrap();
+    let mut split = Vec::new();
+    for i in 0..9 {
+        if i == 3 {
+            first.poison_next_step();
+        }
+        split.push(first.step().unwrap());
+    }
+    let scaler = first.state().loss_scaler.clone();
+    assert!(
+        scaler.clean_steps > 0 && scaler.scale != 65536.0,
+        "{scaler:?}"
+    );
+    first.save_checkpoint().unwrap();
+    drop(first);
+    let mut resumed = Trainer::<B>::resume(&run, None, Default::default()).unwrap();
+    assert_eq!(resumed.state().loss_scaler, scaler);
+    split.extend((9..20).map(|_| resumed.step().unwrap()));
+    let bits = |r: &Vec<StepReport>| {
+        r.iter()
+            .map(|r| {
+                (
+                    r.loss.to_bits(),
+                    r.grad_norm.to_bits(),
+                    r.applied,
+                    r.loss_scale,
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        bits(&split),
+        bits(&all),
+        "bitwise equal steps, loss scales included"
+    );
+    assert!(all.iter().any(|r| r.applied && r.loss_scale < 65536.0));
+    assert_eq!(straight.state().loss_scaler, resumed.state().loss_scaler);
+}
+
+#[test]
+fn a_run_that_does_not_fit_the_memory_budget_fails_before_training_with_settings_that_fit() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = data(dir.path());
+    config.micro_batch = 8;
+    config.grad_accum = 1;
+    let model = config.model.resolve(Some(257)).unwrap();
+    let need = |b: usize| {
+        memory::estimate(
+            &model,
+            &TrainConfig {
+                micro_batch: b,
+                grad_accum: 8 / b,
+                ..config.clone()
+            },
+        )
+        .total
+    };
+    // Room for micro-batches of 2 (with accumulation), not 4.
+    let budget = (need(2) + need(4)) / 2.0;
+    config.max_memory_gb = Some(budget / memory::GB);
+    let run = dir.path().join("r");
+    let err = Trainer::<B>::new(config.clone(), &run, Default::default())
+        .err()
+        .unwrap();
+    let text = err.to_string();
+    assert!(matches!(err, TrainError::OutOfMemory { .. }), "{text}");
+    assert!(
+        text.contains("micro_batch = 2 with grad_accum = 4 (the same 128 tokens per step)"),
+        "{text}"
+    );
+    assert!(!run.join("checkpoints").exists(), "nothing started");
+    // The suggested settings start.
+    config.micro_batch = 2;
+    config.grad_accum = 4;
+    assert!(Trainer::<B>::new(config, &run, Default::default()).is_ok());
+}
+
+/// Balanced checkpointing recomputes memory-bound operations in the backward pass; the numbers
+/// are the same, dropout included.
+#[test]
+fn activation_checkpointing_gives_bitwise_the_same_steps() {
+    type Checkpointed = Autodiff<Flex, BalancedCheckpointing>;
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = data(dir.path());
+    config.activation_checkpointing = true;
+    for precision in [Precision::F32, Precision::Bf16] {
+        config.precision = precision;
+        let mut plain =
+            Trainer::<B>::new(config.clone(), dir.path().join("a"), Default::default()).unwrap();
+        let mut ckpt =
+            Trainer::<Checkpointed>::new(config.clone(), dir.path().join("b"), Default::default())
+                .unwrap();
+        for _ in 0..8 {
+            let (p, c) = (plain.step().unwrap(), ckpt.step().unwrap());
+            assert!(p.applied && c.applied);
+            assert!(
+                p.loss == c.loss && p.grad_norm == c.grad_norm,
+                "{precision:?}: {} vs {}",
+                p.loss,
+                c.loss
+            );
+        }
+    }
 }
