@@ -34,18 +34,6 @@ pub enum TrainError {
     /// Token shards failed.
     #[error(transparent)]
     Shard(#[from] kiln_bpe::ShardError),
-    /// The backend cannot run this model at the requested precision.
-    #[error(
-        "precision {precision} is not supported for this model on the {backend} backend: {op}. Use precision = \"f32\""
-    )]
-    UnsupportedPrecision {
-        /// The requested precision (`bf16`, `f16`).
-        precision: String,
-        /// The backend, as Burn names it.
-        backend: String,
-        /// The operation that cannot run, and why.
-        op: String,
-    },
     /// The run is estimated not to fit in memory.
     #[error(
         "this run needs about {needed_gb:.2} GB ({model_state_gb:.2} GB weights, gradients and AdamW state + {activations_gb:.2} GB activations per micro-batch) but {available_gb:.2} GB is available. Try {suggestions} (or set max_memory_gb / --max-memory to override the budget)"

@@ -17,10 +17,8 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{FloatDType, Tensor};
 use serde::{Deserialize, Serialize};
 
-use kiln_transformer::{ModelConfig, PositionEncoding};
 
 use crate::config::Precision;
-use crate::error::{Result, TrainError};
 
 impl Precision {
     /// The name used in configs: `f32`, `bf16`, `f16`.
@@ -40,35 +38,6 @@ impl Precision {
             Precision::F16 => Some(FloatDType::F16),
         }
     }
-}
-
-/// Fails with [`TrainError::UnsupportedPrecision`] when `model` cannot run at `precision` on
-/// `backend` (Burn's name for it).
-///
-/// Rotary models cannot: their cos/sin tables are built from f32 data in the device's default
-/// float dtype (`kiln-transformer`'s `RopeAngles::new`) and multiplied with the bf16/f16 queries
-/// and keys, and Flex does not promote mixed dtypes (`ops/binary.rs` `binary_op` only
-/// debug-asserts equal dtypes, then `FlexTensor::storage` panics with "dtype mismatch"). Other
-/// backends were not verified, so the check applies to all of them. The device default dtype cannot
-/// switch per step either (`burn_backend::set_default_dtypes` works once per device, before any
-/// tensor exists).
-pub fn check_supported(model: &ModelConfig, precision: Precision, backend: &str) -> Result<()> {
-    if precision == Precision::F32 {
-        return Ok(());
-    }
-    if let PositionEncoding::Rope { .. } = model.position {
-        return Err(TrainError::UnsupportedPrecision {
-            precision: precision.name().into(),
-            backend: backend.into(),
-            op: format!(
-                "the rotary position tables are f32 and the backend's float_mul does not mix f32 \
-                 with {} (train rotary models in f32; learned-position models support {})",
-                precision.name(),
-                precision.name()
-            ),
-        });
-    }
-    Ok(())
 }
 
 /// Casts every float parameter of a module to `dtype`, keeping parameter ids (and, on autodiff

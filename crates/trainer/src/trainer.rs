@@ -22,7 +22,7 @@ use crate::data::{Prefetcher, to_tensors};
 use crate::error::{Result, TrainError};
 use crate::memory;
 use crate::optimizer::{GroupedAdamW, scale_grads};
-use crate::precision::{LossScaler, ScaleUpdate, check_supported, compute_copy, materialize};
+use crate::precision::{LossScaler, ScaleUpdate, compute_copy, materialize};
 use crate::schedule::learning_rate;
 
 /// What one optimizer step did.
@@ -104,7 +104,6 @@ impl<B: AutodiffBackend> Trainer<B> {
         let (tokenizer, model_config) = resolve(&config)?;
         config.validate(&model_config)?;
         let backend = B::name(&device);
-        check_supported(&model_config, config.precision, &backend)?;
         // CPU backends share the host's memory; elsewhere only an explicit budget is checked.
         let host_memory = backend.contains("flex") || backend.contains("ndarray");
         if let Some(available) = memory::available_bytes(&config, host_memory) {

@@ -39,11 +39,16 @@ impl<B: Backend> RopeAngles<B> {
         }
     }
 
-    /// Rotates `x` of shape `[batch, heads, seq, head_dim]`.
+    /// Rotates `x` of shape `[batch, heads, seq, head_dim]`, in `x`'s float dtype (the tables are
+    /// built in f32 and cast, so bf16/f16 compute works on backends that do not mix dtypes).
     pub fn apply(&self, x: Tensor<B, 4>, pairing: RopePairing) -> Tensor<B, 4> {
         let [b, h, t, d] = x.dims();
         let half = d / 2;
-        let (cos, sin) = (self.cos.clone(), self.sin.clone());
+        let (mut cos, mut sin) = (self.cos.clone(), self.sin.clone());
+        if x.dtype() != cos.dtype() {
+            cos = cos.cast(x.dtype());
+            sin = sin.cast(x.dtype());
+        }
         match pairing {
             RopePairing::HalfSplit => {
                 // x·[cos, cos] + [x₂, x₁]·[-sin, sin]: whole-row products that broadcast one
