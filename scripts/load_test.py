@@ -55,7 +55,8 @@ def one_request(base, args, client, index):
     headers = {"Content-Type": "application/json"}
     if args.api_key:
         headers["Authorization"] = "Bearer " + args.api_key
-    result = {"ok": False, "ttft": None, "chunks": 0, "usage": None, "done": False, "error": None}
+    result = {"ok": False, "ttft": None, "chunks": 0, "usage": None, "done": False, "error": None,
+              "finish": None}
     start = time.perf_counter()
     try:
         conn.request("POST", path, json.dumps(body), headers)
@@ -81,6 +82,8 @@ def one_request(base, args, client, index):
             if event.get("usage"):
                 result["usage"] = event["usage"]
             for choice in event.get("choices", []):
+                if choice.get("finish_reason"):
+                    result["finish"] = choice["finish_reason"]
                 delta = choice.get("delta", choice)
                 has_token = "text" in choice or "content" in delta
                 if choice.get("finish_reason") is None and has_token:
@@ -156,6 +159,7 @@ def main():
         "ttft_p50_s": pct(0.5) and round(pct(0.5), 3),
         "ttft_p99_s": pct(0.99) and round(pct(0.99), 3),
         "ttft_mean_s": ttfts and round(statistics.mean(ttfts), 3),
+        "finish_reasons": {f: sum(r["finish"] == f for r in flat) for f in {r["finish"] for r in flat}},
     }
     print(json.dumps(summary))
     if errors:
