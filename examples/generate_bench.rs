@@ -2,10 +2,11 @@
 //! a prompt of `--prompt-tokens` tokens, then `--new-tokens` greedy tokens, one sequence.
 //!
 //! ```text
-//! cargo run --release --example generate_bench -- MODEL.gguf [--prompt-tokens 128] [--new-tokens 128] [--runs 3] [--ids-out ids.json]
+//! cargo run --release --example generate_bench -- MODEL.gguf [--prompt-tokens 128] [--new-tokens 128] [--runs 3] [--ids-out ids.json] [--int8]
 //! ```
 //! Prefill is timed as the prompt's forward pass (logits of the last position); decode as the
-//! single-token steps after it. Prints medians over `--runs`, one line per measurement.
+//! single-token steps after it. Prints medians over `--runs`, one line per measurement. `--int8`
+//! decodes with int8 weights (`kiln-quantize`); prefill keeps the f32 weights.
 
 use std::time::Instant;
 
@@ -41,7 +42,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     let capacity = flag("--capacity", n_prompt + n_new).max(n_prompt + n_new);
     let device = Default::default();
-    let loaded = load_model::<B>(model_path, &device)?;
+    let mut loaded = load_model::<B>(model_path, &device)?;
+    let int8 = args.iter().any(|a| a == "--int8");
+    if int8 {
+        kiln::quantize::quantize_for_decoding(&mut loaded.model)?;
+    }
+    let peer = if int8 { "kiln-int8" } else { "kiln" };
     let tok = loaded
         .tokenizer
         .as_ref()
@@ -96,11 +102,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let (p, d) = (median(prefill), median(decode));
     println!(
-        "peer=kiln task=prefill tokens={n_prompt} seconds={p:.3} tok_per_s={:.1}",
+        "peer={peer} task=prefill tokens={n_prompt} seconds={p:.3} tok_per_s={:.1}",
         n_prompt as f64 / p
     );
     println!(
-        "peer=kiln task=decode tokens={n_new} seconds={d:.3} tok_per_s={:.1}",
+        "peer={peer} task=decode tokens={n_new} seconds={d:.3} tok_per_s={:.1}",
         n_new as f64 / d
     );
     eprintln!(

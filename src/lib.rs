@@ -9,11 +9,13 @@
 //! | tokenizer training, encoding, token shards | [`bpe`] (`kiln-bpe`) |
 //! | GPT-2 / Llama models, weights, generation | [`transformer`] (`kiln-transformer`) |
 //! | training loop, checkpoints, resume | [`trainer`] (`kiln-trainer`) |
+//! | int8 weights and CPU kernels for decoding | [`quantize`] (`kiln-quantize`) |
 //! | OpenAI-compatible server, continuous batching | [`serve`] (`kiln-serve`) |
 //!
 //! See `docs/architecture.md` for the whole pipeline.
 
 pub use kiln_bpe as bpe;
+pub use kiln_quantize as quantize;
 pub use kiln_serve as serve;
 pub use kiln_trainer as trainer;
 pub use kiln_transformer as transformer;

@@ -67,6 +67,32 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// Weight format for decoding (`--quantize`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Quantize {
+    /// f32 weights.
+    None,
+    /// int8 weights with a scale per block of 32 (kiln-quantize).
+    Int8,
+}
+
+/// Applies `--quantize` to a loaded model.
+fn quantize<B: burn::tensor::backend::Backend>(
+    model: &mut kiln::transformer::Transformer<B>,
+    how: Quantize,
+) -> anyhow::Result<()> {
+    if how == Quantize::Int8 {
+        let report = kiln::quantize::quantize_for_decoding(model)?;
+        eprintln!(
+            "int8 decoding weights: {} layers, {:.0} MB (f32: {:.0} MB)",
+            report.layers,
+            report.int8_bytes as f64 / 1e6,
+            report.f32_bytes as f64 / 1e6
+        );
+    }
+    Ok(())
+}
+
 /// Whether progress bars should be drawn (stderr is a terminal).
 fn interactive() -> bool {
     use std::io::IsTerminal;

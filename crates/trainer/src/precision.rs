@@ -17,7 +17,6 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{FloatDType, Tensor};
 use serde::{Deserialize, Serialize};
 
-
 use crate::config::Precision;
 
 impl Precision {

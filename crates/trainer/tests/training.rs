@@ -412,7 +412,10 @@ fn rotary_models_train_in_bf16() {
     let (start, f32_end) = at(Precision::F32);
     let (bf16_start, bf16_end) = at(Precision::Bf16);
     assert_eq!(start, bf16_start);
-    assert!(bf16_end < start * 0.8, "bf16 val loss {start} -> {bf16_end}");
+    assert!(
+        bf16_end < start * 0.8,
+        "bf16 val loss {start} -> {bf16_end}"
+    );
     assert!(
         (bf16_end - f32_end).abs() < 0.05 * f32_end,
         "bf16 {bf16_end} vs f32 {f32_end}"

@@ -9,7 +9,7 @@ use burn::tensor::{Bool, Tensor};
 
 use crate::cache::LayerKv;
 use crate::config::{ModelConfig, RopePairing};
-use crate::linear::{INIT_STD, linear, project};
+use crate::linear::{INIT_STD, Kernel, linear, project};
 use crate::rope::RopeAngles;
 
 /// Multi-head causal self-attention with a fused QKV projection.
@@ -30,6 +30,9 @@ pub struct Attention<B: Backend> {
     /// Width of one head.
     #[module(skip)]
     pub head_dim: usize,
+    /// Decoding kernels for `qkv` and `proj` (see [`LinearKernel`](crate::LinearKernel)).
+    #[module(skip)]
+    pub kernels: [Kernel; 2],
 }
 
 /// Per-forward inputs shared by every layer.
@@ -71,6 +74,7 @@ impl<B: Backend> Attention<B> {
             n_heads: config.n_heads,
             n_kv_heads: config.n_kv_heads,
             head_dim: h,
+            kernels: Default::default(),
         }
     }
 
@@ -83,7 +87,7 @@ impl<B: Backend> Attention<B> {
     ) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
         let (h, kvh, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let qkv = project(&self.qkv, x);
+        let qkv = project(&self.qkv, &self.kernels[0], x);
         let split = |from: usize, heads: usize| {
             qkv.clone()
                 .slice([0..b, 0..t, from * d..(from + heads) * d])
@@ -125,7 +129,8 @@ impl<B: Backend> Attention<B> {
             let y = attention(q, k, v, ctx.mask.clone(), None, options);
             y.swap_dims(1, 2).reshape([b, t, h * d])
         };
-        self.dropout.forward(project(&self.proj, y))
+        self.dropout
+            .forward(project(&self.proj, &self.kernels[1], y))
     }
 }
 

@@ -37,6 +37,7 @@ pub use generate::{
 };
 pub use gguf_model::config_from_gguf;
 pub use hf::config_from_hf;
+pub use linear::{KERNEL_MAX_ROWS, Kernel, LinearKernel};
 pub use load::{LoadedModel, Prompt, load_gguf, load_model};
 pub use mlp::Mlp;
 pub use model::{Logits, Transformer};

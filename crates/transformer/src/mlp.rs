@@ -7,7 +7,7 @@ use burn::tensor::activation::{gelu, gelu_approximate, silu};
 use burn::tensor::backend::Backend;
 
 use crate::config::{MlpKind, ModelConfig};
-use crate::linear::{INIT_STD, linear, project};
+use crate::linear::{INIT_STD, Kernel, linear, project};
 
 /// `down(act(up(x)))`, or for SwiGLU `down(silu(gate(x)) · up(x))`.
 #[derive(Module, Debug)]
@@ -23,6 +23,9 @@ pub struct Mlp<B: Backend> {
     /// 0 = GELU (tanh approximation), 1 = GELU (erf), 2 = SwiGLU.
     #[module(skip)]
     pub kind: u8,
+    /// Decoding kernels for `gate`, `up` and `down` (see [`LinearKernel`](crate::LinearKernel)).
+    #[module(skip)]
+    pub kernels: [Kernel; 3],
 }
 
 impl<B: Backend> Mlp<B> {
@@ -47,16 +50,18 @@ impl<B: Backend> Mlp<B> {
                 MlpKind::Gelu => 1,
                 MlpKind::SwiGlu => 2,
             },
+            kernels: Default::default(),
         }
     }
 
     /// `[batch, seq, d_model]` → `[batch, seq, d_model]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [gate_k, up_k, down_k] = &self.kernels;
         let h = match (&self.gate, self.kind) {
-            (Some(gate), _) => silu(project(gate, x.clone())) * project(&self.up, x),
-            (None, 0) => gelu_approximate(project(&self.up, x)),
-            (None, _) => gelu(project(&self.up, x)),
+            (Some(gate), _) => silu(project(gate, gate_k, x.clone())) * project(&self.up, up_k, x),
+            (None, 0) => gelu_approximate(project(&self.up, up_k, x)),
+            (None, _) => gelu(project(&self.up, up_k, x)),
         };
-        self.dropout.forward(project(&self.down, h))
+        self.dropout.forward(project(&self.down, down_k, h))
     }
 }

@@ -10,7 +10,7 @@ use crate::block::Block;
 use crate::cache::KvCache;
 use crate::config::{ModelConfig, PositionEncoding};
 use crate::error::{ModelError, Result};
-use crate::linear::{INIT_STD, embedding, linear, project};
+use crate::linear::{INIT_STD, KERNEL_MAX_ROWS, Kernel, embedding, linear, project, run_kernel};
 use crate::norm::Norm;
 use crate::rope::RopeAngles;
 
@@ -41,6 +41,9 @@ pub struct Transformer<B: Backend> {
     /// The structure.
     #[module(skip)]
     pub config: ModelConfig,
+    /// Decoding kernel for the output projection (`lm_head`, or the tied embedding as `[vocab, d]`).
+    #[module(skip)]
+    pub head_kernel: Kernel,
 }
 
 impl ModelConfig {
@@ -66,6 +69,7 @@ impl<B: Backend> Transformer<B> {
                 .then(|| linear(config.d_model, config.vocab_size, false, INIT_STD, device)),
             emb_dropout: DropoutConfig::new(config.dropout).init(),
             config,
+            head_kernel: None,
         })
     }
 
@@ -247,10 +251,17 @@ impl<B: Backend> Transformer<B> {
     }
 
     fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [b, t, d] = hidden.dims();
+        if let Some(kernel) = &self.head_kernel
+            && self.lm_head.is_none()
+            && b * t <= KERNEL_MAX_ROWS
+            && let Some(y) = run_kernel(kernel.as_ref(), hidden.clone().reshape([b * t, d]), b * t)
+        {
+            return y.reshape([b, t, self.config.vocab_size]);
+        }
         match &self.lm_head {
-            Some(head) => project(head, hidden),
+            Some(head) => project(head, &self.head_kernel, hidden),
             None => {
-                let [b, t, d] = hidden.dims();
                 let w = self.tok_emb.weight.val();
                 let v = self.config.vocab_size;
                 let rows = hidden.reshape([b * t, d]);

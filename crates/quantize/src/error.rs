@@ -1,0 +1,27 @@
+//! Errors of quantization.
+
+/// Why a model or matrix could not be quantized.
+#[derive(Debug, thiserror::Error)]
+pub enum QuantizeError {
+    /// The data does not have the shape it claims.
+    #[error("a {rows}×{cols} matrix needs {} values, got {len}", rows * cols)]
+    Shape {
+        /// Rows.
+        rows: usize,
+        /// Columns.
+        cols: usize,
+        /// Values given.
+        len: usize,
+    },
+    /// A weight could not be read back from the backend as f32.
+    #[error("reading weight `{name}` as f32: {reason}")]
+    Read {
+        /// The layer.
+        name: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A weight holds NaN or infinity.
+    #[error("weight `{0}` holds non-finite values")]
+    NonFinite(String),
+}
