@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Serving throughput under load, same session, same GGUF, same requests:
 #   kiln serve (continuous batching, --max-batch-size 16), kiln serve --max-batch-size 1 (one request
-#   at a time), and llama-cpp-python's OpenAI server (--n_threads 2).
+#   at a time), kiln serve --quantize int8, and llama-cpp-python's OpenAI server (--n_threads 2).
 # For 1, 4 and 16 concurrent streaming clients, each sending REQUESTS requests of MAX_TOKENS new
 # tokens (scripts/load_test.py): aggregate generated tokens/s and time to first token p50/p99.
 #
@@ -39,11 +39,14 @@ run_load() { # name
 }
 
 RESULTS=$(mktemp)
-for batch in 16 1; do
+for variant in "16 none" "1 none" "16 int8"; do
+  read -r batch quantize <<<"$variant"
+  name="kiln (batch $batch)"
+  [ "$quantize" = int8 ] && name="kiln int8 (batch $batch)"
   target/release/kiln serve --model "$MODEL" --port "$PORT" --max-batch-size "$batch" \
-    >/dev/null 2>&1 & SERVER_PID=$!
+    --quantize "$quantize" >/dev/null 2>&1 & SERVER_PID=$!
   wait_ready
-  run_load "kiln (batch $batch)" | tee -a "$RESULTS"
+  run_load "$name" | tee -a "$RESULTS"
   stop
 done
 python3 -m llama_cpp.server --model "$MODEL" --n_threads 2 --n_ctx 4096 --port "$PORT" \
