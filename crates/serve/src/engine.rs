@@ -160,7 +160,7 @@ impl Engine {
     {
         let context = config.context.min(model.config().context_length);
         let device = model.tok_emb.weight.device();
-        let cache = KvCache::new(model.config(), config.max_batch_size, context, &device)?;
+        let cache = KvCache::on_demand(model.config(), config.max_batch_size, context, &device)?;
         let (sender, receiver) = sync_channel(config.max_queue.max(1));
         let shared = Arc::new(Shared {
             metrics,

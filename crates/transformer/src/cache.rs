@@ -2,7 +2,9 @@
 //! tokens arrive.
 //!
 //! Each row (sequence) of each layer is a list of fixed-size blocks of [`BLOCK`] positions (a paged
-//! layout, as in vLLM), allocated when first written and released when the row is reset. A write
+//! layout, as in vLLM): preallocated for the whole capacity by [`KvCache::new`], or taken when first
+//! written and released when the row is reset by [`KvCache::on_demand`] (what a server with many
+//! rows of long capacity wants: memory follows the tokens actually cached). A write
 //! touches only the blocks of the row it lands in, so its cost grows neither with the cache's
 //! capacity nor with the batch — which matters on backends where an in-place write copies the whole
 //! destination tensor when anything else still references it (Burn 0.21's Flex `slice_assign`
@@ -30,12 +32,31 @@ pub struct KvCache<B: Backend> {
     pub(crate) layers: Vec<LayerKv<B>>,
     pub(crate) lens: Vec<usize>,
     capacity: usize,
+    on_demand: bool,
 }
 
 impl<B: Backend> KvCache<B> {
-    /// An empty cache for `batch` rows of up to `capacity` tokens (at most the model's context).
-    /// Memory is taken block by block as rows fill up.
+    /// An empty cache for `batch` rows of up to `capacity` tokens (at most the model's context), with
+    /// every block allocated up front.
     pub fn new(
+        config: &ModelConfig,
+        batch: usize,
+        capacity: usize,
+        device: &B::Device,
+    ) -> Result<Self> {
+        let mut cache = Self::on_demand(config, batch, capacity, device)?;
+        cache.on_demand = false;
+        for layer in &mut cache.layers {
+            for row in layer.k.iter_mut().chain(layer.v.iter_mut()) {
+                ensure_blocks(row, capacity, layer.block_shape, &layer.device);
+            }
+        }
+        Ok(cache)
+    }
+
+    /// Like [`new`](Self::new), but each row's blocks are allocated as it fills up and freed when it
+    /// is [`reset`](Self::reset).
+    pub fn on_demand(
         config: &ModelConfig,
         batch: usize,
         capacity: usize,
@@ -65,6 +86,7 @@ impl<B: Backend> KvCache<B> {
             layers,
             lens: vec![0; batch],
             capacity,
+            on_demand: true,
         })
     }
 
@@ -83,10 +105,14 @@ impl<B: Backend> KvCache<B> {
         &self.lens
     }
 
-    /// Forgets row `row`'s tokens (releasing its memory) so the row can start a new sequence.
+    /// Forgets row `row`'s tokens so the row can start a new sequence (and, for an
+    /// [`on_demand`](Self::on_demand) cache, releases its memory).
     pub fn reset(&mut self, row: usize) {
         if let Some(len) = self.lens.get_mut(row) {
             *len = 0;
+            if !self.on_demand {
+                return;
+            }
             for layer in &mut self.layers {
                 layer.k[row].clear();
                 layer.v[row].clear();
