@@ -1,5 +1,7 @@
 //! Rotary position embedding: rotate pairs of query/key dimensions by position-dependent angles.
 
+use std::cell::RefCell;
+
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 
@@ -10,7 +12,15 @@ use crate::config::RopePairing;
 pub(crate) struct RopeAngles<B: Backend> {
     pub cos: Tensor<B, 4>,
     pub sin: Tensor<B, 4>,
+    /// Half-split tables `[cos, cos]` and `[-sin, sin]` materialized at the full `[batch, heads,
+    /// seq, head_dim]` shape of a query or key tensor, built on first use and shared by every
+    /// layer: same-shape contiguous operands take Flex's SIMD element-wise path, where a
+    /// broadcast table makes it walk both tensors element by element.
+    full: RefCell<Vec<FullTables<B>>>,
 }
+
+/// A shape and its `[cos, cos]` and `[-sin, sin]` tables.
+type FullTables<B> = ([usize; 4], Tensor<B, 4>, Tensor<B, 4>);
 
 impl<B: Backend> RopeAngles<B> {
     /// Angles for `positions[row][i]`, computed in f64 as `pos · θ^(-2k/head_dim)`.
@@ -36,7 +46,40 @@ impl<B: Backend> RopeAngles<B> {
         Self {
             cos: Tensor::from_data(TensorData::new(cos, shape), device),
             sin: Tensor::from_data(TensorData::new(sin, shape), device),
+            full: RefCell::new(Vec::new()),
         }
+    }
+
+    /// The half-split tables at `shape`, from the cache or built now.
+    fn full_tables(
+        &self,
+        shape: [usize; 4],
+        cos: Tensor<B, 4>,
+        sin: Tensor<B, 4>,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let dtype = cos.dtype();
+        if let Some((_, c, s)) = self
+            .full
+            .borrow()
+            .iter()
+            .find(|(s, c, _)| *s == shape && c.dtype() == dtype)
+        {
+            return (c.clone(), s.clone());
+        }
+        let [b, h, _, _] = shape;
+        let widen = |table: Tensor<B, 4>| {
+            let rows = table.dims()[0];
+            let table = if rows == b {
+                table
+            } else {
+                Tensor::cat(vec![table; b], 0)
+            };
+            Tensor::cat(vec![table; h], 1)
+        };
+        let c = widen(Tensor::cat(vec![cos.clone(), cos], 3));
+        let s = widen(Tensor::cat(vec![sin.clone().neg(), sin], 3));
+        self.full.borrow_mut().push((shape, c.clone(), s.clone()));
+        (c, s)
     }
 
     /// Rotates `x` of shape `[batch, heads, seq, head_dim]`, in `x`'s float dtype (the tables are
@@ -51,13 +94,15 @@ impl<B: Backend> RopeAngles<B> {
         }
         match pairing {
             RopePairing::HalfSplit => {
-                // x·[cos, cos] + [x₂, x₁]·[-sin, sin]: whole-row products that broadcast one
-                // `[seq, head_dim]` table over batch and heads (fast paths on every backend).
-                let cos_full = Tensor::cat(vec![cos.clone(), cos], 3);
-                let sin_full = Tensor::cat(vec![sin.clone().neg(), sin], 3);
+                // x·[cos, cos] + [x₂, x₁]·[-sin, sin], as products of contiguous same-shape
+                // tensors: `x` (a strided view of the QKV projection) is rebuilt contiguously by
+                // the same `cat` that forms the rotated halves.
+                let (cos_full, sin_full) = self.full_tables([b, h, t, d], cos, sin);
                 let x1 = x.clone().slice([0..b, 0..h, 0..t, 0..half]);
-                let x2 = x.clone().slice([0..b, 0..h, 0..t, half..d]);
-                x * cos_full + Tensor::cat(vec![x2, x1], 3) * sin_full
+                let x2 = x.slice([0..b, 0..h, 0..t, half..d]);
+                let straight = Tensor::cat(vec![x1.clone(), x2.clone()], 3);
+                let rotated = Tensor::cat(vec![x2, x1], 3);
+                straight * cos_full + rotated * sin_full
             }
             RopePairing::Interleaved => {
                 let pairs = x.reshape([b, h, t, half, 2]);
