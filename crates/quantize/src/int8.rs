@@ -105,17 +105,20 @@ impl Int8Matrix {
         {
             dst[..self.cols].copy_from_slice(src);
         }
-        // Each task owns a range of output features, computed for every input row while the
-        // weight rows are in cache; results land feature-major, then are transposed into `out`.
+        // Each task owns a range of output features. For each weight row it converts every block
+        // to f32 once and multiplies it with a group of input rows (register-blocked), so a batch
+        // of sequences costs little more weight traffic or conversion work than one sequence.
+        // Results land feature-major, then are transposed into `out`.
         let mut by_feature = vec![0f32; self.rows * n];
         let blocks = self.stride / BLOCK;
-        let dot = dot_fn();
+        let kernel = rows_fn();
         // One task per thread: decoding calls this ~200 times per token, and each extra task is a
         // thread wake-up.
         let per_task = self
             .rows
             .div_ceil(rayon::current_num_threads())
             .max(MIN_ROWS_PER_TASK);
+        let stride = self.stride;
         by_feature
             .par_chunks_mut(per_task * n)
             .enumerate()
@@ -123,10 +126,14 @@ impl Int8Matrix {
                 let first = task * per_task;
                 for (i, results) in chunk.chunks_mut(n).enumerate() {
                     let o = first + i;
-                    let q = &self.values[o * self.stride..(o + 1) * self.stride];
+                    let q = &self.values[o * stride..(o + 1) * stride];
                     let s = &self.scales[o * blocks..(o + 1) * blocks];
-                    for (r, result) in results.iter_mut().enumerate() {
-                        *result = dot(&padded[r * self.stride..(r + 1) * self.stride], q, s);
+                    let mut r = 0;
+                    while r < n {
+                        let group = [8, 4, 2, 1].into_iter().find(|&g| g <= n - r).unwrap_or(1);
+                        let x = &padded[r * stride..(r + group) * stride];
+                        kernel(x, stride, q, s, &mut results[r..r + group]);
+                        r += group;
                     }
                 }
             });
@@ -156,54 +163,121 @@ impl LinearKernel for Int8Matrix {
     }
 }
 
-type DotFn = fn(&[f32], &[i8], &[f32]) -> f32;
+/// `out[g] = Σ_b s[b] · x[g][b] · q[b]` for a group of input rows (`x` holds them `stride` apart).
+type RowsFn = fn(&[f32], usize, &[i8], &[f32], &mut [f32]);
 
-/// The fastest dot product this CPU runs (checked once per call of `matmul`; cheap).
-fn dot_fn() -> DotFn {
+/// The fastest version this CPU runs.
+fn rows_fn() -> RowsFn {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
-            return |x, q, s| unsafe { dot_avx512(x, q, s) };
+            return |x, stride, q, s, out| unsafe { rows_avx512(x, stride, q, s, out) };
         }
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
-            return |x, q, s| unsafe { dot_avx2(x, q, s) };
+            return |x, stride, q, s, out| unsafe { rows_avx2(x, stride, q, s, out) };
         }
     }
-    dot_portable
+    rows_portable
 }
 
-/// `Σ_b s[b] · Σ_i x[b·32 + i] · q[b·32 + i]`, written so the compiler vectorizes the inner block.
+/// Dispatches on the group size so each size gets its own register-blocked loop.
 #[inline(always)]
-fn dot_blocks(x: &[f32], q: &[i8], s: &[f32]) -> f32 {
-    let mut total = [0f32; 16];
-    for ((xb, qb), &scale) in x.chunks_exact(BLOCK).zip(q.chunks_exact(BLOCK)).zip(s) {
-        let mut acc = [0f32; 16];
-        for i in 0..16 {
-            acc[i] += xb[i] * f32::from(qb[i]);
-            acc[i] += xb[i + 16] * f32::from(qb[i + 16]);
-        }
-        for i in 0..16 {
-            total[i] += acc[i] * scale;
-        }
+fn rows_any(x: &[f32], stride: usize, q: &[i8], s: &[f32], out: &mut [f32]) {
+    match out.len() {
+        8 => rows_group::<8>(x, stride, q, s, out),
+        4 => rows_group::<4>(x, stride, q, s, out),
+        2 => rows_group::<2>(x, stride, q, s, out),
+        _ => rows_group::<1>(x, stride, q, s, out),
     }
-    total.iter().sum()
 }
 
-fn dot_portable(x: &[f32], q: &[i8], s: &[f32]) -> f32 {
-    dot_blocks(x, q, s)
+/// One weight row against `R` input rows: each block of 32 weights is widened and scaled once,
+/// then multiply-added into `R` accumulators of 16 lanes (written so the compiler vectorizes it).
+#[inline(always)]
+fn rows_group<const R: usize>(x: &[f32], stride: usize, q: &[i8], s: &[f32], out: &mut [f32]) {
+    let mut acc = [[0f32; 16]; R];
+    for (b, (qb, &scale)) in q.chunks_exact(BLOCK).zip(s).enumerate() {
+        let mut w = [0f32; BLOCK];
+        for i in 0..BLOCK {
+            w[i] = f32::from(qb[i]) * scale;
+        }
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let xb = &x[r * stride + b * BLOCK..r * stride + (b + 1) * BLOCK];
+            for i in 0..16 {
+                acc[i] += xb[i] * w[i] + xb[i + 16] * w[i + 16];
+            }
+        }
+    }
+    for (o, acc) in out.iter_mut().zip(&acc) {
+        *o = acc.iter().sum();
+    }
+}
+
+fn rows_portable(x: &[f32], stride: usize, q: &[i8], s: &[f32], out: &mut [f32]) {
+    rows_any(x, stride, q, s, out);
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
-unsafe fn dot_avx512(x: &[f32], q: &[i8], s: &[f32]) -> f32 {
-    dot_blocks(x, q, s)
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn rows_avx512(x: &[f32], stride: usize, q: &[i8], s: &[f32], out: &mut [f32]) {
+    match out.len() {
+        8 => rows_group_avx512::<8>(x, stride, q, s, out),
+        4 => rows_group_avx512::<4>(x, stride, q, s, out),
+        2 => rows_group_avx512::<2>(x, stride, q, s, out),
+        _ => rows_group_avx512::<1>(x, stride, q, s, out),
+    }
+}
+
+/// [`rows_group`] in AVX-512 intrinsics: per block, 32 `i8` widened to two vectors of f32 and
+/// scaled once, then two fused multiply-adds per input row into that row's accumulator.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+fn rows_group_avx512<const R: usize>(
+    x: &[f32],
+    stride: usize,
+    q: &[i8],
+    s: &[f32],
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let blocks = s.len();
+    assert!(
+        q.len() >= blocks * BLOCK,
+        "weight row shorter than its scales"
+    );
+    assert!(
+        x.len() >= (R - 1) * stride + blocks * BLOCK,
+        "input rows shorter than the weight row"
+    );
+    assert!(out.len() >= R, "fewer outputs than rows");
+    let mut acc = [_mm512_setzero_ps(); R];
+    for (b, &scale) in s.iter().enumerate() {
+        // SAFETY: `b * BLOCK + 32 <= q.len()` and `r * stride + b * BLOCK + 32 <= x.len()` for
+        // every `r < R`, by the asserts above; the loads are unaligned.
+        unsafe {
+            let qp = q.as_ptr().add(b * BLOCK);
+            let scale = _mm512_set1_ps(scale);
+            let lo = _mm512_cvtepi8_epi32(_mm_loadu_si128(qp.cast()));
+            let hi = _mm512_cvtepi8_epi32(_mm_loadu_si128(qp.add(16).cast()));
+            let w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(lo), scale);
+            let w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(hi), scale);
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let xp = x.as_ptr().add(r * stride + b * BLOCK);
+                *acc = _mm512_fmadd_ps(_mm512_loadu_ps(xp), w0, *acc);
+                *acc = _mm512_fmadd_ps(_mm512_loadu_ps(xp.add(16)), w1, *acc);
+            }
+        }
+    }
+    for (o, acc) in out.iter_mut().zip(acc) {
+        *o = _mm512_reduce_add_ps(acc);
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dot_avx2(x: &[f32], q: &[i8], s: &[f32]) -> f32 {
-    dot_blocks(x, q, s)
+unsafe fn rows_avx2(x: &[f32], stride: usize, q: &[i8], s: &[f32], out: &mut [f32]) {
+    rows_any(x, stride, q, s, out);
 }
 
 #[cfg(test)]
@@ -239,7 +313,13 @@ mod tests {
 
     #[test]
     fn matmul_equals_the_dequantized_product() {
-        for (rows, cols, n) in [(1, 32, 1), (130, 576, 1), (70, 45, 3), (200, 96, 16)] {
+        for (rows, cols, n) in [
+            (1, 32, 1),
+            (130, 576, 1),
+            (70, 45, 3),
+            (200, 96, 16),
+            (65, 64, 15),
+        ] {
             let w = matrix(rows, cols, 11);
             let x = matrix(n, cols, 5);
             let q = Int8Matrix::quantize(&w, rows, cols).unwrap();
@@ -261,8 +341,15 @@ mod tests {
             let mut xp = vec![0f32; stride];
             xp[..cols].copy_from_slice(&x[..cols]);
             let blocks = stride / BLOCK;
-            let portable = dot_portable(&xp, &q.values[..stride], &q.scales[..blocks]);
-            assert!((portable - out[0]).abs() <= 1e-4 * (1.0 + portable.abs()));
+            let mut portable = [0f32];
+            rows_portable(
+                &xp,
+                stride,
+                &q.values[..stride],
+                &q.scales[..blocks],
+                &mut portable,
+            );
+            assert!((portable[0] - out[0]).abs() <= 1e-4 * (1.0 + portable[0].abs()));
         }
     }
 

@@ -51,7 +51,7 @@ pub trait LinearKernel: Send + Sync + Debug {
 pub type Kernel = Option<Arc<dyn LinearKernel>>;
 
 /// Most rows a [`LinearKernel`] takes; larger products (prefill, training) use the backend.
-pub const KERNEL_MAX_ROWS: usize = 8;
+pub const KERNEL_MAX_ROWS: usize = 16;
 
 /// `layer` applied to `[batch, seq, d_in]` as one `[batch·seq, d_in]` matrix product, or through
 /// `kernel` when one is attached and the product is small.
