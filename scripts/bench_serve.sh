@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Serving throughput under load, same session, same GGUF, same requests:
 #   kiln serve (continuous batching, --max-batch-size 16), kiln serve --max-batch-size 1 (one request
-#   at a time), kiln serve --quantize int8, and llama-cpp-python's OpenAI server (--n_threads 2).
+#   at a time), kiln serve --quantize int8, and llama-cpp-python's OpenAI server (--n_threads 2), both
+#   as the issue runs it (its defaults interrupt a running stream when a request arrives) and with
+#   --interrupt_requests False (every request runs to completion, one at a time).
 # For 1, 4 and 16 concurrent streaming clients, each sending REQUESTS requests of MAX_TOKENS new
 # tokens (scripts/load_test.py): aggregate generated tokens/s and time to first token p50/p99.
 #
@@ -49,12 +51,17 @@ for variant in "16 none" "1 none" "16 int8"; do
   run_load "$name" | tee -a "$RESULTS"
   stop
 done
-python3 -m llama_cpp.server --model "$MODEL" --n_threads 2 --n_ctx 4096 --port "$PORT" \
-  --interrupt_requests False \
-  >/dev/null 2>&1 & SERVER_PID=$!
-wait_ready
-run_load "llama-cpp-python" | tee -a "$RESULTS"
-stop
+# The issue's peer command (llama-cpp-python's defaults: a new request interrupts the running stream,
+# so under load many streams end early) and the same server told to finish every request.
+for interrupt in True False; do
+  name="llama-cpp-python"
+  [ "$interrupt" = False ] && name="llama-cpp-python (no interrupts)"
+  python3 -m llama_cpp.server --model "$MODEL" --n_threads 2 --n_ctx 4096 --port "$PORT" \
+    --interrupt_requests "$interrupt" >/dev/null 2>&1 & SERVER_PID=$!
+  wait_ready
+  run_load "$name" | tee -a "$RESULTS"
+  stop
+done
 
 python3 - "$RESULTS" <<'PY'
 import json, sys
@@ -62,14 +69,16 @@ rows = {}
 for line in open(sys.argv[1]):
     name, clients, summary = line.rstrip("\n").split("\t")
     rows[(name, int(clients))] = json.loads(summary)
-print(f"\n| server | clients | tok/s | TTFT p50 | TTFT p99 | errors |")
-print("|---|---|---|---|---|---|")
+print(f"\n| server | clients | tok/s | TTFT p50 | TTFT p99 | errors | finish reasons |")
+print("|---|---|---|---|---|---|---|")
 for (name, c), s in rows.items():
-    print(f"| {name} | {c} | {s['tokens_per_s']:.1f} | {s['ttft_p50_s']} s | {s['ttft_p99_s']} s | {s['errors']} |")
+    print(f"| {name} | {c} | {s['tokens_per_s']:.1f} | {s['ttft_p50_s']} s | {s['ttft_p99_s']} s | {s['errors']} | {s['finish_reasons']} |")
 base = {c: s["tokens_per_s"] for (n, c), s in rows.items() if n == "kiln (batch 1)"}
 peer = {c: s["tokens_per_s"] for (n, c), s in rows.items() if n == "llama-cpp-python"}
+strict = {c: s["tokens_per_s"] for (n, c), s in rows.items() if n == "llama-cpp-python (no interrupts)"}
 for (n, c), s in rows.items():
-    if n == "kiln (batch 16)":
-        print(f"clients {c}: continuous batching {s['tokens_per_s'] / base[c]:.2f}x one-at-a-time, "
-              f"{s['tokens_per_s'] / peer[c]:.2f}x llama-cpp-python")
+    if n in ("kiln (batch 16)", "kiln int8 (batch 16)"):
+        print(f"{n}, clients {c}: {s['tokens_per_s'] / base[c]:.2f}x one-at-a-time, "
+              f"{s['tokens_per_s'] / peer[c]:.2f}x llama-cpp-python, "
+              f"{s['tokens_per_s'] / strict[c]:.2f}x llama-cpp-python without interrupts")
 PY
