@@ -1,7 +1,10 @@
 //! The `kiln` command line as other tools use it: the contract in its `--help`.
 
+mod common;
+
+use common::shared;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
 fn kiln(args: &[&str], stdin: &[u8]) -> Output {
@@ -24,21 +27,6 @@ fn ok(out: &Output) -> &[u8] {
         String::from_utf8_lossy(&out.stderr)
     );
     &out.stdout
-}
-
-fn shared(rel: &str) -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared")
-        .join(rel);
-    if p.exists() {
-        return Some(p);
-    }
-    assert!(
-        std::env::var("KILN_REQUIRE_SHARED").as_deref() != Ok("1"),
-        "{} missing",
-        p.display()
-    );
-    None
 }
 
 const TEXT: &str =

@@ -4,23 +4,12 @@
 //! Skipped with a note when `python3` or the package is missing, unless `KILN_REQUIRE_PYTHON=1`
 //! (set by `.ci/run`, which installs it).
 
+mod common;
+
+use common::python_has;
+
 use std::path::Path;
 use std::process::Command;
-
-fn python_has(module: &str) -> bool {
-    let ok = Command::new("python3")
-        .args(["-c", &format!("import {module}")])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            std::env::var("KILN_REQUIRE_PYTHON").as_deref() != Ok("1"),
-            "python3 with `{module}` is required (KILN_REQUIRE_PYTHON=1)"
-        );
-        eprintln!("note: python3 with `{module}` not found; skipping");
-    }
-    ok
-}
 
 #[test]
 fn python_hf_tokenizers_loads_kiln_tokenizers() {

@@ -4,46 +4,19 @@
 //! Needs `../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf` and `python3` with `openai`; skipped with
 //! a note when missing, unless `KILN_REQUIRE_SHARED=1` / `KILN_REQUIRE_PYTHON=1` (set by `.ci/run`).
 
+mod common;
+
+use common::{python_has, shared};
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
 const MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
-
-fn shared(rel: &str) -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared")
-        .join(rel);
-    if p.exists() {
-        return Some(p);
-    }
-    assert!(
-        std::env::var("KILN_REQUIRE_SHARED").as_deref() != Ok("1"),
-        "{} missing",
-        p.display()
-    );
-    eprintln!("note: {} missing; skipping", p.display());
-    None
-}
-
-fn python_has(module: &str) -> bool {
-    let ok = Command::new("python3")
-        .args(["-c", &format!("import {module}")])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            std::env::var("KILN_REQUIRE_PYTHON").as_deref() != Ok("1"),
-            "python3 with `{module}` is required (KILN_REQUIRE_PYTHON=1)"
-        );
-        eprintln!("note: python3 with `{module}` not found; skipping");
-    }
-    ok
-}
 
 /// A `kiln serve` process, killed when dropped.
 struct Server {

@@ -4,12 +4,10 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::Context;
 use clap::Args as ClapArgs;
-use kiln::backend::DefaultBackend;
 use kiln::transformer::chat::ChatMessage;
 use kiln::transformer::sampling::SamplingParams;
-use kiln::transformer::{GenerateParams, Generator, load_model};
+use kiln::transformer::{GenerateParams, Generator};
 
 #[derive(Debug, ClapArgs)]
 pub struct Args {
@@ -53,22 +51,8 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let device = Default::default();
-    let started = std::time::Instant::now();
-    let mut loaded = load_model::<DefaultBackend>(&args.model, &device)
-        .with_context(|| format!("loading {}", args.model.display()))?;
-    crate::cli::quantize(&mut loaded.model, args.quantize)?;
+    let loaded = crate::cli::load_for_inference(&args.model, args.quantize)?;
     let tokenizer = loaded.require_tokenizer()?;
-    let config = loaded.model.config();
-    eprintln!(
-        "loaded {} ({} layers, width {}, {:.1}M parameters) in {:.2}s on {}",
-        args.model.display(),
-        config.n_layers,
-        config.d_model,
-        config.num_params() as f64 / 1e6,
-        started.elapsed().as_secs_f64(),
-        kiln::backend::BACKEND_NAME,
-    );
 
     let mut prompt = if args.chat {
         let mut messages = Vec::new();

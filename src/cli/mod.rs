@@ -76,6 +76,29 @@ pub enum Quantize {
     Int8,
 }
 
+/// Loads `path` on the default backend, applies `--quantize`, and reports the model on stderr.
+fn load_for_inference(
+    path: &std::path::Path,
+    how: Quantize,
+) -> anyhow::Result<kiln::transformer::LoadedModel<kiln::backend::DefaultBackend>> {
+    use anyhow::Context;
+    let started = std::time::Instant::now();
+    let mut loaded = kiln::transformer::load_model(path, &Default::default())
+        .with_context(|| format!("loading {}", path.display()))?;
+    quantize(&mut loaded.model, how)?;
+    let config = loaded.model.config();
+    eprintln!(
+        "loaded {} ({} layers, width {}, {:.1}M parameters) in {:.2}s on {}",
+        path.display(),
+        config.n_layers,
+        config.d_model,
+        config.num_params() as f64 / 1e6,
+        started.elapsed().as_secs_f64(),
+        kiln::backend::BACKEND_NAME,
+    );
+    Ok(loaded)
+}
+
 /// Applies `--quantize` to a loaded model.
 fn quantize<B: burn::tensor::backend::Backend>(
     model: &mut kiln::transformer::Transformer<B>,

@@ -3,11 +3,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::Args as ClapArgs;
-use kiln::backend::DefaultBackend;
 use kiln::serve::{EngineConfig, ServeConfig, serve};
-use kiln::transformer::load_model;
 
 #[derive(Debug, ClapArgs)]
 pub struct Args {
@@ -54,11 +51,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let device = Default::default();
-    let started = std::time::Instant::now();
-    let mut loaded = load_model::<DefaultBackend>(&args.model, &device)
-        .with_context(|| format!("loading {}", args.model.display()))?;
-    crate::cli::quantize(&mut loaded.model, args.quantize)?;
+    let loaded = crate::cli::load_for_inference(&args.model, args.quantize)?;
     let config = loaded.model.config();
     let context = args
         .ctx_size
@@ -69,15 +62,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .file_stem()
             .map_or("kiln".into(), |s| s.to_string_lossy().into_owned())
     });
-    eprintln!(
-        "loaded {} ({} layers, width {}, {:.1}M parameters) in {:.2}s on {}",
-        args.model.display(),
-        config.n_layers,
-        config.d_model,
-        config.num_params() as f64 / 1e6,
-        started.elapsed().as_secs_f64(),
-        kiln::backend::BACKEND_NAME,
-    );
     let serve_config = ServeConfig {
         host: args.host,
         port: args.port,
