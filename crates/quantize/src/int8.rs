@@ -94,9 +94,24 @@ impl Int8Matrix {
     }
 
     /// `out[r·rows + o] = x[r] · row o` for `n` input rows (`x` is `[n, cols]`, `out` `[n, rows]`).
-    pub fn matmul(&self, x: &[f32], n: usize, out: &mut [f32]) {
-        assert_eq!(x.len(), n * self.cols, "input shape");
-        assert_eq!(out.len(), n * self.rows, "output shape");
+    pub fn matmul(&self, x: &[f32], n: usize, out: &mut [f32]) -> Result<(), QuantizeError> {
+        if x.len() != n * self.cols {
+            return Err(QuantizeError::Shape {
+                rows: n,
+                cols: self.cols,
+                len: x.len(),
+            });
+        }
+        if out.len() != n * self.rows {
+            return Err(QuantizeError::Shape {
+                rows: n,
+                cols: self.rows,
+                len: out.len(),
+            });
+        }
+        if n == 0 || self.rows == 0 {
+            return Ok(());
+        }
         // Inputs padded to whole blocks, so the dot product needs no tail handling.
         let mut padded = vec![0f32; n * self.stride];
         for (dst, src) in padded
@@ -146,6 +161,7 @@ impl Int8Matrix {
                 }
             }
         }
+        Ok(())
     }
 }
 
@@ -158,8 +174,9 @@ impl LinearKernel for Int8Matrix {
         self.rows
     }
 
-    fn forward(&self, x: &[f32], rows: usize, out: &mut [f32]) {
-        self.matmul(x, rows, out);
+    fn forward(&self, x: &[f32], rows: usize, out: &mut [f32]) -> kiln_transformer::Result<()> {
+        self.matmul(x, rows, out)
+            .map_err(|e| kiln_transformer::ModelError::InvalidArgument(e.to_string()))
     }
 }
 
@@ -325,7 +342,7 @@ mod tests {
             let q = Int8Matrix::quantize(&w, rows, cols).unwrap();
             let deq = q.dequantize();
             let mut out = vec![0f32; n * rows];
-            q.matmul(&x, n, &mut out);
+            q.matmul(&x, n, &mut out).unwrap();
             for r in 0..n {
                 for o in 0..rows {
                     let want: f32 = (0..cols).map(|i| x[r * cols + i] * deq[o * cols + i]).sum();
@@ -359,5 +376,11 @@ mod tests {
             Int8Matrix::quantize(&[1.0; 5], 2, 3),
             Err(QuantizeError::Shape { .. })
         ));
+        let q = Int8Matrix::quantize(&[1.0; 6], 2, 3).unwrap();
+        let mut out = [0.0; 2];
+        assert!(q.matmul(&[1.0; 4], 1, &mut out).is_err());
+        assert!(q.matmul(&[1.0; 3], 1, &mut [0.0; 3]).is_err());
+        assert!(q.matmul(&[1.0; 3], 1, &mut out).is_ok());
+        assert!(q.matmul(&[], 0, &mut []).is_ok());
     }
 }

@@ -43,8 +43,9 @@ pub trait LinearKernel: Send + Sync + Debug {
     fn in_features(&self) -> usize;
     /// Width of each output row.
     fn out_features(&self) -> usize;
-    /// `out[r] = x[r] · Wᵀ` for `rows` rows laid out one after another.
-    fn forward(&self, x: &[f32], rows: usize, out: &mut [f32]);
+    /// `out[r] = x[r] · Wᵀ` for `rows` rows laid out one after another; an error (the caller then
+    /// uses the backend's product) when the slices do not have those shapes.
+    fn forward(&self, x: &[f32], rows: usize, out: &mut [f32]) -> crate::Result<()>;
 }
 
 /// A layer's optional [`LinearKernel`].
@@ -81,7 +82,8 @@ pub(crate) fn project<B: Backend>(
     y.reshape([b, t, n])
 }
 
-/// `x` (`[.., d]`, `rows` rows) through `kernel` on the host; `None` if `x` cannot be read as f32.
+/// `x` (`[.., d]`, `rows` rows) through `kernel` on the host; `None` if `x` cannot be read as f32 or
+/// the kernel refuses the shapes.
 pub(crate) fn run_kernel<B: Backend, const D: usize>(
     kernel: &dyn LinearKernel,
     x: Tensor<B, D>,
@@ -91,7 +93,7 @@ pub(crate) fn run_kernel<B: Backend, const D: usize>(
     let input = x.into_data().convert::<f32>().into_vec::<f32>().ok()?;
     let n = kernel.out_features();
     let mut out = vec![0.0f32; rows * n];
-    kernel.forward(&input, rows, &mut out);
+    kernel.forward(&input, rows, &mut out).ok()?;
     Some(Tensor::from_data(TensorData::new(out, [rows, n]), &device))
 }
 
