@@ -274,10 +274,7 @@ async fn completions(State(state): State<Shared>, body: Body) -> Response {
                         ),
                     ));
                 }
-                Prompt {
-                    ids,
-                    ..Prompt::text(&state.tokenizer, "")
-                }
+                Prompt::ids(&state.tokenizer, ids)
             }
         };
         start(

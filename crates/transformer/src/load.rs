@@ -79,6 +79,15 @@ impl Prompt {
         }
     }
 
+    /// Token ids used as given; stops at end of text.
+    pub fn ids(tokenizer: &Tokenizer, ids: Vec<u32>) -> Self {
+        Self {
+            ids,
+            stop_ids: end_of_text_ids(tokenizer),
+            stop_strings: Vec::new(),
+        }
+    }
+
     /// `messages` rendered with `template`, ready for the assistant's turn; stops at the end of
     /// that turn.
     pub fn chat(
