@@ -107,6 +107,20 @@ fn loss_falls_and_a_checkpoint_is_written() {
     assert!(metrics.lines().any(|l| l.contains("\"tokens_per_s\"")));
 }
 
+/// A one-layer, 8-wide GPT for tests that inspect parameters rather than train.
+fn micro_gpt() -> ModelConfig {
+    ModelConfig {
+        vocab_size: 50,
+        context_length: 8,
+        n_layers: 1,
+        n_heads: 2,
+        n_kv_heads: 2,
+        d_model: 8,
+        d_ff: 16,
+        ..ModelConfig::gpt2_124m()
+    }
+}
+
 fn losses(trainer: &mut Trainer<B>, steps: usize) -> Vec<f64> {
     (0..steps).map(|_| trainer.step().unwrap().loss).collect()
 }
@@ -169,16 +183,9 @@ fn a_nan_step_is_skipped_and_training_continues() {
 fn global_norm_clipping_and_parameter_groups() {
     let _serial = serial();
     let config = ModelConfig {
-        vocab_size: 50,
-        context_length: 8,
-        n_layers: 1,
-        n_heads: 2,
-        n_kv_heads: 2,
-        d_model: 8,
-        d_ff: 16,
         bias: true,
         tied_embeddings: true,
-        ..ModelConfig::gpt2_124m()
+        ..micro_gpt()
     };
     let device = Default::default();
     let model: Transformer<B> = config.init(&device).unwrap();
@@ -259,16 +266,7 @@ fn bad_configs_are_clear_errors() {
 #[test]
 fn embedding_decay_is_opt_in() {
     let _serial = serial();
-    let config = ModelConfig {
-        vocab_size: 50,
-        context_length: 8,
-        n_layers: 1,
-        n_heads: 2,
-        n_kv_heads: 2,
-        d_model: 8,
-        d_ff: 16,
-        ..ModelConfig::gpt2_124m()
-    };
+    let config = micro_gpt();
     let model: Transformer<B> = config.init(&Default::default()).unwrap();
     let infos = param_infos::<B, _>(&model);
     let emb = infos.iter().find(|p| p.path == "tok_emb.weight").unwrap();
@@ -338,15 +336,8 @@ fn f16_with_loss_scaling_trains() {
 fn the_compute_copy_runs_in_low_precision_and_hands_f32_gradients_to_the_master_weights() {
     let _serial = serial();
     let config = ModelConfig {
-        vocab_size: 50,
-        context_length: 8,
-        n_layers: 1,
-        n_heads: 2,
-        n_kv_heads: 2,
-        d_model: 8,
-        d_ff: 16,
         bias: true,
-        ..ModelConfig::gpt2_124m()
+        ..micro_gpt()
     };
     let device = Default::default();
     // Fresh (lazily initialized) parameters: the copy must still share the master weights.
