@@ -13,6 +13,19 @@ use kiln::trainer::optimizer::GroupedAdamW;
 use kiln::transformer::{ModelConfig, Transformer};
 
 fn bench_model(c: &mut Criterion, name: &str, config: ModelConfig, batch: usize, seq: usize) {
+    // Burn's composed ops, then Kiln's fused kernels, in the same run.
+    for fused in [false, true] {
+        if fused {
+            kiln::fused::install();
+        } else {
+            kiln::fused::uninstall();
+        }
+        let label = if fused { "fused" } else { "burn_ops" };
+        bench_step(c, &format!("{name}/{label}"), config.clone(), batch, seq);
+    }
+}
+
+fn bench_step(c: &mut Criterion, name: &str, config: ModelConfig, batch: usize, seq: usize) {
     let device = Default::default();
     let mut model: Option<Transformer<B>> = Some(config.init(&device).expect("model"));
     let mut optim = GroupedAdamW::new(model.as_ref().expect("model"), 0.9, 0.99, 1e-8, 0.1);

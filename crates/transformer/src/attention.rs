@@ -118,6 +118,8 @@ impl<B: Backend> Attention<B> {
                 is_causal: false,
             };
             attention(q, k, v, mask, None, options).reshape([b, t, h * d])
+        } else if let Some(y) = fused_causal(ctx, &q, &k, &v) {
+            y.swap_dims(1, 2).reshape([b, t, h * d])
         } else {
             let k = repeat_kv(k, h / kvh);
             let v = repeat_kv(v, h / kvh);
@@ -132,6 +134,20 @@ impl<B: Backend> Attention<B> {
         self.dropout
             .forward(project(&self.proj, &self.kernels[1], y))
     }
+}
+
+/// The backend's fused causal attention, when one is installed and the pass is a plain causal one
+/// (no padding mask, no cache).
+fn fused_causal<B: Backend>(
+    ctx: &AttentionContext<B>,
+    q: &Tensor<B, 4>,
+    k: &Tensor<B, 4>,
+    v: &Tensor<B, 4>,
+) -> Option<Tensor<B, 4>> {
+    if ctx.mask.is_some() || ctx.cache.is_some() {
+        return None;
+    }
+    crate::fused::installed::<B>()?.causal_attention(q, k, v)
 }
 
 /// Repeats each key/value head `n` times so grouped-query attention lines up with the query heads.

@@ -13,6 +13,7 @@ pub mod chat;
 mod config;
 pub mod dequant;
 mod error;
+pub mod fused;
 mod generate;
 mod gguf_model;
 mod hf;

@@ -60,7 +60,13 @@ impl<B: Backend> Mlp<B> {
         let h = match (&self.gate, self.kind) {
             (Some(gate), _) => silu(project(gate, gate_k, x.clone())) * project(&self.up, up_k, x),
             (None, 0) => gelu_approximate(project(&self.up, up_k, x)),
-            (None, _) => gelu(project(&self.up, up_k, x)),
+            (None, _) => {
+                let h = project(&self.up, up_k, x);
+                match crate::fused::installed::<B>().and_then(|f| f.gelu(&h)) {
+                    Some(y) => y,
+                    None => gelu(h),
+                }
+            }
         };
         self.dropout.forward(project(&self.down, down_k, h))
     }

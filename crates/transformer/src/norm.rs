@@ -38,6 +38,17 @@ impl<B: Backend> Norm<B> {
 
     /// Normalizes over the last dimension.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        if !self.rms
+            && D == 3
+            && let Some(fused) = crate::fused::installed::<B>()
+        {
+            let weight = self.weight.val();
+            let bias = self.bias.as_ref().map(|b| b.val());
+            let x3: Tensor<B, 3> = x.clone().reshape(x.shape());
+            if let Some(y) = fused.layer_norm(&x3, &weight, bias.as_ref(), self.eps) {
+                return y.reshape(x.shape());
+            }
+        }
         let x = if self.rms {
             let inv = x
                 .clone()

@@ -1,0 +1,343 @@
+//! Causal attention in one pass per head, forward and backward, on f32 Flex tensors.
+//!
+//! Burn's composed attention materializes a broadcast causal mask, copies it to a contiguous
+//! buffer for every `mask_fill` (forward and backward), and runs a dozen element-wise passes over
+//! the `[batch, heads, seq, seq]` scores, each recorded for autodiff. Here each (batch, KV head)
+//! group is one task: the scores of a block of 64 queries are one matrix product that stops at
+//! the block's last key (the causal triangle, not the square), the softmax runs in place, and the
+//! backward pass is the four products of the textbook gradient. Queries, keys and values are read
+//! through their strides, so the heads split out of the fused QKV projection are never copied.
+
+use burn::tensor::TensorData;
+use burn_flex::FlexTensor;
+use rayon::prelude::*;
+
+use super::math;
+use super::strided::{Operand, SharedOut, StridedF32, matmul};
+
+/// Queries per block of the score matrix.
+const BLOCK: usize = 64;
+
+/// The sizes of one attention call.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Dims {
+    batch: usize,
+    heads: usize,
+    kv_heads: usize,
+    seq: usize,
+    dim: usize,
+}
+
+impl Dims {
+    /// The sizes of `q` `[b, h, t, d]` against `k`, `v` `[b, kvh, t, d]`, if they fit together.
+    pub fn of(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor) -> Option<Self> {
+        let (q, k, v) = (q.layout().shape(), k.layout().shape(), v.layout().shape());
+        if q.num_dims() != 4 || k.num_dims() != 4 || k.dims::<4>() != v.dims::<4>() {
+            return None;
+        }
+        let ([b, h, t, d], [kb, kvh, kt, kd]) = (q.dims::<4>(), k.dims::<4>());
+        (kb == b && kt == t && kd == d && kvh > 0 && h % kvh == 0 && t > 0 && d > 0).then_some(
+            Self {
+                batch: b,
+                heads: h,
+                kv_heads: kvh,
+                seq: t,
+                dim: d,
+            },
+        )
+    }
+
+    fn group(&self) -> usize {
+        self.heads / self.kv_heads
+    }
+
+    fn scale(&self) -> f32 {
+        1.0 / (self.dim as f32).sqrt()
+    }
+}
+
+/// A `[b, heads, t, d]` result stored as `[b, t, heads, d]`, so that the caller's
+/// `swap_dims(1, 2)` back to token-major order is free.
+struct TokenMajor {
+    data: Vec<f32>,
+    dims: [usize; 4],
+}
+
+impl TokenMajor {
+    fn zeros(batch: usize, heads: usize, seq: usize, dim: usize) -> Self {
+        Self {
+            data: vec![0.0; batch * seq * heads * dim],
+            dims: [batch, heads, seq, dim],
+        }
+    }
+
+    /// Offset of row `(b, head, i)`.
+    fn offset(&self, b: usize, head: usize, i: usize) -> usize {
+        let [_, heads, seq, dim] = self.dims;
+        ((b * seq + i) * heads + head) * dim
+    }
+
+    fn into_tensor(self) -> FlexTensor {
+        let [b, h, t, d] = self.dims;
+        FlexTensor::from_data(TensorData::new(self.data, [b, t, h, d])).transpose(1, 2)
+    }
+}
+
+/// Per-task scratch buffers.
+struct Scratch {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    y: Vec<f32>,
+    scores: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(dims: &Dims, with_scores: bool) -> Self {
+        let (t, d) = (dims.seq, dims.dim);
+        Self {
+            q: vec![0.0; t * d],
+            k: vec![0.0; t * d],
+            v: vec![0.0; t * d],
+            y: vec![0.0; t * d],
+            scores: if with_scores {
+                vec![0.0; t * t]
+            } else {
+                Vec::new()
+            },
+        }
+    }
+}
+
+/// Copies head `head` of batch row `b` (`[t, d]`) into `out`.
+fn gather(view: &StridedF32<'_, 4>, b: usize, head: usize, out: &mut [f32]) {
+    let [_, _, t, d] = view.shape;
+    for i in 0..t {
+        view.row([b, head, i, 0], d, &mut out[i * d..(i + 1) * d]);
+    }
+}
+
+/// Writes `rows` (`[t, d]`) as head `head` of batch row `b` of `out`.
+fn scatter(out: SharedOut, layout: &TokenMajor, b: usize, head: usize, rows: &[f32]) {
+    let [_, _, t, d] = layout.dims;
+    for i in 0..t {
+        // SAFETY: row (b, head, i) of the output belongs to this task alone and lies inside it.
+        unsafe { out.write(layout.offset(b, head, i), &rows[i * d..(i + 1) * d]) }
+    }
+}
+
+/// Query blocks `(start, end)` covering `0..t`.
+fn blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..t).step_by(BLOCK).map(move |s| (s, (s + BLOCK).min(t)))
+}
+
+/// Causal softmax probabilities of one head into `probs` (`[t, t]`, zero above the diagonal).
+fn head_probs(dims: &Dims, q: &[f32], k: &[f32], probs: &mut [f32]) {
+    let (t, d) = (dims.seq, dims.dim);
+    for (r0, r1) in blocks(t) {
+        matmul(
+            &mut probs[r0 * t..],
+            t,
+            false,
+            Operand::rows(&q[r0 * d..], r1 - r0, d, d),
+            Operand::transposed(k, d, r1, d),
+            dims.scale(),
+        );
+    }
+    for (i, row) in probs.chunks_exact_mut(t).enumerate() {
+        let (seen, future) = row.split_at_mut(i + 1);
+        let max = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        math::exp_shifted_in_place(seen, max);
+        let inv = 1.0 / math::sum(seen);
+        seen.iter_mut().for_each(|p| *p *= inv);
+        future.fill(0.0);
+    }
+}
+
+/// `y = probs · v` for one head, using only the causal part of `probs`.
+fn head_output(dims: &Dims, probs: &[f32], v: &[f32], y: &mut [f32]) {
+    let (t, d) = (dims.seq, dims.dim);
+    for (r0, r1) in blocks(t) {
+        matmul(
+            &mut y[r0 * d..],
+            d,
+            false,
+            Operand::rows(&probs[r0 * t..], r1 - r0, r1, t),
+            Operand::rows(v, r1, d, d),
+            1.0,
+        );
+    }
+}
+
+/// The attention output `[b, h, t, d]` and, when `keep_probs`, the probabilities
+/// `[b, h, t, t]` the backward pass needs. `None` when the inputs are not f32 or do not fit.
+pub(crate) fn forward(
+    q: &FlexTensor,
+    k: &FlexTensor,
+    v: &FlexTensor,
+    keep_probs: bool,
+) -> Option<(FlexTensor, Option<FlexTensor>)> {
+    let dims = Dims::of(q, k, v)?;
+    let (qv, kv, vv) = (
+        StridedF32::<4>::new(q)?,
+        StridedF32::<4>::new(k)?,
+        StridedF32::<4>::new(v)?,
+    );
+    let (t, rep) = (dims.seq, dims.group());
+    let mut out = TokenMajor::zeros(dims.batch, dims.heads, t, dims.dim);
+    let mut probs = vec![
+        0.0f32;
+        if keep_probs {
+            dims.batch * dims.heads * t * t
+        } else {
+            0
+        }
+    ];
+    let shared = SharedOut::new(&mut out.data);
+    let group_probs = rep * t * t;
+    let tasks: Vec<(usize, &mut [f32])> = if keep_probs {
+        probs.chunks_mut(group_probs).enumerate().collect()
+    } else {
+        (0..dims.batch * dims.kv_heads)
+            .map(|g| (g, &mut [][..]))
+            .collect()
+    };
+    tasks.into_par_iter().for_each_init(
+        || Scratch::new(&dims, !keep_probs),
+        |s, (group, kept)| {
+            let (b, g) = (group / dims.kv_heads, group % dims.kv_heads);
+            gather(&kv, b, g, &mut s.k);
+            gather(&vv, b, g, &mut s.v);
+            for r in 0..rep {
+                let head = g * rep + r;
+                gather(&qv, b, head, &mut s.q);
+                let head_probs_buf = if keep_probs {
+                    &mut kept[r * t * t..(r + 1) * t * t]
+                } else {
+                    &mut s.scores[..]
+                };
+                head_probs(&dims, &s.q, &s.k, head_probs_buf);
+                head_output(&dims, head_probs_buf, &s.v, &mut s.y);
+                scatter(shared, &out, b, head, &s.y);
+            }
+        },
+    );
+    let probs = keep_probs
+        .then(|| FlexTensor::from_data(TensorData::new(probs, [dims.batch, dims.heads, t, t])));
+    Some((out.into_tensor(), probs))
+}
+
+/// Gradients `(dq, dk, dv)` of the attention output given `grad` (`[b, h, t, d]`), from the
+/// inputs and the probabilities [`forward`] kept. `None` when the tensors do not fit together.
+pub(crate) fn backward(
+    q: &FlexTensor,
+    k: &FlexTensor,
+    v: &FlexTensor,
+    probs: &FlexTensor,
+    grad: &FlexTensor,
+) -> Option<(FlexTensor, FlexTensor, FlexTensor)> {
+    let dims = Dims::of(q, k, v)?;
+    let grad = super::strided::readable::<4>(grad)?;
+    let (qv, kv, vv, gv) = (
+        StridedF32::<4>::new(q)?,
+        StridedF32::<4>::new(k)?,
+        StridedF32::<4>::new(v)?,
+        StridedF32::<4>::new(&grad)?,
+    );
+    let probs = probs.as_slice::<f32>()?;
+    let (t, d, rep, scale) = (dims.seq, dims.dim, dims.group(), dims.scale());
+    if gv.shape != qv.shape || probs.len() != dims.batch * dims.heads * t * t {
+        return None;
+    }
+    let mut dq = TokenMajor::zeros(dims.batch, dims.heads, t, d);
+    let mut dk = TokenMajor::zeros(dims.batch, dims.kv_heads, t, d);
+    let mut dv = TokenMajor::zeros(dims.batch, dims.kv_heads, t, d);
+    let (dq_out, dk_out, dv_out) = (
+        SharedOut::new(&mut dq.data),
+        SharedOut::new(&mut dk.data),
+        SharedOut::new(&mut dv.data),
+    );
+    (0..dims.batch * dims.kv_heads)
+        .into_par_iter()
+        .for_each_init(
+            || {
+                (
+                    Scratch::new(&dims, true),
+                    vec![0.0f32; t * d],
+                    vec![0.0f32; t * d],
+                )
+            },
+            |(s, dk_head, dv_head), group| {
+                let (b, g) = (group / dims.kv_heads, group % dims.kv_heads);
+                gather(&kv, b, g, &mut s.k);
+                gather(&vv, b, g, &mut s.v);
+                dk_head.fill(0.0);
+                dv_head.fill(0.0);
+                for r in 0..rep {
+                    let head = g * rep + r;
+                    let p = &probs[(b * dims.heads + head) * t * t..][..t * t];
+                    gather(&qv, b, head, &mut s.q);
+                    // `s.y` holds the output gradient of this head.
+                    gather(&gv, b, head, &mut s.y);
+                    // dV += Pᵀ · dY, key block by key block (rows c0.. of P are the only non-zero ones).
+                    for (c0, c1) in blocks(t) {
+                        matmul(
+                            &mut dv_head[c0 * d..],
+                            d,
+                            true,
+                            Operand::transposed(&p[c0 * t + c0..], c1 - c0, t - c0, t),
+                            Operand::rows(&s.y[c0 * d..], t - c0, d, d),
+                            1.0,
+                        );
+                    }
+                    // dP = dY · Vᵀ on the causal blocks, then dS = P ⊙ (dP − rowsum(P ⊙ dP)) · scale.
+                    let ds = &mut s.scores;
+                    for (r0, r1) in blocks(t) {
+                        matmul(
+                            &mut ds[r0 * t..],
+                            t,
+                            false,
+                            Operand::rows(&s.y[r0 * d..], r1 - r0, d, d),
+                            Operand::transposed(&s.v, d, r1, d),
+                            1.0,
+                        );
+                    }
+                    for i in 0..t {
+                        let (p_row, ds_row) =
+                            (&p[i * t..i * t + i + 1], &mut ds[i * t..(i + 1) * t]);
+                        let centre = math::dot(p_row, &ds_row[..=i]);
+                        for (x, &pj) in ds_row[..=i].iter_mut().zip(p_row) {
+                            *x = pj * (*x - centre) * scale;
+                        }
+                        ds_row[i + 1..].fill(0.0);
+                    }
+                    // dQ = dS · K.
+                    for (r0, r1) in blocks(t) {
+                        matmul(
+                            &mut s.y[r0 * d..],
+                            d,
+                            false,
+                            Operand::rows(&ds[r0 * t..], r1 - r0, r1, t),
+                            Operand::rows(&s.k, r1, d, d),
+                            1.0,
+                        );
+                    }
+                    scatter(dq_out, &dq, b, head, &s.y);
+                    // dK += dSᵀ · Q.
+                    for (c0, c1) in blocks(t) {
+                        matmul(
+                            &mut dk_head[c0 * d..],
+                            d,
+                            true,
+                            Operand::transposed(&ds[c0 * t + c0..], c1 - c0, t - c0, t),
+                            Operand::rows(&s.q[c0 * d..], t - c0, d, d),
+                            1.0,
+                        );
+                    }
+                }
+                scatter(dk_out, &dk, b, g, dk_head);
+                scatter(dv_out, &dv, b, g, dv_head);
+            },
+        );
+    Some((dq.into_tensor(), dk.into_tensor(), dv.into_tensor()))
+}

@@ -1,0 +1,48 @@
+//! Exact (erf) GELU, forward and backward, on f32 Flex tensors with a vectorized `erf`
+//! (Flex calls libm's scalar `erff` for every element, in both passes).
+
+use burn::tensor::{DType, TensorData};
+use burn_flex::FlexTensor;
+use rayon::prelude::*;
+
+use super::math;
+
+/// Elements per parallel task.
+const CHUNK: usize = 16 * 1024;
+
+/// `x · Φ(x)`; `None` unless `x` is f32.
+pub(crate) fn forward(x: &FlexTensor) -> Option<FlexTensor> {
+    if x.dtype() != DType::F32 {
+        return None;
+    }
+    let x = x.to_contiguous();
+    let xs = x.as_slice::<f32>()?;
+    let mut y = vec![0.0f32; xs.len()];
+    y.par_chunks_mut(CHUNK)
+        .zip(xs.par_chunks(CHUNK))
+        .for_each(|(y, x)| math::gelu(x, y));
+    Some(FlexTensor::from_data(TensorData::new(
+        y,
+        x.layout().shape().clone(),
+    )))
+}
+
+/// `grad · (Φ(x) + x·φ(x))`; `None` unless both are f32 of the same size.
+pub(crate) fn backward(x: &FlexTensor, grad: &FlexTensor) -> Option<FlexTensor> {
+    if x.dtype() != DType::F32 || grad.dtype() != DType::F32 {
+        return None;
+    }
+    let (x, grad) = (x.to_contiguous(), grad.to_contiguous());
+    let (xs, gs) = (x.as_slice::<f32>()?, grad.as_slice::<f32>()?);
+    if xs.len() != gs.len() {
+        return None;
+    }
+    let mut dx = vec![0.0f32; xs.len()];
+    dx.par_chunks_mut(CHUNK)
+        .zip(xs.par_chunks(CHUNK).zip(gs.par_chunks(CHUNK)))
+        .for_each(|(dx, (x, g))| math::gelu_backward(x, g, dx));
+    Some(FlexTensor::from_data(TensorData::new(
+        dx,
+        x.layout().shape().clone(),
+    )))
+}

@@ -1,0 +1,257 @@
+//! Kiln's fused CPU kernels for Burn's Flex backend: causal attention, LayerNorm and exact GELU,
+//! each one kernel forward and one backward instead of a chain of recorded tensor ops.
+//!
+//! They plug into the model through [`kiln_transformer::fused`]: [`install`] registers them for
+//! Flex (inference and evaluation) and for Flex under autodiff (training, with or without
+//! activation checkpointing). The `kiln` binary, the examples and the benches call it at start-up;
+//! a program that does not gets the same results from Burn's composed ops, more slowly.
+//!
+//! Only f32 tensors take the fused path; other dtypes (BF16/F16 compute) fall back.
+
+mod attention;
+mod gelu;
+mod layer_norm;
+mod math;
+mod strided;
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+
+use burn::backend::Autodiff;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, CheckpointStrategy};
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorPrimitive};
+use burn_flex::{Flex, FlexTensor};
+use kiln_transformer::fused::FusedOps;
+
+/// Registers the fused kernels for [`Flex`] and for `Autodiff<Flex>` (both checkpointing
+/// strategies). Idempotent.
+pub fn install() {
+    kiln_transformer::fused::install::<Flex>(Some(Arc::new(FlexKernels)));
+    kiln_transformer::fused::install::<Autodiff<Flex>>(Some(Arc::new(FlexKernels)));
+    kiln_transformer::fused::install::<Autodiff<Flex, BalancedCheckpointing>>(Some(Arc::new(
+        FlexKernels,
+    )));
+}
+
+/// Removes what [`install`] registered (Burn's composed ops run again).
+pub fn uninstall() {
+    kiln_transformer::fused::install::<Flex>(None);
+    kiln_transformer::fused::install::<Autodiff<Flex>>(None);
+    kiln_transformer::fused::install::<Autodiff<Flex, BalancedCheckpointing>>(None);
+}
+
+/// The fused kernels, for Flex with and without autodiff.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FlexKernels;
+
+fn primitive<B: Backend, const D: usize>(tensor: &Tensor<B, D>) -> B::FloatTensorPrimitive {
+    tensor.clone().into_primitive().tensor()
+}
+
+fn wrap<B: Backend, const D: usize>(primitive: B::FloatTensorPrimitive) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(primitive))
+}
+
+impl FusedOps<Flex> for FlexKernels {
+    fn causal_attention(
+        &self,
+        q: &Tensor<Flex, 4>,
+        k: &Tensor<Flex, 4>,
+        v: &Tensor<Flex, 4>,
+    ) -> Option<Tensor<Flex, 4>> {
+        let (y, _) = attention::forward(&primitive(q), &primitive(k), &primitive(v), false)?;
+        Some(wrap(y))
+    }
+
+    fn layer_norm(
+        &self,
+        x: &Tensor<Flex, 3>,
+        weight: &Tensor<Flex, 1>,
+        bias: Option<&Tensor<Flex, 1>>,
+        eps: f64,
+    ) -> Option<Tensor<Flex, 3>> {
+        let bias = bias.map(primitive);
+        let (y, _) = layer_norm::forward(&primitive(x), &primitive(weight), bias.as_ref(), eps)?;
+        Some(wrap(y))
+    }
+
+    fn gelu(&self, x: &Tensor<Flex, 3>) -> Option<Tensor<Flex, 3>> {
+        gelu::forward(&primitive(x)).map(wrap)
+    }
+}
+
+type Ad<C> = Autodiff<Flex, C>;
+
+/// The backward kernels only fail on tensors that the forward kernel already accepted.
+const CHECKED_IN_FORWARD: &str = "fused kernel inputs were validated in the forward pass";
+
+#[derive(Debug)]
+struct AttentionBackward;
+
+#[derive(Clone, Debug)]
+struct AttentionState {
+    q: FlexTensor,
+    k: FlexTensor,
+    v: FlexTensor,
+    probs: FlexTensor,
+}
+
+impl Backward<Flex, 3> for AttentionBackward {
+    type State = AttentionState;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<Flex>(&ops.node);
+        let s = ops.state;
+        let (dq, dk, dv) =
+            attention::backward(&s.q, &s.k, &s.v, &s.probs, &grad).expect(CHECKED_IN_FORWARD);
+        for (parent, grad) in ops.parents.into_iter().zip([dq, dk, dv]) {
+            if let Some(node) = parent {
+                grads.register::<Flex>(node.id, grad);
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct LayerNormBackward;
+
+impl LayerNormBackward {
+    fn run<const N: usize>(ops: Ops<layer_norm::Saved, N>, grads: &mut Gradients) {
+        let grad = grads.consume::<Flex>(&ops.node);
+        let (dx, dw, db) = layer_norm::backward(&ops.state, &grad).expect(CHECKED_IN_FORWARD);
+        for (parent, grad) in ops.parents.into_iter().zip([dx, dw, db]) {
+            if let Some(node) = parent {
+                grads.register::<Flex>(node.id, grad);
+            }
+        }
+    }
+}
+
+impl Backward<Flex, 2> for LayerNormBackward {
+    type State = layer_norm::Saved;
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        Self::run(ops, grads)
+    }
+}
+
+impl Backward<Flex, 3> for LayerNormBackward {
+    type State = layer_norm::Saved;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        Self::run(ops, grads)
+    }
+}
+
+#[derive(Debug)]
+struct GeluBackward;
+
+impl Backward<Flex, 1> for GeluBackward {
+    type State = FlexTensor;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<Flex>(&ops.node);
+        if let [Some(node)] = ops.parents {
+            let dx = gelu::backward(&ops.state, &grad).expect(CHECKED_IN_FORWARD);
+            grads.register::<Flex>(node.id, dx);
+        }
+    }
+}
+
+impl<C: CheckpointStrategy> FusedOps<Ad<C>> for FlexKernels {
+    fn causal_attention(
+        &self,
+        q: &Tensor<Ad<C>, 4>,
+        k: &Tensor<Ad<C>, 4>,
+        v: &Tensor<Ad<C>, 4>,
+    ) -> Option<Tensor<Ad<C>, 4>> {
+        let (q, k, v) = (primitive(q), primitive(k), primitive(v));
+        let prep = AttentionBackward
+            .prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()])
+            .compute_bound()
+            .stateful();
+        let output = match prep {
+            OpsKind::Tracked(prep) => {
+                let (y, probs) =
+                    attention::forward(&q.primitive, &k.primitive, &v.primitive, true)?;
+                let state = AttentionState {
+                    q: q.primitive,
+                    k: k.primitive,
+                    v: v.primitive,
+                    probs: probs?,
+                };
+                prep.finish(state, y)
+            }
+            OpsKind::UnTracked(prep) => {
+                let (y, _) = attention::forward(&q.primitive, &k.primitive, &v.primitive, false)?;
+                prep.finish(y)
+            }
+        };
+        Some(wrap(output))
+    }
+
+    fn layer_norm(
+        &self,
+        x: &Tensor<Ad<C>, 3>,
+        weight: &Tensor<Ad<C>, 1>,
+        bias: Option<&Tensor<Ad<C>, 1>>,
+        eps: f64,
+    ) -> Option<Tensor<Ad<C>, 3>> {
+        let (x, weight) = (primitive(x), primitive(weight));
+        let bias = bias.map(primitive);
+        let (y, saved) = layer_norm::forward(
+            &x.primitive,
+            &weight.primitive,
+            bias.as_ref().map(|b| &b.primitive),
+            eps,
+        )?;
+        let output = match &bias {
+            Some(bias) => {
+                let nodes = [x.node.clone(), weight.node.clone(), bias.node.clone()];
+                match <LayerNormBackward as Backward<Flex, 3>>::prepare::<C>(
+                    LayerNormBackward,
+                    nodes,
+                )
+                .compute_bound()
+                .stateful()
+                {
+                    OpsKind::Tracked(prep) => prep.finish(saved, y),
+                    OpsKind::UnTracked(prep) => prep.finish(y),
+                }
+            }
+            None => {
+                let nodes = [x.node.clone(), weight.node.clone()];
+                match <LayerNormBackward as Backward<Flex, 2>>::prepare::<C>(
+                    LayerNormBackward,
+                    nodes,
+                )
+                .compute_bound()
+                .stateful()
+                {
+                    OpsKind::Tracked(prep) => prep.finish(saved, y),
+                    OpsKind::UnTracked(prep) => prep.finish(y),
+                }
+            }
+        };
+        Some(wrap(output))
+    }
+
+    fn gelu(&self, x: &Tensor<Ad<C>, 3>) -> Option<Tensor<Ad<C>, 3>> {
+        let x = primitive(x);
+        let y = gelu::forward(&x.primitive)?;
+        let output = match GeluBackward
+            .prepare::<C>([x.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(x.primitive, y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        };
+        Some(wrap(output))
+    }
+}

@@ -1,0 +1,150 @@
+//! The fused kernels against Burn's composed ops: outputs and gradients.
+
+use burn::backend::Autodiff;
+use burn::tensor::activation::gelu;
+use burn::tensor::module::attention as burn_attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Distribution, Tensor};
+use burn_flex::Flex;
+use kiln_transformer::fused::FusedOps;
+
+use super::FlexKernels;
+
+type Ad = Autodiff<Flex>;
+
+fn random<const D: usize>(shape: [usize; D]) -> Tensor<Ad, D> {
+    Tensor::random(shape, Distribution::Normal(0.0, 1.0), &Default::default())
+}
+
+fn assert_close<const D: usize>(what: &str, got: Tensor<Flex, D>, want: Tensor<Flex, D>) {
+    assert_eq!(got.dims(), want.dims(), "{what}: shapes");
+    let scale = want.clone().abs().max().into_scalar().max(1.0);
+    let err = (got - want).abs().max().into_scalar();
+    assert!(
+        err <= 2e-5 * scale,
+        "{what}: max error {err} (scale {scale})"
+    );
+}
+
+/// Queries, keys and values split out of one packed projection, as the model does.
+fn split_qkv(qkv: &Tensor<Ad, 3>, h: usize, kvh: usize, d: usize) -> [Tensor<Ad, 4>; 3] {
+    let [b, t, _] = qkv.dims();
+    let split = |from: usize, heads: usize| {
+        qkv.clone()
+            .slice([0..b, 0..t, from * d..(from + heads) * d])
+            .reshape([b, t, heads, d])
+            .swap_dims(1, 2)
+    };
+    [split(0, h), split(h, kvh), split(h + kvh, kvh)]
+}
+
+fn reference_attention(q: Tensor<Ad, 4>, k: Tensor<Ad, 4>, v: Tensor<Ad, 4>) -> Tensor<Ad, 4> {
+    let [b, kvh, t, d] = k.dims();
+    let rep = q.dims()[1] / kvh;
+    let repeat = |x: Tensor<Ad, 4>| {
+        x.unsqueeze_dim::<5>(2)
+            .expand([b, kvh, rep, t, d])
+            .reshape([b, kvh * rep, t, d])
+    };
+    let options = AttentionModuleOptions {
+        scale: None,
+        softcap: None,
+        is_causal: true,
+    };
+    burn_attention(q, repeat(k), repeat(v), None, None, options)
+}
+
+fn check_attention(b: usize, t: usize, h: usize, kvh: usize, d: usize) {
+    // Two leaves with the same values: Burn frees a graph once it has run backward through it.
+    let packed = random([b, t, (h + 2 * kvh) * d]).inner();
+    let qkv_fused = Tensor::<Ad, 3>::from_inner(packed.clone()).require_grad();
+    let qkv_reference = Tensor::<Ad, 3>::from_inner(packed).require_grad();
+    let weights = random([b, h, t, d]);
+    let [q, k, v] = split_qkv(&qkv_fused, h, kvh, d);
+    let fused = FlexKernels
+        .causal_attention(&q, &k, &v)
+        .expect("fused attention");
+    let [rq, rk, rv] = split_qkv(&qkv_reference, h, kvh, d);
+    let reference = reference_attention(rq, rk, rv);
+    assert_close(
+        "attention output",
+        fused.clone().inner(),
+        reference.clone().inner(),
+    );
+    let inference =
+        FusedOps::<Flex>::causal_attention(&FlexKernels, &q.inner(), &k.inner(), &v.inner())
+            .expect("inference attention");
+    assert_close("inference attention", inference, reference.clone().inner());
+    let grad_fused = (fused * weights.clone()).sum().backward();
+    let grad_reference = (reference * weights).sum().backward();
+    assert_close(
+        "attention input gradient",
+        qkv_fused.grad(&grad_fused).expect("fused gradient"),
+        qkv_reference
+            .grad(&grad_reference)
+            .expect("reference gradient"),
+    );
+}
+
+#[test]
+fn attention_matches_burn_on_one_block() {
+    check_attention(2, 7, 4, 4, 8);
+}
+
+#[test]
+fn attention_matches_burn_across_blocks_with_grouped_heads() {
+    // 150 tokens: three query blocks, the last one partial; 6 query heads on 2 KV heads.
+    check_attention(2, 150, 6, 2, 16);
+}
+
+#[test]
+fn layer_norm_matches_burn_with_and_without_bias() {
+    for with_bias in [true, false] {
+        let x = random([3, 5, 24]).require_grad();
+        let w = random([24]).require_grad();
+        let bias = with_bias.then(|| random([24]).require_grad());
+        let eps = 1e-5;
+        let fused = FlexKernels
+            .layer_norm(&x, &w, bias.as_ref(), eps)
+            .expect("fused layer norm");
+        let centered = x.clone() - x.clone().mean_dim(2);
+        let var = centered.clone().square().mean_dim(2);
+        let mut reference = centered / (var + eps).sqrt() * w.clone().unsqueeze::<3>();
+        if let Some(bias) = &bias {
+            reference = reference + bias.clone().unsqueeze::<3>();
+        }
+        assert_close(
+            "layer norm output",
+            fused.clone().inner(),
+            reference.clone().inner(),
+        );
+        let weights = random([3, 5, 24]);
+        let gf = (fused * weights.clone()).sum().backward();
+        let gr = (reference * weights).sum().backward();
+        assert_close("layer norm dx", x.grad(&gf).unwrap(), x.grad(&gr).unwrap());
+        assert_close("layer norm dw", w.grad(&gf).unwrap(), w.grad(&gr).unwrap());
+        if let Some(bias) = &bias {
+            assert_close(
+                "layer norm db",
+                bias.grad(&gf).unwrap(),
+                bias.grad(&gr).unwrap(),
+            );
+        }
+    }
+}
+
+#[test]
+fn gelu_matches_burn() {
+    let x = (random([4, 9, 33]) * 3.0).require_grad();
+    let fused = FlexKernels.gelu(&x).expect("fused gelu");
+    let reference = gelu(x.clone());
+    assert_close(
+        "gelu output",
+        fused.clone().inner(),
+        reference.clone().inner(),
+    );
+    let weights = random([4, 9, 33]);
+    let gf = (fused * weights.clone()).sum().backward();
+    let gr = (reference * weights).sum().backward();
+    assert_close("gelu gradient", x.grad(&gf).unwrap(), x.grad(&gr).unwrap());
+}

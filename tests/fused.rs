@@ -1,0 +1,169 @@
+//! Whole models with Kiln's fused Flex kernels against the same models on Burn's composed ops:
+//! logits, loss and every parameter gradient, on a GPT (learned positions, LayerNorm with bias,
+//! exact GELU) and a Llama (RoPE, RMSNorm, SwiGLU, grouped-query attention), with and without
+//! activation checkpointing.
+
+#![cfg(all(feature = "flex", not(any(feature = "wgpu", feature = "cuda"))))]
+
+use std::sync::Mutex;
+
+use burn::backend::Autodiff;
+use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, CheckpointStrategy};
+use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{Int, Tensor, TensorData};
+use burn_flex::Flex;
+use kiln::transformer::{
+    MlpKind, ModelConfig, NormKind, PositionEncoding, RopePairing, Transformer,
+};
+
+/// The kernels are registered process-wide: one comparison at a time.
+static REGISTRY: Mutex<()> = Mutex::new(());
+
+fn gpt() -> ModelConfig {
+    ModelConfig {
+        vocab_size: 61,
+        context_length: 80,
+        n_layers: 2,
+        n_heads: 4,
+        n_kv_heads: 4,
+        d_model: 64,
+        d_ff: 256,
+        bias: true,
+        dropout: 0.0,
+        ..ModelConfig::shakespeare_char(61)
+    }
+}
+
+fn llama() -> ModelConfig {
+    ModelConfig {
+        architecture: "llama".into(),
+        n_heads: 6,
+        n_kv_heads: 2,
+        d_model: 96,
+        position: PositionEncoding::Rope {
+            theta: 10_000.0,
+            pairing: RopePairing::HalfSplit,
+        },
+        norm: NormKind::RmsNorm { eps: 1e-5 },
+        mlp: MlpKind::SwiGlu,
+        bias: false,
+        ..gpt()
+    }
+}
+
+/// Every parameter gradient of `model`, flattened, in visiting order.
+struct CollectGrads<'a, B: AutodiffBackend> {
+    grads: &'a B::Gradients,
+    out: Vec<Vec<f32>>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for CollectGrads<'_, B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if let Some(grad) = param.val().grad(self.grads) {
+            self.out
+                .push(grad.into_data().to_vec::<f32>().expect("f32 gradient"));
+        }
+    }
+}
+
+/// Logits, loss and gradients of one training step on a fixed batch (72 tokens: two query
+/// blocks of the fused attention).
+fn step<C: CheckpointStrategy>(
+    model: &Transformer<Autodiff<Flex, C>>,
+) -> (Vec<f32>, f32, Vec<Vec<f32>>) {
+    let device = Default::default();
+    let (b, t, v) = (3, 72, model.config().vocab_size);
+    let ids: Vec<i64> = (0..b * (t + 1)).map(|i| ((i * 7919) % v) as i64).collect();
+    let inputs: Vec<i64> = ids.chunks(t + 1).flat_map(|r| r[..t].to_vec()).collect();
+    let targets: Vec<i64> = ids.chunks(t + 1).flat_map(|r| r[1..].to_vec()).collect();
+    let x =
+        Tensor::<Autodiff<Flex, C>, 2, Int>::from_data(TensorData::new(inputs, [b, t]), &device);
+    let y =
+        Tensor::<Autodiff<Flex, C>, 1, Int>::from_data(TensorData::new(targets, [b * t]), &device);
+    let logits = model.forward(x).expect("forward");
+    let loss = CrossEntropyLossConfig::new()
+        .init(&device)
+        .forward(logits.clone().reshape([b * t, v]), y);
+    let loss_value = loss.clone().into_scalar();
+    let grads = loss.backward();
+    let mut collect = CollectGrads::<Autodiff<Flex, C>> {
+        grads: &grads,
+        out: Vec::new(),
+    };
+    model.visit(&mut collect);
+    let logits = logits.into_data().to_vec::<f32>().expect("f32 logits");
+    (logits, loss_value, collect.out)
+}
+
+fn assert_close(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-3);
+    let err = got
+        .iter()
+        .zip(want)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        err <= 1e-4 * scale,
+        "{what}: max error {err} against scale {scale}"
+    );
+}
+
+fn compare<C: CheckpointStrategy>(config: ModelConfig) {
+    let _guard = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
+    let model: Transformer<Autodiff<Flex, C>> = config.init(&Default::default()).expect("model");
+    kiln::fused::uninstall();
+    let (logits, loss, grads) = step(&model);
+    kiln::fused::install();
+    let (fused_logits, fused_loss, fused_grads) = step(&model);
+    let inference = model.valid();
+    let ids = Tensor::<Flex, 2, Int>::from_data(
+        TensorData::new(
+            (0..80).map(|i| (i * 13 % 61) as i64).collect::<Vec<_>>(),
+            [1, 80],
+        ),
+        &Default::default(),
+    );
+    let fused_eval = inference.forward(ids.clone()).expect("forward").into_data();
+    kiln::fused::uninstall();
+    let eval = inference.forward(ids).expect("forward").into_data();
+
+    assert_close("logits", &fused_logits, &logits);
+    assert!(
+        (fused_loss - loss).abs() <= 1e-5 * loss,
+        "loss {fused_loss} vs {loss}"
+    );
+    assert!(
+        loss.is_finite() && loss > 3.0,
+        "an untrained model's loss, got {loss}"
+    );
+    assert_eq!(
+        fused_grads.len(),
+        grads.len(),
+        "every parameter gets a gradient"
+    );
+    for (i, (got, want)) in fused_grads.iter().zip(&grads).enumerate() {
+        assert_close(&format!("gradient of parameter {i}"), got, want);
+    }
+    assert_close(
+        "inference logits",
+        &fused_eval.to_vec::<f32>().expect("f32"),
+        &eval.to_vec::<f32>().expect("f32"),
+    );
+}
+
+#[test]
+fn gpt_step_matches_burn_ops() {
+    compare::<burn::backend::autodiff::checkpoint::strategy::NoCheckpointing>(gpt());
+}
+
+#[test]
+fn gpt_step_with_activation_checkpointing_matches_burn_ops() {
+    compare::<BalancedCheckpointing>(gpt());
+}
+
+#[test]
+fn llama_step_matches_burn_ops() {
+    compare::<burn::backend::autodiff::checkpoint::strategy::NoCheckpointing>(llama());
+}
