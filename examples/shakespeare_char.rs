@@ -4,10 +4,12 @@
 //! README's CPU flags). nanoGPT reports a validation loss of about 1.88 for it.
 //!
 //! ```text
-//! cargo run --release --example shakespeare_char [-- CORPUS] [--max-steps N] [--out DIR] [--gpu-recipe]
+//! cargo run --release --example shakespeare_char [-- CORPUS] [--max-steps N] [--out DIR] [--gpu-recipe] [--peak-flops F]
 //! ```
-//! `--embedding-decay` also decays the embedding, as nanoGPT's code does. `--gpu-recipe` trains nanoGPT's GPU model instead (6 layers, 6 heads, width 384, context 256,
-//! batch 64, 5000 steps, dropout 0.2). The corpus defaults to `../shared/data/tinyshakespeare.txt`.
+//! `--gpu-recipe` trains nanoGPT's GPU model instead (6 layers, 6 heads, width 384, context 256,
+//! batch 64, 5000 steps, dropout 0.2). `--embedding-decay` also decays the embedding, as nanoGPT's
+//! code does. `--peak-flops F` (the device's peak FLOP/s, e.g. 3.1e11 for this CPU's numpy matrix
+//! multiply) adds MFU to the log. The corpus defaults to `../shared/data/tinyshakespeare.txt`.
 //! The last line printed is `final val_loss <x>`.
 
 use std::path::PathBuf;
@@ -90,20 +92,34 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         eval_batches: 20,
         checkpoint_interval: 0,
         log_interval: 50,
+        peak_flops: flag("--peak-flops").map(|s| s.parse()).transpose()?,
         ..TrainConfig::default()
     };
+    let flops_per_token = model_flops_per_token(&config, seq_len)?;
+    let peak = config.peak_flops;
     let started = Instant::now();
     let mut trainer = Trainer::<TrainBackend>::new(config, out.join("run"), Default::default())?
         .with_progress(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let val = trainer.train()?;
     let secs = started.elapsed().as_secs_f64();
     let tokens = trainer.state().tokens_seen;
+    let tokens_per_s = tokens as f64 / secs;
+    let mfu = peak.map_or(String::new(), |p| {
+        format!(", MFU {:.1}%", 100.0 * tokens_per_s * flops_per_token / p)
+    });
     eprintln!(
-        "{} steps in {secs:.1}s ({:.0} tokens/s, {:.1} ms/step); val loss on the whole split {val:.4}",
+        "{} steps in {secs:.1}s ({tokens_per_s:.0} tokens/s, {:.1} ms/step{mfu}); val loss on the whole split {val:.4}",
         trainer.state().step,
-        tokens as f64 / secs,
         secs * 1e3 / trainer.state().step.max(1) as f64
     );
     println!("final val_loss {val:.4}");
     Ok(())
+}
+
+/// Training FLOPs per token of the configured model (6·N + 6·L·C·T).
+fn model_flops_per_token(
+    config: &TrainConfig,
+    seq_len: usize,
+) -> Result<f64, Box<dyn std::error::Error>> {
+    Ok(config.model.resolve(Some(257))?.flops_per_token(seq_len))
 }

@@ -237,10 +237,22 @@ fn train_resume_eval_generate() {
             &p(&run),
             "--max-steps",
             "12",
+            "--peak-flops",
+            "3.1e11",
         ],
         b"",
     );
     let stdout = String::from_utf8(ok(&out).to_vec()).unwrap();
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let mfu: Vec<f64> = metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["mfu"].as_f64())
+        .collect();
+    assert!(
+        !mfu.is_empty() && mfu.iter().all(|&m| m > 0.0 && m < 1.0),
+        "MFU against the given peak in every step record: {metrics}"
+    );
     let last = stdout.lines().last().unwrap();
     assert!(last.starts_with("final val_loss "), "{stdout}");
     let first: f64 = last["final val_loss ".len()..].parse().unwrap();
@@ -275,6 +287,13 @@ fn train_resume_eval_generate() {
         b"",
     );
     ok(&out);
+
+    let err = kiln(
+        &["train", "--config", &p(&config), "--peak-flops", "0"],
+        b"",
+    );
+    assert_eq!(err.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&err.stderr).contains("positive number of FLOP/s"));
 
     let err = kiln(&["train", "--resume", &p(&dir.path().join("none"))], b"");
     assert_eq!(err.status.code(), Some(1));

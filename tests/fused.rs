@@ -1,7 +1,8 @@
 //! Whole models with Kiln's fused Flex kernels against the same models on Burn's composed ops:
 //! logits, loss and every parameter gradient, on a GPT (learned positions, LayerNorm with bias,
 //! exact GELU) and a Llama (RoPE, RMSNorm, SwiGLU, grouped-query attention), with and without
-//! activation checkpointing.
+//! activation checkpointing; and the trainer's guarantees on the fused path: resume is bitwise
+//! exact, and activation checkpointing gives bitwise the same steps.
 
 #![cfg(all(feature = "flex", not(any(feature = "wgpu", feature = "cuda"))))]
 
@@ -14,6 +15,9 @@ use burn::nn::loss::CrossEntropyLossConfig;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Int, Tensor, TensorData};
 use burn_flex::Flex;
+use kiln::bpe::prepare::{PrepareConfig, prepare};
+use kiln::bpe::{BpeTrainer, TrainerConfig as BpeConfig};
+use kiln::trainer::{ModelSpec, TrainConfig, Trainer};
 use kiln::transformer::{
     MlpKind, ModelConfig, NormKind, PositionEncoding, RopePairing, Transformer,
 };
@@ -166,4 +170,101 @@ fn gpt_step_with_activation_checkpointing_matches_burn_ops() {
 #[test]
 fn llama_step_matches_burn_ops() {
     compare::<burn::backend::autodiff::checkpoint::strategy::NoCheckpointing>(llama());
+}
+
+/// A byte-level tokenizer, shards of a small corpus in `dir`, and a 2-layer GPT with dropout.
+fn small_run(dir: &std::path::Path) -> TrainConfig {
+    let corpus = dir.join("corpus.txt");
+    let text = "Now is the winter of our discontent\nMade glorious summer by this sun of York;\n";
+    std::fs::write(&corpus, text.repeat(60)).unwrap();
+    let mut bpe = BpeTrainer::new(BpeConfig {
+        vocab_size: 257,
+        ..BpeConfig::default()
+    })
+    .unwrap();
+    bpe.feed_files(std::slice::from_ref(&corpus)).unwrap();
+    let tok = bpe.finish().unwrap();
+    prepare(
+        &tok,
+        &[corpus],
+        &dir.join("data"),
+        &PrepareConfig::default(),
+    )
+    .unwrap();
+    TrainConfig {
+        model: ModelSpec::Full(ModelConfig {
+            vocab_size: 257,
+            dropout: 0.1,
+            ..gpt()
+        }),
+        data_dir: dir.join("data"),
+        micro_batch: 4,
+        seq_len: 72,
+        grad_accum: 2,
+        max_steps: 12,
+        lr: 3e-3,
+        min_lr: 3e-4,
+        warmup_steps: 2,
+        eval_interval: 0,
+        checkpoint_interval: 0,
+        log_interval: 6,
+        ..TrainConfig::default()
+    }
+}
+
+#[test]
+fn resume_on_the_fused_path_is_bitwise_exact() {
+    type B = Autodiff<Flex>;
+    let _guard = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
+    kiln::fused::install();
+    let dir = tempfile::tempdir().unwrap();
+    let config = small_run(dir.path());
+    let mut straight = Trainer::<B>::new(config.clone(), dir.path().join("a"), Default::default())
+        .expect("trainer");
+    let all: Vec<f64> = (0..12).map(|_| straight.step().unwrap().loss).collect();
+    let run = dir.path().join("b");
+    let mut first = Trainer::<B>::new(config, &run, Default::default()).expect("trainer");
+    let mut split: Vec<f64> = (0..6).map(|_| first.step().unwrap().loss).collect();
+    first.save_checkpoint().unwrap();
+    drop(first);
+    let mut resumed = Trainer::<B>::resume(&run, None, Default::default()).expect("resume");
+    split.extend((0..6).map(|_| resumed.step().unwrap().loss));
+    let eval = (straight.evaluate().unwrap(), resumed.evaluate().unwrap());
+    kiln::fused::uninstall();
+    assert_eq!(split, all, "bitwise equal loss curves");
+    assert!(all[11] < all[0], "the loss falls: {all:?}");
+    assert_eq!(eval.0, eval.1);
+}
+
+#[test]
+fn activation_checkpointing_on_the_fused_path_gives_bitwise_the_same_steps() {
+    let _guard = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
+    kiln::fused::install();
+    let dir = tempfile::tempdir().unwrap();
+    let config = small_run(dir.path());
+    let mut plain =
+        Trainer::<Autodiff<Flex>>::new(config.clone(), dir.path().join("a"), Default::default())
+            .expect("trainer");
+    let mut checkpointed = Trainer::<Autodiff<Flex, BalancedCheckpointing>>::new(
+        TrainConfig {
+            activation_checkpointing: true,
+            ..config
+        },
+        dir.path().join("b"),
+        Default::default(),
+    )
+    .expect("trainer");
+    let steps: Vec<_> = (0..6)
+        .map(|_| (plain.step().unwrap(), checkpointed.step().unwrap()))
+        .collect();
+    kiln::fused::uninstall();
+    for (p, c) in steps {
+        assert!(p.applied && c.applied);
+        assert!(
+            p.loss == c.loss && p.grad_norm == c.grad_norm,
+            "{} vs {}",
+            p.loss,
+            c.loss
+        );
+    }
 }

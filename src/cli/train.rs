@@ -40,6 +40,19 @@ pub struct TrainArgs {
     /// Memory budget in GB for the pre-flight check (default: the available host memory on CPU).
     #[arg(long, value_name = "GB")]
     pub max_memory: Option<f64>,
+    /// Peak FLOP/s of the device, for the MFU in the log and metrics.jsonl (a CPU: its measured
+    /// float32 matrix-multiply rate, e.g. 3.1e11; an H200: 9.89e14 in BF16).
+    #[arg(long, value_name = "FLOPS", value_parser = positive_flops)]
+    pub peak_flops: Option<f64>,
+}
+
+fn positive_flops(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!(
+            "expected a positive number of FLOP/s such as 3.1e11, got {s:?}"
+        )),
+    }
 }
 
 #[derive(Debug, ClapArgs)]
@@ -66,9 +79,14 @@ enum Start {
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let (start, checkpointing) = if let Some(run_dir) = &args.resume {
-        if args.precision.is_some() || args.activation_checkpointing || args.max_memory.is_some() {
+        if args.precision.is_some()
+            || args.activation_checkpointing
+            || args.max_memory.is_some()
+            || args.peak_flops.is_some()
+        {
             bail!(
-                "--precision, --activation-checkpointing and --max-memory apply to new runs only"
+                "--precision, --activation-checkpointing, --max-memory and --peak-flops apply to \
+                 new runs only"
             );
         }
         let state = checkpoint::latest_state(run_dir)
@@ -101,6 +119,9 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         config.activation_checkpointing |= args.activation_checkpointing;
         if let Some(gb) = args.max_memory {
             config.max_memory_gb = Some(gb);
+        }
+        if let Some(peak) = args.peak_flops {
+            config.peak_flops = Some(peak);
         }
         let checkpointing = config.activation_checkpointing;
         (Start::New(Box::new(config)), checkpointing)

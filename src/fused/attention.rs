@@ -228,12 +228,14 @@ pub(crate) fn forward(
 }
 
 /// Gradients `(dq, dk, dv)` of the attention output given `grad` (`[b, h, t, d]`), from the
-/// inputs and the probabilities [`forward`] kept. `None` when the tensors do not fit together.
+/// inputs and the probabilities [`forward`] kept, or, when it kept none (activation
+/// checkpointing), probabilities recomputed head by head. `None` when the tensors do not fit
+/// together.
 pub(crate) fn backward(
     q: &FlexTensor,
     k: &FlexTensor,
     v: &FlexTensor,
-    probs: &FlexTensor,
+    probs: Option<&FlexTensor>,
     grad: &FlexTensor,
 ) -> Option<(FlexTensor, FlexTensor, FlexTensor)> {
     let dims = Dims::of(q, k, v)?;
@@ -244,9 +246,12 @@ pub(crate) fn backward(
         StridedF32::<4>::new(v)?,
         StridedF32::<4>::new(&grad)?,
     );
-    let probs = probs.as_slice::<f32>()?;
     let (t, d, rep, scale) = (dims.seq, dims.dim, dims.group(), dims.scale());
-    if gv.shape != qv.shape || probs.len() != dims.batch * dims.heads * t * t {
+    let probs = match probs {
+        Some(p) => Some(p.as_slice::<f32>()?),
+        None => None,
+    };
+    if gv.shape != qv.shape || probs.is_some_and(|p| p.len() != dims.batch * dims.heads * t * t) {
         return None;
     }
     let mut dq = TokenMajor::zeros(dims.batch, dims.heads, t, d);
@@ -265,9 +270,10 @@ pub(crate) fn backward(
                     Scratch::new(&dims, true),
                     vec![0.0f32; t * d],
                     vec![0.0f32; t * d],
+                    vec![0.0f32; if probs.is_some() { 0 } else { t * t }],
                 )
             },
-            |(s, dk_head, dv_head), group| {
+            |(s, dk_head, dv_head, recomputed), group| {
                 let (b, g) = (group / dims.kv_heads, group % dims.kv_heads);
                 gather(&kv, b, g, &mut s.k);
                 gather(&vv, b, g, &mut s.v);
@@ -275,8 +281,14 @@ pub(crate) fn backward(
                 dv_head.fill(0.0);
                 for r in 0..rep {
                     let head = g * rep + r;
-                    let p = &probs[(b * dims.heads + head) * t * t..][..t * t];
                     gather(&qv, b, head, &mut s.q);
+                    let p: &[f32] = match probs {
+                        Some(probs) => &probs[(b * dims.heads + head) * t * t..][..t * t],
+                        None => {
+                            head_probs(&dims, &s.q, &s.k, recomputed);
+                            recomputed
+                        }
+                    };
                     // `s.y` holds the output gradient of this head.
                     gather(&gv, b, head, &mut s.y);
                     // dV += Pᵀ · dY, key block by key block (rows c0.. of P are the only non-zero ones).

@@ -10,28 +10,26 @@ use super::math;
 /// Rows per parallel task.
 const ROWS_PER_TASK: usize = 64;
 
-/// What the backward pass needs from the forward one.
-#[derive(Clone, Debug)]
-pub(crate) struct Saved {
-    /// The input, contiguous `[rows, d]`.
-    x: FlexTensor,
-    /// Per row: mean and 1/√(var + eps).
-    stats: std::sync::Arc<Vec<(f32, f32)>>,
-    weight: FlexTensor,
-}
-
 fn contiguous_f32(tensor: &FlexTensor) -> Option<FlexTensor> {
     (tensor.dtype() == burn::tensor::DType::F32).then(|| tensor.to_contiguous())
 }
 
-/// `(x − mean)/√(var + eps) · weight (+ bias)` over the last dimension of `x`, and what the
-/// backward pass needs. `None` unless everything is f32 and the widths agree.
+/// Mean and 1/√(var + eps) of one row.
+fn row_stats(x: &[f32], eps: f64) -> (f32, f32) {
+    let d = x.len() as f32;
+    let mean = math::sum(x) / d;
+    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d;
+    (mean, 1.0 / (var + eps as f32).sqrt())
+}
+
+/// `(x − mean)/√(var + eps) · weight (+ bias)` over the last dimension of `x`. `None` unless
+/// everything is f32 and the widths agree.
 pub(crate) fn forward(
     x: &FlexTensor,
     weight: &FlexTensor,
     bias: Option<&FlexTensor>,
     eps: f64,
-) -> Option<(FlexTensor, Saved)> {
+) -> Option<FlexTensor> {
     let shape = x.layout().shape().clone();
     let d = *shape.last()?;
     let x = contiguous_f32(x)?;
@@ -48,18 +46,12 @@ pub(crate) fn forward(
         return None;
     }
     let xs = x.as_slice::<f32>()?;
-    let rows = xs.len() / d;
     let mut y = vec![0.0f32; xs.len()];
-    let mut stats = vec![(0.0f32, 0.0f32); rows];
     y.par_chunks_mut(ROWS_PER_TASK * d)
-        .zip(stats.par_chunks_mut(ROWS_PER_TASK))
         .zip(xs.par_chunks(ROWS_PER_TASK * d))
-        .for_each(|((y, stats), xs)| {
-            for ((y, stat), x) in y.chunks_exact_mut(d).zip(stats).zip(xs.chunks_exact(d)) {
-                let mean = math::sum(x) / d as f32;
-                let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
-                let rstd = 1.0 / (var + eps as f32).sqrt();
-                *stat = (mean, rstd);
+        .for_each(|(y, xs)| {
+            for (y, x) in y.chunks_exact_mut(d).zip(xs.chunks_exact(d)) {
+                let (mean, rstd) = row_stats(x, eps);
                 if beta.is_empty() {
                     for ((o, &v), &g) in y.iter_mut().zip(x).zip(w) {
                         *o = (v - mean) * rstd * g;
@@ -71,28 +63,29 @@ pub(crate) fn forward(
                 }
             }
         });
-    let y = FlexTensor::from_data(TensorData::new(y, shape));
-    let saved = Saved {
-        x,
-        stats: std::sync::Arc::new(stats),
-        weight,
-    };
-    Some((y, saved))
+    Some(FlexTensor::from_data(TensorData::new(y, shape)))
 }
 
-/// Gradients `(dx, dweight, dbias)` given the output gradient `grad`.
+/// Gradients `(dx, dweight, dbias)` of [`forward`] at `x` given the output gradient `grad` (the
+/// row statistics are recomputed: one pass over `x`, instead of keeping them).
 pub(crate) fn backward(
-    saved: &Saved,
+    x: &FlexTensor,
+    weight: &FlexTensor,
+    eps: f64,
     grad: &FlexTensor,
 ) -> Option<(FlexTensor, FlexTensor, FlexTensor)> {
-    let grad = contiguous_f32(grad)?;
+    let (x, weight, grad) = (
+        contiguous_f32(x)?,
+        contiguous_f32(weight)?,
+        contiguous_f32(grad)?,
+    );
     let (xs, dy, w) = (
-        saved.x.as_slice::<f32>()?,
+        x.as_slice::<f32>()?,
         grad.as_slice::<f32>()?,
-        saved.weight.as_slice::<f32>()?,
+        weight.as_slice::<f32>()?,
     );
     let d = w.len();
-    if dy.len() != xs.len() || d == 0 {
+    if dy.len() != xs.len() || d == 0 || xs.len() % d != 0 {
         return None;
     }
     let mut dx = vec![0.0f32; xs.len()];
@@ -101,17 +94,16 @@ pub(crate) fn backward(
         .par_chunks_mut(ROWS_PER_TASK * d)
         .zip(xs.par_chunks(ROWS_PER_TASK * d))
         .zip(dy.par_chunks(ROWS_PER_TASK * d))
-        .zip(saved.stats.par_chunks(ROWS_PER_TASK))
-        .map(|(((dx, xs), dy), stats)| {
+        .map(|((dx, xs), dy)| {
             let (mut dw, mut db) = (vec![0.0f32; d], vec![0.0f32; d]);
             let mut xhat = vec![0.0f32; d];
             let mut g = vec![0.0f32; d];
-            for (((dx, x), dy), &(mean, rstd)) in dx
+            for ((dx, x), dy) in dx
                 .chunks_exact_mut(d)
                 .zip(xs.chunks_exact(d))
                 .zip(dy.chunks_exact(d))
-                .zip(stats)
             {
+                let (mean, rstd) = row_stats(x, eps);
                 for j in 0..d {
                     xhat[j] = (x[j] - mean) * rstd;
                     g[j] = dy[j] * w[j];
@@ -132,7 +124,7 @@ pub(crate) fn backward(
         dw.iter_mut().zip(&pw).for_each(|(a, b)| *a += b);
         db.iter_mut().zip(&pb).for_each(|(a, b)| *a += b);
     }
-    let shape = saved.x.layout().shape().clone();
+    let shape = x.layout().shape().clone();
     Some((
         FlexTensor::from_data(TensorData::new(dx, shape)),
         FlexTensor::from_data(TensorData::new(dw, [d])),

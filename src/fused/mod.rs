@@ -19,7 +19,10 @@ mod tests;
 use std::sync::Arc;
 
 use burn::backend::Autodiff;
+use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::retro_forward::RetroForward;
+use burn::backend::autodiff::checkpoint::state::BackwardStates;
 use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, CheckpointStrategy};
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
@@ -29,12 +32,19 @@ use burn_flex::{Flex, FlexTensor};
 use kiln_transformer::fused::FusedOps;
 
 /// Registers the fused kernels for [`Flex`] and for `Autodiff<Flex>` (both checkpointing
-/// strategies). Idempotent.
+/// strategies; with activation checkpointing, attention recomputes its probabilities in the
+/// backward pass instead of keeping them). Idempotent.
 pub fn install() {
-    kiln_transformer::fused::install::<Flex>(Some(Arc::new(FlexKernels)));
-    kiln_transformer::fused::install::<Autodiff<Flex>>(Some(Arc::new(FlexKernels)));
+    let keep = FlexKernels {
+        keep_attention_probs: true,
+    };
+    let recompute = FlexKernels {
+        keep_attention_probs: false,
+    };
+    kiln_transformer::fused::install::<Flex>(Some(Arc::new(keep)));
+    kiln_transformer::fused::install::<Autodiff<Flex>>(Some(Arc::new(keep)));
     kiln_transformer::fused::install::<Autodiff<Flex, BalancedCheckpointing>>(Some(Arc::new(
-        FlexKernels,
+        recompute,
     )));
 }
 
@@ -46,8 +56,20 @@ pub fn uninstall() {
 }
 
 /// The fused kernels, for Flex with and without autodiff.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct FlexKernels;
+#[derive(Debug, Clone, Copy)]
+pub struct FlexKernels {
+    /// Keep the attention probabilities (`[batch, heads, seq, seq]` per layer) for the backward
+    /// pass; otherwise recompute them there (one more `q·kᵀ` and softmax per head).
+    pub keep_attention_probs: bool,
+}
+
+impl Default for FlexKernels {
+    fn default() -> Self {
+        Self {
+            keep_attention_probs: true,
+        }
+    }
+}
 
 fn primitive<B: Backend, const D: usize>(tensor: &Tensor<B, D>) -> B::FloatTensorPrimitive {
     tensor.clone().into_primitive().tensor()
@@ -76,8 +98,7 @@ impl FusedOps<Flex> for FlexKernels {
         eps: f64,
     ) -> Option<Tensor<Flex, 3>> {
         let bias = bias.map(primitive);
-        let (y, _) = layer_norm::forward(&primitive(x), &primitive(weight), bias.as_ref(), eps)?;
-        Some(wrap(y))
+        layer_norm::forward(&primitive(x), &primitive(weight), bias.as_ref(), eps).map(wrap)
     }
 
     fn gelu(&self, x: &Tensor<Flex, 3>) -> Option<Tensor<Flex, 3>> {
@@ -98,7 +119,7 @@ struct AttentionState {
     q: FlexTensor,
     k: FlexTensor,
     v: FlexTensor,
-    probs: FlexTensor,
+    probs: Option<FlexTensor>,
 }
 
 impl Backward<Flex, 3> for AttentionBackward {
@@ -107,8 +128,8 @@ impl Backward<Flex, 3> for AttentionBackward {
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let grad = grads.consume::<Flex>(&ops.node);
         let s = ops.state;
-        let (dq, dk, dv) =
-            attention::backward(&s.q, &s.k, &s.v, &s.probs, &grad).expect(CHECKED_IN_FORWARD);
+        let (dq, dk, dv) = attention::backward(&s.q, &s.k, &s.v, s.probs.as_ref(), &grad)
+            .expect(CHECKED_IN_FORWARD);
         for (parent, grad) in ops.parents.into_iter().zip([dq, dk, dv]) {
             if let Some(node) = parent {
                 grads.register::<Flex>(node.id, grad);
@@ -120,10 +141,26 @@ impl Backward<Flex, 3> for AttentionBackward {
 #[derive(Debug)]
 struct LayerNormBackward;
 
+/// The LayerNorm input and weight (checkpointed: recomputed under activation checkpointing when
+/// they come from memory-bound ops), and `eps`.
+#[derive(Clone, Debug)]
+struct LayerNormState {
+    x: NodeId,
+    weight: NodeId,
+    eps: f64,
+}
+
 impl LayerNormBackward {
-    fn run<const N: usize>(ops: Ops<layer_norm::Saved, N>, grads: &mut Gradients) {
+    fn run<const N: usize>(
+        ops: Ops<LayerNormState, N>,
+        grads: &mut Gradients,
+        checkpointer: &mut Checkpointer,
+    ) {
         let grad = grads.consume::<Flex>(&ops.node);
-        let (dx, dw, db) = layer_norm::backward(&ops.state, &grad).expect(CHECKED_IN_FORWARD);
+        let x: FlexTensor = checkpointer.retrieve_node_output(ops.state.x);
+        let weight: FlexTensor = checkpointer.retrieve_node_output(ops.state.weight);
+        let (dx, dw, db) =
+            layer_norm::backward(&x, &weight, ops.state.eps, &grad).expect(CHECKED_IN_FORWARD);
         for (parent, grad) in ops.parents.into_iter().zip([dx, dw, db]) {
             if let Some(node) = parent {
                 grads.register::<Flex>(node.id, grad);
@@ -133,18 +170,38 @@ impl LayerNormBackward {
 }
 
 impl Backward<Flex, 2> for LayerNormBackward {
-    type State = layer_norm::Saved;
+    type State = LayerNormState;
 
-    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
-        Self::run(ops, grads)
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, c: &mut Checkpointer) {
+        Self::run(ops, grads, c)
     }
 }
 
 impl Backward<Flex, 3> for LayerNormBackward {
-    type State = layer_norm::Saved;
+    type State = LayerNormState;
 
-    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-        Self::run(ops, grads)
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, c: &mut Checkpointer) {
+        Self::run(ops, grads, c)
+    }
+}
+
+/// Recomputes a LayerNorm output from its inputs (activation checkpointing).
+#[derive(Clone, Debug)]
+struct RetroLayerNorm {
+    x: NodeId,
+    weight: NodeId,
+    bias: Option<NodeId>,
+    eps: f64,
+}
+
+impl RetroForward for RetroLayerNorm {
+    fn forward(&self, states: &mut BackwardStates, out_node: NodeId) {
+        let x: FlexTensor = states.get_state(&self.x);
+        let weight: FlexTensor = states.get_state(&self.weight);
+        let bias: Option<FlexTensor> = self.bias.map(|b| states.get_state(&b));
+        let y =
+            layer_norm::forward(&x, &weight, bias.as_ref(), self.eps).expect(CHECKED_IN_FORWARD);
+        states.save(out_node, y)
     }
 }
 
@@ -152,14 +209,28 @@ impl Backward<Flex, 3> for LayerNormBackward {
 struct GeluBackward;
 
 impl Backward<Flex, 1> for GeluBackward {
-    type State = FlexTensor;
+    type State = NodeId;
 
-    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, c: &mut Checkpointer) {
         let grad = grads.consume::<Flex>(&ops.node);
+        let x: FlexTensor = c.retrieve_node_output(ops.state);
         if let [Some(node)] = ops.parents {
-            let dx = gelu::backward(&ops.state, &grad).expect(CHECKED_IN_FORWARD);
+            let dx = gelu::backward(&x, &grad).expect(CHECKED_IN_FORWARD);
             grads.register::<Flex>(node.id, dx);
         }
+    }
+}
+
+/// Recomputes a GELU output from its input (activation checkpointing).
+#[derive(Clone, Debug)]
+struct RetroGelu {
+    x: NodeId,
+}
+
+impl RetroForward for RetroGelu {
+    fn forward(&self, states: &mut BackwardStates, out_node: NodeId) {
+        let x: FlexTensor = states.get_state(&self.x);
+        states.save(out_node, gelu::forward(&x).expect(CHECKED_IN_FORWARD))
     }
 }
 
@@ -177,13 +248,14 @@ impl<C: CheckpointStrategy> FusedOps<Ad<C>> for FlexKernels {
             .stateful();
         let output = match prep {
             OpsKind::Tracked(prep) => {
+                let keep = self.keep_attention_probs;
                 let (y, probs) =
-                    attention::forward(&q.primitive, &k.primitive, &v.primitive, true)?;
+                    attention::forward(&q.primitive, &k.primitive, &v.primitive, keep)?;
                 let state = AttentionState {
                     q: q.primitive,
                     k: k.primitive,
                     v: v.primitive,
-                    probs: probs?,
+                    probs,
                 };
                 prep.finish(state, y)
             }
@@ -204,39 +276,50 @@ impl<C: CheckpointStrategy> FusedOps<Ad<C>> for FlexKernels {
     ) -> Option<Tensor<Ad<C>, 3>> {
         let (x, weight) = (primitive(x), primitive(weight));
         let bias = bias.map(primitive);
-        let (y, saved) = layer_norm::forward(
+        let y = layer_norm::forward(
             &x.primitive,
             &weight.primitive,
             bias.as_ref().map(|b| &b.primitive),
             eps,
         )?;
+        let retro = RetroLayerNorm {
+            x: x.node.id,
+            weight: weight.node.id,
+            bias: bias.as_ref().map(|b| b.node.id),
+            eps,
+        };
+        // Memory-bound, like Burn's own element-wise ops: under activation checkpointing the
+        // output is recomputed in the backward pass instead of kept.
+        macro_rules! finish {
+            ($n:literal, $nodes:expr, $parents:expr) => {
+                match <LayerNormBackward as Backward<Flex, $n>>::prepare::<C>(
+                    LayerNormBackward,
+                    $nodes,
+                )
+                .memory_bound()
+                .retro_forward(retro)
+                .parents($parents)
+                .stateful()
+                {
+                    OpsKind::Tracked(mut prep) => {
+                        let state = LayerNormState {
+                            x: prep.checkpoint(&x),
+                            weight: prep.checkpoint(&weight),
+                            eps,
+                        };
+                        prep.finish(state, y)
+                    }
+                    OpsKind::UnTracked(prep) => prep.finish(y),
+                }
+            };
+        }
         let output = match &bias {
-            Some(bias) => {
-                let nodes = [x.node.clone(), weight.node.clone(), bias.node.clone()];
-                match <LayerNormBackward as Backward<Flex, 3>>::prepare::<C>(
-                    LayerNormBackward,
-                    nodes,
-                )
-                .compute_bound()
-                .stateful()
-                {
-                    OpsKind::Tracked(prep) => prep.finish(saved, y),
-                    OpsKind::UnTracked(prep) => prep.finish(y),
-                }
-            }
-            None => {
-                let nodes = [x.node.clone(), weight.node.clone()];
-                match <LayerNormBackward as Backward<Flex, 2>>::prepare::<C>(
-                    LayerNormBackward,
-                    nodes,
-                )
-                .compute_bound()
-                .stateful()
-                {
-                    OpsKind::Tracked(prep) => prep.finish(saved, y),
-                    OpsKind::UnTracked(prep) => prep.finish(y),
-                }
-            }
+            Some(bias) => finish!(
+                3,
+                [x.node.clone(), weight.node.clone(), bias.node.clone()],
+                [&x, &weight, bias]
+            ),
+            None => finish!(2, [x.node.clone(), weight.node.clone()], [&x, &weight]),
         };
         Some(wrap(output))
     }
@@ -246,10 +329,15 @@ impl<C: CheckpointStrategy> FusedOps<Ad<C>> for FlexKernels {
         let y = gelu::forward(&x.primitive)?;
         let output = match GeluBackward
             .prepare::<C>([x.node.clone()])
-            .compute_bound()
+            .memory_bound()
+            .retro_forward(RetroGelu { x: x.node.id })
+            .parents([&x])
             .stateful()
         {
-            OpsKind::Tracked(prep) => prep.finish(x.primitive, y),
+            OpsKind::Tracked(mut prep) => {
+                let state = prep.checkpoint(&x);
+                prep.finish(state, y)
+            }
             OpsKind::UnTracked(prep) => prep.finish(y),
         };
         Some(wrap(output))

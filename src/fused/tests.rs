@@ -55,35 +55,35 @@ fn reference_attention(q: Tensor<Ad, 4>, k: Tensor<Ad, 4>, v: Tensor<Ad, 4>) -> 
 }
 
 fn check_attention(b: usize, t: usize, h: usize, kvh: usize, d: usize) {
-    // Two leaves with the same values: Burn frees a graph once it has run backward through it.
+    // Fresh leaves with the same values for each run: Burn frees a graph once it has run
+    // backward through it.
     let packed = random([b, t, (h + 2 * kvh) * d]).inner();
-    let qkv_fused = Tensor::<Ad, 3>::from_inner(packed.clone()).require_grad();
-    let qkv_reference = Tensor::<Ad, 3>::from_inner(packed).require_grad();
     let weights = random([b, h, t, d]);
-    let [q, k, v] = split_qkv(&qkv_fused, h, kvh, d);
-    let fused = FlexKernels
-        .causal_attention(&q, &k, &v)
-        .expect("fused attention");
-    let [rq, rk, rv] = split_qkv(&qkv_reference, h, kvh, d);
-    let reference = reference_attention(rq, rk, rv);
-    assert_close(
-        "attention output",
-        fused.clone().inner(),
-        reference.clone().inner(),
-    );
-    let inference =
-        FusedOps::<Flex>::causal_attention(&FlexKernels, &q.inner(), &k.inner(), &v.inner())
-            .expect("inference attention");
-    assert_close("inference attention", inference, reference.clone().inner());
-    let grad_fused = (fused * weights.clone()).sum().backward();
-    let grad_reference = (reference * weights).sum().backward();
-    assert_close(
-        "attention input gradient",
-        qkv_fused.grad(&grad_fused).expect("fused gradient"),
-        qkv_reference
-            .grad(&grad_reference)
-            .expect("reference gradient"),
-    );
+    let leaf = || Tensor::<Ad, 3>::from_inner(packed.clone()).require_grad();
+    let run = |attend: &dyn Fn([Tensor<Ad, 4>; 3]) -> Tensor<Ad, 4>| {
+        let qkv = leaf();
+        let y = attend(split_qkv(&qkv, h, kvh, d));
+        let grads = (y.clone() * weights.clone()).sum().backward();
+        (y.inner(), qkv.grad(&grads).expect("gradient"))
+    };
+    let (want_y, want_grad) = run(&|[q, k, v]| reference_attention(q, k, v));
+    for keep_attention_probs in [true, false] {
+        let kernels = FlexKernels {
+            keep_attention_probs,
+        };
+        let (y, grad) = run(&|[q, k, v]| kernels.causal_attention(&q, &k, &v).expect("fused"));
+        assert_close("attention output", y, want_y.clone());
+        assert_close("attention input gradient", grad, want_grad.clone());
+    }
+    let [q, k, v] = split_qkv(&leaf(), h, kvh, d);
+    let inference = FusedOps::<Flex>::causal_attention(
+        &FlexKernels::default(),
+        &q.inner(),
+        &k.inner(),
+        &v.inner(),
+    )
+    .expect("inference attention");
+    assert_close("inference attention", inference, want_y);
 }
 
 #[test]
@@ -104,7 +104,7 @@ fn layer_norm_matches_burn_with_and_without_bias() {
         let w = random([24]).require_grad();
         let bias = with_bias.then(|| random([24]).require_grad());
         let eps = 1e-5;
-        let fused = FlexKernels
+        let fused = FlexKernels::default()
             .layer_norm(&x, &w, bias.as_ref(), eps)
             .expect("fused layer norm");
         let centered = x.clone() - x.clone().mean_dim(2);
@@ -136,7 +136,7 @@ fn layer_norm_matches_burn_with_and_without_bias() {
 #[test]
 fn gelu_matches_burn() {
     let x = (random([4, 9, 33]) * 3.0).require_grad();
-    let fused = FlexKernels.gelu(&x).expect("fused gelu");
+    let fused = FlexKernels::default().gelu(&x).expect("fused gelu");
     let reference = gelu(x.clone());
     assert_close(
         "gelu output",

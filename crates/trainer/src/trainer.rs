@@ -476,8 +476,9 @@ impl<B: AutodiffBackend> Trainer<B> {
                 let secs = window.elapsed().as_secs_f64().max(1e-9);
                 let tps = window_tokens as f64 / secs;
                 let mfu = self.config.peak_flops.map(|p| tps * flops_per_token / p);
+                let mfu_note = mfu.map_or(String::new(), |m| format!(" MFU {:.1}%", 100.0 * m));
                 bar.set_message(format!(
-                    "loss {:.4} lr {:.2e} {:.0} tok/s",
+                    "loss {:.4} lr {:.2e} {:.0} tok/s{mfu_note}",
                     report.loss, report.lr, tps
                 ));
                 self.metrics(json!({"step": report.step, "loss": report.loss, "lr": report.lr, "grad_norm": report.grad_norm,
