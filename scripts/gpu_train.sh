@@ -29,7 +29,7 @@ case "${1:-}" in
       PRESET=shakespeare-char-cpu; SEQ=64; TORCH_FLAGS=(--small); RECIPE=0
     fi
     W=$(mktemp -d)
-    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || true
 
     echo "== Kiln: $PRESET, bf16, batch $BATCH x $SEQ, $STEPS steps"
     "$KILN" data prepare -t "$SHARED/tokenizers/gpt2/tokenizer.json" -o "$W/gpt2" "$SHARED/data/tinyshakespeare.txt" > /dev/null

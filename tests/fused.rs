@@ -17,7 +17,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use burn_flex::Flex;
 use kiln::bpe::prepare::{PrepareConfig, prepare};
 use kiln::bpe::{BpeTrainer, TrainerConfig as BpeConfig};
-use kiln::trainer::{ModelSpec, TrainConfig, Trainer};
+use kiln::trainer::{ModelSpec, Precision, TrainConfig, Trainer};
 use kiln::transformer::{
     MlpKind, ModelConfig, NormKind, PositionEncoding, RopePairing, Transformer,
 };
@@ -267,4 +267,38 @@ fn activation_checkpointing_on_the_fused_path_gives_bitwise_the_same_steps() {
             c.loss
         );
     }
+}
+
+/// BF16 compute does not take the fused (f32-only) path: the steps are the composed ops' steps.
+#[test]
+fn bf16_compute_falls_back_to_burn_ops() {
+    type B = Autodiff<Flex>;
+    let _guard = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let config = TrainConfig {
+        precision: Precision::Bf16,
+        ..small_run(dir.path())
+    };
+    let mut losses = Vec::new();
+    for fused in [false, true] {
+        if fused {
+            kiln::fused::install();
+        } else {
+            kiln::fused::uninstall();
+        }
+        let mut trainer = Trainer::<B>::new(
+            config.clone(),
+            dir.path().join(format!("run-{fused}")),
+            Default::default(),
+        )
+        .expect("trainer");
+        losses.push(
+            (0..3)
+                .map(|_| trainer.step().unwrap().loss)
+                .collect::<Vec<_>>(),
+        );
+    }
+    kiln::fused::uninstall();
+    assert_eq!(losses[0], losses[1]);
+    assert!(losses[0].iter().all(|l| l.is_finite()));
 }

@@ -25,7 +25,7 @@ pub struct Args {
     #[arg(long, default_value_t = 4096, value_name = "N")]
     pub vocab_size: usize,
     /// Optimizer steps for the GPT (0 = stop after the data).
-    #[arg(long, default_value_t = 300, value_name = "N")]
+    #[arg(long, default_value_t = 1000, value_name = "N")]
     pub steps: u64,
     /// With no FILE: how much of the default corpus to use, in MB.
     #[arg(long, default_value_t = 8.0, value_name = "MB")]
