@@ -16,8 +16,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use kiln::backend::TrainBackend;
-use kiln::bpe::prepare::{PrepareConfig, prepare};
-use kiln::bpe::{BpeTrainer, TrainerConfig as BpeConfig};
+use kiln::bpe::prepare::{PrepareConfig, prepare_bytes};
 use kiln::trainer::{ModelSpec, TrainConfig, Trainer};
 use kiln::transformer::ModelConfig;
 
@@ -42,20 +41,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // Character level: a byte-level vocabulary with no merges (tinyshakespeare is ASCII) plus
     // <|endoftext|>; the last 10% of the text is validation, as nanoGPT splits it.
-    let mut bpe = BpeTrainer::new(BpeConfig {
-        vocab_size: 257,
-        ..BpeConfig::default()
-    })?;
-    bpe.feed_files(std::slice::from_ref(&corpus))?;
-    let tok = bpe.finish()?;
-    std::fs::create_dir_all(&out)?;
-    tok.save(out.join("tokenizer.json"))?;
-    let report = prepare(
-        &tok,
+    let (tok, report) = prepare_bytes(
         std::slice::from_ref(&corpus),
         &out.join("data"),
         &PrepareConfig::default(),
     )?;
+    tok.save(out.join("tokenizer.json"))?;
     eprintln!(
         "{} train / {} val characters",
         report.train_tokens, report.val_tokens

@@ -15,8 +15,7 @@ use burn::nn::loss::CrossEntropyLossConfig;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Int, Tensor, TensorData};
 use burn_flex::Flex;
-use kiln::bpe::prepare::{PrepareConfig, prepare};
-use kiln::bpe::{BpeTrainer, TrainerConfig as BpeConfig};
+use kiln::bpe::prepare::{PrepareConfig, prepare_bytes};
 use kiln::trainer::{ModelSpec, Precision, TrainConfig, Trainer};
 use kiln::transformer::{
     MlpKind, ModelConfig, NormKind, PositionEncoding, RopePairing, Transformer,
@@ -177,20 +176,7 @@ fn small_run(dir: &std::path::Path) -> TrainConfig {
     let corpus = dir.join("corpus.txt");
     let text = "Now is the winter of our discontent\nMade glorious summer by this sun of York;\n";
     std::fs::write(&corpus, text.repeat(60)).unwrap();
-    let mut bpe = BpeTrainer::new(BpeConfig {
-        vocab_size: 257,
-        ..BpeConfig::default()
-    })
-    .unwrap();
-    bpe.feed_files(std::slice::from_ref(&corpus)).unwrap();
-    let tok = bpe.finish().unwrap();
-    prepare(
-        &tok,
-        &[corpus],
-        &dir.join("data"),
-        &PrepareConfig::default(),
-    )
-    .unwrap();
+    prepare_bytes(&[corpus], &dir.join("data"), &PrepareConfig::default()).unwrap();
     TrainConfig {
         model: ModelSpec::Full(ModelConfig {
             vocab_size: 257,

@@ -15,6 +15,7 @@ use crate::corpus::{ChunkReader, DEFAULT_CHUNK_BYTES, total_bytes};
 use crate::error::{BpeError, Result};
 use crate::shard::{ShardWriter, TokenWidth};
 use crate::tokenizer::{SpecialTokens, Tokenizer};
+use crate::trainer::{BpeTrainer, TrainerConfig};
 
 /// Settings for [`prepare`].
 #[derive(Clone, Debug)]
@@ -58,6 +59,25 @@ pub struct PrepareReport {
     pub separator: Option<u32>,
     /// Wall time.
     pub seconds: f64,
+}
+
+/// Character-level shards, as nanoGPT's `shakespeare_char`: trains a byte-level tokenizer with
+/// no merges (the 256 byte tokens and `<|endoftext|>`: one token per character of ASCII text) on
+/// `files`, then [`prepare`]s them with it. Returns the tokenizer and the report.
+pub fn prepare_bytes(
+    files: &[PathBuf],
+    out_dir: &Path,
+    cfg: &PrepareConfig,
+) -> Result<(Tokenizer, PrepareReport)> {
+    let config = TrainerConfig::default();
+    let mut trainer = BpeTrainer::new(TrainerConfig {
+        vocab_size: 256 + config.special_tokens.len(),
+        ..config
+    })?;
+    trainer.feed_files(files)?;
+    let tok = trainer.finish()?;
+    let report = prepare(&tok, files, out_dir, cfg)?;
+    Ok((tok, report))
 }
 
 /// Tokenizes `files` into `out_dir/train.bin` and `out_dir/val.bin`.

@@ -129,3 +129,37 @@ fn shakespeare_split_matches_nanogpt() {
     assert!(cut >= split && cut - split < 100 && text[..cut].ends_with('\n'));
     assert_eq!(&text[cut..], val_text);
 }
+
+#[test]
+fn byte_shards_hold_one_token_per_ascii_character() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = "First Citizen:\nBefore we proceed any further, hear me speak.\n".repeat(50);
+    let file = dir.path().join("input.txt");
+    std::fs::write(&file, &text).unwrap();
+    let cfg = PrepareConfig {
+        val_fraction: 0.1,
+        show_progress: false,
+        ..PrepareConfig::default()
+    };
+    let out = dir.path().join("data");
+    let (tok, report) = kiln_bpe::prepare::prepare_bytes(&[file], &out, &cfg).unwrap();
+    assert_eq!(
+        tok.vocab_size(),
+        257,
+        "256 bytes and <|endoftext|>, no merges"
+    );
+    assert_eq!(tok.encode(&text).len(), text.len());
+    // The document separator plus one token per character, split between the two shards.
+    assert_eq!(
+        report.train_tokens + report.val_tokens,
+        text.len() as u64 + 1
+    );
+    let train = TokenShard::open(out.join("train.bin")).unwrap();
+    let val = TokenShard::open(out.join("val.bin")).unwrap();
+    let ids: Vec<u32> = (0..train.len())
+        .filter_map(|i| train.get(i))
+        .chain((0..val.len()).filter_map(|i| val.get(i)))
+        .filter(|&id| Some(id) != tok.eot_id())
+        .collect();
+    assert_eq!(tok.decode(&ids).unwrap(), text);
+}

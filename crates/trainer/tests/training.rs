@@ -7,8 +7,7 @@ use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::backend::{Autodiff, Flex};
 use burn::optim::GradientsParams;
 use burn::tensor::{DType, ElementConversion, FloatDType, Int, Tensor, TensorData};
-use kiln_bpe::prepare::{PrepareConfig, prepare};
-use kiln_bpe::{BpeTrainer, TrainerConfig as BpeConfig};
+use kiln_bpe::prepare::{PrepareConfig, prepare_bytes};
 use kiln_trainer::checkpoint::list_checkpoints;
 use kiln_trainer::memory;
 use kiln_trainer::optimizer::{GroupedAdamW, param_infos};
@@ -33,21 +32,8 @@ The slings and arrows of outrageous fortune,\nOr to take arms against a sea of t
 fn data(dir: &Path) -> TrainConfig {
     let corpus = dir.join("corpus.txt");
     std::fs::write(&corpus, TEXT.repeat(40)).unwrap();
-    let mut t = BpeTrainer::new(BpeConfig {
-        vocab_size: 257,
-        ..BpeConfig::default()
-    })
-    .unwrap();
-    t.feed_files(std::slice::from_ref(&corpus)).unwrap();
-    let tok = t.finish().unwrap();
+    let (tok, _) = prepare_bytes(&[corpus], &dir.join("data"), &PrepareConfig::default()).unwrap();
     tok.save(dir.join("tokenizer.json")).unwrap();
-    prepare(
-        &tok,
-        &[corpus],
-        &dir.join("data"),
-        &PrepareConfig::default(),
-    )
-    .unwrap();
     TrainConfig {
         model: ModelSpec::Full(ModelConfig {
             vocab_size: 257,
