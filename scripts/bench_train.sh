@@ -4,7 +4,7 @@
 #      Kiln's `shakespeare_char` example of the same recipe: wall time, ms/iter, val loss;
 #   2. the 6x6x384 model (ctx 256, batch 8, no dropout): nanoGPT's median ms/iter over 24 iterations;
 #   3. Kiln's criterion bench of one optimizer step on both models, Burn's composed ops vs Kiln's
-#      fused kernels.
+#      fused kernels (criterion's medians).
 #
 #   scripts/bench_train.sh        # needs `pip install torch numpy` and ../shared/data/tinyshakespeare.txt
 #
@@ -50,26 +50,20 @@ nano_big_ms=$(grep -oP 'time \K[0-9.]+(?=ms)' "$LOG/nano_big.log" | tail -n +3 |
 echo "== Kiln train_step bench (burn_ops vs fused)"
 cargo bench --bench train_step --quiet -- --noplot 2>&1 | tee "$LOG/bench.log" | grep -E 'train_step$|time:' || true
 
-python3 - "$LOG/bench.log" "$nano_ms" "$nano_big_ms" "$nano_wall" "$kiln_wall" "$kiln_ms" "$nano_val" "$kiln_val" <<'PY'
-import re, sys
-bench, nano_ms, nano_big, nano_wall, kiln_wall, kiln_ms, nano_val, kiln_val = sys.argv[1:]
-unit = {"ms": 1.0, "s": 1000.0, "µs": 1e-3}
-times, name = {}, None
-for line in open(bench):
-    if line.strip().endswith("train_step") and "/" in line:
-        name = line.split()[0]
-    m = re.search(r"time:\s+\[\S+ \S+ ([0-9.]+) (ms|s|µs)", line)
-    if m and name:
-        times[name] = float(m.group(1)) * unit[m.group(2)]
-        name = None
+python3 - "$nano_ms" "$nano_big_ms" "$nano_wall" "$kiln_wall" "$kiln_ms" "$nano_val" "$kiln_val" <<'PY'
+import json, sys
+nano_ms, nano_big, nano_wall, kiln_wall, kiln_ms, nano_val, kiln_val = sys.argv[1:]
 def get(model, variant):
-    return next((v for k, v in times.items() if model in k and variant in k), float("nan"))
+    """Criterion's median step time in ms (the group name's '/' becomes '_' on disk)."""
+    path = f"target/criterion/shakespeare_char_{model}_{variant}/train_step/new/estimates.json"
+    return json.load(open(path))["median"]["point_estimate"] / 1e6
+small, big = "cpu_4x128_ctx64_b12", "6x384_ctx256_b8"
 print(f"\nCPU recipe whole run: nanoGPT {float(nano_wall):.1f} s (val {nano_val}), "
       f"Kiln {float(kiln_wall):.1f} s (val {kiln_val}): {float(nano_wall)/float(kiln_wall):.2f}x")
 print(f"CPU recipe ms/iter (medians): nanoGPT {float(nano_ms):.1f}, Kiln recipe {float(kiln_ms):.1f}, "
-      f"Kiln bench fused {get('4x128', 'fused'):.1f} / burn_ops {get('4x128', 'burn_ops'):.1f}")
-print(f"  tokens/s ratio Kiln/nanoGPT: {float(nano_ms)/get('4x128', 'fused'):.2f}x (bench), "
+      f"Kiln bench fused {get(small, 'fused'):.1f} / burn_ops {get(small, 'burn_ops'):.1f}")
+print(f"  tokens/s ratio Kiln/nanoGPT: {float(nano_ms)/get(small, 'fused'):.2f}x (bench), "
       f"{float(nano_ms)/float(kiln_ms):.2f}x (recipe)")
-print(f"6x384 ms/iter: nanoGPT {float(nano_big):.0f}, Kiln fused {get('6x384', 'fused'):.0f}, "
-      f"burn_ops {get('6x384', 'burn_ops'):.0f}: Kiln/nanoGPT tokens/s {float(nano_big)/get('6x384', 'fused'):.2f}x")
+print(f"6x384 ms/iter (medians): nanoGPT {float(nano_big):.0f}, Kiln fused {get(big, 'fused'):.0f}, "
+      f"burn_ops {get(big, 'burn_ops'):.0f}: Kiln/nanoGPT tokens/s {float(nano_big)/get(big, 'fused'):.2f}x")
 PY
