@@ -174,7 +174,7 @@ fn llama_step_matches_burn_ops() {
 /// A byte-level tokenizer, shards of a small corpus in `dir`, and a 2-layer GPT with dropout.
 fn small_run(dir: &std::path::Path) -> TrainConfig {
     let corpus = dir.join("corpus.txt");
-    let text = "Now is the winter of our discontent\nMade glorious summer by this sun of York;\n";
+    let text = "Tokens in, gradients out:\nthe fused path trains the same model, faster.\n";
     std::fs::write(&corpus, text.repeat(60)).unwrap();
     prepare_bytes(&[corpus], &dir.join("data"), &PrepareConfig::default()).unwrap();
     TrainConfig {

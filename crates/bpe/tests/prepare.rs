@@ -133,7 +133,7 @@ fn shakespeare_split_matches_nanogpt() {
 #[test]
 fn byte_shards_hold_one_token_per_ascii_character() {
     let dir = tempfile::tempdir().unwrap();
-    let text = "First Citizen:\nBefore we proceed any further, hear me speak.\n".repeat(50);
+    let text = "Kiln turns raw text into shards:\none byte, one token, for ASCII.\n".repeat(50);
     let file = dir.path().join("input.txt");
     std::fs::write(&file, &text).unwrap();
     let cfg = PrepareConfig {
