@@ -1,6 +1,6 @@
 //! Whole models with Kiln's fused Flex kernels against the same models on Burn's composed ops:
 //! logits, loss and every parameter gradient, on a GPT (learned positions, LayerNorm with bias,
-//! exact GELU) and a Llama (RoPE, RMSNorm, SwiGLU, grouped-query attention), with and without
+//! exact or tanh GELU) and a Llama (RoPE, RMSNorm, SwiGLU, grouped-query attention), with and without
 //! activation checkpointing; and the trainer's guarantees on the fused path: resume is bitwise
 //! exact, and activation checkpointing gives bitwise the same steps.
 
@@ -164,6 +164,15 @@ fn gpt_step_matches_burn_ops() {
 #[test]
 fn gpt_step_with_activation_checkpointing_matches_burn_ops() {
     compare::<BalancedCheckpointing>(gpt());
+}
+
+#[test]
+fn gpt2_tanh_gelu_step_matches_burn_ops() {
+    let config = ModelConfig {
+        mlp: MlpKind::GeluTanh,
+        ..gpt()
+    };
+    compare::<burn::backend::autodiff::checkpoint::strategy::NoCheckpointing>(config);
 }
 
 #[test]

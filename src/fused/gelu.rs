@@ -1,17 +1,19 @@
-//! Exact (erf) GELU, forward and backward, on f32 Flex tensors with a vectorized `erf`
-//! (Flex calls libm's scalar `erff` for every element, in both passes).
+//! GELU (exact or tanh), forward and backward, on f32 Flex tensors with a vectorized `erf` and
+//! `tanh` (Flex calls libm's scalar `erff` / `tanhf` for every element, in both passes).
 
 use burn::tensor::{DType, TensorData};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
+
+use kiln_transformer::fused::Gelu;
 
 use super::math;
 
 /// Elements per parallel task.
 const CHUNK: usize = 16 * 1024;
 
-/// `x · Φ(x)`; `None` unless `x` is f32.
-pub(crate) fn forward(x: &FlexTensor) -> Option<FlexTensor> {
+/// GELU of `x`; `None` unless `x` is f32.
+pub(crate) fn forward(x: &FlexTensor, kind: Gelu) -> Option<FlexTensor> {
     if x.dtype() != DType::F32 {
         return None;
     }
@@ -20,15 +22,18 @@ pub(crate) fn forward(x: &FlexTensor) -> Option<FlexTensor> {
     let mut y = vec![0.0f32; xs.len()];
     y.par_chunks_mut(CHUNK)
         .zip(xs.par_chunks(CHUNK))
-        .for_each(|(y, x)| math::gelu(x, y));
+        .for_each(|(y, x)| match kind {
+            Gelu::Erf => math::gelu(x, y),
+            Gelu::Tanh => math::gelu_tanh(x, y),
+        });
     Some(FlexTensor::from_data(TensorData::new(
         y,
         x.layout().shape().clone(),
     )))
 }
 
-/// `grad · (Φ(x) + x·φ(x))`; `None` unless both are f32 of the same size.
-pub(crate) fn backward(x: &FlexTensor, grad: &FlexTensor) -> Option<FlexTensor> {
+/// `grad · gelu'(x)`; `None` unless both are f32 of the same size.
+pub(crate) fn backward(x: &FlexTensor, grad: &FlexTensor, kind: Gelu) -> Option<FlexTensor> {
     if x.dtype() != DType::F32 || grad.dtype() != DType::F32 {
         return None;
     }
@@ -40,7 +45,10 @@ pub(crate) fn backward(x: &FlexTensor, grad: &FlexTensor) -> Option<FlexTensor> 
     let mut dx = vec![0.0f32; xs.len()];
     dx.par_chunks_mut(CHUNK)
         .zip(xs.par_chunks(CHUNK).zip(gs.par_chunks(CHUNK)))
-        .for_each(|(dx, (x, g))| math::gelu_backward(x, g, dx));
+        .for_each(|(dx, (x, g))| match kind {
+            Gelu::Erf => math::gelu_backward(x, g, dx),
+            Gelu::Tanh => math::gelu_tanh_backward(x, g, dx),
+        });
     Some(FlexTensor::from_data(TensorData::new(
         dx,
         x.layout().shape().clone(),

@@ -53,6 +53,31 @@ fn normal_cdf(x: f32) -> f32 {
 
 const INV_SQRT_2PI: f32 = 0.398_942_3;
 
+/// `tanh(u)` as `1 − 2/(e^{2u} + 1)`: exact limits ±1 for large |u|.
+#[inline(always)]
+fn tanh(u: f32) -> f32 {
+    1.0 - 2.0 / (exp(2.0 * u) + 1.0)
+}
+
+/// √(2/π).
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+
+#[inline(always)]
+fn gelu_tanh_body(x: &[f32], out: &mut [f32]) {
+    for (o, &x) in out.iter_mut().zip(x) {
+        *o = 0.5 * x * (1.0 + tanh(SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)));
+    }
+}
+
+#[inline(always)]
+fn gelu_tanh_backward_body(x: &[f32], grad: &[f32], out: &mut [f32]) {
+    for ((o, &x), &g) in out.iter_mut().zip(x).zip(grad) {
+        let t = tanh(SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x));
+        let du = SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044_715 * x * x);
+        *o = g * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du);
+    }
+}
+
 #[inline(always)]
 fn exp_in_place_body(values: &mut [f32], shift: f32) {
     for v in values {
@@ -106,6 +131,8 @@ macro_rules! dispatch {
 dispatch!(exp_shifted_in_place, exp_in_place_body, (values: &mut [f32], shift: f32));
 dispatch!(gelu, gelu_body, (x: &[f32], out: &mut [f32]));
 dispatch!(gelu_backward, gelu_backward_body, (x: &[f32], grad: &[f32], out: &mut [f32]));
+dispatch!(gelu_tanh, gelu_tanh_body, (x: &[f32], out: &mut [f32]));
+dispatch!(gelu_tanh_backward, gelu_tanh_backward_body, (x: &[f32], grad: &[f32], out: &mut [f32]));
 
 /// Sum of `values` with eight running partial sums (so the loop vectorizes).
 pub(crate) fn sum(values: &[f32]) -> f32 {
@@ -173,6 +200,31 @@ mod tests {
             assert!((y as f64 - x64 * cdf).abs() < 1e-6, "gelu({x})");
             let pdf = (-0.5 * x64 * x64).exp() / (2.0 * std::f64::consts::PI).sqrt();
             assert!((d as f64 - (cdf + x64 * pdf)).abs() < 1e-6, "gelu'({x})");
+        }
+    }
+
+    #[test]
+    fn tanh_gelu_and_its_derivative_match_gpt2s_formula() {
+        let xs: Vec<f32> = (-1200..=1200).map(|i| i as f32 * 0.01).collect();
+        let mut ys = vec![0.0; xs.len()];
+        gelu_tanh(&xs, &mut ys);
+        let ones = vec![1.0; xs.len()];
+        let mut ds = vec![0.0; xs.len()];
+        gelu_tanh_backward(&xs, &ones, &mut ds);
+        let c = (2.0 / std::f64::consts::PI).sqrt();
+        for ((&x, &y), &d) in xs.iter().zip(&ys).zip(&ds) {
+            let x64 = x as f64;
+            let t = (c * (x64 + 0.044715 * x64.powi(3))).tanh();
+            assert!(
+                (y as f64 - 0.5 * x64 * (1.0 + t)).abs() < 2e-6 * x64.abs().max(1.0),
+                "gelu_tanh({x})"
+            );
+            let want = 0.5 * (1.0 + t)
+                + 0.5 * x64 * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * x64 * x64);
+            assert!(
+                (d as f64 - want).abs() < 2e-6,
+                "gelu_tanh'({x}) = {d}, want {want}"
+            );
         }
     }
 

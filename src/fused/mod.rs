@@ -1,4 +1,4 @@
-//! Kiln's fused CPU kernels for Burn's Flex backend: causal attention, LayerNorm and exact GELU,
+//! Kiln's fused CPU kernels for Burn's Flex backend: causal attention, LayerNorm and GELU,
 //! each one kernel forward and one backward instead of a chain of recorded tensor ops.
 //!
 //! They plug into the model through [`kiln_transformer::fused`]: [`install`] registers them for
@@ -29,7 +29,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorPrimitive};
 use burn_flex::{Flex, FlexTensor};
-use kiln_transformer::fused::FusedOps;
+use kiln_transformer::fused::{FusedOps, Gelu};
 
 /// Registers the fused kernels for [`Flex`] and for `Autodiff<Flex>` (both checkpointing
 /// strategies; with activation checkpointing, attention recomputes its probabilities in the
@@ -101,8 +101,8 @@ impl FusedOps<Flex> for FlexKernels {
         layer_norm::forward(&primitive(x), &primitive(weight), bias.as_ref(), eps).map(wrap)
     }
 
-    fn gelu(&self, x: &Tensor<Flex, 3>) -> Option<Tensor<Flex, 3>> {
-        gelu::forward(&primitive(x)).map(wrap)
+    fn gelu(&self, x: &Tensor<Flex, 3>, kind: Gelu) -> Option<Tensor<Flex, 3>> {
+        gelu::forward(&primitive(x), kind).map(wrap)
     }
 }
 
@@ -209,13 +209,14 @@ impl RetroForward for RetroLayerNorm {
 struct GeluBackward;
 
 impl Backward<Flex, 1> for GeluBackward {
-    type State = NodeId;
+    type State = (NodeId, Gelu);
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, c: &mut Checkpointer) {
         let grad = grads.consume::<Flex>(&ops.node);
-        let x: FlexTensor = c.retrieve_node_output(ops.state);
+        let (input, kind) = ops.state;
+        let x: FlexTensor = c.retrieve_node_output(input);
         if let [Some(node)] = ops.parents {
-            let dx = gelu::backward(&x, &grad).expect(CHECKED_IN_FORWARD);
+            let dx = gelu::backward(&x, &grad, kind).expect(CHECKED_IN_FORWARD);
             grads.register::<Flex>(node.id, dx);
         }
     }
@@ -225,12 +226,16 @@ impl Backward<Flex, 1> for GeluBackward {
 #[derive(Clone, Debug)]
 struct RetroGelu {
     x: NodeId,
+    kind: Gelu,
 }
 
 impl RetroForward for RetroGelu {
     fn forward(&self, states: &mut BackwardStates, out_node: NodeId) {
         let x: FlexTensor = states.get_state(&self.x);
-        states.save(out_node, gelu::forward(&x).expect(CHECKED_IN_FORWARD))
+        states.save(
+            out_node,
+            gelu::forward(&x, self.kind).expect(CHECKED_IN_FORWARD),
+        )
     }
 }
 
@@ -324,18 +329,18 @@ impl<C: CheckpointStrategy> FusedOps<Ad<C>> for FlexKernels {
         Some(wrap(output))
     }
 
-    fn gelu(&self, x: &Tensor<Ad<C>, 3>) -> Option<Tensor<Ad<C>, 3>> {
+    fn gelu(&self, x: &Tensor<Ad<C>, 3>, kind: Gelu) -> Option<Tensor<Ad<C>, 3>> {
         let x = primitive(x);
-        let y = gelu::forward(&x.primitive)?;
+        let y = gelu::forward(&x.primitive, kind)?;
         let output = match GeluBackward
             .prepare::<C>([x.node.clone()])
             .memory_bound()
-            .retro_forward(RetroGelu { x: x.node.id })
+            .retro_forward(RetroGelu { x: x.node.id, kind })
             .parents([&x])
             .stateful()
         {
             OpsKind::Tracked(mut prep) => {
-                let state = prep.checkpoint(&x);
+                let state = (prep.checkpoint(&x), kind);
                 prep.finish(state, y)
             }
             OpsKind::UnTracked(prep) => prep.finish(y),

@@ -1,12 +1,12 @@
 //! The fused kernels against Burn's composed ops: outputs and gradients.
 
 use burn::backend::Autodiff;
-use burn::tensor::activation::gelu;
+use burn::tensor::activation::{gelu, gelu_approximate};
 use burn::tensor::module::attention as burn_attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Distribution, Tensor};
 use burn_flex::Flex;
-use kiln_transformer::fused::FusedOps;
+use kiln_transformer::fused::{FusedOps, Gelu};
 
 use super::FlexKernels;
 
@@ -135,16 +135,21 @@ fn layer_norm_matches_burn_with_and_without_bias() {
 
 #[test]
 fn gelu_matches_burn() {
-    let x = (random([4, 9, 33]) * 3.0).require_grad();
-    let fused = FlexKernels::default().gelu(&x).expect("fused gelu");
-    let reference = gelu(x.clone());
-    assert_close(
-        "gelu output",
-        fused.clone().inner(),
-        reference.clone().inner(),
-    );
-    let weights = random([4, 9, 33]);
-    let gf = (fused * weights.clone()).sum().backward();
-    let gr = (reference * weights).sum().backward();
-    assert_close("gelu gradient", x.grad(&gf).unwrap(), x.grad(&gr).unwrap());
+    for kind in [Gelu::Erf, Gelu::Tanh] {
+        let x = (random([4, 9, 33]) * 3.0).require_grad();
+        let fused = FlexKernels::default().gelu(&x, kind).expect("fused gelu");
+        let reference = match kind {
+            Gelu::Erf => gelu(x.clone()),
+            Gelu::Tanh => gelu_approximate(x.clone()),
+        };
+        assert_close(
+            "gelu output",
+            fused.clone().inner(),
+            reference.clone().inner(),
+        );
+        let weights = random([4, 9, 33]);
+        let gf = (fused * weights.clone()).sum().backward();
+        let gr = (reference * weights).sum().backward();
+        assert_close("gelu gradient", x.grad(&gf).unwrap(), x.grad(&gr).unwrap());
+    }
 }

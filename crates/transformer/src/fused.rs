@@ -37,8 +37,17 @@ pub trait FusedOps<B: Backend>: Send + Sync {
         eps: f64,
     ) -> Option<Tensor<B, 3>>;
 
-    /// Exact GELU, `x · Φ(x)` with the error function.
-    fn gelu(&self, x: &Tensor<B, 3>) -> Option<Tensor<B, 3>>;
+    /// GELU, exact or GPT-2's tanh approximation.
+    fn gelu(&self, x: &Tensor<B, 3>, kind: Gelu) -> Option<Tensor<B, 3>>;
+}
+
+/// Which GELU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gelu {
+    /// `x · Φ(x)` with the error function (PyTorch's default, nanoGPT).
+    Erf,
+    /// `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))` (GPT-2).
+    Tanh,
 }
 
 type Registry = RwLock<Vec<(TypeId, Box<dyn Any + Send + Sync>)>>;

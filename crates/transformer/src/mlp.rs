@@ -7,6 +7,7 @@ use burn::tensor::activation::{gelu, gelu_approximate, silu};
 use burn::tensor::backend::Backend;
 
 use crate::config::{MlpKind, ModelConfig};
+use crate::fused::Gelu;
 use crate::linear::{INIT_STD, Kernel, linear, project};
 
 /// `down(act(up(x)))`, or for SwiGLU `down(silu(gate(x)) · up(x))`.
@@ -59,11 +60,12 @@ impl<B: Backend> Mlp<B> {
         let [gate_k, up_k, down_k] = &self.kernels;
         let h = match (&self.gate, self.kind) {
             (Some(gate), _) => silu(project(gate, gate_k, x.clone())) * project(&self.up, up_k, x),
-            (None, 0) => gelu_approximate(project(&self.up, up_k, x)),
-            (None, _) => {
+            (None, kind) => {
                 let h = project(&self.up, up_k, x);
-                match crate::fused::installed::<B>().and_then(|f| f.gelu(&h)) {
+                let which = if kind == 0 { Gelu::Tanh } else { Gelu::Erf };
+                match crate::fused::installed::<B>().and_then(|f| f.gelu(&h, which)) {
                     Some(y) => y,
+                    None if which == Gelu::Tanh => gelu_approximate(h),
                     None => gelu(h),
                 }
             }
