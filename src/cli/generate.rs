@@ -2,7 +2,6 @@
 //! stdout, streamed as it is produced; diagnostics and timings go to stderr.
 
 use std::io::Write;
-use std::path::PathBuf;
 
 use clap::Args as ClapArgs;
 use kiln::transformer::chat::ChatMessage;
@@ -11,13 +10,8 @@ use kiln::transformer::{GenerateParams, Generator};
 
 #[derive(Debug, ClapArgs)]
 pub struct Args {
-    /// A .gguf model, a Kiln model directory, or a Hugging Face checkpoint directory.
-    #[arg(long, short, value_name = "M")]
-    pub model: PathBuf,
-    /// Weights for token-by-token decoding: `int8` reads a quarter of the bytes per token (prefill
-    /// keeps f32).
-    #[arg(long, value_enum, default_value_t = crate::cli::Quantize::None)]
-    pub quantize: crate::cli::Quantize,
+    #[command(flatten)]
+    pub model: crate::cli::ModelArgs,
     /// The prompt.
     #[arg(long, short, value_name = "TEXT")]
     pub prompt: String,
@@ -51,7 +45,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let loaded = crate::cli::load_for_inference(&args.model, args.quantize)?;
+    let loaded = args.model.load()?;
     let tokenizer = loaded.require_tokenizer()?;
 
     let mut prompt = if args.chat {

@@ -76,27 +76,41 @@ pub enum Quantize {
     Int8,
 }
 
-/// Loads `path` on the default backend, applies `--quantize`, and reports the model on stderr.
-fn load_for_inference(
-    path: &std::path::Path,
-    how: Quantize,
-) -> anyhow::Result<kiln::transformer::LoadedModel<kiln::backend::DefaultBackend>> {
-    use anyhow::Context;
-    let started = std::time::Instant::now();
-    let mut loaded = kiln::transformer::load_model(path, &Default::default())
-        .with_context(|| format!("loading {}", path.display()))?;
-    quantize(&mut loaded.model, how)?;
-    let config = loaded.model.config();
-    eprintln!(
-        "loaded {} ({} layers, width {}, {:.1}M parameters) in {:.2}s on {}",
-        path.display(),
-        config.n_layers,
-        config.d_model,
-        config.num_params() as f64 / 1e6,
-        started.elapsed().as_secs_f64(),
-        kiln::backend::BACKEND_NAME,
-    );
-    Ok(loaded)
+/// The model `generate` and `serve` run, and its decoding weights.
+#[derive(Debug, clap::Args)]
+pub struct ModelArgs {
+    /// A .gguf model, a Kiln model directory, or a Hugging Face checkpoint directory.
+    #[arg(long, short, value_name = "M")]
+    pub model: std::path::PathBuf,
+    /// Weights for token-by-token decoding: `int8` reads a quarter of the bytes per token (prefill
+    /// keeps f32).
+    #[arg(long, value_enum, default_value_t = Quantize::None)]
+    pub quantize: Quantize,
+}
+
+impl ModelArgs {
+    /// Loads the model on the default backend, applies `--quantize`, and reports it on stderr.
+    pub fn load(
+        &self,
+    ) -> anyhow::Result<kiln::transformer::LoadedModel<kiln::backend::DefaultBackend>> {
+        use anyhow::Context;
+        let (path, how) = (&self.model, self.quantize);
+        let started = std::time::Instant::now();
+        let mut loaded = kiln::transformer::load_model(path, &Default::default())
+            .with_context(|| format!("loading {}", path.display()))?;
+        quantize(&mut loaded.model, how)?;
+        let config = loaded.model.config();
+        eprintln!(
+            "loaded {} ({} layers, width {}, {:.1}M parameters) in {:.2}s on {}",
+            path.display(),
+            config.n_layers,
+            config.d_model,
+            config.num_params() as f64 / 1e6,
+            started.elapsed().as_secs_f64(),
+            kiln::backend::BACKEND_NAME,
+        );
+        Ok(loaded)
+    }
 }
 
 /// Applies `--quantize` to a loaded model.

@@ -1,6 +1,5 @@
 //! `kiln serve`: an OpenAI-compatible HTTP server for a model, with continuous batching.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args as ClapArgs;
@@ -8,13 +7,8 @@ use kiln::serve::{EngineConfig, ServeConfig, serve};
 
 #[derive(Debug, ClapArgs)]
 pub struct Args {
-    /// A .gguf model, a Kiln model directory, or a Hugging Face checkpoint directory.
-    #[arg(long, short, value_name = "M")]
-    pub model: PathBuf,
-    /// Weights for token-by-token decoding: `int8` reads a quarter of the bytes per token (prefill
-    /// keeps f32).
-    #[arg(long, value_enum, default_value_t = crate::cli::Quantize::None)]
-    pub quantize: crate::cli::Quantize,
+    #[command(flatten)]
+    pub model: crate::cli::ModelArgs,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
@@ -51,7 +45,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let loaded = crate::cli::load_for_inference(&args.model, args.quantize)?;
+    let loaded = args.model.load()?;
     let config = loaded.model.config();
     let context = args
         .ctx_size
@@ -59,6 +53,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .min(config.context_length);
     let name = args.served_model_name.clone().unwrap_or_else(|| {
         args.model
+            .model
             .file_stem()
             .map_or("kiln".into(), |s| s.to_string_lossy().into_owned())
     });
