@@ -15,11 +15,7 @@ use kiln::transformer::{ModelConfig, Transformer};
 fn bench_model(c: &mut Criterion, name: &str, config: ModelConfig, batch: usize, seq: usize) {
     // Burn's composed ops, then Kiln's fused kernels, in the same run.
     for fused in [false, true] {
-        if fused {
-            kiln::fused::install();
-        } else {
-            kiln::fused::uninstall();
-        }
+        let _composed = (!fused).then(kiln::kernels::fused::ComposedOps::enter);
         let label = if fused { "fused" } else { "burn_ops" };
         bench_step(c, &format!("{name}/{label}"), config.clone(), batch, seq);
     }

@@ -11,7 +11,6 @@ use kiln::backend::DefaultBackend as B;
 use kiln::transformer::{KvCache, Logits, load_model};
 
 fn bench(c: &mut Criterion) {
-    kiln::backend::init();
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf");
     if !path.exists() {

@@ -18,7 +18,6 @@ use kiln::transformer::{GenerateParams, Generator, load_model};
 const DEFAULT_MODEL: &str = "../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    kiln::backend::init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let flag = |name: &str| {
         args.iter()

@@ -21,7 +21,6 @@ use kiln::trainer::{ModelSpec, TrainConfig, Trainer};
 use kiln::transformer::ModelConfig;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    kiln::backend::init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let flag = |name: &str| {
         args.iter()

@@ -27,13 +27,6 @@ pub type CheckpointedTrainBackend = burn::backend::Autodiff<
     burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing,
 >;
 
-/// Prepares the selected backend; call once at start-up. On Flex it registers Kiln's fused CPU
-/// kernels ([`crate::fused`]); the GPU backends need nothing.
-pub fn init() {
-    #[cfg(all(feature = "flex", not(any(feature = "wgpu", feature = "cuda"))))]
-    crate::fused::install();
-}
-
 /// Human-readable name of [`DefaultBackend`].
 pub const BACKEND_NAME: &str = if cfg!(feature = "cuda") {
     "cuda"

@@ -6,6 +6,8 @@
 //!
 //! | stage | crate |
 //! |---|---|
+//! | GGUF reader / writer, GGML block codecs, crash-safe writes | [`gguf`] (`kiln-gguf`) |
+//! | fused CPU kernels, quantized linear kernels | [`kernels`] (`kiln-kernels`) |
 //! | tokenizer training, encoding, token shards | [`bpe`] (`kiln-bpe`) |
 //! | GPT-2 / Llama models, weights, generation | [`transformer`] (`kiln-transformer`) |
 //! | training loop, checkpoints, resume | [`trainer`] (`kiln-trainer`) |
@@ -15,6 +17,8 @@
 //! See `docs/architecture.md` for the whole pipeline.
 
 pub use kiln_bpe as bpe;
+pub use kiln_gguf as gguf;
+pub use kiln_kernels as kernels;
 pub use kiln_quantize as quantize;
 pub use kiln_serve as serve;
 pub use kiln_trainer as trainer;
@@ -26,6 +30,3 @@ pub mod backend;
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-#[cfg(feature = "flex")]
-pub mod fused;

@@ -6,7 +6,6 @@ use clap::Parser;
 
 fn main() {
     let args = cli::Cli::parse();
-    kiln::backend::init();
     if let Err(err) = cli::run(args) {
         eprintln!("error: {err:#}");
         std::process::exit(1);

@@ -72,7 +72,7 @@ pub enum BpeError {
     Regex(#[from] Box<fancy_regex::Error>),
     /// A GGUF file could not be read.
     #[error(transparent)]
-    Gguf(#[from] crate::gguf::GgufError),
+    Gguf(#[from] kiln_gguf::GgufError),
     /// A token shard could not be read or written.
     #[error(transparent)]
     Shard(#[from] crate::shard::ShardError),

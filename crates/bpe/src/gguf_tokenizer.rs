@@ -2,10 +2,10 @@
 
 use crate::byte_level;
 use crate::error::{BpeError, Result};
-use crate::gguf::GgufFile;
 use crate::hf_json::merge_from_line;
 use crate::pretokenize::{PreTokenizer, Split};
 use crate::tokenizer::{AddedToken, Tokenizer, TokenizerParts};
+use kiln_gguf::GgufFile;
 
 /// llama.cpp token types (`tokenizer.ggml.token_type`).
 const TOKEN_TYPE_CONTROL: i32 = 3;

@@ -336,7 +336,8 @@ pub fn to_json(tok: &Tokenizer) -> String {
             "ignore_merges": parts.ignore_merges, "vocab": vocab, "merges": merges
         }
     });
-    serde_json::to_string_pretty(&doc).unwrap_or_default()
+    // A `Value` always serializes (its map keys are strings); `{:#}` is its pretty form.
+    format!("{doc:#}")
 }
 
 /// Loads GPT-2-style `vocab.json` + `merges.txt` (GPT-2 pre-tokenizer; `<|endoftext|>`, if present,

@@ -17,12 +17,12 @@
 //! # Ok::<(), kiln_bpe::BpeError>(())
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod byte_level;
 mod cache;
 pub mod corpus;
 mod error;
-pub mod fsutil;
-pub mod gguf;
 mod gguf_tokenizer;
 mod hf_json;
 pub mod prepare;
@@ -74,7 +74,7 @@ impl Tokenizer {
 
     /// Loads the tokenizer embedded in a GGUF model (`tokenizer.ggml.model == "gpt2"`).
     pub fn from_gguf(path: impl AsRef<Path>) -> Result<Self> {
-        let file = gguf::GgufFile::open(path)?;
+        let file = kiln_gguf::GgufFile::open(path)?;
         gguf_tokenizer::from_gguf(&file)
     }
 
@@ -85,6 +85,7 @@ impl Tokenizer {
 
     /// Writes `tokenizer.json` atomically (temp file + rename).
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
-        fsutil::write_atomic(path.as_ref(), self.to_json().as_bytes())
+        let path = path.as_ref();
+        kiln_gguf::atomic::write(path, self.to_json().as_bytes()).map_err(|e| BpeError::io(path, e))
     }
 }

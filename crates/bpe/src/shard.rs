@@ -12,10 +12,11 @@
 //! A valid file is exactly `1024 + n_tokens * width` bytes long.
 
 use std::borrow::Borrow;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufWriter, Seek, SeekFrom, Write};
+use std::fs::File;
+use std::io::{self, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
+use kiln_gguf::atomic::AtomicFile;
 use memmap2::Mmap;
 
 /// Magic number in `header[0]` of every llm.c token shard.
@@ -232,24 +233,16 @@ fn encode_header(width: TokenWidth, n_tokens: i32) -> [u8; HEADER_BYTES] {
     header
 }
 
-/// The temp-file path a writer for `path` uses: `<path>.tmp`.
-fn temp_path(path: &Path) -> PathBuf {
-    let mut name = path.as_os_str().to_os_string();
-    name.push(".tmp");
-    PathBuf::from(name)
-}
-
-/// Writes an llm.c token shard atomically.
+/// Writes an llm.c token shard atomically ([`kiln_gguf::atomic::AtomicFile`]).
 ///
-/// Tokens go to a sibling temp file `<path>.tmp` behind a placeholder
-/// (all-zero) header; [`finish`](ShardWriter::finish) writes the real header,
-/// fsyncs and renames the temp file onto `path`. Dropping the writer without
-/// finishing removes the temp file, so `path` never holds a partial shard.
+/// Tokens go to a temp sibling of `path` behind a placeholder (all-zero) header;
+/// [`finish`](ShardWriter::finish) writes the real header, fsyncs and renames the temp file onto
+/// `path`. Dropping the writer without finishing removes the temp file, so `path` never holds a
+/// partial shard.
 #[derive(Debug)]
 pub struct ShardWriter {
     path: PathBuf,
-    tmp_path: PathBuf,
-    out: Option<BufWriter<File>>,
+    out: Option<AtomicFile>,
     width: TokenWidth,
     count: u64,
     scratch: Vec<u8>,
@@ -260,18 +253,11 @@ impl ShardWriter {
     /// once [`finish`](ShardWriter::finish) succeeds.
     pub fn create(path: impl AsRef<Path>, width: TokenWidth) -> Result<Self, ShardError> {
         let path = path.as_ref().to_path_buf();
-        let tmp_path = temp_path(&path);
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp_path)
-            .map_err(io_err(&tmp_path))?;
-        // From here on, Drop cleans the temp file up on any error.
+        let file = AtomicFile::create(&path).map_err(io_err(&path))?;
+        // From here on, dropping the AtomicFile cleans the temp file up on any error.
         let mut writer = ShardWriter {
             path,
-            tmp_path,
-            out: Some(BufWriter::with_capacity(1 << 20, file)),
+            out: Some(file),
             width,
             count: 0,
             scratch: Vec::new(),
@@ -282,11 +268,11 @@ impl ShardWriter {
     }
 
     fn write_raw(&mut self, bytes: &[u8]) -> Result<(), ShardError> {
-        let tmp_path = &self.tmp_path;
+        let path = &self.path;
         match self.out.as_mut() {
-            Some(out) => out.write_all(bytes).map_err(io_err(tmp_path)),
+            Some(out) => out.write_all(bytes).map_err(io_err(path)),
             None => Err(ShardError::Io {
-                path: tmp_path.clone(),
+                path: path.clone(),
                 source: io::Error::other("shard writer already closed"),
             }),
         }
@@ -362,56 +348,23 @@ impl ShardWriter {
     /// the final path. Returns the number of tokens written. On error the
     /// temp file is removed and the final path is left untouched.
     pub fn finish(mut self) -> Result<u64, ShardError> {
-        let tmp_path = self.tmp_path.clone();
-        let Some(out) = self.out.take() else {
+        let path = self.path.clone();
+        let Some(mut file) = self.out.take() else {
             return Err(ShardError::Io {
-                path: tmp_path,
+                path,
                 source: io::Error::other("shard writer already closed"),
             });
         };
-        let mut file = out
-            .into_inner()
-            .map_err(|e| io_err(&tmp_path)(e.into_error()))?;
         // `write_tokens` keeps count <= MAX_TOKENS = i32::MAX.
         let count = i32::try_from(self.count).map_err(|_| ShardError::TooManyTokens {
-            path: self.path.clone(),
+            path: path.clone(),
             tokens: self.count,
         })?;
         let header = encode_header(self.width, count);
-        file.seek(SeekFrom::Start(0)).map_err(io_err(&tmp_path))?;
-        file.write_all(&header).map_err(io_err(&tmp_path))?;
-        file.sync_all().map_err(io_err(&tmp_path))?;
-        drop(file);
-        fs::rename(&tmp_path, &self.path).map_err(io_err(&self.path))?;
-        // The temp file is gone; Drop has nothing left to clean up.
-        self.tmp_path = PathBuf::new();
-        sync_parent_dir(&self.path);
+        file.seek(SeekFrom::Start(0)).map_err(io_err(&path))?;
+        file.write_all(&header).map_err(io_err(&path))?;
+        file.commit().map_err(io_err(&path))?;
         Ok(self.count)
-    }
-}
-
-/// Best-effort fsync of `path`'s directory so the rename itself is durable.
-fn sync_parent_dir(path: &Path) {
-    #[cfg(unix)]
-    {
-        let parent = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        if let Ok(dir) = File::open(parent) {
-            let _ = dir.sync_all();
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = path;
-}
-
-impl Drop for ShardWriter {
-    fn drop(&mut self) {
-        drop(self.out.take());
-        if !self.tmp_path.as_os_str().is_empty() {
-            let _ = fs::remove_file(&self.tmp_path);
-        }
     }
 }
 
@@ -794,6 +747,7 @@ impl ExactSizeIterator for SequentialWindows<'_> {}
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
     use std::sync::Arc;
 
     fn write_shard(path: &Path, width: TokenWidth, tokens: &[u32]) -> u64 {
@@ -1140,7 +1094,13 @@ mod tests {
             w.write_tokens(&[1, 2, 3]).unwrap();
             // Mid-write, only the temp file exists.
             assert!(!path.exists());
-            assert_eq!(dir_entries(dir.path()), vec!["d.bin.tmp".to_string()]);
+            let entries = dir_entries(dir.path());
+            assert!(
+                entries.len() == 1
+                    && entries[0].starts_with(".d.bin.")
+                    && entries[0].ends_with(".tmp"),
+                "{entries:?}"
+            );
         }
         assert!(!path.exists());
         assert!(dir_entries(dir.path()).is_empty());
@@ -1163,11 +1123,21 @@ mod tests {
     }
 
     #[test]
-    fn create_in_missing_dir_is_io_error() {
+    fn missing_dirs_are_created_and_a_file_in_the_way_is_an_io_error() {
         let dir = tempfile::tempdir().unwrap();
-        let err =
-            ShardWriter::create(dir.path().join("no/such/x.bin"), TokenWidth::U16).unwrap_err();
-        assert!(matches!(err, ShardError::Io { .. }));
+        let nested = dir.path().join("new/dir/x.bin");
+        let mut w = ShardWriter::create(&nested, TokenWidth::U16).unwrap();
+        w.write_tokens(&[5]).unwrap();
+        w.finish().unwrap();
+        assert_eq!(TokenShard::open(&nested).unwrap().to_vec(), vec![5]);
+        let blocker = dir.path().join("file");
+        fs::write(&blocker, b"").unwrap();
+        let target = blocker.join("x.bin");
+        let err = ShardWriter::create(&target, TokenWidth::U16).unwrap_err();
+        assert!(
+            matches!(&err, ShardError::Io { path, .. } if *path == target),
+            "{err}"
+        );
     }
 
     fn sample_shard(dir: &Path, n: u32, width: TokenWidth) -> TokenShard {

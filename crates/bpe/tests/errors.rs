@@ -2,9 +2,9 @@
 
 mod common;
 
-use kiln_bpe::gguf::GgufError;
 use kiln_bpe::prepare::{PrepareConfig, prepare};
 use kiln_bpe::{BpeError, BpeTrainer, ShardError, TokenShard, Tokenizer, TrainerConfig};
+use kiln_gguf::GgufError;
 
 fn tiny_tokenizer() -> Tokenizer {
     let mut t = BpeTrainer::new(TrainerConfig {
@@ -131,7 +131,7 @@ fn corrupt_gguf_and_shards() {
 
 #[test]
 fn gguf_without_a_bpe_tokenizer() {
-    use kiln_bpe::gguf::{GgufArray, GgufValue, GgufWriter};
+    use kiln_gguf::{GgufArray, GgufValue, GgufWriter};
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("spm.gguf");
     let mut w = GgufWriter::new();

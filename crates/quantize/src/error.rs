@@ -3,16 +3,9 @@
 /// Why a model or matrix could not be quantized.
 #[derive(Debug, thiserror::Error)]
 pub enum QuantizeError {
-    /// The data does not have the shape it claims.
-    #[error("a {rows}×{cols} matrix needs {} values, got {len}", rows * cols)]
-    Shape {
-        /// Rows.
-        rows: usize,
-        /// Columns.
-        cols: usize,
-        /// Values given.
-        len: usize,
-    },
+    /// A kernel refused the weights (their shape).
+    #[error(transparent)]
+    Kernel(#[from] kiln_kernels::KernelError),
     /// A weight could not be read back from the backend as f32.
     #[error("reading weight `{name}` as f32: {reason}")]
     Read {

@@ -1,14 +1,11 @@
 //! # kiln-quantize
 //!
-//! Weight quantization for Kiln models. [`Int8Matrix`] stores a weight matrix as signed 8-bit
-//! integers with one f32 scale per block of [`BLOCK`] inputs (the layout of llama.cpp's `Q8_0`),
-//! and its [`LinearKernel`](kiln_transformer::LinearKernel) multiplies by it on the CPU without
-//! expanding it: a decoding step reads a quarter of the bytes of f32 weights, which is what
-//! bounds token-by-token generation on a CPU.
-//!
-//! [`quantize_for_decoding`] attaches such kernels to every linear layer of a
-//! [`Transformer`](kiln_transformer::Transformer) (and its output projection); the f32 weights
-//! stay for prefill and training, where matrix products are compute-bound.
+//! Weight quantization for Kiln models. [`quantize_for_decoding`] gives every
+//! [`Projection`](kiln_transformer::Projection) of a [`Transformer`](kiln_transformer::Transformer)
+//! (and its output head) an [`Int8Matrix`](kiln_kernels::Int8Matrix) kernel: `Q8_0` weights (one
+//! scale per 32 inputs) that the CPU multiplies by without expanding them, so a decoding step reads
+//! a quarter of the bytes of f32 weights, which is what bounds token-by-token generation on a
+//! CPU. The f32 weights stay for prefill and training, where matrix products are compute-bound.
 //!
 //! ```
 //! use burn::backend::Flex;
@@ -21,10 +18,10 @@
 //! assert_eq!(report.layers, 2 * 4 + 1);
 //! ```
 
+#![warn(missing_docs)]
+
 mod error;
-mod int8;
 mod model;
 
 pub use error::QuantizeError;
-pub use int8::{BLOCK, Int8Matrix};
 pub use model::{QuantizeReport, quantize_for_decoding};

@@ -1,24 +1,24 @@
 //! Causal self-attention `softmax(QKᵀ/√d_k)·V` with grouped-query heads, RoPE and a KV cache.
 
 use burn::module::Module;
-use burn::nn::{Dropout, DropoutConfig, Linear};
+use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Tensor};
 
-use crate::cache::LayerKv;
+use crate::cache::{CacheSlots, LayerKv};
 use crate::config::{ModelConfig, RopePairing};
-use crate::linear::{INIT_STD, Kernel, linear, project};
+use crate::linear::{INIT_STD, Projection};
 use crate::rope::RopeAngles;
 
 /// Multi-head causal self-attention with a fused QKV projection.
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
     /// `[d_model, (n_heads + 2·n_kv_heads)·head_dim]`: queries, then keys, then values.
-    pub qkv: Linear<B>,
+    pub qkv: Projection<B>,
     /// `[n_heads·head_dim, d_model]` output projection.
-    pub proj: Linear<B>,
+    pub proj: Projection<B>,
     /// Dropout on the output projection (training only).
     pub dropout: Dropout,
     /// Query heads.
@@ -30,9 +30,6 @@ pub struct Attention<B: Backend> {
     /// Width of one head.
     #[module(skip)]
     pub head_dim: usize,
-    /// Decoding kernels for `qkv` and `proj` (see [`LinearKernel`](crate::LinearKernel)).
-    #[module(skip)]
-    pub kernels: [Kernel; 2],
 }
 
 /// Per-forward inputs shared by every layer.
@@ -45,16 +42,6 @@ pub(crate) struct AttentionContext<B: Backend> {
     pub cache: Option<CacheSlots>,
 }
 
-/// Where a forward pass writes into the KV cache.
-pub(crate) struct CacheSlots {
-    /// The cache row each batch row continues.
-    pub rows: Vec<usize>,
-    /// First cache position written, per batch row.
-    pub starts: Vec<usize>,
-    /// Keys attended to: positions `0..keys_len` of the cache.
-    pub keys_len: usize,
-}
-
 impl<B: Backend> Attention<B> {
     /// A freshly initialized layer (nanoGPT init; the output projection scaled by 1/√(2·layers)).
     pub fn new(config: &ModelConfig, device: &B::Device) -> Self {
@@ -62,8 +49,8 @@ impl<B: Backend> Attention<B> {
         let width = (config.n_heads + 2 * config.n_kv_heads) * h;
         let residual_std = INIT_STD / (2.0 * config.n_layers as f64).sqrt();
         Self {
-            qkv: linear(config.d_model, width, config.bias, INIT_STD, device),
-            proj: linear(
+            qkv: Projection::new(config.d_model, width, config.bias, INIT_STD, device),
+            proj: Projection::new(
                 config.n_heads * h,
                 config.d_model,
                 config.bias,
@@ -74,7 +61,6 @@ impl<B: Backend> Attention<B> {
             n_heads: config.n_heads,
             n_kv_heads: config.n_kv_heads,
             head_dim: h,
-            kernels: Default::default(),
         }
     }
 
@@ -87,7 +73,7 @@ impl<B: Backend> Attention<B> {
     ) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
         let (h, kvh, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let qkv = project(&self.qkv, &self.kernels[0], x);
+        let qkv = self.qkv.forward(x);
         let split = |from: usize, heads: usize| {
             qkv.clone()
                 .slice([0..b, 0..t, from * d..(from + heads) * d])
@@ -131,8 +117,7 @@ impl<B: Backend> Attention<B> {
             let y = attention(q, k, v, ctx.mask.clone(), None, options);
             y.swap_dims(1, 2).reshape([b, t, h * d])
         };
-        self.dropout
-            .forward(project(&self.proj, &self.kernels[1], y))
+        self.dropout.forward(self.proj.forward(y))
     }
 }
 
@@ -147,7 +132,7 @@ fn fused_causal<B: Backend>(
     if ctx.mask.is_some() || ctx.cache.is_some() {
         return None;
     }
-    crate::fused::installed::<B>()?.causal_attention(q, k, v)
+    kiln_kernels::fused::ops::<B>()?.causal_attention(q, k, v)
 }
 
 /// Repeats each key/value head `n` times so grouped-query attention lines up with the query heads.

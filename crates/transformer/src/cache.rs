@@ -18,9 +18,18 @@
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 
-use crate::attention::CacheSlots;
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
+
+/// Where a forward pass writes into the KV cache.
+pub(crate) struct CacheSlots {
+    /// The cache row each batch row continues.
+    pub rows: Vec<usize>,
+    /// First cache position written, per batch row.
+    pub starts: Vec<usize>,
+    /// Keys attended to: positions `0..keys_len` of the cache.
+    pub keys_len: usize,
+}
 
 /// Keys and values for `batch` sequences of up to `capacity` tokens each.
 ///

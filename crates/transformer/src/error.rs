@@ -57,10 +57,16 @@ pub enum ModelError {
     },
     /// A GGUF file could not be read.
     #[error(transparent)]
-    Gguf(#[from] kiln_bpe::gguf::GgufError),
-    /// Quantized weights could not be decoded.
-    #[error(transparent)]
-    Dequant(#[from] crate::dequant::DequantError),
+    Gguf(#[from] kiln_gguf::GgufError),
+    /// A tensor's quantized bytes could not be decoded.
+    #[error("tensor {tensor}: {source}")]
+    Dequant {
+        /// The tensor's name in its file.
+        tensor: String,
+        /// What the block codec found.
+        #[source]
+        source: kiln_gguf::blocks::BlockError,
+    },
     /// A safetensors file could not be read or written.
     #[error("safetensors {}: {reason}", path.display())]
     Safetensors {

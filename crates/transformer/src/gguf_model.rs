@@ -5,11 +5,11 @@
 //! with Q, K and V fused. llama.cpp permutes Q and K so that RoPE rotates adjacent pairs; the loader
 //! undoes that permutation, so GGUF models run with [`RopePairing::HalfSplit`] like HF checkpoints.
 
-use kiln_bpe::gguf::{GgufFile, TensorInfo};
+use kiln_gguf::blocks::dequantize_to_vec;
+use kiln_gguf::{GgufFile, TensorInfo};
 use rayon::prelude::*;
 
 use crate::config::{MlpKind, ModelConfig, NormKind, PositionEncoding, RopePairing};
-use crate::dequant::dequantize;
 use crate::error::{ModelError, Result};
 use crate::weights::{LlamaBlock, NamedTensor, Source, llama_block, transpose};
 
@@ -76,13 +76,12 @@ fn load(file: &GgufFile, name: &str, shape: &[usize], source: &str) -> Result<Ve
             found,
         });
     }
-    Ok(dequantize(
-        name,
-        t.ty.id(),
-        t.ty.name(),
-        file.tensor_data(t),
-        t.n_elements() as usize,
-    )?)
+    dequantize_to_vec(t.ty, file.tensor_data(t), t.n_elements() as usize).map_err(|source| {
+        ModelError::Dequant {
+            tensor: name.to_owned(),
+            source,
+        }
+    })
 }
 
 /// Reorders the rows of a `[heads·head_dim, d]` Q or K projection from llama.cpp's layout (RoPE

@@ -5,15 +5,34 @@
 //! `softmax(QKᵀ/√d_k)·V` with grouped-query heads, learned or rotary positions, pre-norm residual
 //! blocks with LayerNorm or RMSNorm, GELU MLP or SwiGLU, and output logits. Plus a KV cache for
 //! generation, loaders for GGUF and safetensors weights, and Kiln's own model directory.
+//!
+//! On Burn's Flex CPU backend the model runs Kiln's fused kernels (`kiln-kernels`: attention,
+//! LayerNorm, GELU, forward and backward) with no set-up; every other backend runs Burn's ops.
+//!
+//! ```
+//! use burn::backend::Flex;
+//! use burn::tensor::{Int, Tensor};
+//! use kiln_transformer::{ModelConfig, Transformer};
+//!
+//! let config = ModelConfig {
+//!     n_layers: 2, d_model: 64, n_heads: 4, n_kv_heads: 4, d_ff: 256,
+//!     vocab_size: 100, context_length: 32, ..ModelConfig::gpt2_124m()
+//! };
+//! let model = Transformer::<Flex>::new(config, &Default::default())?;
+//! let tokens = Tensor::<Flex, 2, Int>::from_ints([[1, 2, 3]], &Default::default());
+//! let logits = model.forward(tokens)?;
+//! assert_eq!(logits.dims(), [1, 3, 100]);
+//! # Ok::<(), kiln_transformer::ModelError>(())
+//! ```
+
+#![warn(missing_docs)]
 
 mod attention;
 mod block;
 mod cache;
 pub mod chat;
 mod config;
-pub mod dequant;
 mod error;
-pub mod fused;
 mod generate;
 mod gguf_model;
 mod hf;
@@ -38,7 +57,7 @@ pub use generate::{
 };
 pub use gguf_model::config_from_gguf;
 pub use hf::config_from_hf;
-pub use linear::{KERNEL_MAX_ROWS, Kernel, LinearKernel};
+pub use linear::Projection;
 pub use load::{LoadedModel, Prompt, load_gguf, load_model};
 pub use mlp::Mlp;
 pub use model::{Logits, Transformer};

@@ -1,12 +1,13 @@
-//! Building Burn `Linear` and `Embedding` layers with nanoGPT's initialization.
+//! [`Projection`], the model's linear layer, and embeddings with nanoGPT's initialization.
 
-use std::fmt::Debug;
 use std::sync::Arc;
 
-use burn::module::Param;
-use burn::nn::{Embedding, Initializer, Linear};
+use burn::module::{Module, Param};
+use burn::nn::{Embedding, Initializer};
 use burn::tensor::backend::Backend;
+use burn::tensor::module::linear;
 use burn::tensor::{Tensor, TensorData};
+use kiln_kernels::{KERNEL_MAX_ROWS, LinearKernel};
 
 /// nanoGPT's weight initialization: N(0, 0.02).
 pub(crate) const INIT_STD: f64 = 0.02;
@@ -19,74 +20,77 @@ fn normal<B: Backend, const D: usize>(
     Initializer::Normal { mean: 0.0, std }.init(shape, device)
 }
 
-/// A `[d_in, d_out]` linear layer with N(0, `std`) weights and zero bias.
-pub(crate) fn linear<B: Backend>(
-    d_in: usize,
-    d_out: usize,
-    bias: bool,
-    std: f64,
-    device: &B::Device,
-) -> Linear<B> {
-    Linear {
-        weight: normal([d_in, d_out], std, device),
-        bias: bias.then(|| Param::from_tensor(Tensor::zeros([d_out], device))),
+/// A linear layer `y = x·W + b` (`W` is `[d_in, d_out]`) whose weight may also be held in a
+/// quantized format: with a [`LinearKernel`] attached (e.g. `kiln-quantize`'s int8 weights),
+/// products of few rows (token-by-token decoding) run through the kernel, which reads a fraction
+/// of the bytes; larger products (prefill, training) use the backend's matrix product on `W`.
+///
+/// Its parameters are named `weight` and `bias`, like Burn's `Linear`, so checkpoints and
+/// safetensors files keep the same tensor names.
+#[derive(Module, Debug)]
+pub struct Projection<B: Backend> {
+    /// `[d_in, d_out]`.
+    pub weight: Param<Tensor<B, 2>>,
+    /// `[d_out]`, if the layer has a bias.
+    pub bias: Option<Param<Tensor<B, 1>>>,
+    /// The weight in a kernel's own format, for small products.
+    #[module(skip)]
+    pub kernel: Option<Arc<dyn LinearKernel>>,
+}
+
+impl<B: Backend> Projection<B> {
+    /// A `[d_in, d_out]` layer with N(0, `std`) weights and a zero bias (if `bias`).
+    pub fn new(d_in: usize, d_out: usize, bias: bool, std: f64, device: &B::Device) -> Self {
+        Self {
+            weight: normal([d_in, d_out], std, device),
+            bias: bias.then(|| Param::from_tensor(Tensor::zeros([d_out], device))),
+            kernel: None,
+        }
+    }
+
+    /// Input width.
+    pub fn in_features(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    /// Output width.
+    pub fn out_features(&self) -> usize {
+        self.weight.dims()[1]
+    }
+
+    /// `[batch, seq, d_in]` → `[batch, seq, d_out]`, as one `[batch·seq, d_in]` matrix product
+    /// (Burn's `Linear` on 3-D input broadcasts the weight over the batch, which Flex runs as one
+    /// product per row: in batched decoding that reads the whole weight once per sequence), or
+    /// through the attached kernel when the product is small.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [b, t, d] = x.dims();
+        let y = self.forward_rows(x.reshape([b * t, d]));
+        let n = y.dims()[1];
+        y.reshape([b, t, n])
+    }
+
+    /// `[rows, d_in]` → `[rows, d_out]`.
+    pub fn forward_rows(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let rows = x.dims()[0];
+        if let Some(kernel) = &self.kernel
+            && rows <= KERNEL_MAX_ROWS
+            && kernel.in_features() == x.dims()[1]
+            && let Some(y) = run_kernel(kernel.as_ref(), x.clone(), rows)
+        {
+            return match &self.bias {
+                Some(bias) => y + bias.val().unsqueeze::<2>(),
+                None => y,
+            };
+        }
+        linear(x, self.weight.val(), self.bias.as_ref().map(Param::val))
     }
 }
 
-/// A host-side implementation of one linear layer's product `y = x · Wᵀ` (no bias), used instead of
-/// the backend's matrix product when few rows go through the layer (token-by-token decoding).
-///
-/// This is how `kiln-quantize` runs decoding on int8 weights: the layer keeps its f32 weights for
-/// training and prefill, and the kernel reads a quarter of the bytes per generated token.
-pub trait LinearKernel: Send + Sync + Debug {
-    /// Width of each input row.
-    fn in_features(&self) -> usize;
-    /// Width of each output row.
-    fn out_features(&self) -> usize;
-    /// `out[r] = x[r] · Wᵀ` for `rows` rows laid out one after another; an error (the caller then
-    /// uses the backend's product) when the slices do not have those shapes.
-    fn forward(&self, x: &[f32], rows: usize, out: &mut [f32]) -> crate::Result<()>;
-}
-
-/// A layer's optional [`LinearKernel`].
-pub type Kernel = Option<Arc<dyn LinearKernel>>;
-
-/// Most rows a [`LinearKernel`] takes; larger products (prefill, training) use the backend.
-pub const KERNEL_MAX_ROWS: usize = 16;
-
-/// `layer` applied to `[batch, seq, d_in]` as one `[batch·seq, d_in]` matrix product, or through
-/// `kernel` when one is attached and the product is small.
-///
-/// Burn's `Linear` on a 3-D input broadcasts the weight over the batch, which Flex runs as one
-/// matrix product per batch row: in batched decoding (`seq` = 1) that is a matrix-vector product
-/// per sequence, each reading the whole weight again. Flattening first reads it once.
-pub(crate) fn project<B: Backend>(
-    layer: &Linear<B>,
-    kernel: &Kernel,
-    x: Tensor<B, 3>,
-) -> Tensor<B, 3> {
-    let [b, t, d] = x.dims();
-    if let Some(kernel) = kernel
-        && b * t <= KERNEL_MAX_ROWS
-        && kernel.in_features() == d
-        && let Some(y) = run_kernel(kernel.as_ref(), x.clone(), b * t)
-    {
-        let y = match &layer.bias {
-            Some(bias) => y + bias.val().unsqueeze::<2>(),
-            None => y,
-        };
-        return y.reshape([b, t, kernel.out_features()]);
-    }
-    let y = layer.forward(x.reshape([b * t, d]));
-    let n = y.dims()[1];
-    y.reshape([b, t, n])
-}
-
-/// `x` (`[.., d]`, `rows` rows) through `kernel` on the host; `None` if `x` cannot be read as f32 or
-/// the kernel refuses the shapes.
-pub(crate) fn run_kernel<B: Backend, const D: usize>(
+/// `x` (`rows` rows) through `kernel` on the host; `None` if `x` cannot be read as f32 or the
+/// kernel refuses the shapes (the caller then uses the backend's product).
+pub(crate) fn run_kernel<B: Backend>(
     kernel: &dyn LinearKernel,
-    x: Tensor<B, D>,
+    x: Tensor<B, 2>,
     rows: usize,
 ) -> Option<Tensor<B, 2>> {
     let device = x.device();

@@ -4,8 +4,8 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::Backend;
-use kiln_bpe::gguf::GgufFile;
 use kiln_bpe::{SpecialTokens, Tokenizer};
+use kiln_gguf::GgufFile;
 
 use crate::chat::{ChatMessage, ChatTemplate};
 use crate::error::{ModelError, Result};

@@ -1,16 +1,19 @@
 //! [`Transformer`]: token embedding → blocks → final norm → logits, with or without a KV cache.
 
-use burn::module::Module;
-use burn::nn::{Dropout, DropoutConfig, Embedding, Linear};
+use std::sync::Arc;
+
+use burn::module::{Module, ModuleMapper, Param, ParamId};
+use burn::nn::{Dropout, DropoutConfig, Embedding};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
+use kiln_kernels::{KERNEL_MAX_ROWS, LinearKernel};
 
-use crate::attention::{AttentionContext, CacheSlots};
+use crate::attention::AttentionContext;
 use crate::block::Block;
-use crate::cache::KvCache;
+use crate::cache::{CacheSlots, KvCache};
 use crate::config::{ModelConfig, PositionEncoding};
 use crate::error::{ModelError, Result};
-use crate::linear::{INIT_STD, KERNEL_MAX_ROWS, Kernel, embedding, linear, project, run_kernel};
+use crate::linear::{INIT_STD, Projection, embedding, run_kernel};
 use crate::norm::Norm;
 use crate::rope::RopeAngles;
 
@@ -35,15 +38,16 @@ pub struct Transformer<B: Backend> {
     /// Final norm.
     pub norm_f: Norm<B>,
     /// Output projection `[d_model, vocab]`; absent when tied to `tok_emb`.
-    pub lm_head: Option<Linear<B>>,
+    pub lm_head: Option<Projection<B>>,
     /// Dropout on the embeddings (training only).
     pub emb_dropout: Dropout,
     /// The structure.
     #[module(skip)]
     pub config: ModelConfig,
-    /// Decoding kernel for the output projection (`lm_head`, or the tied embedding as `[vocab, d]`).
+    /// With tied embeddings: the output projection (`tok_emb` read as `[vocab, d]`) in a kernel's
+    /// own format, for decoding (an untied `lm_head` holds its own kernel).
     #[module(skip)]
-    pub head_kernel: Kernel,
+    pub tied_head_kernel: Option<Arc<dyn LinearKernel>>,
 }
 
 impl ModelConfig {
@@ -57,7 +61,7 @@ impl<B: Backend> Transformer<B> {
     /// A randomly initialized model.
     pub fn new(config: ModelConfig, device: &B::Device) -> Result<Self> {
         config.validate()?;
-        Ok(Self {
+        let model = Self {
             tok_emb: embedding(config.vocab_size, config.d_model, device),
             pos_emb: matches!(config.position, PositionEncoding::Learned)
                 .then(|| embedding(config.context_length, config.d_model, device)),
@@ -65,17 +69,40 @@ impl<B: Backend> Transformer<B> {
                 .map(|_| Block::new(&config, device))
                 .collect(),
             norm_f: Norm::new(config.norm, config.d_model, config.bias, device),
-            lm_head: (!config.tied_embeddings)
-                .then(|| linear(config.d_model, config.vocab_size, false, INIT_STD, device)),
+            lm_head: (!config.tied_embeddings).then(|| {
+                Projection::new(config.d_model, config.vocab_size, false, INIT_STD, device)
+            }),
             emb_dropout: DropoutConfig::new(config.dropout).init(),
             config,
-            head_kernel: None,
-        })
+            tied_head_kernel: None,
+        };
+        Ok(model.map(&mut PathParamIds::default()))
     }
 
     /// The structure.
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    /// Calls `f` on every [`Projection`] (attention, MLP and an untied output head) with its
+    /// parameter path (`blocks.3.attn.qkv`, for messages); stops at the first error.
+    pub fn try_for_each_projection<E>(
+        &mut self,
+        mut f: impl FnMut(&str, &mut Projection<B>) -> std::result::Result<(), E>,
+    ) -> std::result::Result<(), E> {
+        for (i, block) in self.blocks.iter_mut().enumerate() {
+            f(&format!("blocks.{i}.attn.qkv"), &mut block.attn.qkv)?;
+            f(&format!("blocks.{i}.attn.proj"), &mut block.attn.proj)?;
+            if let Some(gate) = &mut block.mlp.gate {
+                f(&format!("blocks.{i}.mlp.gate"), gate)?;
+            }
+            f(&format!("blocks.{i}.mlp.up"), &mut block.mlp.up)?;
+            f(&format!("blocks.{i}.mlp.down"), &mut block.mlp.down)?;
+        }
+        if let Some(head) = &mut self.lm_head {
+            f("lm_head", head)?;
+        }
+        Ok(())
     }
 
     /// Full causal forward pass over `tokens` (`[batch, seq]`, positions from 0): logits
@@ -252,7 +279,7 @@ impl<B: Backend> Transformer<B> {
 
     fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, t, d] = hidden.dims();
-        if let Some(kernel) = &self.head_kernel
+        if let Some(kernel) = &self.tied_head_kernel
             && self.lm_head.is_none()
             && b * t <= KERNEL_MAX_ROWS
             && let Some(y) = run_kernel(kernel.as_ref(), hidden.clone().reshape([b * t, d]), b * t)
@@ -260,7 +287,7 @@ impl<B: Backend> Transformer<B> {
             return y.reshape([b, t, self.config.vocab_size]);
         }
         match &self.lm_head {
-            Some(head) => project(head, &self.head_kernel, hidden),
+            Some(head) => head.forward(hidden),
             None => {
                 let w = self.tok_emb.weight.val();
                 let v = self.config.vocab_size;
@@ -274,6 +301,45 @@ impl<B: Backend> Transformer<B> {
                 }
             }
         }
+    }
+}
+
+/// Gives every parameter an id derived from its path (`blocks.3.attn.qkv.weight`) instead of
+/// Burn's random one, so two identical runs save byte-identical model and optimizer records (both
+/// are keyed by parameter id). Ids only need to be unique within a model.
+#[derive(Default)]
+struct PathParamIds {
+    path: Vec<String>,
+}
+
+impl PathParamIds {
+    fn id(&self) -> ParamId {
+        // FNV-1a over the dotted path.
+        let hash = self
+            .path
+            .iter()
+            .filter(|s| !s.is_empty())
+            .enumerate()
+            .flat_map(|(i, s)| (i > 0).then_some(b'.').into_iter().chain(s.bytes()))
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+            });
+        ParamId::from(hash)
+    }
+}
+
+impl<B: Backend> ModuleMapper<B> for PathParamIds {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_owned());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, mut param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        param.id = self.id();
+        param
     }
 }
 

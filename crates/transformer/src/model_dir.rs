@@ -7,26 +7,19 @@
 //!   tokenizer.json       HF tokenizer (optional)
 //!   chat_template.jinja  chat template (optional)
 //! ```
-//! Written to a sibling temp directory and renamed into place, so a crash leaves the previous
-//! directory intact.
+//! Written to a sibling temp directory and renamed into place ([`kiln_gguf::atomic`]), so a crash
+//! leaves the previous directory intact; identical models give byte-identical files.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use burn::tensor::backend::Backend;
 use burn_store::{ModuleSnapshot, SafetensorsStore};
 use kiln_bpe::Tokenizer;
+use kiln_gguf::atomic::{self, AtomicDir};
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::model::Transformer;
-
-fn sibling(dir: &Path, tag: &str) -> PathBuf {
-    let name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    dir.with_file_name(format!(".{name}.{tag}-{}", std::process::id()))
-}
 
 fn st_error(path: &Path, reason: impl ToString) -> ModelError {
     ModelError::Safetensors {
@@ -35,7 +28,20 @@ fn st_error(path: &Path, reason: impl ToString) -> ModelError {
     }
 }
 
-/// Saves `model` (and optionally its tokenizer and chat template) as a Kiln model directory.
+/// Writes `model`'s weights to `path` as safetensors: tensors sorted by name and one fixed
+/// metadata entry (`format: pt`, what Hugging Face `transformers` looks for), so identical weights
+/// give byte-identical files. The file is synced but not renamed: write it inside an
+/// [`AtomicDir`].
+pub(crate) fn write_safetensors<B: Backend>(model: &Transformer<B>, path: &Path) -> Result<()> {
+    let mut store = SafetensorsStore::from_file(path)
+        .clear_metadata()
+        .metadata("format", "pt");
+    model.save_into(&mut store).map_err(|e| st_error(path, e))?;
+    atomic::sync_file(path).map_err(|e| ModelError::io(path, e))
+}
+
+/// Saves `model` (and optionally its tokenizer and chat template) as a Kiln model directory,
+/// atomically: assembled under a temp name, every file synced, then renamed into place.
 pub fn save_model_dir<B: Backend>(
     model: &Transformer<B>,
     tokenizer: Option<&Tokenizer>,
@@ -43,41 +49,21 @@ pub fn save_model_dir<B: Backend>(
     dir: impl AsRef<Path>,
 ) -> Result<()> {
     let dir = dir.as_ref();
-    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(|e| ModelError::io(parent, e))?;
+    let staging = AtomicDir::create(dir).map_err(|e| ModelError::io(dir, e))?;
+    let tmp = staging.path();
+    let config = serde_json::to_string_pretty(model.config())
+        .map_err(|e| ModelError::InvalidConfig(format!("serializing config.json: {e}")))?;
+    let path = tmp.join("config.json");
+    atomic::write(&path, config.as_bytes()).map_err(|e| ModelError::io(&path, e))?;
+    write_safetensors(model, &tmp.join("model.safetensors"))?;
+    if let Some(tok) = tokenizer {
+        tok.save(tmp.join("tokenizer.json"))?;
     }
-    let tmp = sibling(dir, "tmp");
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
-    let written = (|| -> Result<()> {
-        let config = serde_json::to_string_pretty(model.config()).unwrap_or_default();
-        let path = tmp.join("config.json");
-        std::fs::write(&path, config).map_err(|e| ModelError::io(&path, e))?;
-        let weights = tmp.join("model.safetensors");
-        let mut store = SafetensorsStore::from_file(&weights);
-        model
-            .save_into(&mut store)
-            .map_err(|e| st_error(&weights, e))?;
-        if let Some(tok) = tokenizer {
-            tok.save(tmp.join("tokenizer.json"))?;
-        }
-        if let Some(template) = chat_template {
-            let path = tmp.join("chat_template.jinja");
-            std::fs::write(&path, template).map_err(|e| ModelError::io(&path, e))?;
-        }
-        Ok(())
-    })();
-    if let Err(e) = written {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
+    if let Some(template) = chat_template {
+        let path = tmp.join("chat_template.jinja");
+        atomic::write(&path, template.as_bytes()).map_err(|e| ModelError::io(&path, e))?;
     }
-    let old = sibling(dir, "old");
-    if dir.exists() {
-        std::fs::rename(dir, &old).map_err(|e| ModelError::io(dir, e))?;
-    }
-    std::fs::rename(&tmp, dir).map_err(|e| ModelError::io(dir, e))?;
-    let _ = std::fs::remove_dir_all(&old);
-    Ok(())
+    staging.commit().map_err(|e| ModelError::io(dir, e))
 }
 
 /// Loads the weights of a Kiln model directory onto `device`.

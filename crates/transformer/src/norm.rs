@@ -40,7 +40,7 @@ impl<B: Backend> Norm<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         if !self.rms
             && D == 3
-            && let Some(fused) = crate::fused::installed::<B>()
+            && let Some(fused) = kiln_kernels::fused::ops::<B>()
         {
             let weight = self.weight.val();
             let bias = self.bias.as_ref().map(|b| b.val());

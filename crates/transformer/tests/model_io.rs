@@ -5,7 +5,7 @@ use std::path::Path;
 
 use burn::backend::Flex;
 use burn::tensor::{Int, Tensor, TensorData};
-use kiln_bpe::gguf::{GgmlType, GgufArray, GgufValue, GgufWriter};
+use kiln_gguf::{GgmlType, GgufArray, GgufValue, GgufWriter};
 use kiln_transformer::{
     ModelConfig, ModelError, PositionEncoding, RopePairing, Transformer, load_model, save_model_dir,
 };

@@ -1,12 +1,12 @@
 //! The fused kernels against Burn's composed ops: outputs and gradients.
 
+use crate::fused::{FusedOps, Gelu};
 use burn::backend::Autodiff;
 use burn::tensor::activation::{gelu, gelu_approximate};
 use burn::tensor::module::attention as burn_attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Distribution, Tensor};
 use burn_flex::Flex;
-use kiln_transformer::fused::{FusedOps, Gelu};
 
 use super::FlexKernels;
 

@@ -5,7 +5,7 @@ use burn::tensor::{DType, TensorData};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use kiln_transformer::fused::Gelu;
+use crate::fused::Gelu;
 
 use super::math;
 

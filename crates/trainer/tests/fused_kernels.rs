@@ -1,12 +1,10 @@
-//! Whole models with Kiln's fused Flex kernels against the same models on Burn's composed ops:
+//! Kiln's fused Flex kernels as a program that uses only `kiln-transformer` / `kiln-trainer` gets
+//! them: with no init call. Whole models on the fused path against the same models on Burn's
+//! composed ops (a [`ComposedOps`] scope on the test's own thread, so tests run in parallel):
 //! logits, loss and every parameter gradient, on a GPT (learned positions, LayerNorm with bias,
-//! exact or tanh GELU) and a Llama (RoPE, RMSNorm, SwiGLU, grouped-query attention), with and without
-//! activation checkpointing; and the trainer's guarantees on the fused path: resume is bitwise
-//! exact, and activation checkpointing gives bitwise the same steps.
-
-#![cfg(all(feature = "flex", not(any(feature = "wgpu", feature = "cuda"))))]
-
-use std::sync::Mutex;
+//! exact or tanh GELU) and a Llama (RoPE, RMSNorm, SwiGLU, grouped-query attention), with and
+//! without activation checkpointing; and the trainer's guarantees on the fused path: resume is
+//! bitwise exact, and activation checkpointing gives bitwise the same steps.
 
 use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, CheckpointStrategy};
@@ -15,14 +13,21 @@ use burn::nn::loss::CrossEntropyLossConfig;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Int, Tensor, TensorData};
 use burn_flex::Flex;
-use kiln::bpe::prepare::{PrepareConfig, prepare_bytes};
-use kiln::trainer::{ModelSpec, Precision, TrainConfig, Trainer};
-use kiln::transformer::{
+use kiln_bpe::prepare::{PrepareConfig, prepare_bytes};
+use kiln_kernels::fused::{ComposedOps, with_composed_ops};
+use kiln_trainer::{ModelSpec, Precision, TrainConfig, Trainer};
+use kiln_transformer::{
     MlpKind, ModelConfig, NormKind, PositionEncoding, RopePairing, Transformer,
 };
 
-/// The kernels are registered process-wide: one comparison at a time.
-static REGISTRY: Mutex<()> = Mutex::new(());
+/// Burn's Flex backend has one process-wide random generator: dropout masks are the same from run
+/// to run only while no other test draws from it. The tests that compare trainings with dropout
+/// take turns; the kernels themselves need no lock.
+static BACKEND_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn rng_turn() -> std::sync::MutexGuard<'static, ()> {
+    BACKEND_RNG.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 fn gpt() -> ModelConfig {
     ModelConfig {
@@ -114,11 +119,8 @@ fn assert_close(what: &str, got: &[f32], want: &[f32]) {
 }
 
 fn compare<C: CheckpointStrategy>(config: ModelConfig) {
-    let _guard = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
     let model: Transformer<Autodiff<Flex, C>> = config.init(&Default::default()).expect("model");
-    kiln::fused::uninstall();
-    let (logits, loss, grads) = step(&model);
-    kiln::fused::install();
+    let (logits, loss, grads) = with_composed_ops(|| step(&model));
     let (fused_logits, fused_loss, fused_grads) = step(&model);
     let inference = model.valid();
     let ids = Tensor::<Flex, 2, Int>::from_data(
@@ -129,8 +131,11 @@ fn compare<C: CheckpointStrategy>(config: ModelConfig) {
         &Default::default(),
     );
     let fused_eval = inference.forward(ids.clone()).expect("forward").into_data();
-    kiln::fused::uninstall();
-    let eval = inference.forward(ids).expect("forward").into_data();
+    let eval = with_composed_ops(|| inference.forward(ids).expect("forward").into_data());
+    assert_ne!(
+        fused_logits, logits,
+        "the default path is the fused one, not the composed ops"
+    );
 
     assert_close("logits", &fused_logits, &logits);
     assert!(
@@ -154,6 +159,21 @@ fn compare<C: CheckpointStrategy>(config: ModelConfig) {
         &fused_eval.to_vec::<f32>().expect("f32"),
         &eval.to_vec::<f32>().expect("f32"),
     );
+}
+
+/// No init call: Flex, and Flex under autodiff with either checkpointing strategy, resolve to
+/// Kiln's kernels as soon as this crate is linked.
+#[test]
+fn the_cpu_backends_get_the_fused_kernels_without_an_init_call() {
+    use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+    assert!(kiln_kernels::fused::ops::<Flex>().is_some());
+    assert!(kiln_kernels::fused::ops::<Autodiff<Flex, NoCheckpointing>>().is_some());
+    assert!(kiln_kernels::fused::ops::<Autodiff<Flex, BalancedCheckpointing>>().is_some());
+    // A composed-ops scope is this thread's alone.
+    let _composed = ComposedOps::enter();
+    assert!(kiln_kernels::fused::ops::<Flex>().is_none());
+    let elsewhere = std::thread::spawn(|| kiln_kernels::fused::ops::<Flex>().is_some());
+    assert!(elsewhere.join().unwrap());
 }
 
 #[test]
@@ -210,8 +230,7 @@ fn small_run(dir: &std::path::Path) -> TrainConfig {
 #[test]
 fn resume_on_the_fused_path_is_bitwise_exact() {
     type B = Autodiff<Flex>;
-    let _guard = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
-    kiln::fused::install();
+    let _rng = rng_turn();
     let dir = tempfile::tempdir().unwrap();
     let config = small_run(dir.path());
     let mut straight = Trainer::<B>::new(config.clone(), dir.path().join("a"), Default::default())
@@ -225,7 +244,6 @@ fn resume_on_the_fused_path_is_bitwise_exact() {
     let mut resumed = Trainer::<B>::resume(&run, None, Default::default()).expect("resume");
     split.extend((0..6).map(|_| resumed.step().unwrap().loss));
     let eval = (straight.evaluate().unwrap(), resumed.evaluate().unwrap());
-    kiln::fused::uninstall();
     assert_eq!(split, all, "bitwise equal loss curves");
     assert!(all[11] < all[0], "the loss falls: {all:?}");
     assert_eq!(eval.0, eval.1);
@@ -233,8 +251,7 @@ fn resume_on_the_fused_path_is_bitwise_exact() {
 
 #[test]
 fn activation_checkpointing_on_the_fused_path_gives_bitwise_the_same_steps() {
-    let _guard = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
-    kiln::fused::install();
+    let _rng = rng_turn();
     let dir = tempfile::tempdir().unwrap();
     let config = small_run(dir.path());
     let mut plain =
@@ -252,7 +269,6 @@ fn activation_checkpointing_on_the_fused_path_gives_bitwise_the_same_steps() {
     let steps: Vec<_> = (0..6)
         .map(|_| (plain.step().unwrap(), checkpointed.step().unwrap()))
         .collect();
-    kiln::fused::uninstall();
     for (p, c) in steps {
         assert!(p.applied && c.applied);
         assert!(
@@ -268,7 +284,7 @@ fn activation_checkpointing_on_the_fused_path_gives_bitwise_the_same_steps() {
 #[test]
 fn bf16_compute_falls_back_to_burn_ops() {
     type B = Autodiff<Flex>;
-    let _guard = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
+    let _rng = rng_turn();
     let dir = tempfile::tempdir().unwrap();
     let config = TrainConfig {
         precision: Precision::Bf16,
@@ -276,11 +292,7 @@ fn bf16_compute_falls_back_to_burn_ops() {
     };
     let mut losses = Vec::new();
     for fused in [false, true] {
-        if fused {
-            kiln::fused::install();
-        } else {
-            kiln::fused::uninstall();
-        }
+        let _composed = (!fused).then(ComposedOps::enter);
         let mut trainer = Trainer::<B>::new(
             config.clone(),
             dir.path().join(format!("run-{fused}")),
@@ -293,7 +305,6 @@ fn bf16_compute_falls_back_to_burn_ops() {
                 .collect::<Vec<_>>(),
         );
     }
-    kiln::fused::uninstall();
     assert_eq!(losses[0], losses[1]);
     assert!(losses[0].iter().all(|l| l.is_finite()));
 }

@@ -1,19 +1,21 @@
-//! Int8 weights with per-block scales, and the CPU kernel that multiplies by them.
+//! Int8 weights with per-block scales (llama.cpp's `Q8_0`), and the CPU kernel that multiplies by
+//! them.
 
-use kiln_transformer::LinearKernel;
+use kiln_gguf::blocks::{QK, quantize_q8_0_block};
 use rayon::prelude::*;
 
-use crate::error::QuantizeError;
+use crate::linear::{KernelError, LinearKernel};
 
-/// Inputs per scale block.
-pub const BLOCK: usize = 32;
+/// Inputs per scale block (`Q8_0`'s 32).
+pub const BLOCK: usize = QK;
 
 /// Fewest output rows a parallel task computes (smaller tasks cost more in wake-ups than they save).
 const MIN_ROWS_PER_TASK: usize = 64;
 
 /// A `[rows, cols]` matrix (`rows` = output features, one row per output) as int8 values with one
-/// f32 scale per block of [`BLOCK`] consecutive values of a row: `w ≈ scale · q`, with
-/// `scale = max|w| / 127` over the block (symmetric, round to nearest — llama.cpp's `Q8_0`).
+/// scale per block of [`BLOCK`] consecutive values of a row: `w ≈ scale · q`. The blocks are
+/// `kiln-gguf`'s `Q8_0` codec (`scale = max|w| / 127` rounded to f16, round to nearest), laid out
+/// planar (values apart from scales, scales widened to f32) so the kernel streams them.
 #[derive(Clone, Debug)]
 pub struct Int8Matrix {
     rows: usize,
@@ -26,9 +28,9 @@ pub struct Int8Matrix {
 
 impl Int8Matrix {
     /// Quantizes a row-major `[rows, cols]` matrix.
-    pub fn quantize(data: &[f32], rows: usize, cols: usize) -> Result<Self, QuantizeError> {
+    pub fn quantize(data: &[f32], rows: usize, cols: usize) -> Result<Self, KernelError> {
         if data.len() != rows * cols {
-            return Err(QuantizeError::Shape {
+            return Err(KernelError::Shape {
                 rows,
                 cols,
                 len: data.len(),
@@ -45,12 +47,11 @@ impl Int8Matrix {
             .for_each(|((q_row, s_row), w_row)| {
                 for (b, (q, s)) in q_row.chunks_mut(BLOCK).zip(s_row).enumerate() {
                     let w = &w_row[(b * BLOCK).min(cols)..((b + 1) * BLOCK).min(cols)];
-                    let max = w.iter().fold(0f32, |m, v| m.max(v.abs()));
-                    *s = max / 127.0;
-                    let inv = if max > 0.0 { 127.0 / max } else { 0.0 };
-                    for (q, &v) in q.iter_mut().zip(w) {
-                        *q = (v * inv).round().clamp(-127.0, 127.0) as i8;
-                    }
+                    let mut block = [0f32; BLOCK];
+                    block[..w.len()].copy_from_slice(w);
+                    let (scale, qs) = quantize_q8_0_block(&block);
+                    *s = scale.to_f32();
+                    q.copy_from_slice(&qs);
                 }
             });
         Ok(Self {
@@ -94,16 +95,16 @@ impl Int8Matrix {
     }
 
     /// `out[r·rows + o] = x[r] · row o` for `n` input rows (`x` is `[n, cols]`, `out` `[n, rows]`).
-    pub fn matmul(&self, x: &[f32], n: usize, out: &mut [f32]) -> Result<(), QuantizeError> {
+    pub fn matmul(&self, x: &[f32], n: usize, out: &mut [f32]) -> Result<(), KernelError> {
         if x.len() != n * self.cols {
-            return Err(QuantizeError::Shape {
+            return Err(KernelError::Shape {
                 rows: n,
                 cols: self.cols,
                 len: x.len(),
             });
         }
         if out.len() != n * self.rows {
-            return Err(QuantizeError::Shape {
+            return Err(KernelError::Shape {
                 rows: n,
                 cols: self.rows,
                 len: out.len(),
@@ -174,9 +175,12 @@ impl LinearKernel for Int8Matrix {
         self.rows
     }
 
-    fn forward(&self, x: &[f32], rows: usize, out: &mut [f32]) -> kiln_transformer::Result<()> {
+    fn forward(&self, x: &[f32], rows: usize, out: &mut [f32]) -> Result<(), KernelError> {
         self.matmul(x, rows, out)
-            .map_err(|e| kiln_transformer::ModelError::InvalidArgument(e.to_string()))
+    }
+
+    fn weight_bytes(&self) -> usize {
+        self.bytes()
     }
 }
 
@@ -320,12 +324,27 @@ mod tests {
                 for b in 0..cols.div_ceil(BLOCK) {
                     let range = r * cols + b * BLOCK..r * cols + ((b + 1) * BLOCK).min(cols);
                     let max = w[range.clone()].iter().fold(0f32, |m, v| m.max(v.abs()));
+                    // Half a step, plus what rounding the scale to f16 moves the largest value
+                    // (llama.cpp's Q8_0 rounds with the f32 scale and stores it as f16).
+                    let step = max / 127.0;
+                    let stored = half::f16::from_f32(step).to_f32();
+                    let bound = step * 0.5 + 127.0 * (stored - step).abs() + 1e-6;
                     for i in range {
-                        assert!((w[i] - back[i]).abs() <= max / 127.0 * 0.5 + 1e-6);
+                        assert!((w[i] - back[i]).abs() <= bound, "{} vs {}", w[i], back[i]);
                     }
                 }
             }
         }
+    }
+
+    #[test]
+    fn weights_are_exactly_gguf_q8_0_blocks() {
+        use kiln_gguf::{GgmlType, blocks};
+        let w = matrix(3, 64, 9);
+        let q = Int8Matrix::quantize(&w, 3, 64).unwrap();
+        let bytes = blocks::quantize(GgmlType::Q8_0, &w).unwrap();
+        let gguf = blocks::dequantize_to_vec(GgmlType::Q8_0, &bytes, w.len()).unwrap();
+        assert_eq!(q.dequantize(), gguf);
     }
 
     #[test]
@@ -374,7 +393,7 @@ mod tests {
     fn shape_errors() {
         assert!(matches!(
             Int8Matrix::quantize(&[1.0; 5], 2, 3),
-            Err(QuantizeError::Shape { .. })
+            Err(KernelError::Shape { .. })
         ));
         let q = Int8Matrix::quantize(&[1.0; 6], 2, 3).unwrap();
         let mut out = [0.0; 2];

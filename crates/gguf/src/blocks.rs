@@ -1,229 +1,214 @@
-//! Decoding of GGML tensor storage formats (plain floats and the legacy
-//! 32-element block quantizations) into `f32`.
+//! Block codecs: GGML tensor bytes to `f32` ([`dequantize`]) and back ([`quantize`]), keyed by
+//! the one type table, [`GgmlType`].
 //!
-//! Block layouts follow `ggml-common.h`; every multi-byte field is
-//! little-endian. Decoding works block by block over fixed-size array views
-//! (`as_chunks`), so the inner loops carry no bounds checks, and large tensors
-//! are split across the rayon thread pool.
+//! Decoded: the plain floats (F32, F16, BF16) and the legacy 32-element block quantizations
+//! (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1). Encoded: F32, F16, BF16 and Q8_0 (llama.cpp's
+//! `quantize_row_q8_0_ref`). Block layouts follow `ggml-common.h`; every multi-byte field is
+//! little-endian. Decoding works block by block over fixed-size array views (`as_chunks`), so the
+//! inner loops carry no bounds checks, and large tensors are split across the rayon thread pool.
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
-/// Elements per block for every quantized format handled here (`QK` in GGML).
-const QK: usize = 32;
+use crate::GgmlType;
 
-/// Number of output elements decoded per rayon task. Tensors no larger than
-/// this are decoded on the calling thread.
+/// Elements per block of the legacy quantizations (`QK` in GGML).
+pub const QK: usize = 32;
+
+/// Number of output elements decoded per rayon task. Tensors no larger than this are decoded on
+/// the calling thread.
 const PAR_CHUNK_ELEMENTS: usize = 32 * 1024;
 
-/// Tensor name used in errors raised by [`dequantize_into`], which has no name.
-const UNNAMED: &str = "<unnamed>";
-
-/// Why a tensor could not be dequantized.
-#[derive(Debug, thiserror::Error)]
-pub enum DequantError {
-    /// The tensor's GGML type is not one this module decodes.
-    #[error(
-        "tensor {tensor}: unsupported tensor type {ty} (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1)"
-    )]
+/// Why tensor bytes could not be decoded or encoded.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BlockError {
+    /// No codec for this type (yet).
+    #[error("unsupported tensor type {ty} for {op} (supported: {supported})")]
     Unsupported {
-        /// Tensor name.
-        tensor: String,
-        /// The type's name as given by the caller (e.g. `Q4_K`).
-        ty: String,
+        /// The type.
+        ty: GgmlType,
+        /// `"decoding"` or `"encoding"`.
+        op: &'static str,
+        /// The types that are supported for `op`.
+        supported: String,
     },
     /// The element count does not fill a whole number of blocks.
-    #[error(
-        "tensor {tensor}: {n_elements} elements is not a whole number of {block}-element blocks"
-    )]
+    #[error("{n_elements} elements is not a whole number of {block}-element {ty} blocks")]
     PartialBlock {
-        /// Tensor name.
-        tensor: String,
+        /// The type.
+        ty: GgmlType,
         /// Number of elements requested.
         n_elements: usize,
-        /// Elements per block of the format.
+        /// Elements per block of the type.
         block: usize,
     },
     /// The data is not exactly as long as the element count requires.
-    #[error("tensor {tensor}: expected {expected} bytes of {ty} data, found {found}")]
+    #[error("expected {expected} bytes of {ty} data, found {found}")]
     WrongLength {
-        /// Tensor name.
-        tensor: String,
+        /// The type.
+        ty: GgmlType,
         /// Bytes required (saturated at `usize::MAX` if the count overflows).
         expected: usize,
         /// Bytes supplied.
         found: usize,
-        /// Format name (e.g. `Q4_1`).
-        ty: String,
     },
 }
 
-/// The GGML storage types this module decodes, identified by their GGML type id.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum BlockFormat {
-    /// 32-bit IEEE float (GGML type 0).
-    F32,
-    /// 16-bit IEEE half float (GGML type 1).
-    F16,
-    /// bfloat16: the upper 16 bits of an `f32` (GGML type 30).
-    BF16,
-    /// 32 × `i8` with one `f16` scale (GGML type 8).
-    Q8_0,
-    /// 32 × 4-bit offset by −8, one `f16` scale (GGML type 2).
-    Q4_0,
-    /// 32 × 4-bit with `f16` scale and `f16` minimum (GGML type 3).
-    Q4_1,
-    /// 32 × 5-bit offset by −16, one `f16` scale (GGML type 6).
-    Q5_0,
-    /// 32 × 5-bit with `f16` scale and `f16` minimum (GGML type 7).
-    Q5_1,
+/// The types [`dequantize`] decodes.
+pub const DECODABLE: [GgmlType; 8] = [
+    GgmlType::F32,
+    GgmlType::F16,
+    GgmlType::BF16,
+    GgmlType::Q8_0,
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+];
+
+/// The types [`quantize`] encodes.
+pub const ENCODABLE: [GgmlType; 4] = [GgmlType::F32, GgmlType::F16, GgmlType::BF16, GgmlType::Q8_0];
+
+fn names(types: &[GgmlType]) -> String {
+    types
+        .iter()
+        .map(|t| t.name())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
-impl BlockFormat {
-    /// Maps a GGML type id to a format; `None` for types not decoded here.
-    pub fn from_ggml_type(id: u32) -> Option<Self> {
-        Some(match id {
-            0 => Self::F32,
-            1 => Self::F16,
-            2 => Self::Q4_0,
-            3 => Self::Q4_1,
-            6 => Self::Q5_0,
-            7 => Self::Q5_1,
-            8 => Self::Q8_0,
-            30 => Self::BF16,
-            _ => return None,
-        })
-    }
-
-    /// The GGML name of the format (`"Q4_1"`, `"F16"`, ...).
-    pub fn name(&self) -> &'static str {
-        match self {
-            Self::F32 => "F32",
-            Self::F16 => "F16",
-            Self::BF16 => "BF16",
-            Self::Q8_0 => "Q8_0",
-            Self::Q4_0 => "Q4_0",
-            Self::Q4_1 => "Q4_1",
-            Self::Q5_0 => "Q5_0",
-            Self::Q5_1 => "Q5_1",
-        }
-    }
-
-    /// Elements per block (1 for the plain float formats, 32 otherwise).
-    pub fn block_elements(&self) -> usize {
-        match self {
-            Self::F32 | Self::F16 | Self::BF16 => 1,
-            Self::Q8_0 | Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 => QK,
-        }
-    }
-
-    /// Bytes per block.
-    pub fn block_bytes(&self) -> usize {
-        match self {
-            Self::F32 => 4,
-            Self::F16 | Self::BF16 => 2,
-            Self::Q8_0 => 34,
-            Self::Q4_0 => 18,
-            Self::Q4_1 => 20,
-            Self::Q5_0 => 22,
-            Self::Q5_1 => 24,
-        }
-    }
-
-    /// Bytes needed to store `n_elements`; `None` if that is not a whole number
-    /// of blocks or the size overflows `usize`.
-    pub fn bytes_for(&self, n_elements: usize) -> Option<usize> {
-        if !n_elements.is_multiple_of(self.block_elements()) {
-            return None;
-        }
-        (n_elements / self.block_elements()).checked_mul(self.block_bytes())
-    }
+fn block_bytes(ty: GgmlType) -> usize {
+    ty.type_size().unwrap_or(0)
 }
 
-/// Decodes `data` (exactly `n_elements` worth of blocks of GGML type `ty_id`)
-/// into a new `Vec<f32>`; `tensor` and `ty_name` only label errors.
-pub fn dequantize(
-    tensor: &str,
-    ty_id: u32,
-    ty_name: &str,
-    data: &[u8],
-    n_elements: usize,
-) -> Result<Vec<f32>, DequantError> {
-    let format = BlockFormat::from_ggml_type(ty_id).ok_or_else(|| DequantError::Unsupported {
-        tensor: tensor.to_owned(),
-        ty: ty_name.to_owned(),
-    })?;
-    // Validate before allocating, so a bogus element count cannot trigger a
-    // huge allocation.
-    check(tensor, format, data.len(), n_elements)?;
-    let mut out = vec![0.0f32; n_elements];
-    decode(format, data, &mut out);
-    Ok(out)
-}
-
-/// Decodes `data` into `out`, which must hold exactly the number of elements
-/// `data` encodes (`out.len()` is the element count).
-pub fn dequantize_into(
-    format: BlockFormat,
-    data: &[u8],
-    out: &mut [f32],
-) -> Result<(), DequantError> {
-    check(UNNAMED, format, data.len(), out.len())?;
-    decode(format, data, out);
+/// Decodes `data` into `out`, which must hold exactly the number of elements `data` encodes
+/// (`out.len()` is the element count).
+pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<(), BlockError> {
+    if !DECODABLE.contains(&ty) {
+        return Err(BlockError::Unsupported {
+            ty,
+            op: "decoding",
+            supported: names(&DECODABLE),
+        });
+    }
+    check(ty, data.len(), out.len())?;
+    decode(ty, data, out);
     Ok(())
 }
 
-/// Checks that `n_elements` is whole blocks and `found` bytes is exactly their size.
-fn check(
-    tensor: &str,
-    format: BlockFormat,
-    found: usize,
+/// Decodes `n_elements` of type `ty` into a new vector; the sizes are checked before anything is
+/// allocated, so a bogus count cannot trigger a huge allocation.
+pub fn dequantize_to_vec(
+    ty: GgmlType,
+    data: &[u8],
     n_elements: usize,
-) -> Result<(), DequantError> {
-    let block = format.block_elements();
+) -> Result<Vec<f32>, BlockError> {
+    if !DECODABLE.contains(&ty) {
+        return Err(BlockError::Unsupported {
+            ty,
+            op: "decoding",
+            supported: names(&DECODABLE),
+        });
+    }
+    check(ty, data.len(), n_elements)?;
+    let mut out = vec![0.0f32; n_elements];
+    decode(ty, data, &mut out);
+    Ok(out)
+}
+
+/// Checks that `n_elements` is whole blocks and `found` bytes is exactly their size.
+fn check(ty: GgmlType, found: usize, n_elements: usize) -> Result<(), BlockError> {
+    let block = ty.block_size();
     if !n_elements.is_multiple_of(block) {
-        return Err(DequantError::PartialBlock {
-            tensor: tensor.to_owned(),
+        return Err(BlockError::PartialBlock {
+            ty,
             n_elements,
             block,
         });
     }
-    let expected = (n_elements / block).saturating_mul(format.block_bytes());
+    let expected = (n_elements / block).saturating_mul(block_bytes(ty));
     if expected != found {
-        return Err(DequantError::WrongLength {
-            tensor: tensor.to_owned(),
+        return Err(BlockError::WrongLength {
+            ty,
             expected,
             found,
-            ty: format.name().to_owned(),
         });
     }
     Ok(())
 }
 
+/// Encodes `values` as type `ty` (whole blocks only).
+pub fn quantize(ty: GgmlType, values: &[f32]) -> Result<Vec<u8>, BlockError> {
+    let block = ty.block_size();
+    if !ENCODABLE.contains(&ty) {
+        return Err(BlockError::Unsupported {
+            ty,
+            op: "encoding",
+            supported: names(&ENCODABLE),
+        });
+    }
+    if !values.len().is_multiple_of(block) {
+        return Err(BlockError::PartialBlock {
+            ty,
+            n_elements: values.len(),
+            block,
+        });
+    }
+    let mut out = Vec::with_capacity(values.len() / block * block_bytes(ty));
+    match ty {
+        GgmlType::F32 => values.iter().for_each(|v| out.extend(v.to_le_bytes())),
+        GgmlType::F16 => values
+            .iter()
+            .for_each(|&v| out.extend(f16::from_f32(v).to_le_bytes())),
+        GgmlType::BF16 => values
+            .iter()
+            .for_each(|&v| out.extend(half::bf16::from_f32(v).to_le_bytes())),
+        GgmlType::Q8_0 => {
+            for chunk in values.as_chunks::<QK>().0 {
+                let (d, qs) = quantize_q8_0_block(chunk);
+                out.extend(d.to_le_bytes());
+                out.extend(qs.map(|q| q as u8));
+            }
+        }
+        _ => {}
+    }
+    Ok(out)
+}
+
+/// One Q8_0 block as llama.cpp's `quantize_row_q8_0_ref` makes it: `d = max|x| / 127` (stored as
+/// f16) and `q = round(x / d)`.
+pub fn quantize_q8_0_block(x: &[f32; QK]) -> (f16, [i8; QK]) {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let q = x.map(|v| (v * inv).round().clamp(-127.0, 127.0) as i8);
+    (f16::from_f32(d), q)
+}
+
 /// Decodes validated input, in parallel for large tensors.
-fn decode(format: BlockFormat, data: &[u8], out: &mut [f32]) {
+fn decode(format: GgmlType, data: &[u8], out: &mut [f32]) {
     if out.len() <= PAR_CHUNK_ELEMENTS {
         decode_serial(format, data, out);
         return;
     }
     // PAR_CHUNK_ELEMENTS is a multiple of every block size, so each chunk
     // holds whole blocks and the byte and element chunks stay paired.
-    let bytes_per_chunk = PAR_CHUNK_ELEMENTS / format.block_elements() * format.block_bytes();
+    let bytes_per_chunk = PAR_CHUNK_ELEMENTS / format.block_size() * block_bytes(format);
     data.par_chunks(bytes_per_chunk)
         .zip(out.par_chunks_mut(PAR_CHUNK_ELEMENTS))
         .for_each(|(d, o)| decode_serial(format, d, o));
 }
 
 /// Decodes validated input on the current thread.
-fn decode_serial(format: BlockFormat, data: &[u8], out: &mut [f32]) {
+fn decode_serial(format: GgmlType, data: &[u8], out: &mut [f32]) {
     match format {
-        BlockFormat::F32 => {
+        GgmlType::F32 => {
             for (o, b) in out.iter_mut().zip(data.as_chunks::<4>().0) {
                 *o = f32::from_le_bytes(*b);
             }
         }
-        BlockFormat::F16 => {
+        GgmlType::F16 => {
             // Stage through a typed `f16` buffer so half's vectorized (F16C where
             // available) slice conversion can be used.
             const STAGE: usize = 256;
@@ -243,16 +228,18 @@ fn decode_serial(format: BlockFormat, data: &[u8], out: &mut [f32]) {
                 }
             }
         }
-        BlockFormat::BF16 => {
+        GgmlType::BF16 => {
             for (o, b) in out.iter_mut().zip(data.as_chunks::<2>().0) {
                 *o = f32::from_bits(u32::from(u16::from_le_bytes(*b)) << 16);
             }
         }
-        BlockFormat::Q8_0 => blocks(data, out, q8_0),
-        BlockFormat::Q4_0 => blocks(data, out, q4_0),
-        BlockFormat::Q4_1 => blocks(data, out, q4_1),
-        BlockFormat::Q5_0 => blocks(data, out, q5_0),
-        BlockFormat::Q5_1 => blocks(data, out, q5_1),
+        GgmlType::Q8_0 => blocks(data, out, q8_0),
+        GgmlType::Q4_0 => blocks(data, out, q4_0),
+        GgmlType::Q4_1 => blocks(data, out, q4_1),
+        GgmlType::Q5_0 => blocks(data, out, q5_0),
+        GgmlType::Q5_1 => blocks(data, out, q5_1),
+        // `check` accepted only the types above.
+        _ => {}
     }
 }
 
@@ -369,55 +356,61 @@ mod tests {
 
     /// Decodes `data` with GGML type `id` and `n` elements, panicking on error.
     fn deq(id: u32, data: &[u8], n: usize) -> Vec<f32> {
-        dequantize("t", id, "ty", data, n).unwrap()
+        dequantize_to_vec(GgmlType::from_u32(id).unwrap(), data, n).unwrap()
     }
 
     #[test]
-    fn format_table() {
-        let ids = [
-            (0, "F32", 1, 4),
-            (1, "F16", 1, 2),
-            (2, "Q4_0", 32, 18),
-            (3, "Q4_1", 32, 20),
-        ];
-        let more = [
-            (6, "Q5_0", 32, 22),
-            (7, "Q5_1", 32, 24),
-            (8, "Q8_0", 32, 34),
-            (30, "BF16", 1, 2),
-        ];
-        for (id, name, be, bb) in ids.into_iter().chain(more) {
-            let f = BlockFormat::from_ggml_type(id).unwrap();
-            assert_eq!(
-                (f.name(), f.block_elements(), f.block_bytes()),
-                (name, be, bb)
-            );
-            assert_eq!(f.bytes_for(64), Some(64 / be * bb));
+    fn decodable_types() {
+        for ty in GgmlType::ALL {
+            let n = 2 * ty.block_size();
+            let data = vec![0u8; 2 * block_bytes(ty)];
+            let mut out = vec![1.0f32; n];
+            let result = dequantize(ty, &data, &mut out);
+            assert_eq!(result.is_ok(), DECODABLE.contains(&ty), "{ty}");
+            if result.is_ok() {
+                assert!(
+                    out.iter().all(|&v| v == 0.0),
+                    "{ty}: zero bytes decode to zeros"
+                );
+            }
         }
-        for id in [
-            4,
-            5,
-            9,
-            10,
-            11,
-            12,
-            13,
-            14,
-            15,
-            16,
-            20,
-            24,
-            28,
-            29,
-            31,
-            39,
-            u32::MAX,
-        ] {
-            assert_eq!(BlockFormat::from_ggml_type(id), None, "id {id}");
+    }
+
+    #[test]
+    fn q8_0_round_trip_matches_the_reference_rounding() {
+        let x: Vec<f32> = (0..64)
+            .map(|i| ((i * 37 % 64) as f32 - 31.5) / 7.0)
+            .collect();
+        let bytes = quantize(GgmlType::Q8_0, &x).unwrap();
+        assert_eq!(bytes.len(), 68);
+        let back = dequantize_to_vec(GgmlType::Q8_0, &bytes, 64).unwrap();
+        for (block, (xs, ys)) in x.chunks(32).zip(back.chunks(32)).enumerate() {
+            let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = f16::from_f32(amax / 127.0).to_f32();
+            for (a, b) in xs.iter().zip(ys) {
+                assert!(
+                    (a - b).abs() <= d * 0.5 + 1e-3 * amax,
+                    "block {block}: {a} vs {b}"
+                );
+            }
+            // The largest magnitude maps to ±127.
+            let q = &bytes[block * 34 + 2..block * 34 + 34];
+            assert!(q.iter().any(|&v| v as i8 == 127 || v as i8 == -127));
         }
-        assert_eq!(BlockFormat::Q4_0.bytes_for(33), None);
-        assert_eq!(BlockFormat::Q4_0.bytes_for(0), Some(0));
-        assert_eq!(BlockFormat::F32.bytes_for(usize::MAX), None);
+        // Plain float types round-trip exactly (bf16 and f16 on representable values).
+        let exact = [1.5f32, -2.0, 0.25, 0.0];
+        for ty in [GgmlType::F32, GgmlType::F16, GgmlType::BF16] {
+            let bytes = quantize(ty, &exact).unwrap();
+            assert_eq!(dequantize_to_vec(ty, &bytes, 4).unwrap(), exact, "{ty}");
+        }
+        assert!(matches!(
+            quantize(GgmlType::Q8_0, &[0.0; 33]),
+            Err(BlockError::PartialBlock { n_elements: 33, .. })
+        ));
+        assert!(matches!(
+            quantize(GgmlType::Q4_K, &[0.0; 256]),
+            Err(BlockError::Unsupported { op: "encoding", .. })
+        ));
     }
 
     #[test]
@@ -602,20 +595,17 @@ mod tests {
 
     #[test]
     fn errors() {
-        let e = dequantize("blk.0.attn_q.weight", 12, "Q4_K", &[0; 144], 256).unwrap_err();
-        assert!(
-            matches!(&e, DequantError::Unsupported { tensor, ty } if tensor == "blk.0.attn_q.weight" && ty == "Q4_K")
-        );
+        let e = dequantize_to_vec(GgmlType::Q4_K, &[0; 144], 256).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "tensor blk.0.attn_q.weight: unsupported tensor type Q4_K \
+            "unsupported tensor type Q4_K for decoding \
              (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1)"
         );
 
-        let e = dequantize("w", 2, "Q4_0", &[0; 18], 33).unwrap_err();
+        let e = dequantize_to_vec(GgmlType::Q4_0, &[0; 18], 33).unwrap_err();
         assert!(matches!(
             e,
-            DequantError::PartialBlock {
+            BlockError::PartialBlock {
                 n_elements: 33,
                 block: 32,
                 ..
@@ -623,72 +613,66 @@ mod tests {
         ));
         assert_eq!(
             e.to_string(),
-            "tensor w: 33 elements is not a whole number of 32-element blocks"
+            "33 elements is not a whole number of 32-element Q4_0 blocks"
         );
 
         for len in [0, 35, 37, 36 * 2] {
-            let e = dequantize("w", 3, "Q4_1", &vec![0; len], 64).unwrap_err();
+            let e = dequantize_to_vec(GgmlType::Q4_1, &vec![0; len], 64).unwrap_err();
             assert!(
-                matches!(e, DequantError::WrongLength { expected: 40, found, ref ty, .. } if found == len && ty == "Q4_1")
+                matches!(e, BlockError::WrongLength { expected: 40, found, ty: GgmlType::Q4_1 } if found == len)
             );
         }
-        let e = dequantize("w", 8, "Q8_0", &[0; 33], 32).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "tensor w: expected 34 bytes of Q8_0 data, found 33"
-        );
+        let e = dequantize_to_vec(GgmlType::Q8_0, &[0; 33], 32).unwrap_err();
+        assert_eq!(e.to_string(), "expected 34 bytes of Q8_0 data, found 33");
 
         // A huge element count is rejected before any allocation, even when the
         // byte count overflows.
-        let e = dequantize("w", 0, "F32", &[0; 8], usize::MAX).unwrap_err();
+        let e = dequantize_to_vec(GgmlType::F32, &[0; 8], usize::MAX).unwrap_err();
         assert!(matches!(
             e,
-            DequantError::WrongLength {
+            BlockError::WrongLength {
                 expected: usize::MAX,
                 found: 8,
                 ..
             }
         ));
-        let e = dequantize("w", 8, "Q8_0", &[0; 34], usize::MAX / 2 + 1).unwrap_err();
-        assert!(matches!(e, DequantError::WrongLength { .. }));
+        let e = dequantize_to_vec(GgmlType::Q8_0, &[0; 34], usize::MAX / 2 + 1).unwrap_err();
+        assert!(matches!(e, BlockError::WrongLength { .. }));
 
-        // dequantize_into takes the element count from `out`.
+        // dequantize takes the element count from `out`.
         let mut out = [0.0f32; 31];
-        let e = dequantize_into(BlockFormat::Q8_0, &[0; 34], &mut out).unwrap_err();
-        assert!(matches!(
-            e,
-            DequantError::PartialBlock { n_elements: 31, .. }
-        ));
+        let e = dequantize(GgmlType::Q8_0, &[0; 34], &mut out).unwrap_err();
+        assert!(matches!(e, BlockError::PartialBlock { n_elements: 31, .. }));
         let mut out = [0.0f32; 64];
-        let e = dequantize_into(BlockFormat::Q8_0, &[0; 34], &mut out).unwrap_err();
+        let e = dequantize(GgmlType::Q8_0, &[0; 34], &mut out).unwrap_err();
         assert!(matches!(
             e,
-            DequantError::WrongLength {
+            BlockError::WrongLength {
                 expected: 68,
                 found: 34,
                 ..
             }
         ));
-        let e = dequantize_into(BlockFormat::F16, &[0; 3], &mut out[..1]).unwrap_err();
+        let e = dequantize(GgmlType::F16, &[0; 3], &mut out[..1]).unwrap_err();
         assert!(matches!(
             e,
-            DequantError::WrongLength {
+            BlockError::WrongLength {
                 expected: 2,
                 found: 3,
                 ..
             }
         ));
-        assert!(dequantize_into(BlockFormat::Q4_0, &[], &mut []).is_ok());
+        assert!(dequantize(GgmlType::Q4_0, &[], &mut []).is_ok());
         assert_eq!(deq(7, &[], 0), Vec::<f32>::new());
     }
 
     #[test]
-    fn dequantize_into_matches_dequantize() {
+    fn dequantize_matches_dequantize_to_vec() {
         let mut block = h(-0.75).to_vec();
         block.extend(0x1234_5678u32.to_le_bytes());
         block.extend((0..16u8).map(|j| j.wrapping_mul(37)));
         let mut out = [0.0f32; 32];
-        dequantize_into(BlockFormat::Q5_0, &block, &mut out).unwrap();
+        dequantize(GgmlType::Q5_0, &block, &mut out).unwrap();
         assert_eq!(out.to_vec(), deq(6, &block, 32));
     }
 
@@ -709,15 +693,17 @@ mod tests {
         // Enough blocks to span several rayon chunks plus a ragged tail.
         let n_blocks = 3 * PAR_CHUNK_ELEMENTS / QK + 7;
         for id in [0u32, 1, 2, 3, 6, 7, 8, 30] {
-            let f = BlockFormat::from_ggml_type(id).unwrap();
+            let f = GgmlType::from_u32(id).unwrap();
             let n = n_blocks * QK;
-            let mut data =
-                pseudo_random_bytes(f.bytes_for(n).unwrap(), 0x9E37_79B9 + u64::from(id));
-            if f.block_elements() == QK {
+            let mut data = pseudo_random_bytes(
+                n / f.block_size() * block_bytes(f),
+                0x9E37_79B9 + u64::from(id),
+            );
+            if f.block_size() == QK {
                 // Keep scales finite so the comparison below is exact.
-                for b in data.chunks_exact_mut(f.block_bytes()) {
+                for b in data.chunks_exact_mut(block_bytes(f)) {
                     b[1] &= 0x3F;
-                    if matches!(f, BlockFormat::Q4_1 | BlockFormat::Q5_1) {
+                    if matches!(f, GgmlType::Q4_1 | GgmlType::Q5_1) {
                         b[3] &= 0xBF;
                     }
                 }
@@ -725,7 +711,7 @@ mod tests {
             let par = deq(id, &data, n);
             let mut serial = vec![0.0f32; n];
             for (d, o) in data
-                .chunks_exact(f.block_bytes() * 32 / f.block_elements())
+                .chunks_exact(block_bytes(f) * 32 / f.block_size())
                 .zip(serial.chunks_exact_mut(32))
             {
                 decode_serial(f, d, o);

@@ -1,12 +1,11 @@
-//! Kiln's fused CPU kernels for Burn's Flex backend: causal attention, LayerNorm and GELU,
-//! each one kernel forward and one backward instead of a chain of recorded tensor ops.
+//! Kiln's fused CPU kernels for Burn's Flex backend: causal attention, LayerNorm and GELU, each
+//! one kernel forward and one backward instead of a chain of recorded tensor ops.
 //!
-//! They plug into the model through [`kiln_transformer::fused`]: [`install`] registers them for
-//! Flex (inference and evaluation) and for Flex under autodiff (training, with or without
-//! activation checkpointing). The `kiln` binary, the examples and the benches call it at start-up;
-//! a program that does not gets the same results from Burn's composed ops, more slowly.
-//!
-//! Only f32 tensors take the fused path; other dtypes (BF16/F16 compute) fall back.
+//! They are built in: [`crate::fused::ops`] returns them for Flex (inference and evaluation) and
+//! for Flex under autodiff (training, with or without activation checkpointing; with
+//! checkpointing, attention recomputes its probabilities in the backward pass instead of keeping
+//! them). Only f32 tensors take the fused path; other dtypes (BF16/F16 compute) fall back to
+//! Burn's ops.
 
 mod attention;
 mod gelu;
@@ -16,7 +15,7 @@ mod strided;
 #[cfg(test)]
 mod tests;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use burn::backend::Autodiff;
 use burn::backend::autodiff::NodeId;
@@ -29,30 +28,26 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorPrimitive};
 use burn_flex::{Flex, FlexTensor};
-use kiln_transformer::fused::{FusedOps, Gelu};
 
-/// Registers the fused kernels for [`Flex`] and for `Autodiff<Flex>` (both checkpointing
-/// strategies; with activation checkpointing, attention recomputes its probabilities in the
-/// backward pass instead of keeping them). Idempotent.
-pub fn install() {
-    let keep = FlexKernels {
-        keep_attention_probs: true,
-    };
-    let recompute = FlexKernels {
-        keep_attention_probs: false,
-    };
-    kiln_transformer::fused::install::<Flex>(Some(Arc::new(keep)));
-    kiln_transformer::fused::install::<Autodiff<Flex>>(Some(Arc::new(keep)));
-    kiln_transformer::fused::install::<Autodiff<Flex, BalancedCheckpointing>>(Some(Arc::new(
-        recompute,
-    )));
-}
+use crate::fused::{Entry, FusedOps, Gelu, entry, find};
 
-/// Removes what [`install`] registered (Burn's composed ops run again).
-pub fn uninstall() {
-    kiln_transformer::fused::install::<Flex>(None);
-    kiln_transformer::fused::install::<Autodiff<Flex>>(None);
-    kiln_transformer::fused::install::<Autodiff<Flex, BalancedCheckpointing>>(None);
+/// The built-in kernels of backend `B`, if it is Flex or Flex under autodiff.
+pub(crate) fn builtin<B: Backend>() -> Option<Arc<dyn FusedOps<B>>> {
+    static TABLE: OnceLock<[Entry; 3]> = OnceLock::new();
+    let table = TABLE.get_or_init(|| {
+        let keep = FlexKernels {
+            keep_attention_probs: true,
+        };
+        let recompute = FlexKernels {
+            keep_attention_probs: false,
+        };
+        [
+            entry::<Flex>(Arc::new(keep)),
+            entry::<Autodiff<Flex>>(Arc::new(keep)),
+            entry::<Autodiff<Flex, BalancedCheckpointing>>(Arc::new(recompute)),
+        ]
+    });
+    find::<B>(table)
 }
 
 /// The fused kernels, for Flex with and without autodiff.

@@ -1,0 +1,164 @@
+//! Fused operations a backend runs as one kernel in place of the model's composed Burn ops, and
+//! how the model finds them.
+//!
+//! Burn runs causal attention, LayerNorm and GELU as chains of small tensor operations, and under
+//! automatic differentiation every link records its own backward step. A backend with one kernel
+//! for the whole operation (forward *and* backward) implements [`FusedOps`]. The model asks
+//! [`ops::<B>()`](ops) for the kernels of its backend wherever the shapes fit and falls back to
+//! the composed ops everywhere else, so it stays generic over `B: Backend`.
+//!
+//! Kiln's own kernels are built in: with the `flex` feature (on by default) Flex, `Autodiff<Flex>`
+//! and `Autodiff<Flex, BalancedCheckpointing>` resolve to them with no init call, so any program
+//! that uses `kiln-transformer` or `kiln-trainer` on the CPU gets them. Other backends can
+//! [`register`] theirs. [`ComposedOps`] switches the fused path off on the current thread (tests
+//! and benchmarks compare the two paths side by side without a global lock).
+
+use std::any::{Any, TypeId};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+
+use burn::tensor::Tensor;
+use burn::tensor::backend::Backend;
+
+/// A backend's fused operations. Each returns `None` when it does not handle the input (its
+/// dtype, layout or shape), and the model then uses Burn's composed ops.
+pub trait FusedOps<B: Backend>: Send + Sync {
+    /// Causal attention `softmax(q·kᵀ/√d)·v` over `[batch, heads, seq, head_dim]` queries and
+    /// `[batch, kv_heads, seq, head_dim]` keys and values (grouped-query when `kv_heads < heads`):
+    /// query `i` sees keys `0..=i`. Returns `[batch, heads, seq, head_dim]`.
+    fn causal_attention(
+        &self,
+        q: &Tensor<B, 4>,
+        k: &Tensor<B, 4>,
+        v: &Tensor<B, 4>,
+    ) -> Option<Tensor<B, 4>>;
+
+    /// LayerNorm over the last dimension: `(x − mean) / √(var + eps) · weight + bias`.
+    fn layer_norm(
+        &self,
+        x: &Tensor<B, 3>,
+        weight: &Tensor<B, 1>,
+        bias: Option<&Tensor<B, 1>>,
+        eps: f64,
+    ) -> Option<Tensor<B, 3>>;
+
+    /// GELU, exact or GPT-2's tanh approximation.
+    fn gelu(&self, x: &Tensor<B, 3>, kind: Gelu) -> Option<Tensor<B, 3>>;
+}
+
+/// Which GELU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gelu {
+    /// `x · Φ(x)` with the error function (PyTorch's default, nanoGPT).
+    Erf,
+    /// `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))` (GPT-2).
+    Tanh,
+}
+
+/// One backend's kernels, type-erased: `Box<Arc<dyn FusedOps<B>>>` keyed by `TypeId::of::<B>()`.
+pub(crate) type Entry = (TypeId, Box<dyn Any + Send + Sync>);
+
+/// Registrations made at run time; they take precedence over the built-in kernels.
+static REGISTERED: RwLock<Vec<Entry>> = RwLock::new(Vec::new());
+/// Whether [`REGISTERED`] holds anything (skips the lock on the hot path).
+static ANY_REGISTERED: AtomicBool = AtomicBool::new(false);
+
+thread_local! {
+    static COMPOSED_ONLY: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Looks `B` up in a type-erased table.
+pub(crate) fn find<B: Backend>(entries: &[Entry]) -> Option<Arc<dyn FusedOps<B>>> {
+    entries
+        .iter()
+        .find(|(id, _)| *id == TypeId::of::<B>())
+        .and_then(|(_, ops)| ops.downcast_ref::<Arc<dyn FusedOps<B>>>())
+        .cloned()
+}
+
+/// Erases `ops` into a table entry for backend `B`.
+pub(crate) fn entry<B: Backend>(ops: Arc<dyn FusedOps<B>>) -> Entry {
+    (TypeId::of::<B>(), Box::new(ops))
+}
+
+/// The fused operations for backend `B`: a [registered](register) implementation, else a
+/// built-in one; `None` inside a [`ComposedOps`] scope or when `B` has none.
+pub fn ops<B: Backend>() -> Option<Arc<dyn FusedOps<B>>> {
+    if COMPOSED_ONLY.with(Cell::get) {
+        return None;
+    }
+    if ANY_REGISTERED.load(Ordering::Acquire) {
+        let registered = REGISTERED.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(ops) = find::<B>(&registered) {
+            return Some(ops);
+        }
+    }
+    builtin::<B>()
+}
+
+/// Whether `B` has built-in fused kernels (Flex and Flex under autodiff, with feature `flex`).
+pub fn has_builtin<B: Backend>() -> bool {
+    builtin::<B>().is_some()
+}
+
+fn builtin<B: Backend>() -> Option<Arc<dyn FusedOps<B>>> {
+    #[cfg(feature = "flex")]
+    {
+        crate::flex::builtin::<B>()
+    }
+    #[cfg(not(feature = "flex"))]
+    {
+        None
+    }
+}
+
+/// Registers `ops` for backend `B` process-wide, in place of any built-in kernels and earlier
+/// registration; `None` removes the registration (the built-in kernels, if any, apply again).
+pub fn register<B: Backend>(ops: Option<Arc<dyn FusedOps<B>>>) {
+    let mut registered = REGISTERED.write().unwrap_or_else(|e| e.into_inner());
+    registered.retain(|(id, _)| *id != TypeId::of::<B>());
+    if let Some(ops) = ops {
+        registered.push(entry(ops));
+    }
+    ANY_REGISTERED.store(!registered.is_empty(), Ordering::Release);
+}
+
+/// While alive, the current thread runs Burn's composed ops instead of any fused kernel (other
+/// threads are unaffected). Dropping it restores the previous setting.
+///
+/// ```
+/// # use burn::backend::Flex;
+/// assert!(kiln_kernels::fused::ops::<Flex>().is_some());
+/// {
+///     let _composed = kiln_kernels::fused::ComposedOps::enter();
+///     assert!(kiln_kernels::fused::ops::<Flex>().is_none());
+/// }
+/// assert!(kiln_kernels::fused::ops::<Flex>().is_some());
+/// ```
+#[derive(Debug)]
+#[must_use = "the composed-ops scope ends when this guard is dropped"]
+pub struct ComposedOps {
+    previous: bool,
+}
+
+impl ComposedOps {
+    /// Starts a composed-ops scope on the current thread.
+    pub fn enter() -> Self {
+        Self {
+            previous: COMPOSED_ONLY.with(|c| c.replace(true)),
+        }
+    }
+}
+
+impl Drop for ComposedOps {
+    fn drop(&mut self) {
+        COMPOSED_ONLY.with(|c| c.set(self.previous));
+    }
+}
+
+/// Runs `f` with Burn's composed ops on the current thread (see [`ComposedOps`]).
+pub fn with_composed_ops<R>(f: impl FnOnce() -> R) -> R {
+    let _scope = ComposedOps::enter();
+    f()
+}

@@ -1,0 +1,40 @@
+//! # kiln-kernels
+//!
+//! Kiln's backend-specific fast paths, behind interfaces the generic model code calls:
+//!
+//! - [`fused`]: causal attention, LayerNorm and GELU as one kernel each, forward and backward.
+//!   The model asks [`fused::ops::<B>()`](fused::ops) for its backend's kernels. With the `flex`
+//!   feature (default) Burn's Flex CPU backend, with and without autodiff, resolves to Kiln's
+//!   kernels with **no init call**: a program that only depends on `kiln-transformer` or
+//!   `kiln-trainer` gets them.
+//! - [`LinearKernel`]: a linear layer's product computed on the host from weights in the kernel's
+//!   own format, and [`Int8Matrix`], `Q8_0` weights with AVX-512 / AVX2 / portable kernels chosen
+//!   at run time, for decoding.
+//!
+//! ```
+//! use burn::backend::{Autodiff, Flex};
+//! use kiln_kernels::{Int8Matrix, LinearKernel};
+//!
+//! // Built in, no registration: Flex for inference and Autodiff<Flex> for training.
+//! assert!(kiln_kernels::fused::ops::<Flex>().is_some());
+//! assert!(kiln_kernels::fused::ops::<Autodiff<Flex>>().is_some());
+//!
+//! // A 2×32 weight quantized to Q8_0, multiplied by one input row.
+//! let w: Vec<f32> = (0..64).map(|i| (i as f32 - 32.0) / 32.0).collect();
+//! let q = Int8Matrix::quantize(&w, 2, 32)?;
+//! let mut y = [0f32; 2];
+//! q.forward(&[1.0; 32], 1, &mut y)?;
+//! assert!((y[0] - w[..32].iter().sum::<f32>()).abs() < 0.05);
+//! # Ok::<(), kiln_kernels::KernelError>(())
+//! ```
+
+#![warn(missing_docs)]
+
+#[cfg(feature = "flex")]
+pub mod flex;
+pub mod fused;
+mod int8;
+mod linear;
+
+pub use int8::{BLOCK, Int8Matrix};
+pub use linear::{KERNEL_MAX_ROWS, KernelError, LinearKernel};

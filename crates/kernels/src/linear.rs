@@ -1,0 +1,36 @@
+//! Host-side kernels for one linear layer's product, used instead of the backend's matrix product
+//! where they are faster (few rows through quantized weights: token-by-token decoding).
+
+use std::fmt::Debug;
+
+/// Why a kernel refused its input.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KernelError {
+    /// The data does not have the shape it claims.
+    #[error("a {rows}×{cols} matrix needs {} values, got {len}", rows * cols)]
+    Shape {
+        /// Rows.
+        rows: usize,
+        /// Columns.
+        cols: usize,
+        /// Values given.
+        len: usize,
+    },
+}
+
+/// One linear layer's product `y = x · Wᵀ` (no bias) computed on the host from weights the kernel
+/// holds in its own format (e.g. [`Int8Matrix`](crate::Int8Matrix)).
+pub trait LinearKernel: Send + Sync + Debug {
+    /// Width of each input row.
+    fn in_features(&self) -> usize;
+    /// Width of each output row.
+    fn out_features(&self) -> usize;
+    /// `out[r] = x[r] · Wᵀ` for `rows` rows laid out one after another; an error (the caller then
+    /// uses the backend's product) when the slices do not have those shapes.
+    fn forward(&self, x: &[f32], rows: usize, out: &mut [f32]) -> Result<(), KernelError>;
+    /// Bytes the kernel's weights occupy.
+    fn weight_bytes(&self) -> usize;
+}
+
+/// Most rows a [`LinearKernel`] takes; larger products (prefill, training) use the backend.
+pub const KERNEL_MAX_ROWS: usize = 16;
