@@ -10,6 +10,10 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use kiln::backend::DefaultBackend as B;
 use kiln::transformer::{KvCache, Logits, load_model};
 
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn bench(c: &mut Criterion) {
     kiln::backend::init();
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
