@@ -266,7 +266,11 @@ fn expand(root: &Path, pattern: &str) -> anyhow::Result<Vec<PathBuf>> {
         if pattern.contains(['*', '?', '[']) {
             bail!("workspace member pattern {pattern:?} is not supported (only `dir/*`)");
         }
-        return Ok(vec![root.join(pattern)]);
+        let pattern = pattern.trim_start_matches("./").trim_end_matches('/');
+        return Ok(vec![match pattern {
+            "" | "." => root.to_path_buf(),
+            _ => root.join(pattern),
+        }]);
     };
     let dir = root.join(parent);
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(&dir)
