@@ -20,7 +20,7 @@ pub struct LockedPackage {
 
 impl LockedPackage {
     /// Whether the package comes from a package registry (its sources under `registry/src`).
-    pub fn from_registry(&self) -> bool {
+    pub fn is_from_registry(&self) -> bool {
         self.source
             .as_deref()
             .is_some_and(|s| s.starts_with("registry+") || s.starts_with("sparse+"))
@@ -201,8 +201,8 @@ source = "sparse+https://index.crates.io/"
         assert_eq!(lock.packages.len(), 4);
         let app = lock.member("app").unwrap();
         assert_eq!(lock.packages[app].deps, vec![1, 2, 3]);
-        assert!(!lock.packages[app].from_registry());
-        assert!(lock.packages[3].from_registry());
+        assert!(!lock.packages[app].is_from_registry());
+        assert!(lock.packages[3].is_from_registry());
         assert_eq!(lock.member("serde"), None, "not a member: it has a source");
         assert_eq!(lock.dep_named(app, "serde", Some("1")), vec![3]);
         assert_eq!(lock.dep_named(app, "rand", Some("0.9")), vec![2]);

@@ -88,7 +88,7 @@ fn from_checkout(
                 .find(|(m, _)| m.name == pkg.name)
                 .map(|(_, dir)| dir.clone());
         }
-        if !pkg.from_registry() {
+        if !pkg.is_from_registry() {
             return None;
         }
         let dir_name = format!("{}-{}", pkg.name, pkg.version);
