@@ -12,6 +12,10 @@ use kiln::backend::TrainBackend as B;
 use kiln::trainer::optimizer::GroupedAdamW;
 use kiln::transformer::{ModelConfig, Transformer};
 
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn bench_model(c: &mut Criterion, name: &str, config: ModelConfig, batch: usize, seq: usize) {
     // Burn's composed ops, then Kiln's fused kernels, in the same run.
     for fused in [false, true] {

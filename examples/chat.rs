@@ -3,37 +3,51 @@
 //! ```text
 //! cargo run --release --example chat                       # SmolLM2-135M-Instruct from ../shared/models
 //! cargo run --release --example chat -- MODEL.gguf [--system "You are a pirate."] [--temperature 0.7]
+//! cargo run --release --example chat -- --help
 //! ```
 //! Type a message and press Enter; an empty line or Ctrl-D quits, `/reset` starts over. The whole
 //! conversation is re-rendered with the model's chat template (ChatML if it has none) each turn.
 
 use std::io::{BufRead, Write};
+use std::path::PathBuf;
 
+use clap::Parser;
 use kiln::backend::DefaultBackend as B;
 use kiln::bpe::SpecialTokens;
 use kiln::transformer::chat::{ChatMessage, ChatTemplate};
 use kiln::transformer::sampling::SamplingParams;
 use kiln::transformer::{GenerateParams, Generator, load_model};
 
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const DEFAULT_MODEL: &str = "../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
+/// Talk to a chat model in the terminal, streaming its answers.
+#[derive(Debug, Parser)]
+struct Args {
+    /// A chat model: .gguf file or model directory (default: SmolLM2-135M-Instruct from
+    /// ../shared/models).
+    #[arg(value_name = "MODEL", env = "KILN_MODEL")]
+    model: Option<PathBuf>,
+    /// A system message at the start of the conversation.
+    #[arg(long, value_name = "TEXT")]
+    system: Option<String>,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.7)]
+    temperature: f32,
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let flag = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
+    let args = Args::parse();
     let model_path = args
-        .first()
-        .filter(|a| !a.starts_with("--"))
-        .cloned()
-        .or_else(|| std::env::var("KILN_MODEL").ok())
-        .unwrap_or_else(|| format!("{}/{DEFAULT_MODEL}", env!("CARGO_MANIFEST_DIR")));
-    let temperature: f32 = flag("--temperature").map_or(Ok(0.7), |t| t.parse())?;
+        .model
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_MODEL));
+    let temperature = args.temperature;
     let device = Default::default();
-    eprintln!("loading {model_path} ...");
+    eprintln!("loading {} ...", model_path.display());
     let loaded = load_model::<B>(&model_path, &device)?;
     let tok = loaded
         .tokenizer
@@ -51,10 +65,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     {
         stop_ids.push(id);
     }
-    let system: Vec<ChatMessage> = flag("--system")
-        .map(ChatMessage::system)
-        .into_iter()
-        .collect();
+    let system: Vec<ChatMessage> = args.system.map(ChatMessage::system).into_iter().collect();
     let mut history = system.clone();
     let context = loaded.model.config().context_length.min(2048);
     eprintln!("ready: type a message (empty line quits, /reset starts over)");

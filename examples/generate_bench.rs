@@ -3,20 +3,53 @@
 //!
 //! ```text
 //! cargo run --release --example generate_bench -- MODEL.gguf [--prompt-tokens 128] [--new-tokens 128] [--runs 3] [--ids-out ids.json] [--int8]
+//! cargo run --release --example generate_bench -- --help
 //! ```
 //! Prefill is timed as the prompt's forward pass (logits of the last position); decode as the
 //! single-token steps after it. Prints medians over `--runs`, one line per measurement. `--int8`
 //! decodes with int8 weights (`kiln-quantize`); prefill keeps the f32 weights.
 
+use std::path::PathBuf;
 use std::time::Instant;
 
 use burn::tensor::{Int, Tensor, TensorData};
+use clap::Parser;
 use kiln::backend::DefaultBackend as B;
 use kiln::transformer::{KvCache, Logits, load_model};
+
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const TEXT: &str = "The history of natural language processing generally started in the 1950s, although work can be \
 found from earlier periods. In 1950, Alan Turing published an article titled Computing Machinery and Intelligence \
 which proposed what is now called the Turing test as a criterion of intelligence. ";
+
+/// Prefill and greedy decode speed of one sequence (Kiln's side of `scripts/bench_generate.sh`).
+#[derive(Debug, Parser)]
+struct Args {
+    /// A .gguf model or a model directory.
+    #[arg(value_name = "MODEL")]
+    model: PathBuf,
+    /// Prompt length in tokens (a fixed English text, repeated).
+    #[arg(long, default_value_t = 128, value_name = "N")]
+    prompt_tokens: usize,
+    /// Greedy tokens decoded after the prompt.
+    #[arg(long, default_value_t = 128, value_name = "N")]
+    new_tokens: usize,
+    /// Timed runs; the medians are printed.
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    runs: usize,
+    /// KV-cache capacity in tokens (default and minimum: prompt + new tokens).
+    #[arg(long, value_name = "N")]
+    capacity: Option<usize>,
+    /// Write the prompt's token ids (a JSON list) to this file, for the peer to use the same ones.
+    #[arg(long, value_name = "FILE")]
+    ids_out: Option<PathBuf>,
+    /// Decode with int8 weights (kiln-quantize); prefill keeps the f32 weights.
+    #[arg(long)]
+    int8: bool,
+}
 
 fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);
@@ -24,26 +57,15 @@ fn median(mut xs: Vec<f64>) -> f64 {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let flag = |name: &str, default: usize| -> usize {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
-    let model_path = args
-        .first()
-        .ok_or("usage: generate_bench MODEL [--prompt-tokens N] [--new-tokens N] [--runs N]")?;
-    let (n_prompt, n_new, runs) = (
-        flag("--prompt-tokens", 128),
-        flag("--new-tokens", 128),
-        flag("--runs", 3),
-    );
-    let capacity = flag("--capacity", n_prompt + n_new).max(n_prompt + n_new);
+    let args = Args::parse();
+    let (n_prompt, n_new, runs) = (args.prompt_tokens, args.new_tokens, args.runs);
+    let capacity = args
+        .capacity
+        .unwrap_or(n_prompt + n_new)
+        .max(n_prompt + n_new);
     let device = Default::default();
-    let mut loaded = load_model::<B>(model_path, &device)?;
-    let int8 = args.iter().any(|a| a == "--int8");
+    let mut loaded = load_model::<B>(&args.model, &device)?;
+    let int8 = args.int8;
     if int8 {
         kiln::quantize::quantize_for_decoding(&mut loaded.model)?;
     }
@@ -58,9 +80,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ids.extend(tok.encode(TEXT));
     }
     ids.truncate(n_prompt);
-    if let Some(i) = args.iter().position(|a| a == "--ids-out")
-        && let Some(path) = args.get(i + 1)
-    {
+    if let Some(path) = &args.ids_out {
         std::fs::write(path, format!("{ids:?}"))?;
     }
     let (mut prefill, mut decode) = (Vec::new(), Vec::new());

@@ -5,6 +5,7 @@
 //!
 //! ```text
 //! cargo run --release --example shakespeare_char [-- CORPUS] [--max-steps N] [--out DIR] [--gpu-recipe] [--peak-flops F]
+//! cargo run --release --example shakespeare_char -- --help
 //! ```
 //! `--gpu-recipe` trains nanoGPT's GPU model instead (6 layers, 6 heads, width 384, context 256,
 //! batch 64, 5000 steps, dropout 0.2). `--embedding-decay` also decays the embedding, as nanoGPT's
@@ -15,28 +16,48 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
+use clap::Parser;
 use kiln::backend::TrainBackend;
 use kiln::bpe::prepare::{PrepareConfig, prepare_bytes};
 use kiln::trainer::{ModelSpec, TrainConfig, Trainer};
 use kiln::transformer::ModelConfig;
 
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// nanoGPT's Shakespeare-char recipe: a character-level GPT trained on tinyshakespeare.
+#[derive(Debug, Parser)]
+struct Args {
+    /// The training text (default: ../shared/data/tinyshakespeare.txt).
+    #[arg(value_name = "CORPUS")]
+    corpus: Option<PathBuf>,
+    /// Optimizer steps (default: 2000, or 5000 with --gpu-recipe).
+    #[arg(long, value_name = "N")]
+    max_steps: Option<u64>,
+    /// Output directory: token shards, tokenizer, run.
+    #[arg(long, default_value = "runs/shakespeare_char", value_name = "DIR")]
+    out: PathBuf,
+    /// nanoGPT's GPU model instead: 6 layers, 6 heads, width 384, context 256, batch 64, 5000
+    /// steps, dropout 0.2.
+    #[arg(long)]
+    gpu_recipe: bool,
+    /// Also decay the embedding, as nanoGPT's code does (every 2-D parameter).
+    #[arg(long)]
+    embedding_decay: bool,
+    /// The device's peak FLOP/s (e.g. 3.1e11 for this CPU's numpy matrix multiply): adds MFU to
+    /// the log.
+    #[arg(long, value_name = "F")]
+    peak_flops: Option<f64>,
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let flag = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
-    let corpus = args
-        .first()
-        .filter(|a| !a.starts_with("--"))
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/tinyshakespeare.txt")
-        });
-    let gpu = args.iter().any(|a| a == "--gpu-recipe");
-    let out = PathBuf::from(flag("--out").unwrap_or_else(|| "runs/shakespeare_char".into()));
+    let args = Args::parse();
+    let corpus = args.corpus.clone().unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/tinyshakespeare.txt")
+    });
+    let gpu = args.gpu_recipe;
+    let out = args.out.clone();
 
     // Character level: a byte-level vocabulary with no merges (tinyshakespeare is ASCII) plus
     // <|endoftext|>; the last 10% of the text is validation, as nanoGPT splits it.
@@ -69,20 +90,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         tokenizer: Some(out.join("tokenizer.json")),
         micro_batch,
         seq_len,
-        max_steps: flag("--max-steps").map_or(Ok(max_steps), |s| s.parse())?,
+        max_steps: args.max_steps.unwrap_or(max_steps),
         lr: 1e-3,
         min_lr: 1e-4,
         warmup_steps: 100,
         beta2: 0.99,
         weight_decay: 0.1,
         // nanoGPT's configure_optimizers also decays the embedding (every 2-D parameter).
-        decay_embeddings: args.iter().any(|a| a == "--embedding-decay"),
+        decay_embeddings: args.embedding_decay,
         grad_clip: 1.0,
         eval_interval,
         eval_batches: 20,
         checkpoint_interval: 0,
         log_interval: 50,
-        peak_flops: flag("--peak-flops").map(|s| s.parse()).transpose()?,
+        peak_flops: args.peak_flops,
         ..TrainConfig::default()
     };
     let flops_per_token = model_flops_per_token(&config, seq_len)?;

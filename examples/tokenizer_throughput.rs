@@ -5,13 +5,55 @@
 //! ```text
 //! cargo run --release --example tokenizer_throughput -- encode CORPUS [--tok DIR] [--runs 3]
 //! cargo run --release --example tokenizer_throughput -- train CORPUS [--vocab 8192] [--runs 3]
+//! cargo run --release --example tokenizer_throughput -- --help
 //! ```
 //! `scripts/bench_tokenizer.sh` runs both sides and prints the ratios.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
+use clap::{Parser, Subcommand};
 use kiln::bpe::{BpeTrainer, SpecialTokens, Tokenizer, TrainerConfig};
+
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Tokenizer speed, measured as `../shared/peers/tokenizer_peer.py` measures its peers.
+#[derive(Debug, Parser)]
+struct Args {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Encode CORPUS with a tokenizer: one thread, one thread with a cold piece cache, and a batch
+    /// on every thread.
+    Encode {
+        /// The text, split into documents on blank lines.
+        #[arg(value_name = "CORPUS")]
+        corpus: PathBuf,
+        /// Directory holding the tokenizer.json (default: ../shared/tokenizers/gpt2).
+        #[arg(long, value_name = "DIR")]
+        tok: Option<PathBuf>,
+        /// Timed runs after one warm-up; the median is printed.
+        #[arg(long, default_value_t = 3, value_name = "N")]
+        runs: usize,
+    },
+    /// Train a byte-level BPE tokenizer on CORPUS.
+    Train {
+        /// The training text.
+        #[arg(value_name = "CORPUS")]
+        corpus: PathBuf,
+        /// Vocabulary size.
+        #[arg(long, default_value_t = 8192, value_name = "N")]
+        vocab: usize,
+        /// Timed runs after one warm-up; the median is printed.
+        #[arg(long, default_value_t = 3, value_name = "N")]
+        runs: usize,
+    },
+}
 
 fn median_seconds(runs: usize, mut f: impl FnMut()) -> f64 {
     f();
@@ -27,28 +69,12 @@ fn median_seconds(runs: usize, mut f: impl FnMut()) -> f64 {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let flag = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
-    let (Some(task), Some(corpus)) = (args.first(), args.get(1)) else {
-        return Err(
-            "usage: tokenizer_throughput encode|train CORPUS [--tok DIR] [--vocab N] [--runs N]"
-                .into(),
-        );
-    };
-    let runs: usize = flag("--runs").map_or(Ok(3), |r| r.parse())?;
-    let corpus = PathBuf::from(corpus);
-    let mb = std::fs::metadata(&corpus)?.len() as f64 / 1e6;
-    match task.as_str() {
-        "encode" => {
-            let tok_dir = flag("--tok").map_or_else(
-                || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/tokenizers/gpt2"),
-                PathBuf::from,
-            );
+    match Args::parse().task {
+        Task::Encode { corpus, tok, runs } => {
+            let mb = std::fs::metadata(&corpus)?.len() as f64 / 1e6;
+            let tok_dir = tok.unwrap_or_else(|| {
+                PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/tokenizers/gpt2")
+            });
             let tok = Tokenizer::from_file(tok_dir.join("tokenizer.json"))?;
             let text = std::fs::read_to_string(&corpus)?;
             let docs: Vec<&str> = text.split("\n\n").filter(|d| !d.is_empty()).collect();
@@ -84,8 +110,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             );
             println!("tokens kiln={n_tokens}");
         }
-        "train" => {
-            let vocab: usize = flag("--vocab").map_or(Ok(8192), |v| v.parse())?;
+        Task::Train {
+            corpus,
+            vocab,
+            runs,
+        } => {
+            let mb = std::fs::metadata(&corpus)?.len() as f64 / 1e6;
             let s = median_seconds(runs, || {
                 let mut trainer = BpeTrainer::new(TrainerConfig {
                     vocab_size: vocab,
@@ -102,7 +132,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 mb / s
             );
         }
-        other => return Err(format!("unknown task {other:?}").into()),
     }
     Ok(())
 }

@@ -26,7 +26,3 @@ pub use kiln_transformer as transformer;
 
 pub mod backend;
 
-/// The global allocator of every program built on this crate (feature `mimalloc`, on by default).
-#[cfg(feature = "mimalloc")]
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

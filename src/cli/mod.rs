@@ -1,5 +1,6 @@
 //! Command-line definitions and dispatch.
 
+mod corpus;
 mod data;
 mod generate;
 mod quickstart;

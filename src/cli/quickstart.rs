@@ -2,7 +2,6 @@
 //! shards, a small GPT trained for a few minutes, a checkpoint, a sample.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use anyhow::{Context, bail};
 use burn::module::AutodiffModule;
@@ -13,6 +12,7 @@ use kiln::trainer::{ModelSpec, TrainConfig, Trainer};
 use kiln::transformer::sampling::SamplingParams;
 use kiln::transformer::{GenerateParams, Generator, ModelConfig};
 
+use super::corpus::{Corpus, default_corpus};
 use super::data::{prepare_shards, print_report};
 use super::tokenizer::{PreTokenizerChoice, TrainArgs, train_tokenizer};
 
@@ -30,25 +30,23 @@ pub struct Args {
     /// With no FILE: how much of the default corpus to use, in MB.
     #[arg(long, default_value_t = 8.0, value_name = "MB")]
     pub corpus_mb: f64,
-    /// Text files to use instead of the default corpus (the Rust sources of Kiln's dependencies,
-    /// found with `cargo metadata`).
+    /// Text files to use instead of the default corpus (the Rust sources of Kiln and of the
+    /// packages its default build compiles, read from the checkout's Cargo.lock and the cargo
+    /// registry; the file list goes to DIR/corpus.txt).
     #[arg(value_name = "FILE")]
     pub files: Vec<PathBuf>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
     let files = if args.files.is_empty() {
-        let files = default_corpus((args.corpus_mb * 1e6) as u64)?;
-        eprintln!(
-            "corpus: {} Rust source files from Kiln's dependencies (pass FILE... to use your own)",
-            files.len()
-        );
-        files
+        let corpus = default_corpus((args.corpus_mb * 1e6) as u64)?;
+        report_corpus(&corpus, &args.out.join("corpus.txt"))?;
+        corpus.files
     } else {
         args.files.clone()
     };
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
 
     eprintln!(
         "[1/3] training a {}-token byte-level BPE tokenizer",
@@ -138,6 +136,34 @@ fn train_gpt(args: &Args, tok: &Tokenizer) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Says which default corpus was used, and lists its files in `list`.
+fn report_corpus(corpus: &Corpus, list: &Path) -> anyhow::Result<()> {
+    let mut text = String::new();
+    for f in &corpus.files {
+        text.push_str(&f.to_string_lossy());
+        text.push('\n');
+    }
+    std::fs::write(list, text).with_context(|| format!("writing {}", list.display()))?;
+    eprintln!(
+        "corpus: {} Rust files, {:.1} MB, from {} of the {} packages Kiln's default build compiles \
+         (its own sources and theirs in {}; list: {}); pass FILE... to use your own text",
+        corpus.files.len(),
+        corpus.bytes as f64 / 1e6,
+        corpus.used_packages,
+        corpus.packages,
+        corpus.registry.display(),
+        list.display(),
+    );
+    if !corpus.missing.is_empty() {
+        eprintln!(
+            "note: {} of them are not in the registry (skipped): {}",
+            corpus.missing.len(),
+            corpus.missing.join(", ")
+        );
+    }
+    Ok(())
+}
+
 fn show_sample(tok: &Tokenizer) -> anyhow::Result<()> {
     let sample = "fn main() { println!(\"Hello, Kiln! 你好 🦀\"); }";
     let ids = tok.encode(sample);
@@ -158,82 +184,4 @@ fn printable(bytes: &[u8]) -> String {
         Ok(s) => s.to_owned(),
         Err(_) => bytes.iter().map(|b| format!("\\x{b:02X}")).collect(),
     }
-}
-
-/// Rust sources of the packages in Kiln's dependency graph, in a fixed pseudo-random order, up to
-/// about `max_bytes`.
-fn default_corpus(max_bytes: u64) -> anyhow::Result<Vec<PathBuf>> {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    // Only the host's packages are on disk after a build: filter out the other platforms' ones.
-    cmd.args(["metadata", "--format-version", "1", "--offline"]);
-    if let Some(host) = host_triple() {
-        cmd.args(["--filter-platform", &host]);
-    }
-    if manifest.exists() {
-        cmd.arg("--manifest-path").arg(&manifest);
-    }
-    let output = cmd
-        .output()
-        .context("running `cargo metadata` to find the default corpus (or pass FILE...)")?;
-    if !output.status.success() {
-        bail!(
-            "`cargo metadata` failed; pass text files instead: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    let meta: serde_json::Value =
-        serde_json::from_slice(&output.stdout).context("parsing cargo metadata")?;
-    let mut files = Vec::new();
-    for pkg in meta["packages"].as_array().into_iter().flatten() {
-        if let Some(dir) = pkg["manifest_path"]
-            .as_str()
-            .and_then(|p| Path::new(p).parent())
-        {
-            collect_rs(&dir.join("src"), &mut files);
-        }
-    }
-    if files.is_empty() {
-        bail!("no Rust sources found through `cargo metadata`; pass text files instead");
-    }
-    files.sort_by_key(|p| fnv1a(p.to_string_lossy().as_bytes()));
-    let mut total = 0u64;
-    let mut chosen = Vec::new();
-    for f in files {
-        if total >= max_bytes {
-            break;
-        }
-        total += std::fs::metadata(&f).map(|m| m.len()).unwrap_or(0);
-        chosen.push(f);
-    }
-    Ok(chosen)
-}
-
-fn host_triple() -> Option<String> {
-    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
-    let out = Command::new(rustc).arg("-vV").output().ok()?;
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find_map(|l| l.strip_prefix("host: ").map(str::to_owned))
-}
-
-fn collect_rs(dir: &Path, out: &mut Vec<PathBuf>) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            collect_rs(&path, out);
-        } else if path.extension().is_some_and(|e| e == "rs") {
-            out.push(path);
-        }
-    }
-}
-
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
 }
