@@ -20,9 +20,9 @@ use kiln_transformer::{
     MlpKind, ModelConfig, NormKind, PositionEncoding, RopePairing, Transformer,
 };
 
-/// Burn's Flex backend has one process-wide random generator: dropout masks are the same from run
-/// to run only while no other test draws from it. The tests that compare trainings with dropout
-/// take turns; the kernels themselves need no lock.
+/// Burn's Flex backend has one process-wide random generator: initial weights and dropout masks
+/// are the same from run to run only while no other test draws from it, so the tests that draw
+/// take turns. (The kernels themselves need no lock: the composed-ops scope is per thread.)
 static BACKEND_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn rng_turn() -> std::sync::MutexGuard<'static, ()> {
@@ -119,6 +119,7 @@ fn assert_close(what: &str, got: &[f32], want: &[f32]) {
 }
 
 fn compare<C: CheckpointStrategy>(config: ModelConfig) {
+    let _rng = rng_turn();
     let model: Transformer<Autodiff<Flex, C>> = config.init(&Default::default()).expect("model");
     let (logits, loss, grads) = with_composed_ops(|| step(&model));
     let (fused_logits, fused_loss, fused_grads) = step(&model);
