@@ -25,4 +25,3 @@ pub use kiln_trainer as trainer;
 pub use kiln_transformer as transformer;
 
 pub mod backend;
-

@@ -299,3 +299,162 @@ fn train_resume_eval_generate() {
     assert_eq!(err.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&err.stderr).contains("no completed checkpoint"));
 }
+
+/// Waits (up to two minutes) until `metrics.jsonl` in `run` logs a training step after `after`.
+fn wait_for_step_after(run: &Path, after: u64, child: &mut std::process::Child) -> u64 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let logged = std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v.get("loss").is_some())
+            .filter_map(|v| v["step"].as_u64())
+            .max();
+        if let Some(step) = logged.filter(|&s| s >= after) {
+            return step;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "kiln train ended before logging a step"
+        );
+        assert!(std::time::Instant::now() < deadline, "no step logged");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Sends `signal` to `child` and returns its exit status and stderr.
+fn stop_with(signal: &str, child: std::process::Child) -> (Option<i32>, String) {
+    let killed = Command::new("kill")
+        .args([&format!("-{signal}"), &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The step `kiln train` says it stopped after, checked against its checkpoint.
+fn stopped_step(stderr: &str, signal: &str, run: &Path) -> u64 {
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with(&format!("{signal}: stopped after step ")))
+        .unwrap_or_else(|| panic!("no stop message: {stderr}"));
+    let step: u64 = line
+        .split_whitespace()
+        .nth(4)
+        .and_then(|s| s.trim_end_matches(';').parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    let resume = format!("resume with: kiln train --resume {}", run.display());
+    assert!(stderr.lines().any(|l| l == resume), "{stderr}");
+    let state =
+        std::fs::read_to_string(run.join(format!("checkpoints/step-{step}/trainer_state.json")))
+            .unwrap_or_else(|e| panic!("checkpoint of step {step}: {e}; {stderr}"));
+    assert!(state.contains(&format!("\"step\": {step}")), "{state}");
+    step
+}
+
+#[test]
+fn train_stops_cleanly_on_sigterm_and_sigint_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("corpus.txt");
+    std::fs::write(&corpus, TEXT.repeat(200)).unwrap();
+    let tok = dir.path().join("tokenizer.json");
+    let data = dir.path().join("data");
+    let run = dir.path().join("run");
+    let p = |x: &Path| x.to_str().unwrap().to_owned();
+    ok(&kiln(
+        &[
+            "tokenizer",
+            "train",
+            "--vocab-size",
+            "512",
+            "-o",
+            &p(&tok),
+            &p(&corpus),
+        ],
+        b"",
+    ));
+    ok(&kiln(
+        &[
+            "data",
+            "prepare",
+            "-t",
+            &p(&tok),
+            "-o",
+            &p(&data),
+            &p(&corpus),
+        ],
+        b"",
+    ));
+    let config = dir.path().join("config.toml");
+    let tiny = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/configs/tiny.toml"),
+    )
+    .unwrap();
+    // Log every step, no evaluations or checkpoints on the way, far more steps than the test waits.
+    let tiny = tiny
+        .replace("log_interval = 5", "log_interval = 1")
+        .replace("eval_interval = 10", "eval_interval = 0")
+        .replace("checkpoint_interval = 10", "checkpoint_interval = 0");
+    std::fs::write(&config, tiny).unwrap();
+    let spawn = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+
+    // SIGTERM: the step in progress finishes, a checkpoint at that step, the resume command, 143.
+    let mut child = spawn(&[
+        "train",
+        "--config",
+        &p(&config),
+        "--data",
+        &p(&data),
+        "--out",
+        &p(&run),
+        "--max-steps",
+        "100000",
+    ]);
+    let logged = wait_for_step_after(&run, 2, &mut child);
+    let (status, stderr) = stop_with("TERM", child);
+    assert_eq!(status, Some(143), "{stderr}");
+    let step = stopped_step(&stderr, "SIGTERM", &run);
+    assert!(step > logged && step < 100000, "{step} after {logged}");
+
+    // SIGINT while resumed: the same, with 130.
+    let mut child = spawn(&["train", "--resume", &p(&run)]);
+    let logged = wait_for_step_after(&run, step + 2, &mut child);
+    let (status, stderr) = stop_with("INT", child);
+    assert_eq!(status, Some(130), "{stderr}");
+    let step = stopped_step(&stderr, "SIGINT", &run);
+    assert!(step > logged, "{step} after {logged}");
+
+    // The printed command continues to max_steps (here a nearer one).
+    let out = kiln(
+        &[
+            "train",
+            "--resume",
+            &p(&run),
+            "--max-steps",
+            &(step + 3).to_string(),
+        ],
+        b"",
+    );
+    assert!(String::from_utf8_lossy(ok(&out)).contains("final val_loss"));
+    let state = std::fs::read_to_string(
+        run.join(format!("checkpoints/step-{}/trainer_state.json", step + 3)),
+    )
+    .unwrap();
+    assert!(
+        state.contains(&format!("\"step\": {}", step + 3)),
+        "{state}"
+    );
+}

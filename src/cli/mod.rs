@@ -5,6 +5,7 @@ mod data;
 mod generate;
 mod quickstart;
 mod serve;
+mod stop;
 mod tokenizer;
 mod train;
 

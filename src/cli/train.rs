@@ -8,10 +8,17 @@ use clap::Args as ClapArgs;
 use kiln::backend::{CheckpointedTrainBackend, DefaultBackend, TrainBackend};
 use kiln::bpe::TokenShard;
 use kiln::trainer::checkpoint;
-use kiln::trainer::{Precision, TrainConfig, Trainer, evaluate};
+use kiln::trainer::{Precision, TrainConfig, TrainOutcome, Trainer, evaluate};
 use kiln::transformer::load_model;
 
+use super::stop::{StopSignals, shell_quote};
+
 #[derive(Debug, ClapArgs)]
+#[command(
+    after_help = "SIGINT (Ctrl-C) or SIGTERM stops cleanly: the step in progress finishes, a checkpoint is \
+                  written, the command that resumes the run is printed, and kiln exits with status 130 \
+                  (SIGINT) or 143 (SIGTERM). A second signal exits at once."
+)]
 pub struct TrainArgs {
     /// Training config (TOML); see examples/configs/tiny.toml.
     #[arg(long, short, value_name = "FILE", required_unless_present = "resume")]
@@ -77,7 +84,11 @@ enum Start {
     Resume(PathBuf),
 }
 
+/// Trains; on SIGINT or SIGTERM stops after the step in progress, writes a checkpoint, prints the
+/// command that resumes it, and exits with 130 (SIGINT) or 143 (SIGTERM). A second signal exits at
+/// once.
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
+    let signals = StopSignals::install()?;
     let (start, checkpointing) = if let Some(run_dir) = &args.resume {
         if args.precision.is_some()
             || args.activation_checkpointing
@@ -127,14 +138,23 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         (Start::New(Box::new(config)), checkpointing)
     };
     // The checkpointing strategy is a type parameter of Burn's autodiff backend.
-    if checkpointing {
-        train_on::<CheckpointedTrainBackend>(start, &args)
+    let stopped = if checkpointing {
+        train_on::<CheckpointedTrainBackend>(start, &args, &signals)?
     } else {
-        train_on::<TrainBackend>(start, &args)
+        train_on::<TrainBackend>(start, &args, &signals)?
+    };
+    if let Some(status) = stopped {
+        std::process::exit(status);
     }
+    Ok(())
 }
 
-fn train_on<B: AutodiffBackend>(start: Start, args: &TrainArgs) -> anyhow::Result<()> {
+/// Trains on backend `B`; returns the exit status when a signal stopped the run.
+fn train_on<B: AutodiffBackend>(
+    start: Start,
+    args: &TrainArgs,
+    signals: &StopSignals,
+) -> anyhow::Result<Option<i32>> {
     let device = B::Device::default();
     let trainer = match start {
         Start::Resume(run_dir) => Trainer::<B>::resume(&run_dir, args.max_steps, device)
@@ -160,8 +180,22 @@ fn train_on<B: AutodiffBackend>(start: Start, args: &TrainArgs) -> anyhow::Resul
     );
     let started = std::time::Instant::now();
     let start_step = trainer.state().step;
-    let mut trainer = trainer.with_progress(super::interactive());
-    let val = trainer.train()?;
+    let mut trainer = trainer
+        .with_progress(super::interactive())
+        .with_stop_flag(signals.flag());
+    let val = match trainer.run()? {
+        TrainOutcome::Finished { val_loss } => val_loss,
+        TrainOutcome::Interrupted { step, checkpoint } => {
+            let (signal, status) = signals.received();
+            let run_dir = trainer.run_dir().display().to_string();
+            eprintln!(
+                "{signal}: stopped after step {step}; checkpoint {}\nresume with: kiln train --resume {}",
+                checkpoint.display(),
+                shell_quote(&run_dir)
+            );
+            return Ok(Some(status));
+        }
+    };
     eprintln!(
         "{} steps in {:.1}s; val loss {val:.4} (perplexity {:.2})",
         trainer.state().step - start_step,
@@ -169,7 +203,7 @@ fn train_on<B: AutodiffBackend>(start: Start, args: &TrainArgs) -> anyhow::Resul
         val.exp()
     );
     println!("final val_loss {val:.4}");
-    Ok(())
+    Ok(None)
 }
 
 pub fn eval(args: EvalArgs) -> anyhow::Result<()> {

@@ -35,7 +35,7 @@ use std::path::Path;
 
 pub use error::{BpeError, Result};
 pub use pretokenize::{PreTokenizer, Split};
-pub use shard::{BatchSampler, ShardError, ShardWriter, TokenShard, TokenWidth};
+pub use shard::{ShardError, ShardWriter, TokenShard, TokenWidth};
 pub use tokenizer::{
     AddedToken, Encoding, SpecialTokens, StreamDecoder, Tokenizer, TokenizerParts,
 };

@@ -1,5 +1,5 @@
-//! llm.c token shards: an atomic writer, a memory-mapped reader and a
-//! deterministic batch sampler.
+//! llm.c token shards: an atomic writer and a memory-mapped reader (the
+//! trainer's batch sampler reads them through [`TokenShard::read_into`]).
 //!
 //! The on-disk format is the one written by llm.c's
 //! `dev/data/data_common.py::write_datafile` and read by `llmc/dataloader.h`:
@@ -11,7 +11,6 @@
 //!
 //! A valid file is exactly `1024 + n_tokens * width` bytes long.
 
-use std::borrow::Borrow;
 use std::fs::File;
 use std::io::{self, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -85,7 +84,7 @@ impl TokenWidth {
     }
 }
 
-/// Errors from writing, reading or sampling token shards.
+/// Errors from writing or reading token shards.
 #[derive(Debug, thiserror::Error)]
 pub enum ShardError {
     /// An I/O operation on `path` failed.
@@ -171,19 +170,6 @@ pub enum ShardError {
         /// The count the write would have reached.
         tokens: u64,
     },
-    /// A window does not fit in the shard.
-    #[error(
-        "token shard {}: window of {window} tokens does not fit in a shard of {tokens} tokens",
-        path.display()
-    )]
-    WindowTooLong {
-        /// Tokens per window (`seq_len + 1` for the sampler).
-        window: usize,
-        /// Tokens in the shard.
-        tokens: usize,
-        /// The file.
-        path: PathBuf,
-    },
     /// A read of `len` tokens at `start` runs past the end of the shard.
     #[error(
         "token shard {}: read of {len} tokens at {start} is out of range for {tokens} tokens",
@@ -198,22 +184,6 @@ pub enum ShardError {
         tokens: usize,
         /// The file.
         path: PathBuf,
-    },
-    /// A batch would hold no tokens (`batch_size` or `seq_len` is zero).
-    #[error("empty batch: batch_size {batch_size} and seq_len {seq_len} must both be non-zero")]
-    EmptyBatch {
-        /// Rows per batch.
-        batch_size: usize,
-        /// Tokens per row, not counting the extra target token.
-        seq_len: usize,
-    },
-    /// `batch_size * (seq_len + 1)` overflows `usize`.
-    #[error("batch of {batch_size} rows of {window} tokens is too large")]
-    BatchTooLarge {
-        /// Rows per batch.
-        batch_size: usize,
-        /// Tokens per row (`seq_len + 1`).
-        window: usize,
     },
 }
 
@@ -533,222 +503,10 @@ impl TokenShard {
     }
 }
 
-const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
-
-/// SplitMix64's output function: a bijective 64-bit mixer.
-fn mix64(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// Counter-based hash of `(seed, step, row)`.
-fn counter_hash(seed: u64, step: u64, row: u64) -> u64 {
-    let k = mix64(seed.wrapping_add(GOLDEN));
-    let k = mix64(k ^ step.wrapping_mul(GOLDEN).wrapping_add(GOLDEN));
-    mix64(k ^ row.wrapping_add(GOLDEN))
-}
-
-/// Unbiased draw from `[0, n)` (`n > 0`) via Lemire's multiply-and-reject,
-/// re-mixing `h` deterministically on the rare rejections.
-fn uniform_below(mut h: u64, n: u64) -> u64 {
-    let mut m = u128::from(h) * u128::from(n);
-    if (m as u64) < n {
-        let threshold = n.wrapping_neg() % n;
-        while (m as u64) < threshold {
-            h = mix64(h.wrapping_add(GOLDEN));
-            m = u128::from(h) * u128::from(n);
-        }
-    }
-    (m >> 64) as u64
-}
-
-/// Serves batches of random windows of `seq_len + 1` tokens from a shard.
-///
-/// `S` is anything that borrows a [`TokenShard`]: `&TokenShard`,
-/// `Arc<TokenShard>`, or an owned `TokenShard`.
-///
-/// [`batch(step)`](BatchSampler::batch) is a pure function of
-/// `(seed, step)`: each row's start is drawn uniformly from
-/// `[0, len - seq_len - 1]` by a counter-based SplitMix64 hash of
-/// `(seed, step, row)`, so batches are identical across runs, threads and
-/// resumes, whatever order steps are requested in.
-///
-/// Rows are `seq_len + 1` tokens: inputs are `row[..seq_len]` and targets
-/// `row[1..]`.
-#[derive(Debug, Clone)]
-pub struct BatchSampler<S: Borrow<TokenShard>> {
-    shard: S,
-    batch_size: usize,
-    seq_len: usize,
-    seed: u64,
-}
-
-impl<S: Borrow<TokenShard>> BatchSampler<S> {
-    /// A sampler of `batch_size` rows of `seq_len + 1` tokens. Fails with
-    /// [`ShardError::EmptyBatch`] if either is zero and with
-    /// [`ShardError::WindowTooLong`] if the shard has fewer than
-    /// `seq_len + 1` tokens.
-    pub fn new(shard: S, batch_size: usize, seq_len: usize, seed: u64) -> Result<Self, ShardError> {
-        if batch_size == 0 || seq_len == 0 {
-            return Err(ShardError::EmptyBatch {
-                batch_size,
-                seq_len,
-            });
-        }
-        let s: &TokenShard = shard.borrow();
-        let window = seq_len.saturating_add(1);
-        if seq_len >= s.len() {
-            return Err(ShardError::WindowTooLong {
-                window,
-                tokens: s.len(),
-                path: s.path().to_path_buf(),
-            });
-        }
-        if batch_size.checked_mul(window).is_none() {
-            return Err(ShardError::BatchTooLarge { batch_size, window });
-        }
-        Ok(BatchSampler {
-            shard,
-            batch_size,
-            seq_len,
-            seed,
-        })
-    }
-
-    /// The shard being sampled.
-    pub fn shard(&self) -> &TokenShard {
-        self.shard.borrow()
-    }
-
-    /// Rows per batch.
-    pub fn batch_size(&self) -> usize {
-        self.batch_size
-    }
-
-    /// Tokens per input sequence (rows hold one more, the last target).
-    pub fn seq_len(&self) -> usize {
-        self.seq_len
-    }
-
-    /// Tokens per row: `seq_len + 1`.
-    pub fn window(&self) -> usize {
-        self.seq_len + 1
-    }
-
-    /// The sampler's seed.
-    pub fn seed(&self) -> u64 {
-        self.seed
-    }
-
-    /// Number of distinct window starts: `len - seq_len`.
-    pub fn num_starts(&self) -> usize {
-        self.shard().len().saturating_sub(self.seq_len)
-    }
-
-    /// Start position of `row` in batch `step`, in `[0, len - seq_len - 1]`.
-    pub fn window_start(&self, step: u64, row: usize) -> usize {
-        let h = counter_hash(self.seed, step, row as u64);
-        // The result is < num_starts, which is a usize.
-        uniform_below(h, self.num_starts() as u64) as usize
-    }
-
-    /// Batch `step`: `batch_size * (seq_len + 1)` tokens, row-major.
-    pub fn batch(&self, step: u64) -> Vec<u32> {
-        let mut out = Vec::new();
-        self.batch_into(step, &mut out);
-        out
-    }
-
-    /// Like [`batch`](BatchSampler::batch), reusing `out`'s allocation
-    /// (`out` is resized to `batch_size * (seq_len + 1)`).
-    pub fn batch_into(&self, step: u64, out: &mut Vec<u32>) {
-        let window = self.window();
-        out.clear();
-        out.resize(self.batch_size * window, 0);
-        let shard = self.shard();
-        for (row, dst) in out.chunks_exact_mut(window).enumerate() {
-            let start = self.window_start(step, row);
-            // start + window <= len by construction, so this always succeeds.
-            let bytes = shard.token_bytes(start, window).unwrap_or_default();
-            decode_into(bytes, shard.width(), dst);
-        }
-    }
-
-    /// Number of full rows a sequential pass yields: `(len - 1) / seq_len`.
-    pub fn num_sequential_rows(&self) -> usize {
-        self.shard().len().saturating_sub(1) / self.seq_len
-    }
-
-    /// Number of batches a sequential pass yields (the last may be partial).
-    pub fn num_sequential_batches(&self) -> usize {
-        self.num_sequential_rows().div_ceil(self.batch_size)
-    }
-
-    /// Batches covering the shard in order, for evaluation over a whole split.
-    ///
-    /// Row `r` is tokens `r * seq_len ..= r * seq_len + seq_len`, so rows
-    /// overlap by exactly the one extra target token and every input token is
-    /// seen once. Only full rows are produced: a tail of fewer than `seq_len`
-    /// predictable tokens is dropped. The last batch is **included** even when
-    /// it has fewer than `batch_size` rows (its length is then a smaller
-    /// multiple of `seq_len + 1`).
-    pub fn sequential_windows(&self) -> SequentialWindows<'_> {
-        let shard = self.shard();
-        SequentialWindows {
-            shard,
-            batch_size: self.batch_size,
-            seq_len: self.seq_len,
-            next_row: 0,
-            rows: self.num_sequential_rows(),
-        }
-    }
-}
-
-/// Iterator over in-order batches of a shard; see
-/// [`BatchSampler::sequential_windows`].
-#[derive(Debug, Clone)]
-pub struct SequentialWindows<'a> {
-    shard: &'a TokenShard,
-    batch_size: usize,
-    seq_len: usize,
-    next_row: usize,
-    rows: usize,
-}
-
-impl Iterator for SequentialWindows<'_> {
-    type Item = Vec<u32>;
-
-    fn next(&mut self) -> Option<Vec<u32>> {
-        if self.next_row >= self.rows {
-            return None;
-        }
-        let n_rows = (self.rows - self.next_row).min(self.batch_size);
-        let window = self.seq_len + 1;
-        let mut out = vec![0u32; n_rows * window];
-        for (i, dst) in out.chunks_exact_mut(window).enumerate() {
-            let start = (self.next_row + i) * self.seq_len;
-            // rows = (len - 1) / seq_len keeps start + window <= len.
-            let bytes = self.shard.token_bytes(start, window).unwrap_or_default();
-            decode_into(bytes, self.shard.width(), dst);
-        }
-        self.next_row += n_rows;
-        Some(out)
-    }
-
-    fn size_hint(&self) -> (usize, Option<usize>) {
-        let n = (self.rows - self.next_row).div_ceil(self.batch_size);
-        (n, Some(n))
-    }
-}
-
-impl ExactSizeIterator for SequentialWindows<'_> {}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::fs;
-    use std::sync::Arc;
 
     fn write_shard(path: &Path, width: TokenWidth, tokens: &[u32]) -> u64 {
         let mut w = ShardWriter::create(path, width).unwrap();
@@ -1138,210 +896,6 @@ mod tests {
             matches!(&err, ShardError::Io { path, .. } if *path == target),
             "{err}"
         );
-    }
-
-    fn sample_shard(dir: &Path, n: u32, width: TokenWidth) -> TokenShard {
-        let path = dir.join("s.bin");
-        let toks: Vec<u32> = (0..n).map(|i| i.wrapping_mul(2654435761) % 60000).collect();
-        write_shard(&path, width, &toks);
-        TokenShard::open(&path).unwrap()
-    }
-
-    #[test]
-    fn sampler_is_deterministic() {
-        let dir = tempfile::tempdir().unwrap();
-        let shard = sample_shard(dir.path(), 5000, TokenWidth::U16);
-        let a = BatchSampler::new(&shard, 4, 64, 1234).unwrap();
-        let b = BatchSampler::new(&shard, 4, 64, 1234).unwrap();
-        assert_eq!(a.batch(0).len(), 4 * 65);
-        // Order of calls does not matter.
-        let later = a.batch(17);
-        let first = a.batch(0);
-        assert_eq!(b.batch(0), first);
-        assert_eq!(b.batch(17), later);
-        assert_eq!(a.batch(17), later);
-        // Different steps and different seeds differ.
-        assert_ne!(a.batch(1), first);
-        assert_ne!(a.batch(2), a.batch(1));
-        let c = BatchSampler::new(&shard, 4, 64, 1235).unwrap();
-        assert_ne!(c.batch(0), first);
-        // batch_into matches batch and reuses the buffer.
-        let mut buf = vec![99; 3];
-        a.batch_into(17, &mut buf);
-        assert_eq!(buf, later);
-        // Same across threads and through an Arc.
-        let arc = Arc::new(TokenShard::open(shard.path()).unwrap());
-        let handles: Vec<_> = (0..4)
-            .map(|_| {
-                let arc = Arc::clone(&arc);
-                std::thread::spawn(move || {
-                    let s = BatchSampler::new(arc, 4, 64, 1234).unwrap();
-                    (s.batch(17), s.batch(0))
-                })
-            })
-            .collect();
-        for h in handles {
-            assert_eq!(h.join().unwrap(), (later.clone(), first.clone()));
-        }
-    }
-
-    #[test]
-    fn sampler_windows_are_contiguous_slices() {
-        let dir = tempfile::tempdir().unwrap();
-        for width in [TokenWidth::U16, TokenWidth::U32] {
-            let shard = sample_shard(dir.path(), 3000, width);
-            let all = shard.to_vec();
-            let s = BatchSampler::new(&shard, 8, 31, 7).unwrap();
-            for step in 0..50 {
-                let batch = s.batch(step);
-                assert_eq!(batch.len(), 8 * 32);
-                for (row, w) in batch.chunks_exact(32).enumerate() {
-                    let start = s.window_start(step, row);
-                    assert!(start + 32 <= all.len());
-                    assert_eq!(w, &all[start..start + 32]);
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn sampler_covers_start_range() {
-        let dir = tempfile::tempdir().unwrap();
-        let shard = sample_shard(dir.path(), 1000, TokenWidth::U16);
-        let seq = 100;
-        let s = BatchSampler::new(&shard, 16, seq, 42).unwrap();
-        let max_start = shard.len() - seq - 1;
-        assert_eq!(s.num_starts(), max_start + 1);
-        let mut hits = vec![0usize; max_start + 1];
-        for step in 0..2000 {
-            for row in 0..16 {
-                let st = s.window_start(step, row);
-                assert!(st <= max_start);
-                hits[st] += 1;
-            }
-        }
-        let min = hits.iter().position(|&h| h > 0).unwrap();
-        let max = hits.iter().rposition(|&h| h > 0).unwrap();
-        assert!(min <= 2, "min start {min}");
-        assert!(max >= max_start - 2, "max start {max} of {max_start}");
-        // Roughly uniform: 32000 draws over 900 starts, ~35.6 each.
-        let mean = 32000.0 / hits.len() as f64;
-        let in_band = hits
-            .iter()
-            .filter(|&&h| (h as f64) > mean * 0.4 && (h as f64) < mean * 1.8)
-            .count();
-        assert!(in_band as f64 > 0.97 * hits.len() as f64, "{in_band}");
-
-        // The smallest shard admits exactly one start: 0.
-        let tiny = sample_shard(dir.path(), 11, TokenWidth::U16);
-        let t = BatchSampler::new(&tiny, 3, 10, 5).unwrap();
-        assert_eq!(
-            t.batch(9),
-            [tiny.to_vec(), tiny.to_vec(), tiny.to_vec()].concat()
-        );
-    }
-
-    #[test]
-    fn uniform_below_edges() {
-        for h in [0, 1, u64::MAX, GOLDEN] {
-            assert_eq!(uniform_below(h, 1), 0);
-            assert!(uniform_below(h, 3) < 3);
-            assert!(uniform_below(h, u64::MAX) < u64::MAX);
-        }
-    }
-
-    #[test]
-    fn sampler_argument_errors() {
-        let dir = tempfile::tempdir().unwrap();
-        let shard = sample_shard(dir.path(), 10, TokenWidth::U16);
-        let err = BatchSampler::new(&shard, 2, 10, 0).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                ShardError::WindowTooLong {
-                    window: 11,
-                    tokens: 10,
-                    ..
-                }
-            ),
-            "{err}"
-        );
-        assert!(err.to_string().contains("s.bin"));
-        assert!(BatchSampler::new(&shard, 2, 9, 0).is_ok());
-        assert!(matches!(
-            BatchSampler::new(&shard, 2, usize::MAX, 0),
-            Err(ShardError::WindowTooLong { .. })
-        ));
-        assert!(matches!(
-            BatchSampler::new(&shard, 0, 4, 0),
-            Err(ShardError::EmptyBatch { .. })
-        ));
-        assert!(matches!(
-            BatchSampler::new(&shard, 4, 0, 0),
-            Err(ShardError::EmptyBatch { .. })
-        ));
-        assert!(matches!(
-            BatchSampler::new(&shard, usize::MAX, 4, 0),
-            Err(ShardError::BatchTooLarge { .. })
-        ));
-        let empty_path = dir.path().join("empty.bin");
-        write_shard(&empty_path, TokenWidth::U16, &[]);
-        let empty = TokenShard::open(&empty_path).unwrap();
-        assert!(matches!(
-            BatchSampler::new(&empty, 1, 1, 0),
-            Err(ShardError::WindowTooLong { tokens: 0, .. })
-        ));
-    }
-
-    #[test]
-    fn sequential_windows_cover_shard_in_order() {
-        let dir = tempfile::tempdir().unwrap();
-        // (tokens, batch, seq): exact fit, partial last batch, dropped tail.
-        for (n, batch, seq) in [
-            (41u32, 2usize, 8usize),
-            (41, 3, 8),
-            (45, 3, 8),
-            (2, 5, 1),
-            (9, 1, 8),
-            (1000, 7, 13),
-        ] {
-            let shard = sample_shard(dir.path(), n, TokenWidth::U32);
-            let all = shard.to_vec();
-            let s = BatchSampler::new(&shard, batch, seq, 0).unwrap();
-            let rows_expected = (all.len() - 1) / seq;
-            assert_eq!(s.num_sequential_rows(), rows_expected);
-            let it = s.sequential_windows();
-            assert_eq!(it.len(), s.num_sequential_batches());
-            let batches: Vec<Vec<u32>> = it.collect();
-            assert_eq!(batches.len(), rows_expected.div_ceil(batch));
-            let mut inputs = Vec::new();
-            let mut targets = Vec::new();
-            let mut rows = 0;
-            for (bi, b) in batches.iter().enumerate() {
-                assert_eq!(b.len() % (seq + 1), 0);
-                let r = b.len() / (seq + 1);
-                if bi + 1 < batches.len() {
-                    assert_eq!(r, batch);
-                } else {
-                    assert!(r >= 1 && r <= batch);
-                }
-                for w in b.chunks_exact(seq + 1) {
-                    assert_eq!(w, &all[rows * seq..rows * seq + seq + 1]);
-                    inputs.extend_from_slice(&w[..seq]);
-                    targets.extend_from_slice(&w[1..]);
-                    rows += 1;
-                }
-            }
-            assert_eq!(rows, rows_expected);
-            // Inputs are every token once, in order, up to the dropped tail.
-            let covered = rows * seq;
-            assert_eq!(inputs, &all[..covered]);
-            assert_eq!(targets, &all[1..covered + 1]);
-            assert!(all.len() - 1 - covered < seq);
-            if (all.len() - 1).is_multiple_of(seq) {
-                assert_eq!(covered + 1, all.len());
-            }
-        }
     }
 
     #[test]

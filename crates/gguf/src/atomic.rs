@@ -221,27 +221,34 @@ impl AtomicDir {
         &self.target
     }
 
-    /// `fsync`s the temp directory and renames it over the target (an existing target is moved
-    /// aside first and removed after), then `fsync`s the parent.
+    /// `fsync`s the temp directory and renames it over the target (see [`publish_dir`]).
     pub fn commit(mut self) -> io::Result<()> {
-        sync_dir(&self.temp)?;
-        let parent = parent_of(&self.target).to_owned();
-        if self.target.exists() {
-            let old = temp_sibling(&self.target);
-            std::fs::rename(&self.target, &old)?;
-            if let Err(e) = std::fs::rename(&self.temp, &self.target) {
-                // Put the previous directory back rather than leave none.
-                let _ = std::fs::rename(&old, &self.target);
-                return Err(e);
-            }
-            self.committed = true;
-            sync_dir(&parent)?;
-            let _ = std::fs::remove_dir_all(&old);
-        } else {
-            std::fs::rename(&self.temp, &self.target)?;
-            self.committed = true;
+        publish_dir(&self.temp, &self.target)?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
+/// Publishes a fully written directory: `fsync`s `staging`, renames it to `target` (an existing
+/// `target` is moved aside first and removed after, and put back if the rename fails), then
+/// `fsync`s the parent. For directories whose staging name must be known in advance (the ranks
+/// of a distributed checkpoint write into one); otherwise use [`AtomicDir`].
+pub fn publish_dir(staging: &Path, target: &Path) -> io::Result<()> {
+    sync_dir(staging)?;
+    let parent = parent_of(target);
+    if target.exists() {
+        let old = temp_sibling(target);
+        std::fs::rename(target, &old)?;
+        if let Err(e) = std::fs::rename(staging, target) {
+            let _ = std::fs::rename(&old, target);
+            return Err(e);
         }
-        sync_dir(&parent)
+        sync_dir(parent)?;
+        let _ = std::fs::remove_dir_all(&old);
+        Ok(())
+    } else {
+        std::fs::rename(staging, target)?;
+        sync_dir(parent)
     }
 }
 

@@ -1,19 +1,27 @@
 //! Checkpoints: `RUN_DIR/checkpoints/step-<N>/` holding the model directory (`model/`), the exact
-//! model and optimizer state, and the trainer state. Written to a temp directory and renamed, so a
-//! crash mid-write leaves the previous checkpoints intact; only the newest `keep` are kept.
+//! model and optimizer state, and the trainer state. Written to a staging directory and renamed, so
+//! a crash mid-write leaves the previous checkpoints intact; only the newest `keep` are kept.
+//!
+//! Writing is in three parts so that the ranks of a data-parallel run can share it: rank 0
+//! [`begin`]s the staging directory, every rank's [`OptimizerStep::save`] writes its state into it,
+//! and rank 0 writes the model and trainer state ([`write_model_and_state`]) and [`commit`]s.
+//! [`save_checkpoint`] does all of it for one process.
 
 use std::path::{Path, PathBuf};
 
 use burn::module::{AutodiffModule, Module};
-use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
-use burn::tensor::backend::AutodiffBackend;
+use burn::record::{
+    FullPrecisionSettings, NamedMpkBytesRecorder, NamedMpkFileRecorder, Record, Recorder,
+};
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use kiln_bpe::Tokenizer;
+use kiln_gguf::atomic;
 use kiln_transformer::{Transformer, save_model_dir};
 use serde::{Deserialize, Serialize};
 
 use crate::config::TrainConfig;
 use crate::error::{Result, TrainError};
-use crate::optimizer::{GroupedAdamW, OptimizerRecord};
+use crate::optimizer::{GroupedAdamW, OptimizerRecord, OptimizerStep};
 use crate::precision::LossScaler;
 
 /// Where a run is and how it got there: enough, with the model and optimizer state, to continue
@@ -70,46 +78,82 @@ pub fn list_checkpoints(run_dir: &Path) -> Vec<(u64, PathBuf)> {
     out
 }
 
-/// Saves a checkpoint for `state.step`; returns its directory.
-pub fn save_checkpoint<B: AutodiffBackend>(
-    run_dir: &Path,
-    model: &Transformer<B>,
-    optimizer: &GroupedAdamW<B, Transformer<B>>,
-    state: &TrainerState,
-    tokenizer: Option<&Tokenizer>,
-    keep: usize,
-) -> Result<PathBuf> {
+/// The staging directory of the checkpoint for `step` (the same name on every rank).
+pub fn staging_dir(run_dir: &Path, step: u64) -> PathBuf {
+    checkpoints_dir(run_dir).join(format!(".step-{step}.tmp"))
+}
+
+/// Creates an empty staging directory for the checkpoint of `step` (removing a stale one left by
+/// a crash); returns it.
+pub fn begin(run_dir: &Path, step: u64) -> Result<PathBuf> {
     let root = checkpoints_dir(run_dir);
     std::fs::create_dir_all(&root).map_err(|e| TrainError::io(&root, e))?;
-    let dir = root.join(format!("step-{}", state.step));
-    let tmp = root.join(format!(".step-{}.tmp-{}", state.step, std::process::id()));
+    let tmp = staging_dir(run_dir, step);
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
-    let written = (|| -> Result<()> {
-        save_model_dir(&model.valid(), tokenizer, None, tmp.join("model"))?;
-        recorder()
-            .record(model.clone().into_record(), tmp.join("model_state"))
-            .map_err(|e| ck_error(&tmp, e))?;
-        recorder()
-            .record(optimizer.to_record(), tmp.join("optimizer"))
-            .map_err(|e| ck_error(&tmp, e))?;
-        let json = serde_json::to_string_pretty(state).unwrap_or_default();
-        let path = tmp.join("trainer_state.json");
-        std::fs::write(&path, json).map_err(|e| TrainError::io(&path, e))
-    })();
-    if let Err(e) = written {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
-    }
-    std::fs::rename(&tmp, &dir).map_err(|e| TrainError::io(&dir, e))?;
+    Ok(tmp)
+}
+
+/// Writes the model directory, the exact model state and the trainer state into `staging`.
+pub fn write_model_and_state<B: AutodiffBackend>(
+    staging: &Path,
+    model: &Transformer<B>,
+    state: &TrainerState,
+    tokenizer: Option<&Tokenizer>,
+) -> Result<()> {
+    save_model_dir(&model.valid(), tokenizer, None, staging.join("model"))?;
+    write_record(model.clone().into_record(), &staging.join("model_state"))?;
+    let json = serde_json::to_string_pretty(state)
+        .map_err(|e| ck_error(staging, format!("serializing the trainer state: {e}")))?;
+    let path = staging.join("trainer_state.json");
+    atomic::write(&path, json.as_bytes()).map_err(|e| TrainError::io(&path, e))
+}
+
+/// Writes `record` as `path` + `.mpk` (Burn's named MessagePack, full precision) through the
+/// atomic writer.
+fn write_record<B: Backend, R: Record<B>>(record: R, path: &Path) -> Result<()> {
+    let bytes = NamedMpkBytesRecorder::<FullPrecisionSettings>::default()
+        .record(record, ())
+        .map_err(|e| ck_error(path, e))?;
+    let path = path.with_extension("mpk");
+    atomic::write(&path, &bytes).map_err(|e| TrainError::io(&path, e))
+}
+
+/// `RUN_DIR/checkpoints/step-<step>`.
+pub fn checkpoint_dir(run_dir: &Path, step: u64) -> PathBuf {
+    checkpoints_dir(run_dir).join(format!("step-{step}"))
+}
+
+/// Renames `staging` to the checkpoint of `step` (replacing one of the same step) and removes all
+/// but the newest `keep` checkpoints; returns the checkpoint's directory.
+pub fn commit(run_dir: &Path, staging: &Path, step: u64, keep: usize) -> Result<PathBuf> {
+    let dir = checkpoint_dir(run_dir, step);
+    atomic::publish_dir(staging, &dir).map_err(|e| TrainError::io(&dir, e))?;
     let all = list_checkpoints(run_dir);
     for (_, old) in all.iter().take(all.len().saturating_sub(keep.max(1))) {
         let _ = std::fs::remove_dir_all(old);
     }
     Ok(dir)
+}
+
+/// Saves a checkpoint of a single-process run for `state.step`; returns its directory.
+pub fn save_checkpoint<B: AutodiffBackend>(
+    run_dir: &Path,
+    model: &Transformer<B>,
+    optimizer: &dyn OptimizerStep<B, Transformer<B>>,
+    state: &TrainerState,
+    tokenizer: Option<&Tokenizer>,
+    keep: usize,
+) -> Result<PathBuf> {
+    let tmp = begin(run_dir, state.step)?;
+    let written = optimizer
+        .save(&tmp)
+        .and_then(|()| write_model_and_state(&tmp, model, state, tokenizer));
+    if let Err(e) = written {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    commit(run_dir, &tmp, state.step, keep)
 }
 
 /// The trainer state of a run's newest completed checkpoint (what `--resume` continues from).
@@ -148,8 +192,23 @@ pub fn load_optimizer_state<B: AutodiffBackend>(
     optimizer: GroupedAdamW<B, Transformer<B>>,
     device: &B::Device,
 ) -> Result<GroupedAdamW<B, Transformer<B>>> {
-    let record: OptimizerRecord<B, Transformer<B>> = recorder()
+    Ok(optimizer.load_record(load_optimizer_record(dir, device)?))
+}
+
+/// Writes [`GroupedAdamW`]'s state as `dir/optimizer.mpk`.
+pub fn save_optimizer_record<B: AutodiffBackend, M: AutodiffModule<B>>(
+    dir: &Path,
+    record: OptimizerRecord<B, M>,
+) -> Result<()> {
+    write_record(record, &dir.join("optimizer"))
+}
+
+/// Reads the [`GroupedAdamW`] state in `dir/optimizer.mpk`.
+pub fn load_optimizer_record<B: AutodiffBackend, M: AutodiffModule<B>>(
+    dir: &Path,
+    device: &B::Device,
+) -> Result<OptimizerRecord<B, M>> {
+    recorder()
         .load(dir.join("optimizer"), device)
-        .map_err(|e| ck_error(dir, e))?;
-    Ok(optimizer.load_record(record))
+        .map_err(|e| ck_error(dir, e))
 }

@@ -98,9 +98,11 @@ pub struct TrainConfig {
     pub beta2: f64,
     /// AdamW ε.
     pub eps: f64,
-    /// Decoupled weight decay, applied to matrices only (not biases, norms or embeddings).
+    /// Decoupled weight decay, applied as nanoGPT does to every parameter of rank ≥ 2 (the
+    /// matrices, embedding tables included), not to biases or norm scales.
     pub weight_decay: f64,
-    /// Also decay embedding tables, as nanoGPT's code does (off: matrices only).
+    /// Decay the token and position embedding tables too (default, as nanoGPT). Off exempts them
+    /// (Kiln's default before the groups went by rank; runs started then keep it on resume).
     pub decay_embeddings: bool,
     /// Clip the global gradient norm to this (0 = off).
     pub grad_clip: f64,
@@ -156,7 +158,7 @@ impl Default for TrainConfig {
             beta2: 0.99,
             eps: 1e-8,
             weight_decay: 0.1,
-            decay_embeddings: false,
+            decay_embeddings: true,
             grad_clip: 1.0,
             precision: Precision::F32,
             loss_scale_growth_interval: 2000,
@@ -192,8 +194,9 @@ impl TrainConfig {
     }
 
     /// The config as TOML (what a run directory records).
-    pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).unwrap_or_default()
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string_pretty(self)
+            .map_err(|e| TrainError::Config(format!("cannot write the config as TOML: {e}")))
     }
 
     /// Step at which the learning rate reaches `min_lr`.
@@ -250,7 +253,7 @@ mod tests {
         assert_eq!(c.micro_batch, 12);
         let m = c.model.resolve(None).unwrap();
         assert_eq!((m.n_layers, m.d_model, m.vocab_size), (4, 128, 257));
-        let again: TrainConfig = toml::from_str(&c.to_toml()).unwrap();
+        let again: TrainConfig = toml::from_str(&c.to_toml().unwrap()).unwrap();
         assert_eq!(again, c);
         assert!(toml::from_str::<TrainConfig>("bogus = 1").is_err());
         let mut bad = c.clone();

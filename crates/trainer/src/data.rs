@@ -1,6 +1,6 @@
 //! Training batches: `(batch, seq + 1)` windows from the memory-mapped token shard, a pure function
-//! of `(seed, step, micro-step)`, produced ahead of time on a background thread so the model never
-//! waits for input.
+//! of `(seed, step, micro-step)` and the data-parallel rank ([`crate::sampler`]), produced ahead of
+//! time on a background thread so the model never waits for input.
 
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
@@ -8,9 +8,10 @@ use std::thread::JoinHandle;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
-use kiln_bpe::{BatchSampler, TokenShard};
+use kiln_bpe::TokenShard;
 
-use crate::error::Result;
+use crate::error::{Result, TrainError};
+use crate::sampler::{BatchSampler, DataRank, SamplerError};
 
 /// Batches prepared ahead of the training loop.
 const PREFETCH: usize = 4;
@@ -26,14 +27,17 @@ pub struct Batch {
     pub tokens: Vec<u32>,
 }
 
+type Message = std::result::Result<Batch, SamplerError>;
+
 /// A background thread sampling batches for steps `from..` in order.
 pub struct Prefetcher {
-    rx: Option<Receiver<Batch>>,
+    rx: Option<Receiver<Message>>,
     handle: Option<JoinHandle<()>>,
 }
 
 impl Prefetcher {
-    /// Starts sampling `grad_accum` micro-batches per step from step `from`.
+    /// Starts sampling `grad_accum` micro-batches of `rows` rows per step from step `from`, the
+    /// share of `rank` (micro-step `m` of step `s` is sampler batch `s·grad_accum + m`).
     pub fn start(
         shard: Arc<TokenShard>,
         rows: usize,
@@ -41,38 +45,42 @@ impl Prefetcher {
         seed: u64,
         grad_accum: usize,
         from: u64,
+        rank: DataRank,
     ) -> Result<Self> {
-        let sampler = BatchSampler::new(shard, rows, seq, seed)?;
-        let (tx, rx): (SyncSender<Batch>, Receiver<Batch>) = sync_channel(PREFETCH);
+        let sampler = BatchSampler::new(shard, rows, seq, seed, rank)?;
+        let (tx, rx): (SyncSender<Message>, Receiver<Message>) = sync_channel(PREFETCH);
         let handle = std::thread::Builder::new()
             .name("kiln-data".into())
             .spawn(move || {
                 for step in from.. {
                     for micro in 0..grad_accum {
-                        let tokens = sampler.batch(step * grad_accum as u64 + micro as u64);
-                        if tx
-                            .send(Batch {
-                                step,
-                                micro,
-                                tokens,
-                            })
-                            .is_err()
-                        {
+                        let batch =
+                            sampler
+                                .batch(step * grad_accum as u64 + micro as u64)
+                                .map(|tokens| Batch {
+                                    step,
+                                    micro,
+                                    tokens,
+                                });
+                        let failed = batch.is_err();
+                        if tx.send(batch).is_err() || failed {
                             return;
                         }
                     }
                 }
             })
-            .ok();
+            .map_err(|_| TrainError::DataThreadStopped)?;
         Ok(Self {
             rx: Some(rx),
-            handle,
+            handle: Some(handle),
         })
     }
 
-    /// The next batch (blocks until the background thread has it).
-    pub fn next(&self) -> Option<Batch> {
-        self.rx.as_ref()?.recv().ok()
+    /// The next batch (blocks until the background thread has it); fails with
+    /// [`TrainError::DataThreadStopped`] once the thread is gone.
+    pub fn next(&self) -> Result<Batch> {
+        let rx = self.rx.as_ref().ok_or(TrainError::DataThreadStopped)?;
+        Ok(rx.recv().map_err(|_| TrainError::DataThreadStopped)??)
     }
 }
 

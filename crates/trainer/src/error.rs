@@ -34,6 +34,30 @@ pub enum TrainError {
     /// Token shards failed.
     #[error(transparent)]
     Shard(#[from] kiln_bpe::ShardError),
+    /// The batch sampler could not be set up or read its shard.
+    #[error(transparent)]
+    Sampler(#[from] crate::sampler::SamplerError),
+    /// The background thread that prepares training batches is gone.
+    #[error("the data prefetch thread stopped")]
+    DataThreadStopped,
+    /// An earlier step failed part-way (e.g. in the optimizer update) and took the model with it.
+    #[error("the trainer has no model: an earlier step failed part-way through the update")]
+    ModelUnavailable,
+    /// A collective operation of the gradient synchronization (data-parallel training) failed.
+    #[error("gradient synchronization failed: {0}")]
+    Collective(String),
+    /// [`Trainer::train`](crate::Trainer::train) was stopped by its stop flag; use
+    /// [`Trainer::run`](crate::Trainer::run) to get this as an outcome rather than an error.
+    #[error(
+        "training was stopped at step {step}; checkpoint {} (resume the run to continue)",
+        checkpoint.display()
+    )]
+    Interrupted {
+        /// Optimizer steps completed.
+        step: u64,
+        /// The checkpoint written on the way out.
+        checkpoint: PathBuf,
+    },
     /// The run is estimated not to fit in memory.
     #[error(
         "this run needs about {needed_gb:.2} GB ({model_state_gb:.2} GB weights, gradients and AdamW state + {activations_gb:.2} GB activations per micro-batch) but {available_gb:.2} GB is available. Try {suggestions} (or set max_memory_gb / --max-memory to override the budget)"

@@ -1,16 +1,50 @@
-//! AdamW with nanoGPT's parameter groups, and global-norm gradient clipping.
+//! The optimizer seam ([`OptimizerStep`]), and its default: AdamW with nanoGPT's parameter groups,
+//! plus global-norm gradient clipping.
 //!
-//! Matrices (rank ≥ 2, except embeddings) get weight decay; biases, norm scales and embeddings do
-//! not. Two Burn `AdamW` optimizers, one per group, each see only their group's gradients.
+//! As in nanoGPT's `configure_optimizers`, every parameter of rank ≥ 2 (the matrices, embedding
+//! tables included) gets weight decay; biases and norm scales do not. Two Burn `AdamW` optimizers,
+//! one per group, each see only their group's gradients.
 
 use std::collections::HashSet;
+use std::path::Path;
 
 use burn::module::{AutodiffModule, ModuleVisitor, Param, ParamId};
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{AdamW, AdamWConfig, GradientsParams, Optimizer};
 use burn::record::Record;
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Tensor};
+use kiln_transformer::Transformer;
+
+use crate::checkpoint;
+use crate::config::TrainConfig;
+use crate::error::Result;
+
+/// Updates a model from its gradients, and saves and restores its own state in checkpoints.
+///
+/// The trainer calls [`step`](Self::step) once per applied step with the gradients
+/// [`GradientSync::sync`](crate::parallel::GradientSync::sync) returned (after clipping). A
+/// sharded (ZeRO-1) optimizer keeps only its rank's share of the state, updates that share of the
+/// parameters and all-gathers the rest; it returns true from
+/// [`sharded_state`](Self::sharded_state) and writes its share under its own file name in
+/// [`save`](Self::save), which every rank then calls with the same checkpoint directory.
+pub trait OptimizerStep<B: AutodiffBackend, M: AutodiffModule<B>>: Send {
+    /// One update at learning rate `lr`. On error the model is lost (the trainer reports
+    /// [`TrainError::ModelUnavailable`](crate::TrainError::ModelUnavailable) afterwards).
+    fn step(&mut self, lr: f64, module: M, grads: GradientsParams) -> Result<M>;
+
+    /// Writes the optimizer's state into the checkpoint directory `dir` (being assembled).
+    fn save(&self, dir: &Path) -> Result<()>;
+
+    /// Replaces the optimizer's state with the one [`save`](Self::save) wrote in `dir`.
+    fn load(&mut self, dir: &Path, device: &B::Device) -> Result<()>;
+
+    /// Whether each rank holds (and saves) its own share of the state. False (the default):
+    /// every rank holds the whole state, and only rank 0 saves it.
+    fn sharded_state(&self) -> bool {
+        false
+    }
+}
 
 /// One parameter as the optimizer sees it.
 #[derive(Clone, Debug)]
@@ -21,13 +55,11 @@ pub struct ParamInfo {
     pub path: String,
     /// Number of dimensions.
     pub rank: usize,
-    /// Whether it is an embedding table.
-    pub embedding: bool,
-    /// Whether weight decay applies.
+    /// Whether weight decay applies: rank ≥ 2, as in nanoGPT.
     pub decay: bool,
 }
 
-/// Lists the float parameters of `module` with their paths and decay group.
+/// Lists the float parameters of `module` with their paths and decay group (by rank).
 pub fn param_infos<B: AutodiffBackend, M: AutodiffModule<B>>(module: &M) -> Vec<ParamInfo> {
     struct Visitor {
         stack: Vec<String>,
@@ -48,14 +80,11 @@ pub fn param_infos<B: AutodiffBackend, M: AutodiffModule<B>>(module: &M) -> Vec<
                 .cloned()
                 .collect::<Vec<_>>()
                 .join(".");
-            let embedding = path.contains("emb");
-            let decay = D >= 2 && !embedding;
             self.out.push(ParamInfo {
                 id: param.id,
                 path,
                 rank: D,
-                embedding,
-                decay,
+                decay: D >= 2,
             });
         }
     }
@@ -67,8 +96,16 @@ pub fn param_infos<B: AutodiffBackend, M: AutodiffModule<B>>(module: &M) -> Vec<
     v.out
 }
 
-/// Sum of squares of every gradient in `grads` (for the global norm).
-fn grad_square_sum<B: AutodiffBackend, M: AutodiffModule<B>>(
+/// The token and (learned) position embedding tables of `model`, found by structure, not by name.
+pub fn embedding_param_ids<B: Backend>(model: &Transformer<B>) -> Vec<ParamId> {
+    std::iter::once(model.tok_emb.weight.id)
+        .chain(model.pos_emb.as_ref().map(|e| e.weight.id))
+        .collect()
+}
+
+/// Sum of squares of every gradient in `grads` of `module`'s parameters (the squared global norm
+/// of this rank's gradients).
+pub fn grad_square_sum<B: AutodiffBackend, M: AutodiffModule<B>>(
     module: &M,
     grads: &GradientsParams,
 ) -> f64 {
@@ -141,6 +178,20 @@ fn split_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
     v.to
 }
 
+/// Scales `grads` by `max_norm / (norm + 1e-6)` when their global norm `norm` (computed by the
+/// caller, over all ranks' shards if sharded) is finite and above `max_norm > 0`, as
+/// `torch.nn.utils.clip_grad_norm_` does.
+pub fn clip_to<B: AutodiffBackend, M: AutodiffModule<B>>(
+    module: &M,
+    grads: &mut GradientsParams,
+    norm: f64,
+    max_norm: f64,
+) {
+    if max_norm > 0.0 && norm.is_finite() && norm > max_norm {
+        scale_grads(module, grads, max_norm / (norm + 1e-6));
+    }
+}
+
 /// The optimizer state to save in a checkpoint.
 #[derive(Record)]
 pub struct OptimizerRecord<B: AutodiffBackend, M: AutodiffModule<B>> {
@@ -158,7 +209,7 @@ pub struct GroupedAdamW<B: AutodiffBackend, M: AutodiffModule<B>> {
 }
 
 impl<B: AutodiffBackend, M: AutodiffModule<B>> GroupedAdamW<B, M> {
-    /// AdamW with `weight_decay` on `module`'s matrices.
+    /// AdamW with `weight_decay` on every parameter of `module` of rank ≥ 2.
     pub fn new(module: &M, beta1: f64, beta2: f64, eps: f64, weight_decay: f64) -> Self {
         let base = AdamWConfig::new()
             .with_beta_1(beta1 as f32)
@@ -175,14 +226,11 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> GroupedAdamW<B, M> {
         }
     }
 
-    /// Also decays the embedding tables (nanoGPT's `configure_optimizers` decays every parameter
-    /// of rank ≥ 2, embeddings included).
-    pub fn with_embedding_decay(mut self, module: &M, on: bool) -> Self {
-        self.decay_ids = param_infos(module)
-            .into_iter()
-            .filter(|p| p.decay || (on && p.embedding && p.rank >= 2))
-            .map(|p| p.id)
-            .collect();
+    /// Exempts the parameters `ids` from weight decay (e.g. [`embedding_param_ids`]).
+    pub fn without_decay(mut self, ids: impl IntoIterator<Item = ParamId>) -> Self {
+        for id in ids {
+            self.decay_ids.remove(&id);
+        }
         self
     }
 
@@ -199,9 +247,7 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> GroupedAdamW<B, M> {
     /// Scales gradients so their global norm is at most `max_norm`; returns the norm before.
     pub fn clip(module: &M, grads: &mut GradientsParams, max_norm: f64) -> f64 {
         let norm = Self::grad_norm(module, grads);
-        if max_norm > 0.0 && norm.is_finite() && norm > max_norm {
-            scale_grads(module, grads, max_norm / (norm + 1e-6));
-        }
+        clip_to(module, grads, norm, max_norm);
         norm
     }
 
@@ -225,5 +271,43 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> GroupedAdamW<B, M> {
         self.decay = self.decay.load_record(record.decay);
         self.no_decay = self.no_decay.load_record(record.no_decay);
         self
+    }
+}
+
+impl<B: AutodiffBackend> GroupedAdamW<B, Transformer<B>> {
+    /// The trainer's default optimizer for `model`: the config's β₁, β₂, ε and weight decay, the
+    /// embedding tables exempt from decay when `decay_embeddings` is off.
+    pub fn for_config(model: &Transformer<B>, config: &TrainConfig) -> Self {
+        let adamw = Self::new(
+            model,
+            config.beta1,
+            config.beta2,
+            config.eps,
+            config.weight_decay,
+        );
+        if config.decay_embeddings {
+            adamw
+        } else {
+            adamw.without_decay(embedding_param_ids(model))
+        }
+    }
+}
+
+/// The default optimizer seam: the whole AdamW state in `optimizer.mpk` of the checkpoint.
+impl<B: AutodiffBackend, M: AutodiffModule<B>> OptimizerStep<B, M> for GroupedAdamW<B, M> {
+    fn step(&mut self, lr: f64, module: M, grads: GradientsParams) -> Result<M> {
+        Ok(GroupedAdamW::step(self, lr, module, grads))
+    }
+
+    fn save(&self, dir: &Path) -> Result<()> {
+        checkpoint::save_optimizer_record(dir, self.to_record())
+    }
+
+    fn load(&mut self, dir: &Path, device: &B::Device) -> Result<()> {
+        let record: OptimizerRecord<B, M> = checkpoint::load_optimizer_record(dir, device)?;
+        // Loading replaces the whole state; the adaptors are cheap to clone before it.
+        self.decay = self.decay.clone().load_record(record.decay);
+        self.no_decay = self.no_decay.clone().load_record(record.no_decay);
+        Ok(())
     }
 }

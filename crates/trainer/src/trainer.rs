@@ -1,28 +1,37 @@
-//! The training loop: data → forward → cross-entropy → backward → clip → AdamW, with evaluation,
-//! logging, checkpoints, exact resume, and recovery from non-finite steps.
+//! The training loop: data → forward → cross-entropy → backward → gradient synchronization → clip
+//! → optimizer update, with evaluation, logging, checkpoints, exact resume, recovery from
+//! non-finite steps, and a clean stop on request.
+//!
+//! A step runs in four phases, each its own method: `forward_backward` over the micro-batches,
+//! `synchronize` (the [`GradientSync`] seam, loss unscaling, the global loss and gradient norm),
+//! `clip`, and `update` (the [`OptimizerStep`](crate::optimizer::OptimizerStep) seam or the
+//! non-finite-step policy, plus bookkeeping).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use burn::module::AutodiffModule;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{GradientsAccumulator, GradientsParams};
-use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{ElementConversion, FloatDType, Tensor};
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{ElementConversion, FloatDType};
 use indicatif::{ProgressBar, ProgressStyle};
-use kiln_bpe::{BatchSampler, TokenShard, Tokenizer};
+use kiln_bpe::{TokenShard, Tokenizer};
 use kiln_transformer::{ModelConfig, Transformer};
 use serde_json::json;
 
+use crate::builder::{BoxedOptimizer, TrainerBuilder};
 use crate::checkpoint::{self, TrainerState};
 use crate::config::TrainConfig;
 use crate::data::{Prefetcher, to_tensors};
 use crate::error::{Result, TrainError};
-use crate::memory;
-use crate::optimizer::{GroupedAdamW, scale_grads};
-use crate::precision::{LossScaler, ScaleUpdate, compute_copy, materialize};
+use crate::eval::evaluate_share;
+use crate::optimizer::{clip_to, grad_square_sum, scale_grads};
+use crate::parallel::GradientSync;
+use crate::precision::{ScaleUpdate, compute_copy};
 use crate::schedule::learning_rate;
 
 /// What one optimizer step did.
@@ -30,7 +39,7 @@ use crate::schedule::learning_rate;
 pub struct StepReport {
     /// The step's index.
     pub step: u64,
-    /// Mean training loss over the step's micro-batches.
+    /// Mean training loss over the step's micro-batches (and ranks).
     pub loss: f64,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
@@ -42,12 +51,52 @@ pub struct StepReport {
     pub loss_scale: f64,
 }
 
+/// How [`Trainer::run`] ended.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TrainOutcome {
+    /// `max_steps` reached.
+    Finished {
+        /// Validation loss over the whole split.
+        val_loss: f64,
+    },
+    /// The stop flag was raised: the step in progress finished and a checkpoint was written.
+    Interrupted {
+        /// Optimizer steps completed (the checkpoint's step).
+        step: u64,
+        /// The checkpoint's directory.
+        checkpoint: PathBuf,
+    },
+}
+
+/// Gradients after synchronization, with the global numbers the step's decisions use.
+struct Synced {
+    grads: GradientsParams,
+    /// Mean loss over micro-batches and ranks.
+    loss: f64,
+    /// Squared global gradient norm (unscaled).
+    square_sum: f64,
+}
+
+/// Everything a trainer is made of (see [`TrainerBuilder`]).
+pub(crate) struct Parts<B: AutodiffBackend> {
+    pub state: TrainerState,
+    pub model_config: ModelConfig,
+    pub model: Transformer<B>,
+    pub optimizer: BoxedOptimizer<B>,
+    pub sync: Box<dyn GradientSync<B>>,
+    pub run_dir: PathBuf,
+    pub device: B::Device,
+    pub shards: (Arc<TokenShard>, Arc<TokenShard>),
+    pub tokenizer: Option<Tokenizer>,
+}
+
 /// A training run in a run directory.
 pub struct Trainer<B: AutodiffBackend> {
     config: TrainConfig,
     model_config: ModelConfig,
     model: Option<Transformer<B>>,
-    optimizer: Option<GroupedAdamW<B, Transformer<B>>>,
+    optimizer: BoxedOptimizer<B>,
+    sync: Box<dyn GradientSync<B>>,
     state: TrainerState,
     run_dir: PathBuf,
     device: B::Device,
@@ -58,87 +107,33 @@ pub struct Trainer<B: AutodiffBackend> {
     bad_steps: u32,
     poison_next: bool,
     show_progress: bool,
+    stop: Option<Arc<AtomicBool>>,
 }
 
-fn open_shards(config: &TrainConfig) -> Result<(Arc<TokenShard>, Arc<TokenShard>)> {
-    let train = TokenShard::open(config.data_dir.join("train.bin"))?;
-    let val = TokenShard::open(config.data_dir.join("val.bin"))?;
-    Ok((Arc::new(train), Arc::new(val)))
-}
-
-/// The tokenizer a config names and the model structure it resolves to.
-fn resolve(config: &TrainConfig) -> Result<(Option<Tokenizer>, ModelConfig)> {
-    let tokenizer = config
-        .tokenizer
-        .as_ref()
-        .map(Tokenizer::from_file)
-        .transpose()?;
-    let model_config = config
-        .model
-        .resolve(tokenizer.as_ref().map(Tokenizer::vocab_size))?;
-    Ok((tokenizer, model_config))
-}
-
-/// AdamW with the config's hyper-parameters and parameter groups for `model`.
-fn optimizer_for<B: AutodiffBackend>(
-    model: &Transformer<B>,
-    c: &TrainConfig,
-) -> GroupedAdamW<B, Transformer<B>> {
-    GroupedAdamW::new(model, c.beta1, c.beta2, c.eps, c.weight_decay)
-        .with_embedding_decay(model, c.decay_embeddings)
+/// Returns `local`, or an error on every rank when any rank's `local` failed.
+fn agree<B: AutodiffBackend, T>(
+    sync: &mut dyn GradientSync<B>,
+    local: Result<T>,
+    what: &str,
+) -> Result<T> {
+    if sync.world_size() == 1 {
+        return local;
+    }
+    let mut failed = [f64::from(u8::from(local.is_err()))];
+    sync.all_reduce_sum(&mut failed)?;
+    match local {
+        Ok(_) if failed[0] > 0.0 => Err(TrainError::Collective(format!(
+            "{} other rank(s) failed to {what}",
+            failed[0]
+        ))),
+        local => local,
+    }
 }
 
 impl<B: AutodiffBackend> Trainer<B> {
-    /// Starts a new run in `run_dir` (created if needed).
-    pub fn new(
-        mut config: TrainConfig,
-        run_dir: impl AsRef<Path>,
-        device: B::Device,
-    ) -> Result<Self> {
-        let run_dir = run_dir.as_ref().to_owned();
-        if config.tokenizer.is_none() {
-            // `kiln data prepare` leaves the shards' tokenizer beside them.
-            let beside = config.data_dir.join("tokenizer.json");
-            config.tokenizer = beside.exists().then_some(beside);
-        }
-        let (tokenizer, model_config) = resolve(&config)?;
-        config.validate(&model_config)?;
-        let backend = B::name(&device);
-        // CPU backends share the host's memory; elsewhere only an explicit budget is checked.
-        let host_memory = backend.contains("flex") || backend.contains("ndarray");
-        if let Some(available) = memory::available_bytes(&config, host_memory) {
-            memory::check_fits(&model_config, &config, available)?;
-        }
-        let shards = open_shards(&config)?;
-        std::fs::create_dir_all(&run_dir).map_err(|e| TrainError::io(&run_dir, e))?;
-        let path = run_dir.join("config.toml");
-        std::fs::write(&path, config.to_toml()).map_err(|e| TrainError::io(&path, e))?;
-        B::seed(&device, config.seed);
-        let model = model_config.init::<B>(&device)?;
-        // Draw the initial weights now, from `seed` (Burn initializes parameters lazily).
-        materialize(&model);
-        let optimizer = optimizer_for(&model, &config);
-        let state = TrainerState {
-            step: 0,
-            lr_scale: 1.0,
-            tokens_seen: 0,
-            val_loss: None,
-            loss_scaler: LossScaler::for_precision(
-                config.precision,
-                config.loss_scale_growth_interval,
-            ),
-            config,
-        };
-        Ok(Self::assemble(
-            state,
-            model_config,
-            model,
-            optimizer,
-            run_dir,
-            device,
-            shards,
-            tokenizer,
-        ))
+    /// Starts a new run in `run_dir` (created if needed): one process, the default optimizer.
+    pub fn new(config: TrainConfig, run_dir: impl AsRef<Path>, device: B::Device) -> Result<Self> {
+        TrainerBuilder::new(device).start(config, run_dir)
     }
 
     /// Continues the run in `run_dir` from its newest checkpoint, optionally to a new `max_steps`.
@@ -147,66 +142,48 @@ impl<B: AutodiffBackend> Trainer<B> {
         max_steps: Option<u64>,
         device: B::Device,
     ) -> Result<Self> {
-        let run_dir = run_dir.as_ref().to_owned();
-        let (_, dir) = checkpoint::list_checkpoints(&run_dir)
-            .pop()
-            .ok_or_else(|| TrainError::Checkpoint {
-                path: checkpoint::checkpoints_dir(&run_dir),
-                reason: "no completed checkpoint to resume from".into(),
-            })?;
-        let mut state = checkpoint::load_state(&dir)?;
-        if let Some(m) = max_steps {
-            state.config.max_steps = m;
-        }
-        let (tokenizer, model_config) = resolve(&state.config)?;
-        let shards = open_shards(&state.config)?;
-        let model = checkpoint::load_model_state(&dir, model_config.init::<B>(&device)?, &device)?;
-        let optimizer =
-            checkpoint::load_optimizer_state(&dir, optimizer_for(&model, &state.config), &device)?;
-        Ok(Self::assemble(
-            state,
-            model_config,
-            model,
-            optimizer,
-            run_dir,
-            device,
-            shards,
-            tokenizer,
-        ))
+        TrainerBuilder::new(device).resume(run_dir, max_steps)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn assemble(
-        state: TrainerState,
-        model_config: ModelConfig,
-        model: Transformer<B>,
-        optimizer: GroupedAdamW<B, Transformer<B>>,
-        run_dir: PathBuf,
-        device: B::Device,
-        (train, val): (Arc<TokenShard>, Arc<TokenShard>),
-        tokenizer: Option<Tokenizer>,
-    ) -> Self {
+    /// A builder, to plug in a [`GradientSync`] or an
+    /// [`OptimizerStep`](crate::optimizer::OptimizerStep).
+    pub fn builder(device: B::Device) -> TrainerBuilder<B> {
+        TrainerBuilder::new(device)
+    }
+
+    pub(crate) fn assemble(parts: Parts<B>) -> Self {
+        let (train, val) = parts.shards;
         Self {
-            config: state.config.clone(),
-            model_config,
-            model: Some(model),
-            optimizer: Some(optimizer),
-            state,
-            run_dir,
-            device,
+            config: parts.state.config.clone(),
+            model_config: parts.model_config,
+            model: Some(parts.model),
+            optimizer: parts.optimizer,
+            sync: parts.sync,
+            state: parts.state,
+            run_dir: parts.run_dir,
+            device: parts.device,
             train,
             val,
-            tokenizer,
+            tokenizer: parts.tokenizer,
             prefetch: None,
             bad_steps: 0,
             poison_next: false,
             show_progress: false,
+            stop: None,
         }
     }
 
-    /// Draw a progress bar on stderr while training.
+    /// Draw a progress bar on stderr while training (rank 0 only).
     pub fn with_progress(mut self, show: bool) -> Self {
         self.show_progress = show;
+        self
+    }
+
+    /// Stop [`run`](Self::run) cleanly once `flag` is set: the step in progress finishes, a
+    /// checkpoint is written, and the outcome is [`TrainOutcome::Interrupted`]. With several
+    /// ranks, a flag raised on any rank stops all of them at the same step.
+    pub fn with_stop_flag(mut self, flag: Arc<AtomicBool>) -> Self {
+        self.stop = Some(flag);
         self
     }
 
@@ -230,12 +207,25 @@ impl<B: AutodiffBackend> Trainer<B> {
         self.model.as_ref()
     }
 
+    /// The run directory.
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir
+    }
+
     /// Makes the next step's loss NaN: exercises the non-finite-step recovery (tests, drills).
     pub fn poison_next_step(&mut self) {
         self.poison_next = true;
     }
 
+    fn is_rank0(&self) -> bool {
+        self.sync.rank() == 0
+    }
+
+    /// Appends a line to `metrics.jsonl` (rank 0 only).
     fn metrics(&self, line: serde_json::Value) -> Result<()> {
+        if !self.is_rank0() {
+            return Ok(());
+        }
         let path = self.run_dir.join("metrics.jsonl");
         let mut f = std::fs::OpenOptions::new()
             .create(true)
@@ -245,60 +235,96 @@ impl<B: AutodiffBackend> Trainer<B> {
         writeln!(f, "{line}").map_err(|e| TrainError::io(&path, e))
     }
 
-    /// Runs one optimizer step (`grad_accum` micro-batches).
-    pub fn step(&mut self) -> Result<StepReport> {
+    /// Training tokens per optimizer step, all ranks together.
+    fn tokens_per_step(&self) -> u64 {
         let c = &self.config;
-        let (rows, seq, accum) = (c.micro_batch, c.seq_len, c.grad_accum);
+        (c.micro_batch * c.seq_len * c.grad_accum * self.sync.world_size()) as u64
+    }
+
+    /// Runs one optimizer step (`grad_accum` micro-batches on every rank).
+    pub fn step(&mut self) -> Result<StepReport> {
         let step = self.state.step;
         if self.prefetch.is_none() {
+            let c = &self.config;
             self.prefetch = Some(Prefetcher::start(
                 self.train.clone(),
-                rows,
-                seq,
+                c.micro_batch,
+                c.seq_len,
                 c.seed,
-                accum,
+                c.grad_accum,
                 step,
+                self.sync.data_rank()?,
             )?);
         }
+        let c = &self.config;
         let lr = learning_rate(step, c.lr, c.min_lr, c.warmup_steps, c.decay_steps())
             * self.state.lr_scale;
-        // Dropout masks are a function of (seed, step): resumed runs replay them exactly.
+        // Dropout masks are a function of (seed, step, rank): resumed runs replay them exactly.
+        let rank_salt = (self.sync.rank() as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
         B::seed(
             &self.device,
-            c.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ step,
+            c.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ step ^ rank_salt,
         );
-        let model = self
-            .model
-            .take()
-            .ok_or_else(|| TrainError::Config("trainer lost its model".into()))?;
+        let model = self.model.take().ok_or(TrainError::ModelUnavailable)?;
+        let loss_scale = self.state.loss_scaler.scale();
+        let poison = std::mem::take(&mut self.poison_next);
+        let synced = self
+            .forward_backward(&model, step, loss_scale, poison)
+            .and_then(|(grads, loss)| self.synchronize(&model, grads, loss, loss_scale));
+        let Synced {
+            mut grads,
+            loss,
+            square_sum,
+        } = match synced {
+            Ok(s) => s,
+            Err(e) => {
+                self.model = Some(model);
+                return Err(e);
+            }
+        };
+        let grad_norm = self.clip(&model, &mut grads, square_sum);
+        let report = StepReport {
+            step,
+            loss,
+            grad_norm,
+            lr,
+            applied: loss.is_finite() && grad_norm.is_finite(),
+            loss_scale,
+        };
+        self.update(model, grads, &report)?;
+        Ok(report)
+    }
+
+    /// Phase 1: forward and backward over this rank's `grad_accum` micro-batches; returns the
+    /// accumulated gradients (times the loss scale) and the mean loss.
+    fn forward_backward(
+        &self,
+        model: &Transformer<B>,
+        step: u64,
+        loss_scale: f64,
+        poison: bool,
+    ) -> Result<(GradientsParams, f64)> {
+        let c = &self.config;
+        let (rows, seq, accum) = (c.micro_batch, c.seq_len, c.grad_accum);
+        let prefetch = self
+            .prefetch
+            .as_ref()
+            .ok_or(TrainError::DataThreadStopped)?;
         let loss_fn = CrossEntropyLossConfig::new().init(&self.device);
         let compute = c.precision.compute_dtype();
-        let loss_scale = self.state.loss_scaler.scale();
         let mut accumulator = GradientsAccumulator::<Transformer<B>>::new();
         let mut loss_sum = 0.0;
-        let poison = std::mem::take(&mut self.poison_next);
         for _ in 0..accum {
-            let batch = self
-                .prefetch
-                .as_ref()
-                .and_then(Prefetcher::next)
-                .ok_or_else(|| TrainError::Config("the data thread stopped".into()))?;
+            let batch = prefetch.next()?;
             debug_assert_eq!(batch.step, step);
             let (inputs, targets) = to_tensors::<B>(&batch.tokens, rows, seq, &self.device);
             // Mixed precision: forward and backward on a bf16/f16 copy whose casts lead back to the
             // f32 master weights; the loss itself is computed in f32.
             let logits = match compute {
-                None => model.forward(inputs),
-                Some(dtype) => compute_copy(&model, dtype)
-                    .forward(inputs)
-                    .map(|l| l.cast(FloatDType::F32)),
-            };
-            let logits = match logits {
-                Ok(l) => l,
-                Err(e) => {
-                    self.model = Some(model);
-                    return Err(e.into());
-                }
+                None => model.forward(inputs)?,
+                Some(dtype) => compute_copy(model, dtype)
+                    .forward(inputs)?
+                    .cast(FloatDType::F32),
             };
             let v = self.model_config.vocab_size;
             let mut loss = loss_fn.forward(logits.reshape([rows * seq, v]), targets);
@@ -312,65 +338,97 @@ impl<B: AutodiffBackend> Trainer<B> {
             } else {
                 loss.mul_scalar(loss_scale)
             };
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            accumulator.accumulate(&model, grads);
+            let grads = GradientsParams::from_grads(loss.backward(), model);
+            accumulator.accumulate(model, grads);
         }
-        let mut grads = accumulator.grads();
+        Ok((accumulator.grads(), loss_sum))
+    }
+
+    /// Phase 2: the [`GradientSync`] seam, then loss unscaling, then the global loss and squared
+    /// gradient norm (all-reduced, so every rank makes the same decisions).
+    fn synchronize(
+        &mut self,
+        model: &Transformer<B>,
+        grads: GradientsParams,
+        local_loss: f64,
+        loss_scale: f64,
+    ) -> Result<Synced> {
+        let mut grads = self.sync.sync(model, grads)?;
         if loss_scale != 1.0 {
-            scale_grads(&model, &mut grads, 1.0 / loss_scale);
+            scale_grads(model, &mut grads, 1.0 / loss_scale);
         }
-        let grad_norm = GroupedAdamW::<B, Transformer<B>>::clip(&model, &mut grads, c.grad_clip);
-        let finite = loss_sum.is_finite() && grad_norm.is_finite();
-        let report = StepReport {
-            step,
-            loss: loss_sum,
-            grad_norm,
-            lr,
-            applied: finite,
-            loss_scale,
-        };
+        let mut global = [local_loss, grad_square_sum(model, &grads)];
+        // Unsharded gradients are whole on every rank: their norm is already global.
+        let reduced = if self.sync.sharded() { 2 } else { 1 };
+        self.sync.all_reduce_sum(&mut global[..reduced])?;
+        Ok(Synced {
+            grads,
+            loss: global[0] / self.sync.world_size() as f64,
+            square_sum: global[1],
+        })
+    }
+
+    /// Phase 3: global-norm clipping; returns the norm before clipping.
+    fn clip(&self, model: &Transformer<B>, grads: &mut GradientsParams, square_sum: f64) -> f64 {
+        let norm = square_sum.sqrt();
+        clip_to(model, grads, norm, self.config.grad_clip);
+        norm
+    }
+
+    /// Phase 4: the [`OptimizerStep`](crate::optimizer::OptimizerStep) seam when the step is finite, the non-finite-step policy
+    /// otherwise; counts the step and updates the loss scale.
+    fn update(
+        &mut self,
+        model: Transformer<B>,
+        grads: GradientsParams,
+        report: &StepReport,
+    ) -> Result<()> {
+        let step = report.step;
         self.state.step += 1;
-        self.state.tokens_seen += (rows * seq * accum) as u64;
-        let scale_update = self.state.loss_scaler.update(grad_norm.is_finite());
-        if finite {
+        self.state.tokens_seen += self.tokens_per_step();
+        let scale_update = self.state.loss_scaler.update(report.grad_norm.is_finite());
+        if report.applied {
             self.bad_steps = 0;
-            let optimizer = self
-                .optimizer
-                .as_mut()
-                .ok_or_else(|| TrainError::Config("trainer lost its optimizer".into()))?;
-            self.model = Some(optimizer.step(lr, model, grads));
+            self.model = Some(self.optimizer.step(report.lr, model, grads)?);
             if let ScaleUpdate::Grew(to) = scale_update {
                 self.metrics(json!({"step": step, "loss_scale": to,
                     "reason": "clean steps: loss scale doubled"}))?;
             }
+            Ok(())
         } else {
             self.model = Some(model);
-            // An f16 overflow (finite loss, non-finite gradients at a scale above 1) is routine
-            // for dynamic loss scaling: the scale backs off and the step does not count as bad.
-            let overflow = loss_sum.is_finite() && loss_scale > 1.0;
-            let reason = match scale_update {
-                ScaleUpdate::BackedOff(to) => format!(
-                    "non-finite {} with loss scale {loss_scale}: step skipped, loss scale -> {to}",
-                    if loss_sum.is_finite() {
-                        "gradient norm"
-                    } else {
-                        "loss"
-                    }
-                ),
-                _ if !loss_sum.is_finite() => "non-finite loss: step skipped".into(),
-                _ => "non-finite gradient norm: step skipped".into(),
-            };
-            self.metrics(json!({"step": step, "skipped": true, "loss": loss_sum,
-                "grad_norm": grad_norm, "loss_scale": self.state.loss_scaler.scale(),
-                "reason": reason}))?;
-            if !overflow {
-                self.bad_steps += 1;
-                if self.bad_steps >= self.config.max_bad_steps.max(1) {
-                    self.recover(step)?;
+            self.skip(report, scale_update)
+        }
+    }
+
+    /// A non-finite step: log it, and after `max_bad_steps` in a row roll back.
+    fn skip(&mut self, report: &StepReport, scale_update: ScaleUpdate) -> Result<()> {
+        let (step, loss, loss_scale) = (report.step, report.loss, report.loss_scale);
+        // An f16 overflow (finite loss, non-finite gradients at a scale above 1) is routine
+        // for dynamic loss scaling: the scale backs off and the step does not count as bad.
+        let overflow = loss.is_finite() && loss_scale > 1.0;
+        let reason = match scale_update {
+            ScaleUpdate::BackedOff(to) => format!(
+                "non-finite {} with loss scale {loss_scale}: step skipped, loss scale -> {to}",
+                if loss.is_finite() {
+                    "gradient norm"
+                } else {
+                    "loss"
                 }
+            ),
+            _ if !loss.is_finite() => "non-finite loss: step skipped".into(),
+            _ => "non-finite gradient norm: step skipped".into(),
+        };
+        self.metrics(json!({"step": step, "skipped": true, "loss": loss,
+            "grad_norm": report.grad_norm, "loss_scale": self.state.loss_scaler.scale(),
+            "reason": reason}))?;
+        if !overflow {
+            self.bad_steps += 1;
+            if self.bad_steps >= self.config.max_bad_steps.max(1) {
+                self.recover(step)?;
             }
         }
-        Ok(report)
+        Ok(())
     }
 
     /// After too many bad steps in a row: reload the newest checkpoint and halve the learning rate.
@@ -389,68 +447,119 @@ impl<B: AutodiffBackend> Trainer<B> {
                 self.model_config.init::<B>(&self.device)?,
                 &self.device,
             )?;
-            let optimizer = optimizer_for(&model, &self.config);
-            self.optimizer = Some(checkpoint::load_optimizer_state(
-                &dir,
-                optimizer,
-                &self.device,
-            )?);
+            self.optimizer.load(&dir, &self.device)?;
             self.model = Some(model);
         }
         self.state.lr_scale = scale;
-        eprintln!(
-            "step {step}: {} non-finite steps in a row; reloaded the last checkpoint, learning rate x{scale}",
-            self.config.max_bad_steps
-        );
+        if self.is_rank0() {
+            eprintln!(
+                "step {step}: {} non-finite steps in a row; reloaded the last checkpoint, learning rate x{scale}",
+                self.config.max_bad_steps
+            );
+        }
         self.metrics(json!({"step": step, "recovered": true, "lr_scale": scale}))
     }
 
-    /// Mean cross-entropy over the validation split (its first `eval_batches` batches if set).
-    pub fn evaluate(&self) -> Result<f64> {
+    /// Mean cross-entropy over the validation split (its first `eval_batches` batches if set),
+    /// each rank evaluating its share.
+    pub fn evaluate(&mut self) -> Result<f64> {
         self.evaluate_batches(self.config.eval_batches)
     }
 
     /// Mean cross-entropy over the whole validation split.
-    pub fn evaluate_full(&self) -> Result<f64> {
+    pub fn evaluate_full(&mut self) -> Result<f64> {
         self.evaluate_batches(0)
     }
 
-    fn evaluate_batches(&self, max_batches: usize) -> Result<f64> {
+    fn evaluate_batches(&mut self, max_batches: usize) -> Result<f64> {
+        let rank = self.sync.data_rank()?;
         let model = self
             .model
             .as_ref()
-            .ok_or_else(|| TrainError::Config("trainer lost its model".into()))?
+            .ok_or(TrainError::ModelUnavailable)?
             .valid();
-        evaluate(
+        let (total, tokens) = evaluate_share(
             &model,
             &self.val,
             self.config.micro_batch,
             self.config.seq_len,
             max_batches,
+            rank,
             &self.device,
-        )
+        )?;
+        let mut sums = [total, tokens as f64];
+        self.sync.all_reduce_sum(&mut sums)?;
+        Ok(sums[0] / sums[1].max(1.0))
     }
 
-    /// Saves a checkpoint of the current state.
-    pub fn save_checkpoint(&self) -> Result<PathBuf> {
-        let (Some(model), Some(optimizer)) = (&self.model, &self.optimizer) else {
-            return Err(TrainError::Config("trainer lost its model".into()));
+    /// Saves a checkpoint of the current state; returns its directory. With several ranks every
+    /// rank calls this: rank 0 writes the model and trainer state, and the optimizer state (each
+    /// rank its share, if [`sharded_state`](crate::optimizer::OptimizerStep::sharded_state)).
+    pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
+        let model = self.model.as_ref().ok_or(TrainError::ModelUnavailable)?;
+        let (step, rank0) = (self.state.step, self.sync.rank() == 0);
+        let sync = &mut *self.sync;
+        let staged = if rank0 {
+            checkpoint::begin(&self.run_dir, step).map(drop)
+        } else {
+            Ok(())
         };
-        checkpoint::save_checkpoint(
-            &self.run_dir,
-            model,
-            optimizer,
-            &self.state,
-            self.tokenizer.as_ref(),
-            self.config.keep_checkpoints,
-        )
+        agree(sync, staged, "create the checkpoint directory")?;
+        let tmp = checkpoint::staging_dir(&self.run_dir, step);
+        let saved = if rank0 || self.optimizer.sharded_state() {
+            self.optimizer.save(&tmp)
+        } else {
+            Ok(())
+        };
+        let written = agree(sync, saved, "save the optimizer state").and_then(|()| {
+            let done = if rank0 {
+                checkpoint::write_model_and_state(&tmp, model, &self.state, self.tokenizer.as_ref())
+                    .and_then(|()| {
+                        checkpoint::commit(&self.run_dir, &tmp, step, self.config.keep_checkpoints)
+                            .map(drop)
+                    })
+            } else {
+                Ok(())
+            };
+            agree(sync, done, "write the checkpoint")
+        });
+        if written.is_err() && rank0 {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        written.map(|()| checkpoint::checkpoint_dir(&self.run_dir, step))
     }
 
-    /// Trains to `max_steps`, evaluating and checkpointing on schedule; returns the validation loss
-    /// over the whole split at the end.
+    /// Whether to stop before the next step: the stop flag, raised on any rank.
+    fn stop_requested(&mut self) -> Result<bool> {
+        let local = self.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
+        if self.sync.world_size() == 1 {
+            return Ok(local);
+        }
+        let mut raised = [f64::from(u8::from(local))];
+        self.sync.all_reduce_sum(&mut raised)?;
+        Ok(raised[0] > 0.0)
+    }
+
+    /// Trains to `max_steps`, evaluating and checkpointing on schedule, and returns the validation
+    /// loss over the whole split at the end. A raised stop flag
+    /// ([`with_stop_flag`](Self::with_stop_flag)) ends it with [`TrainError::Interrupted`]; use
+    /// [`run`](Self::run) to get that as an outcome.
     pub fn train(&mut self) -> Result<f64> {
+        match self.run()? {
+            TrainOutcome::Finished { val_loss } => Ok(val_loss),
+            TrainOutcome::Interrupted { step, checkpoint } => {
+                Err(TrainError::Interrupted { step, checkpoint })
+            }
+        }
+    }
+
+    /// Trains to `max_steps` or until the stop flag is raised, evaluating and checkpointing on
+    /// schedule. Finished: the validation loss over the whole split (and a final checkpoint).
+    /// Stopped: the step in progress completes, a checkpoint is written, and the outcome says
+    /// where, so the run can be resumed from exactly there.
+    pub fn run(&mut self) -> Result<TrainOutcome> {
         let total = self.config.max_steps;
-        let bar = if self.show_progress {
+        let bar = if self.show_progress && self.is_rank0() {
             let bar = ProgressBar::new(total);
             if let Ok(style) =
                 ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed} < {eta}]")
@@ -466,16 +575,28 @@ impl<B: AutodiffBackend> Trainer<B> {
         let mut window = Instant::now();
         let mut window_tokens = 0u64;
         while self.state.step < total {
+            if self.stop_requested()? {
+                bar.finish_and_clear();
+                let step = self.state.step;
+                let checkpoint = self.save_checkpoint()?;
+                self.metrics(json!({"step": step, "interrupted": true,
+                    "checkpoint": checkpoint.display().to_string()}))?;
+                return Ok(TrainOutcome::Interrupted { step, checkpoint });
+            }
             let report = self.step()?;
-            window_tokens +=
-                (self.config.micro_batch * self.config.seq_len * self.config.grad_accum) as u64;
+            window_tokens += self.tokens_per_step();
             let step = report.step + 1;
             if self.config.log_interval > 0
                 && (step % self.config.log_interval == 0 || step == total)
             {
                 let secs = window.elapsed().as_secs_f64().max(1e-9);
                 let tps = window_tokens as f64 / secs;
-                let mfu = self.config.peak_flops.map(|p| tps * flops_per_token / p);
+                // MFU per device: the ranks share the tokens.
+                let per_device = tps / self.sync.world_size() as f64;
+                let mfu = self
+                    .config
+                    .peak_flops
+                    .map(|p| per_device * flops_per_token / p);
                 let mfu_note = mfu.map_or(String::new(), |m| format!(" MFU {:.1}%", 100.0 * m));
                 bar.set_message(format!(
                     "loss {:.4} lr {:.2e} {:.0} tok/s{mfu_note}",
@@ -494,10 +615,12 @@ impl<B: AutodiffBackend> Trainer<B> {
                 let val = self.evaluate()?;
                 self.state.val_loss = Some(val);
                 let line = format!("step {step}: val loss {val:.4} (ppl {:.2})", val.exp());
-                if bar.is_hidden() {
-                    eprintln!("{line}");
-                } else {
-                    bar.println(line);
+                if self.is_rank0() {
+                    if bar.is_hidden() {
+                        eprintln!("{line}");
+                    } else {
+                        bar.println(line);
+                    }
                 }
                 self.metrics(json!({"step": step, "val_loss": val, "val_ppl": val.exp()}))?;
             }
@@ -513,34 +636,6 @@ impl<B: AutodiffBackend> Trainer<B> {
         self.state.val_loss = Some(val);
         self.metrics(json!({"step": self.state.step, "val_loss": val, "val_ppl": val.exp()}))?;
         self.save_checkpoint()?;
-        Ok(val)
+        Ok(TrainOutcome::Finished { val_loss: val })
     }
-}
-
-/// Mean next-token cross-entropy of `model` over `shard` in consecutive windows of `seq + 1`
-/// (the whole shard when `max_batches` is 0).
-pub fn evaluate<B: Backend>(
-    model: &Transformer<B>,
-    shard: &TokenShard,
-    rows: usize,
-    seq: usize,
-    max_batches: usize,
-    device: &B::Device,
-) -> Result<f64> {
-    let sampler = BatchSampler::new(shard, rows, seq, 0)?;
-    let loss_fn = CrossEntropyLossConfig::new().init(device);
-    let (mut total, mut count) = (0.0f64, 0usize);
-    for (i, window) in sampler.sequential_windows().enumerate() {
-        if max_batches > 0 && i >= max_batches {
-            break;
-        }
-        let n = window.len() / (seq + 1);
-        let (inputs, targets) = to_tensors::<B>(&window, n, seq, device);
-        let logits = model.forward(inputs)?;
-        let v = model.config().vocab_size;
-        let loss: Tensor<B, 1> = loss_fn.forward(logits.reshape([n * seq, v]), targets);
-        total += loss.into_scalar().elem::<f64>() * (n * seq) as f64;
-        count += n * seq;
-    }
-    Ok(total / count.max(1) as f64)
 }

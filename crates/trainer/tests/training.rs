@@ -10,7 +10,7 @@ use burn::tensor::{DType, ElementConversion, FloatDType, Int, Tensor, TensorData
 use kiln_bpe::prepare::{PrepareConfig, prepare_bytes};
 use kiln_trainer::checkpoint::list_checkpoints;
 use kiln_trainer::memory;
-use kiln_trainer::optimizer::{GroupedAdamW, param_infos};
+use kiln_trainer::optimizer::{GroupedAdamW, embedding_param_ids, param_infos};
 use kiln_trainer::precision::compute_copy;
 use kiln_trainer::{ModelSpec, Precision, StepReport, TrainConfig, TrainError, Trainer};
 use kiln_transformer::{ModelConfig, PositionEncoding, RopePairing, Transformer};
@@ -181,17 +181,19 @@ fn global_norm_clipping_and_parameter_groups() {
         .filter(|p| p.decay)
         .map(|p| p.path.as_str())
         .collect();
+    // By rank, as nanoGPT: every matrix decays, embedding tables included; vectors do not.
     assert!(
         decayed.contains(&"blocks.0.attn.qkv.weight")
             && decayed.contains(&"blocks.0.mlp.down.weight")
+            && decayed.contains(&"tok_emb.weight")
+            && decayed.contains(&"pos_emb.weight")
     );
+    assert!(infos.iter().all(|p| p.decay == (p.rank >= 2)));
     assert!(
         infos
             .iter()
-            .filter(|p| p.path.contains("emb")
-                || p.path.contains("norm")
-                || p.path.ends_with("bias"))
-            .all(|p| !p.decay)
+            .filter(|p| p.path.contains("norm") || p.path.ends_with("bias"))
+            .all(|p| !p.decay && p.rank == 1)
     );
 
     let ids = Tensor::<B, 2, Int>::from_data(
@@ -250,21 +252,42 @@ fn bad_configs_are_clear_errors() {
 }
 
 #[test]
-fn embedding_decay_is_opt_in() {
+fn embeddings_decay_by_default_and_can_be_exempted_structurally() {
     let _serial = serial();
-    let config = micro_gpt();
-    let model: Transformer<B> = config.init(&Default::default()).unwrap();
+    let model: Transformer<B> = micro_gpt().init(&Default::default()).unwrap();
     let infos = param_infos::<B, _>(&model);
-    let emb = infos.iter().find(|p| p.path == "tok_emb.weight").unwrap();
-    assert!(emb.embedding && !emb.decay);
-    let qkv = infos
-        .iter()
-        .find(|p| p.path == "blocks.0.attn.qkv.weight")
-        .unwrap();
-    let plain = GroupedAdamW::<B, Transformer<B>>::new(&model, 0.9, 0.99, 1e-8, 0.1);
-    assert!(!plain.decays(emb.id) && plain.decays(qkv.id));
-    let nanogpt = plain.with_embedding_decay(&model, true);
-    assert!(nanogpt.decays(emb.id) && nanogpt.decays(qkv.id));
+    let id = |path: &str| infos.iter().find(|p| p.path == path).unwrap().id;
+    let (tok, pos, qkv) = (
+        id("tok_emb.weight"),
+        id("pos_emb.weight"),
+        id("blocks.0.attn.qkv.weight"),
+    );
+    assert_eq!(embedding_param_ids(&model), vec![tok, pos]);
+    let nanogpt = GroupedAdamW::<B, Transformer<B>>::new(&model, 0.9, 0.99, 1e-8, 0.1);
+    assert!(nanogpt.decays(tok) && nanogpt.decays(pos) && nanogpt.decays(qkv));
+    let exempt = nanogpt.without_decay(embedding_param_ids(&model));
+    assert!(!exempt.decays(tok) && !exempt.decays(pos) && exempt.decays(qkv));
+    // The config switch: on by default; off exempts exactly the embedding tables.
+    let mut config = TrainConfig::default();
+    assert!(config.decay_embeddings);
+    let on = GroupedAdamW::for_config(&model, &config);
+    config.decay_embeddings = false;
+    let off = GroupedAdamW::for_config(&model, &config);
+    for p in &infos {
+        let embedding = p.id == tok || p.id == pos;
+        assert_eq!(on.decays(p.id), p.rank >= 2, "{}", p.path);
+        assert_eq!(off.decays(p.id), p.rank >= 2 && !embedding, "{}", p.path);
+    }
+    // A rotary model has no position table.
+    let rope = ModelConfig {
+        position: PositionEncoding::Rope {
+            theta: 10000.0,
+            pairing: RopePairing::HalfSplit,
+        },
+        ..micro_gpt()
+    };
+    let model: Transformer<B> = rope.init(&Default::default()).unwrap();
+    assert_eq!(embedding_param_ids(&model), vec![model.tok_emb.weight.id]);
 }
 
 /// Trains `steps` steps at `precision` from the tiny config; returns (initial, final) validation

@@ -1,0 +1,189 @@
+//! [`TrainerBuilder`]: a new run or the continuation of one, with the gradient synchronization
+//! and the optimizer plugged in.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use burn::tensor::backend::AutodiffBackend;
+use kiln_bpe::{TokenShard, Tokenizer};
+use kiln_transformer::{ModelConfig, Transformer};
+
+use crate::checkpoint::{self, TrainerState};
+use crate::config::TrainConfig;
+use crate::error::{Result, TrainError};
+use crate::memory;
+use crate::optimizer::{GroupedAdamW, OptimizerStep};
+use crate::parallel::{GradientSync, SingleProcess};
+use crate::precision::{LossScaler, materialize};
+use crate::trainer::{Parts, Trainer};
+
+/// The optimizer a run trains with, as the trainer holds it.
+pub type BoxedOptimizer<B> = Box<dyn OptimizerStep<B, Transformer<B>>>;
+
+/// Makes the optimizer for a model and its run's configuration.
+pub type OptimizerFactory<B> =
+    Box<dyn FnOnce(&Transformer<B>, &TrainConfig) -> Result<BoxedOptimizer<B>>>;
+
+/// Builds a [`Trainer`] with custom seams: `Trainer::builder(device).gradient_sync(ddp)
+/// .optimizer(zero1).start(config, run_dir)` (or `.resume(run_dir, max_steps)`). Without them it
+/// is [`Trainer::new`] / [`Trainer::resume`]: one process and [`GroupedAdamW::for_config`].
+pub struct TrainerBuilder<B: AutodiffBackend> {
+    device: B::Device,
+    sync: Box<dyn GradientSync<B>>,
+    optimizer: Option<OptimizerFactory<B>>,
+}
+
+fn open_shards(config: &TrainConfig) -> Result<(Arc<TokenShard>, Arc<TokenShard>)> {
+    let train = TokenShard::open(config.data_dir.join("train.bin"))?;
+    let val = TokenShard::open(config.data_dir.join("val.bin"))?;
+    Ok((Arc::new(train), Arc::new(val)))
+}
+
+/// The tokenizer a config names and the model structure it resolves to.
+fn resolve(config: &TrainConfig) -> Result<(Option<Tokenizer>, ModelConfig)> {
+    let tokenizer = config
+        .tokenizer
+        .as_ref()
+        .map(Tokenizer::from_file)
+        .transpose()?;
+    let model_config = config
+        .model
+        .resolve(tokenizer.as_ref().map(Tokenizer::vocab_size))?;
+    Ok((tokenizer, model_config))
+}
+
+impl<B: AutodiffBackend> TrainerBuilder<B> {
+    /// A builder for a trainer on `device`: one process, the default optimizer.
+    pub fn new(device: B::Device) -> Self {
+        Self {
+            device,
+            sync: Box::new(SingleProcess),
+            optimizer: None,
+        }
+    }
+
+    /// Combines gradients and global numbers across ranks with `sync` (default:
+    /// [`SingleProcess`]). Rank 0 writes the run directory's files; every rank reads its own
+    /// share of each batch.
+    pub fn gradient_sync(mut self, sync: impl GradientSync<B> + 'static) -> Self {
+        self.sync = Box::new(sync);
+        self
+    }
+
+    /// Updates the model with the optimizer `make` returns for the (initialized or restored)
+    /// model and the run's configuration (default: [`GroupedAdamW::for_config`]). On resume its
+    /// [`OptimizerStep::load`] restores the state from the checkpoint.
+    pub fn optimizer<F>(mut self, make: F) -> Self
+    where
+        F: FnOnce(&Transformer<B>, &TrainConfig) -> Result<BoxedOptimizer<B>> + 'static,
+    {
+        self.optimizer = Some(Box::new(make));
+        self
+    }
+
+    fn make_optimizer(
+        &mut self,
+        model: &Transformer<B>,
+        config: &TrainConfig,
+    ) -> Result<BoxedOptimizer<B>> {
+        match self.optimizer.take() {
+            Some(make) => make(model, config),
+            None => Ok(Box::new(GroupedAdamW::for_config(model, config))),
+        }
+    }
+
+    /// Starts a new run in `run_dir` (created if needed).
+    pub fn start(
+        mut self,
+        mut config: TrainConfig,
+        run_dir: impl AsRef<Path>,
+    ) -> Result<Trainer<B>> {
+        let run_dir = run_dir.as_ref().to_owned();
+        if config.tokenizer.is_none() {
+            // `kiln data prepare` leaves the shards' tokenizer beside them.
+            let beside = config.data_dir.join("tokenizer.json");
+            config.tokenizer = beside.exists().then_some(beside);
+        }
+        let (tokenizer, model_config) = resolve(&config)?;
+        config.validate(&model_config)?;
+        let backend = B::name(&self.device);
+        // CPU backends share the host's memory; elsewhere only an explicit budget is checked.
+        let host_memory = backend.contains("flex") || backend.contains("ndarray");
+        if let Some(available) = memory::available_bytes(&config, host_memory) {
+            memory::check_fits(&model_config, &config, available)?;
+        }
+        let shards = open_shards(&config)?;
+        if self.sync.rank() == 0 {
+            let path = run_dir.join("config.toml");
+            kiln_gguf::atomic::write(&path, config.to_toml()?.as_bytes())
+                .map_err(|e| TrainError::io(&path, e))?;
+        }
+        // Every rank draws the same initial weights from `seed`.
+        B::seed(&self.device, config.seed);
+        let model = model_config.init::<B>(&self.device)?;
+        // Draw the initial weights now (Burn initializes parameters lazily).
+        materialize(&model);
+        let optimizer = self.make_optimizer(&model, &config)?;
+        let state = TrainerState {
+            step: 0,
+            lr_scale: 1.0,
+            tokens_seen: 0,
+            val_loss: None,
+            loss_scaler: LossScaler::for_precision(
+                config.precision,
+                config.loss_scale_growth_interval,
+            ),
+            config,
+        };
+        Ok(Trainer::assemble(Parts {
+            state,
+            model_config,
+            model,
+            optimizer,
+            sync: self.sync,
+            run_dir,
+            device: self.device,
+            shards,
+            tokenizer,
+        }))
+    }
+
+    /// Continues the run in `run_dir` from its newest checkpoint, optionally to a new `max_steps`.
+    pub fn resume(
+        mut self,
+        run_dir: impl AsRef<Path>,
+        max_steps: Option<u64>,
+    ) -> Result<Trainer<B>> {
+        let run_dir = run_dir.as_ref().to_owned();
+        let (_, dir) = checkpoint::list_checkpoints(&run_dir)
+            .pop()
+            .ok_or_else(|| TrainError::Checkpoint {
+                path: checkpoint::checkpoints_dir(&run_dir),
+                reason: "no completed checkpoint to resume from".into(),
+            })?;
+        let mut state = checkpoint::load_state(&dir)?;
+        if let Some(m) = max_steps {
+            state.config.max_steps = m;
+        }
+        let (tokenizer, model_config) = resolve(&state.config)?;
+        let shards = open_shards(&state.config)?;
+        let model = checkpoint::load_model_state(
+            &dir,
+            model_config.init::<B>(&self.device)?,
+            &self.device,
+        )?;
+        let mut optimizer = self.make_optimizer(&model, &state.config)?;
+        optimizer.load(&dir, &self.device)?;
+        Ok(Trainer::assemble(Parts {
+            state,
+            model_config,
+            model,
+            optimizer,
+            sync: self.sync,
+            run_dir,
+            device: self.device,
+            shards,
+            tokenizer,
+        }))
+    }
+}

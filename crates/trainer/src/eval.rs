@@ -1,0 +1,67 @@
+//! Validation loss: next-token cross-entropy over a shard in consecutive windows, whole or split
+//! between data-parallel ranks.
+
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::tensor::backend::Backend;
+use burn::tensor::{ElementConversion, Tensor};
+use kiln_bpe::TokenShard;
+use kiln_transformer::Transformer;
+
+use crate::data::to_tensors;
+use crate::error::Result;
+use crate::sampler::{BatchSampler, DataRank};
+
+/// Mean next-token cross-entropy of `model` over `shard` in consecutive windows of `seq + 1`,
+/// `rows` windows per batch (the first `max_batches` batches, or the whole shard when 0).
+pub fn evaluate<B: Backend>(
+    model: &Transformer<B>,
+    shard: &TokenShard,
+    rows: usize,
+    seq: usize,
+    max_batches: usize,
+    device: &B::Device,
+) -> Result<f64> {
+    let (total, tokens) = evaluate_share(
+        model,
+        shard,
+        rows,
+        seq,
+        max_batches,
+        DataRank::single(),
+        device,
+    )?;
+    Ok(total / tokens.max(1) as f64)
+}
+
+/// `rank`'s share of [`evaluate`]: the summed cross-entropy over its windows of the first
+/// `max_batches` global batches (all when 0), and the number of tokens it predicted. Global batches
+/// are `world_size · rows` windows split as in training
+/// ([`BatchSampler::sequential_windows`]), so summing both numbers over the ranks and dividing
+/// gives the loss that one process with `world_size · rows` windows per batch computes.
+pub fn evaluate_share<B: Backend>(
+    model: &Transformer<B>,
+    shard: &TokenShard,
+    rows: usize,
+    seq: usize,
+    max_batches: usize,
+    rank: DataRank,
+    device: &B::Device,
+) -> Result<(f64, usize)> {
+    let sampler = BatchSampler::new(shard, rows, seq, 0, rank)?;
+    let loss_fn = CrossEntropyLossConfig::new().init(device);
+    let (mut total, mut count) = (0.0f64, 0usize);
+    for (i, window) in sampler.sequential_windows().enumerate() {
+        if max_batches > 0 && i >= max_batches {
+            break;
+        }
+        let window = window?;
+        let n = window.len() / (seq + 1);
+        let (inputs, targets) = to_tensors::<B>(&window, n, seq, device);
+        let logits = model.forward(inputs)?;
+        let v = model.config().vocab_size;
+        let loss: Tensor<B, 1> = loss_fn.forward(logits.reshape([n * seq, v]), targets);
+        total += loss.into_scalar().elem::<f64>() * (n * seq) as f64;
+        count += n * seq;
+    }
+    Ok((total, count))
+}
