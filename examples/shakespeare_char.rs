@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! cargo run --release --example shakespeare_char [-- CORPUS] [--max-steps N] [--out DIR] [--gpu-recipe]
-//!                                                [--no-embedding-decay] [--peak-flops F]
+//!                                                [--no-embedding-decay] [--seed S] [--peak-flops F]
 //! ```
 //! `--gpu-recipe` trains nanoGPT's GPU model instead (6 layers, 6 heads, width 384, context 256,
 //! batch 64, 5000 steps, dropout 0.2). Weight decay goes by rank, as in nanoGPT's
@@ -23,12 +23,14 @@ use kiln::trainer::{ModelSpec, TrainConfig, Trainer};
 use kiln::transformer::ModelConfig;
 
 const USAGE: &str = "\
-usage: shakespeare_char [CORPUS] [--max-steps N] [--out DIR] [--gpu-recipe] [--no-embedding-decay] [--peak-flops F]
+usage: shakespeare_char [CORPUS] [--max-steps N] [--out DIR] [--gpu-recipe] [--no-embedding-decay]
+                        [--seed S] [--peak-flops F]
   CORPUS                text file (default: ../shared/data/tinyshakespeare.txt)
   --max-steps N         optimizer steps (default: 2000; 5000 with --gpu-recipe)
   --out DIR             data, tokenizer and run directory (default: runs/shakespeare_char)
   --gpu-recipe          nanoGPT's GPU model: 6 layers, 6 heads, width 384, context 256, batch 64
   --no-embedding-decay  exempt the embedding from weight decay (default: every matrix decays)
+  --seed S              seed for initialization, data order and dropout (default: 1337)
   --peak-flops F        the device's peak FLOP/s, for MFU in the log
 The default is nanoGPT's Shakespeare-char CPU recipe (val loss about 1.88).";
 
@@ -100,6 +102,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         checkpoint_interval: 0,
         log_interval: 50,
         peak_flops: flag("--peak-flops").map(|s| s.parse()).transpose()?,
+        seed: flag("--seed").map_or(Ok(TrainConfig::default().seed), |s| s.parse())?,
         ..TrainConfig::default()
     };
     let flops_per_token = model_flops_per_token(&config, seq_len)?;
