@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! cargo run --release --example shakespeare_char [-- CORPUS] [--max-steps N] [--out DIR] [--gpu-recipe]
-//!                                                [--no-embedding-decay] [--peak-flops F]
+//!                                                [--no-embedding-decay] [--seed S] [--peak-flops F]
 //! cargo run --release --example shakespeare_char -- --help
 //! ```
 //! `--gpu-recipe` trains nanoGPT's GPU model instead (6 layers, 6 heads, width 384, context 256,
@@ -48,6 +48,9 @@ struct Args {
     /// `configure_optimizers`).
     #[arg(long)]
     no_embedding_decay: bool,
+    /// Seed for initialization, data order and dropout.
+    #[arg(long, default_value_t = TrainConfig::default().seed, value_name = "S")]
+    seed: u64,
     /// The device's peak FLOP/s (e.g. 3.1e11 for this CPU's numpy matrix multiply): adds MFU to
     /// the log.
     #[arg(long, value_name = "F")]
@@ -107,6 +110,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         checkpoint_interval: 0,
         log_interval: 50,
         peak_flops: args.peak_flops,
+        seed: args.seed,
         ..TrainConfig::default()
     };
     let flops_per_token = model_flops_per_token(&config, seq_len)?;
