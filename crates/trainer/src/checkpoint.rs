@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::TrainConfig;
 use crate::error::{Result, TrainError};
-use crate::optimizer::{GroupedAdamW, OptimizerRecord, OptimizerStep};
+use crate::optimizer::{GroupedAdamW, OptimizerRecord, OptimizerStep, SortedOptimizerRecord};
 use crate::precision::LossScaler;
 
 /// Where a run is and how it got there: enough, with the model and optimizer state, to continue
@@ -200,7 +200,7 @@ pub fn save_optimizer_record<B: AutodiffBackend, M: AutodiffModule<B>>(
     dir: &Path,
     record: OptimizerRecord<B, M>,
 ) -> Result<()> {
-    write_record(record, &dir.join("optimizer"))
+    write_record(record.into_sorted(), &dir.join("optimizer"))
 }
 
 /// Reads the [`GroupedAdamW`] state in `dir/optimizer.mpk`.
@@ -208,7 +208,8 @@ pub fn load_optimizer_record<B: AutodiffBackend, M: AutodiffModule<B>>(
     dir: &Path,
     device: &B::Device,
 ) -> Result<OptimizerRecord<B, M>> {
-    recorder()
+    let stored: SortedOptimizerRecord<B> = recorder()
         .load(dir.join("optimizer"), device)
-        .map_err(|e| ck_error(dir, e))
+        .map_err(|e| ck_error(dir, e))?;
+    Ok(OptimizerRecord::from_sorted(stored))
 }

@@ -10,6 +10,7 @@ use std::path::Path;
 
 use burn::module::{AutodiffModule, ModuleVisitor, Param, ParamId};
 use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::record::AdaptorRecord;
 use burn::optim::{AdamW, AdamWConfig, GradientsParams, Optimizer};
 use burn::record::Record;
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -199,6 +200,52 @@ pub struct OptimizerRecord<B: AutodiffBackend, M: AutodiffModule<B>> {
     pub decay: <OptimizerAdaptor<AdamW, M, B> as Optimizer<M, B>>::Record,
     /// State of the group without decay.
     pub no_decay: <OptimizerAdaptor<AdamW, M, B> as Optimizer<M, B>>::Record,
+}
+
+/// One group's AdamW state as Burn keeps it: a hash map from parameter id.
+type GroupState<B, M> = <OptimizerAdaptor<AdamW, M, B> as Optimizer<M, B>>::Record;
+
+/// [`OptimizerRecord`] as a checkpoint stores it: each group's per-parameter states sorted by
+/// parameter id, so two identical runs write identical bytes (Burn's record is a hash map and
+/// serializes in hash order).
+#[derive(Record)]
+pub struct SortedOptimizerRecord<B: AutodiffBackend> {
+    /// State of the decayed group, by parameter id.
+    pub decay: Vec<(u64, AdaptorRecord<AdamW, B>)>,
+    /// State of the group without decay, by parameter id.
+    pub no_decay: Vec<(u64, AdaptorRecord<AdamW, B>)>,
+}
+
+fn sorted<B: AutodiffBackend, M: AutodiffModule<B>>(
+    group: GroupState<B, M>,
+) -> Vec<(u64, AdaptorRecord<AdamW, B>)> {
+    let mut states: Vec<_> = group.into_iter().map(|(id, s)| (id.val(), s)).collect();
+    states.sort_unstable_by_key(|(id, _)| *id);
+    states
+}
+
+impl<B: AutodiffBackend, M: AutodiffModule<B>> OptimizerRecord<B, M> {
+    /// The record in its stored, sorted form.
+    pub fn into_sorted(self) -> SortedOptimizerRecord<B> {
+        SortedOptimizerRecord {
+            decay: sorted::<B, M>(self.decay),
+            no_decay: sorted::<B, M>(self.no_decay),
+        }
+    }
+
+    /// The record back from its stored form.
+    pub fn from_sorted(stored: SortedOptimizerRecord<B>) -> Self {
+        let group = |states: Vec<(u64, AdaptorRecord<AdamW, B>)>| -> GroupState<B, M> {
+            states
+                .into_iter()
+                .map(|(id, s)| (ParamId::from(id), s))
+                .collect()
+        };
+        Self {
+            decay: group(stored.decay),
+            no_decay: group(stored.no_decay),
+        }
+    }
 }
 
 /// AdamW over two parameter groups, with global-norm clipping.
