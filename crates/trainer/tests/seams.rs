@@ -3,6 +3,8 @@
 //! simulated data-parallel ranks train like one process with their combined batch, and the stop
 //! flag ends a run cleanly with a checkpoint that resumes exactly.
 
+mod common;
+
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
@@ -12,12 +14,11 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::Tensor;
 use burn::tensor::backend::AutodiffBackend;
-use kiln_bpe::prepare::{PrepareConfig, prepare_bytes};
 use kiln_trainer::checkpoint::list_checkpoints;
 use kiln_trainer::optimizer::{GroupedAdamW, OptimizerStep, scale_grads};
 use kiln_trainer::parallel::GradientSync;
-use kiln_trainer::{ModelSpec, TrainConfig, TrainError, TrainOutcome, Trainer};
-use kiln_transformer::{ModelConfig, Transformer};
+use kiln_trainer::{TrainConfig, TrainError, TrainOutcome, Trainer};
+use kiln_transformer::Transformer;
 
 type B = Autodiff<Flex>;
 type Inner = <B as AutodiffBackend>::InnerBackend;
@@ -35,36 +36,14 @@ And all the clouds that lour'd upon our house\nIn the deep bosom of the ocean bu
 
 /// A byte-level tokenizer, shards of a small corpus, and a tiny model without dropout.
 fn config(dir: &Path) -> TrainConfig {
-    let corpus = dir.join("corpus.txt");
-    std::fs::write(&corpus, TEXT.repeat(40)).unwrap();
-    let (tok, _) = prepare_bytes(&[corpus], &dir.join("data"), &PrepareConfig::default()).unwrap();
-    tok.save(dir.join("tokenizer.json")).unwrap();
     TrainConfig {
-        model: ModelSpec::Full(ModelConfig {
-            vocab_size: 257,
-            context_length: 32,
-            n_layers: 2,
-            n_heads: 2,
-            n_kv_heads: 2,
-            d_model: 32,
-            d_ff: 64,
-            dropout: 0.0,
-            ..ModelConfig::shakespeare_char_cpu(257)
-        }),
-        data_dir: dir.join("data"),
-        tokenizer: Some(dir.join("tokenizer.json")),
-        micro_batch: 4,
-        seq_len: 16,
-        grad_accum: 2,
         max_steps: 12,
-        lr: 3e-3,
-        min_lr: 3e-4,
         warmup_steps: 2,
-        eval_interval: 0,
         eval_batches: 4,
         checkpoint_interval: 0,
+        keep_checkpoints: TrainConfig::default().keep_checkpoints,
         log_interval: 1,
-        ..TrainConfig::default()
+        ..common::tiny_run(dir, TEXT, 0.0)
     }
 }
 

@@ -1,13 +1,14 @@
 //! Training end to end on a tiny model: the loss falls, resume is exact, a NaN step is skipped and
 //! recovered from, checkpoints rotate, clipping uses the global norm.
 
+mod common;
+
 use std::path::Path;
 
 use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::backend::{Autodiff, Flex};
 use burn::optim::GradientsParams;
 use burn::tensor::{DType, ElementConversion, FloatDType, Int, Tensor, TensorData};
-use kiln_bpe::prepare::{PrepareConfig, prepare_bytes};
 use kiln_trainer::checkpoint::list_checkpoints;
 use kiln_trainer::memory;
 use kiln_trainer::optimizer::{GroupedAdamW, embedding_param_ids, param_infos};
@@ -28,39 +29,9 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 const TEXT: &str = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n\
 The slings and arrows of outrageous fortune,\nOr to take arms against a sea of troubles\nAnd by opposing end them.\n";
 
-/// A byte-level tokenizer and shards of a small corpus in `dir`.
+/// A byte-level tokenizer and shards of a small corpus in `dir`, and a tiny model with dropout.
 fn data(dir: &Path) -> TrainConfig {
-    let corpus = dir.join("corpus.txt");
-    std::fs::write(&corpus, TEXT.repeat(40)).unwrap();
-    let (tok, _) = prepare_bytes(&[corpus], &dir.join("data"), &PrepareConfig::default()).unwrap();
-    tok.save(dir.join("tokenizer.json")).unwrap();
-    TrainConfig {
-        model: ModelSpec::Full(ModelConfig {
-            vocab_size: 257,
-            context_length: 32,
-            n_layers: 2,
-            n_heads: 2,
-            n_kv_heads: 2,
-            d_model: 32,
-            d_ff: 64,
-            dropout: 0.1,
-            ..ModelConfig::shakespeare_char_cpu(257)
-        }),
-        data_dir: dir.join("data"),
-        tokenizer: Some(dir.join("tokenizer.json")),
-        micro_batch: 4,
-        seq_len: 16,
-        grad_accum: 2,
-        max_steps: 20,
-        lr: 3e-3,
-        min_lr: 3e-4,
-        warmup_steps: 4,
-        eval_interval: 0,
-        checkpoint_interval: 10,
-        keep_checkpoints: 2,
-        log_interval: 5,
-        ..TrainConfig::default()
-    }
+    common::tiny_run(dir, TEXT, 0.1)
 }
 
 #[test]
