@@ -4,7 +4,7 @@ mod common;
 
 use common::shared;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 fn kiln(args: &[&str], stdin: &[u8]) -> Output {
@@ -192,15 +192,16 @@ fn clear_errors_and_exit_codes() {
     assert!(String::from_utf8_lossy(ok(&help)).contains("tokenizer"));
 }
 
-#[test]
-fn train_resume_eval_generate() {
+/// A 512-token tokenizer and token shards of `TEXT` made through the CLI in a new temp dir:
+/// `(dir, data dir, run dir)`; the data dir's tokenizer is beside the shards.
+fn tokenizer_and_shards() -> (tempfile::TempDir, PathBuf, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let corpus = dir.path().join("corpus.txt");
     std::fs::write(&corpus, TEXT.repeat(200)).unwrap();
     let tok = dir.path().join("tokenizer.json");
     let data = dir.path().join("data");
     let run = dir.path().join("run");
-    let p = |x: &std::path::Path| x.to_str().unwrap().to_owned();
+    let p = |x: &Path| x.to_str().unwrap().to_owned();
     ok(&kiln(
         &[
             "tokenizer",
@@ -225,6 +226,13 @@ fn train_resume_eval_generate() {
         ],
         b"",
     ));
+    (dir, data, run)
+}
+
+#[test]
+fn train_resume_eval_generate() {
+    let (dir, data, run) = tokenizer_and_shards();
+    let p = |x: &Path| x.to_str().unwrap().to_owned();
     let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/configs/tiny.toml");
     let out = kiln(
         &[
@@ -359,37 +367,8 @@ fn stopped_step(stderr: &str, signal: &str, run: &Path) -> u64 {
 
 #[test]
 fn train_stops_cleanly_on_sigterm_and_sigint_and_resumes() {
-    let dir = tempfile::tempdir().unwrap();
-    let corpus = dir.path().join("corpus.txt");
-    std::fs::write(&corpus, TEXT.repeat(200)).unwrap();
-    let tok = dir.path().join("tokenizer.json");
-    let data = dir.path().join("data");
-    let run = dir.path().join("run");
+    let (dir, data, run) = tokenizer_and_shards();
     let p = |x: &Path| x.to_str().unwrap().to_owned();
-    ok(&kiln(
-        &[
-            "tokenizer",
-            "train",
-            "--vocab-size",
-            "512",
-            "-o",
-            &p(&tok),
-            &p(&corpus),
-        ],
-        b"",
-    ));
-    ok(&kiln(
-        &[
-            "data",
-            "prepare",
-            "-t",
-            &p(&tok),
-            "-o",
-            &p(&data),
-            &p(&corpus),
-        ],
-        b"",
-    ));
     let config = dir.path().join("config.toml");
     let tiny = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/configs/tiny.toml"),
