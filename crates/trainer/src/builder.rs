@@ -52,6 +52,27 @@ fn resolve(config: &TrainConfig) -> Result<(Option<Tokenizer>, ModelConfig)> {
     Ok((tokenizer, model_config))
 }
 
+/// Keeps a resumed run's global batch (rows per micro-batch over all ranks) when it continues on
+/// a different number of ranks: each rank's `micro_batch` becomes the global rows over the new
+/// world size, so every rank reads the same rows of the same batches as before.
+fn reshard_batch(state: &mut TrainerState, world: usize) -> Result<()> {
+    let old = state.world_size.max(1);
+    if old == world {
+        return Ok(());
+    }
+    let rows = state.config.micro_batch * old;
+    if world == 0 || !rows.is_multiple_of(world) {
+        return Err(TrainError::Config(format!(
+            "the run trained on {old} rank(s) with {} rows each: {rows} rows per micro-batch do \
+             not split evenly over {world} ranks (use a world size that divides {rows})",
+            state.config.micro_batch
+        )));
+    }
+    state.config.micro_batch = rows / world;
+    state.world_size = world;
+    Ok(())
+}
+
 impl<B: AutodiffBackend> TrainerBuilder<B> {
     /// A builder for a trainer on `device`: one process, the default optimizer.
     pub fn new(device: B::Device) -> Self {
@@ -110,7 +131,7 @@ impl<B: AutodiffBackend> TrainerBuilder<B> {
         // CPU backends share the host's memory; elsewhere only an explicit budget is checked.
         let host_memory = backend.contains("flex") || backend.contains("ndarray");
         if let Some(available) = memory::available_bytes(&config, host_memory) {
-            memory::check_fits(&model_config, &config, available)?;
+            memory::check_fits(&model_config, &config, available, self.sync.world_size())?;
         }
         let shards = open_shards(&config)?;
         if self.sync.rank() == 0 {
@@ -123,6 +144,7 @@ impl<B: AutodiffBackend> TrainerBuilder<B> {
         let model = model_config.init::<B>(&self.device)?;
         // Draw the initial weights now (Burn initializes parameters lazily).
         materialize(&model);
+        let model = self.sync.broadcast_parameters(model)?;
         let optimizer = self.make_optimizer(&model, &config)?;
         let state = TrainerState {
             step: 0,
@@ -134,6 +156,7 @@ impl<B: AutodiffBackend> TrainerBuilder<B> {
                 config.loss_scale_growth_interval,
             ),
             config,
+            world_size: self.sync.world_size(),
         };
         Ok(Trainer::assemble(Parts {
             state,
@@ -165,6 +188,7 @@ impl<B: AutodiffBackend> TrainerBuilder<B> {
         if let Some(m) = max_steps {
             state.config.max_steps = m;
         }
+        reshard_batch(&mut state, self.sync.world_size())?;
         let (tokenizer, model_config) = resolve(&state.config)?;
         let shards = open_shards(&state.config)?;
         let model = checkpoint::load_model_state(

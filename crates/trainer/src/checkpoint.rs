@@ -41,6 +41,13 @@ pub struct TrainerState {
     pub loss_scaler: LossScaler,
     /// The run's configuration (training metadata).
     pub config: TrainConfig,
+    /// Data-parallel ranks that trained it (each at `config.micro_batch`).
+    #[serde(default = "one_rank")]
+    pub world_size: usize,
+}
+
+fn one_rank() -> usize {
+    1
 }
 
 fn recorder() -> NamedMpkFileRecorder<FullPrecisionSettings> {

@@ -134,6 +134,10 @@ pub struct TrainConfig {
     pub max_bad_steps: u32,
     /// Peak FLOP/s of the device, for MFU (CPU: `../shared/peers/cpu_peak.py`).
     pub peak_flops: Option<f64>,
+    /// ZeRO sharding across data-parallel ranks (`kiln-distributed`): 0 = plain data parallel
+    /// (every rank holds everything), 1 = shard the optimizer state, 2 = also the gradients, 3 =
+    /// also the parameters. Ignored by a single process.
+    pub zero_stage: u8,
 }
 
 impl Default for TrainConfig {
@@ -172,6 +176,7 @@ impl Default for TrainConfig {
             log_interval: 10,
             max_bad_steps: 3,
             peak_flops: None,
+            zero_stage: 0,
         }
     }
 }
@@ -227,6 +232,12 @@ impl TrainConfig {
         }
         if self.grad_clip < 0.0 || self.weight_decay < 0.0 {
             return bad("grad_clip and weight_decay must not be negative".into());
+        }
+        if self.zero_stage > 3 {
+            return bad(format!(
+                "zero_stage must be 0, 1, 2 or 3, not {}",
+                self.zero_stage
+            ));
         }
         if self.max_memory_gb.is_some_and(|m| m.is_nan() || m <= 0.0) {
             return bad("max_memory_gb must be positive".into());

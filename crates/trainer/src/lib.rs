@@ -64,4 +64,4 @@ pub use builder::{BoxedOptimizer, OptimizerFactory, TrainerBuilder};
 pub use config::{ModelSpec, Precision, TrainConfig};
 pub use error::{Result, TrainError};
 pub use eval::{evaluate, evaluate_share};
-pub use trainer::{StepReport, TrainOutcome, Trainer};
+pub use trainer::{ModelStateBytes, StepReport, TrainOutcome, Trainer, parameter_bytes};

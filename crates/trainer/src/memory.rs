@@ -42,15 +42,52 @@ pub struct MemoryEstimate {
     pub total: f64,
 }
 
-/// Estimates the memory `config` needs for `model`.
+/// Estimates the memory `config` needs for `model` in one process.
 pub fn estimate(model: &ModelConfig, config: &TrainConfig) -> MemoryEstimate {
+    estimate_for(model, config, 1)
+}
+
+/// Estimates the memory one of `world_size` data-parallel ranks needs (with `config.zero_stage`).
+pub fn estimate_for(
+    model: &ModelConfig,
+    config: &TrainConfig,
+    world_size: usize,
+) -> MemoryEstimate {
     estimate_with(
         model,
         config,
         config.micro_batch,
         config.seq_len,
         config.activation_checkpointing,
+        world_size,
     )
+}
+
+/// Model-state bytes per parameter on one of `world` ranks at ZeRO stage `stage`: what the rank
+/// keeps, plus what a step holds for a while (ZeRO-3's gathered parameters, the full gradients
+/// Burn's backward pass returns before they are reduce-scattered, the accumulator).
+///
+/// One process or plain data parallel: f32 weights, gradients and two moments (16 bytes), plus
+/// the bf16/f16 compute copy and its gradients under mixed precision. ZeRO keeps a low-precision
+/// working copy under mixed precision and the f32 master weights with the moments in the sharded
+/// optimizer state, as the ZeRO paper counts (2 + 2 + 12 bytes).
+pub fn model_state_bytes_per_param(config: &TrainConfig, stage: u8, world: usize) -> f64 {
+    let n = world.max(1) as f64;
+    let stage = if world > 1 { stage } else { 0 };
+    let low = config.precision != Precision::F32;
+    let accumulator = if config.grad_accum > 1 { 4.0 } else { 0.0 };
+    if stage == 0 {
+        let copy = if low { 4.0 } else { 0.0 };
+        return 4.0 + 4.0 + 8.0 + accumulator + copy;
+    }
+    let (param, grad, optim) = if low {
+        (2.0, 2.0, 12.0)
+    } else {
+        (4.0, 4.0, 8.0)
+    };
+    let params = if stage >= 3 { param / n + param } else { param };
+    let grads = if stage >= 2 { grad / n + grad } else { grad };
+    params + grads + optim / n + accumulator
 }
 
 fn estimate_with(
@@ -59,14 +96,11 @@ fn estimate_with(
     micro_batch: usize,
     seq_len: usize,
     checkpointing: bool,
+    world: usize,
 ) -> MemoryEstimate {
     let p = model.num_params() as f64;
     let low = config.precision != Precision::F32;
-    // f32 weights + f32 gradients + two f32 moments; the accumulator; the low-precision copy and
-    // its gradients.
-    let accumulator = if config.grad_accum > 1 { 4.0 } else { 0.0 };
-    let copy = if low { 4.0 } else { 0.0 };
-    let model_state = p * (4.0 + 4.0 + 8.0 + accumulator + copy);
+    let model_state = p * model_state_bytes_per_param(config, config.zero_stage, world);
 
     let act_bytes = if low { 2.0 } else { 4.0 };
     let tokens = (micro_batch * seq_len) as f64;
@@ -123,9 +157,15 @@ pub struct Suggestions {
 }
 
 /// What would fit in `budget` bytes.
-pub fn suggest(model: &ModelConfig, config: &TrainConfig, budget: f64) -> Suggestions {
-    let fits =
-        |b: usize, s: usize, ckpt: bool| estimate_with(model, config, b, s, ckpt).total <= budget;
+pub fn suggest(
+    model: &ModelConfig,
+    config: &TrainConfig,
+    budget: f64,
+    world: usize,
+) -> Suggestions {
+    let fits = |b: usize, s: usize, ckpt: bool| {
+        estimate_with(model, config, b, s, ckpt, world).total <= budget
+    };
     let ckpt = config.activation_checkpointing;
     let rows = config.micro_batch * config.grad_accum;
     let micro_batch = (1..config.micro_batch)
@@ -146,13 +186,25 @@ pub fn suggest(model: &ModelConfig, config: &TrainConfig, budget: f64) -> Sugges
 
 /// Fails with [`TrainError::OutOfMemory`] when `config` is estimated not to fit in `available`
 /// bytes.
-pub fn check_fits(model: &ModelConfig, config: &TrainConfig, available: f64) -> Result<()> {
-    let need = estimate(model, config);
+pub fn check_fits(
+    model: &ModelConfig,
+    config: &TrainConfig,
+    available: f64,
+    world: usize,
+) -> Result<()> {
+    let need = estimate_for(model, config, world);
     if need.total <= available {
         return Ok(());
     }
-    let s = suggest(model, config, available);
+    let s = suggest(model, config, available, world);
     let mut advice = Vec::new();
+    let mut zero3 = config.clone();
+    zero3.zero_stage = 3;
+    if world > 1 && config.zero_stage < 3 && estimate_for(model, &zero3, world).total <= available {
+        advice.push(format!(
+            "zero_stage = 3 (shards the parameters, gradients and optimizer state over the {world} ranks)"
+        ));
+    }
     if let Some((b, a)) = s.micro_batch {
         advice.push(format!(
             "micro_batch = {b} with grad_accum = {a} (the same {} tokens per step)",
@@ -167,7 +219,7 @@ pub fn check_fits(model: &ModelConfig, config: &TrainConfig, available: f64) -> 
     }
     if advice.is_empty() {
         advice.push(if need.model_state + BASE_BYTES > available {
-            "a smaller model: its weights, gradients and AdamW state alone do not fit".into()
+            "a smaller model, or data-parallel ranks with zero_stage = 3 (`kiln train --nproc N`): its weights, gradients and AdamW state alone do not fit".into()
         } else {
             "micro_batch = 1 with activation_checkpointing = true and a shorter seq_len".into()
         });
@@ -247,7 +299,7 @@ mod tests {
         let need = estimate(&model, &config).total;
         // A budget of 40% of the need: micro-batch 64 must shrink.
         let budget = 0.4 * need;
-        let err = check_fits(&model, &config, budget).unwrap_err();
+        let err = check_fits(&model, &config, budget, 1).unwrap_err();
         let TrainError::OutOfMemory {
             needed_gb,
             available_gb,
@@ -258,7 +310,7 @@ mod tests {
             panic!("{err}");
         };
         assert!((needed_gb - need / GB).abs() < 1e-9 && (available_gb - budget / GB).abs() < 1e-9);
-        let s = suggest(&model, &config, budget);
+        let s = suggest(&model, &config, budget, 1);
         let (b, a) = s.micro_batch.unwrap();
         // Same tokens per step, the largest divisor that fits, and the next larger one does not.
         assert_eq!(b * a, 64);
@@ -293,9 +345,9 @@ mod tests {
             "{text}"
         );
         // It fits in its own estimate.
-        assert!(check_fits(&model, &config, need).is_ok());
+        assert!(check_fits(&model, &config, need, 1).is_ok());
         // Not even the weights fit: say so.
-        let tiny = check_fits(&model, &config, 1e6).unwrap_err().to_string();
+        let tiny = check_fits(&model, &config, 1e6, 1).unwrap_err().to_string();
         assert!(tiny.contains("smaller model"), "{tiny}");
     }
 
@@ -304,5 +356,34 @@ mod tests {
         let text = "MemTotal:       24000000 kB\nMemFree:  100 kB\nMemAvailable:   2000000 kB\n";
         assert_eq!(parse_mem_available(text), Some(2_048_000_000.0));
         assert_eq!(parse_mem_available("MemTotal: 1 kB\n"), None);
+    }
+
+    #[test]
+    fn zero_stages_shrink_the_model_state_per_rank() {
+        let mut config = TrainConfig::default();
+        let per = |c: &TrainConfig, z: u8, n: usize| model_state_bytes_per_param(c, z, n);
+        // f32: 16 bytes replicated; ZeRO shards the moments, then the gradients, then the
+        // parameters (plus what a step gathers for a while).
+        assert_eq!(per(&config, 0, 4), 16.0);
+        assert_eq!(per(&config, 1, 4), 4.0 + 4.0 + 2.0);
+        assert_eq!(per(&config, 2, 4), 4.0 + 1.0 + 4.0 + 2.0);
+        assert_eq!(per(&config, 3, 4), 1.0 + 4.0 + 1.0 + 4.0 + 2.0);
+        // One rank shards nothing.
+        assert_eq!(per(&config, 3, 1), 16.0);
+        // bf16: the ZeRO paper's 2 + 2 + 12 bytes.
+        config.precision = Precision::Bf16;
+        assert_eq!(per(&config, 1, 4), 2.0 + 2.0 + 3.0);
+        // The check advises ZeRO-3 when it would fit.
+        let (model, mut big) = big();
+        big.zero_stage = 0;
+        let need0 = estimate_for(&model, &big, 8).total;
+        let mut z3 = big.clone();
+        z3.zero_stage = 3;
+        let need3 = estimate_for(&model, &z3, 8).total;
+        assert!(need3 < need0);
+        let err = check_fits(&model, &big, (need0 + need3) / 2.0, 8)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("zero_stage = 3"), "{err}");
     }
 }

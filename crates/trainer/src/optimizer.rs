@@ -45,6 +45,31 @@ pub trait OptimizerStep<B: AutodiffBackend, M: AutodiffModule<B>>: Send {
     fn sharded_state(&self) -> bool {
         false
     }
+
+    /// The full working model, before a forward pass (training or evaluation). An optimizer
+    /// that shards the parameters (ZeRO-3) all-gathers them here, every rank calling it; the
+    /// default returns `module` unchanged.
+    fn materialize(&mut self, module: M) -> Result<M> {
+        Ok(module)
+    }
+
+    /// The model back in its resting form after an evaluation or a checkpoint (ZeRO-3: this
+    /// rank's shard of each parameter). [`step`](Self::step) returns that form too.
+    fn release(&mut self, module: M) -> Result<M> {
+        Ok(module)
+    }
+
+    /// The model as checkpoints store it (f32 master weights), when the working `module`
+    /// differs from it (a bf16 working copy, shards); every rank calls it. `None` (the
+    /// default): store `module` itself.
+    fn consolidated(&mut self, module: &M) -> Result<Option<M>> {
+        let _ = module;
+        Ok(None)
+    }
+
+    /// Bytes of optimizer state this rank holds (moments, and master weights kept apart from the
+    /// model).
+    fn state_bytes(&self) -> u64;
 }
 
 /// One parameter as the optimizer sees it.
@@ -253,6 +278,8 @@ pub struct GroupedAdamW<B: AutodiffBackend, M: AutodiffModule<B>> {
     decay: OptimizerAdaptor<AdamW, M, B>,
     no_decay: OptimizerAdaptor<AdamW, M, B>,
     decay_ids: HashSet<ParamId>,
+    param_elements: u64,
+    stepped: bool,
 }
 
 impl<B: AutodiffBackend, M: AutodiffModule<B>> GroupedAdamW<B, M> {
@@ -270,6 +297,8 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> GroupedAdamW<B, M> {
                 .filter(|p| p.decay)
                 .map(|p| p.id)
                 .collect(),
+            param_elements: module.num_params() as u64,
+            stepped: false,
         }
     }
 
@@ -300,6 +329,7 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> GroupedAdamW<B, M> {
 
     /// One optimizer step at learning rate `lr`.
     pub fn step(&mut self, lr: f64, module: M, mut grads: GradientsParams) -> M {
+        self.stepped = true;
         let decay_grads = split_grads(&module, &mut grads, &self.decay_ids);
         let module = self.decay.step(lr, module, decay_grads);
         self.no_decay.step(lr, module, grads)
@@ -315,6 +345,7 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> GroupedAdamW<B, M> {
 
     /// Restores saved state.
     pub fn load_record(mut self, record: OptimizerRecord<B, M>) -> Self {
+        self.stepped |= !(record.decay.is_empty() && record.no_decay.is_empty());
         self.decay = self.decay.load_record(record.decay);
         self.no_decay = self.no_decay.load_record(record.no_decay);
         self
@@ -350,9 +381,19 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> OptimizerStep<B, M> for GroupedAd
         checkpoint::save_optimizer_record(dir, self.to_record())
     }
 
+    fn state_bytes(&self) -> u64 {
+        // Burn's AdamW keeps two f32 moments per parameter once it has stepped.
+        if self.stepped {
+            self.param_elements * 2 * 4
+        } else {
+            0
+        }
+    }
+
     fn load(&mut self, dir: &Path, device: &B::Device) -> Result<()> {
         let record: OptimizerRecord<B, M> = checkpoint::load_optimizer_record(dir, device)?;
         // Loading replaces the whole state; the adaptors are cheap to clone before it.
+        self.stepped = !(record.decay.is_empty() && record.no_decay.is_empty());
         self.decay = self.decay.clone().load_record(record.decay);
         self.no_decay = self.no_decay.clone().load_record(record.no_decay);
         Ok(())

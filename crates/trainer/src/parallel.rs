@@ -46,6 +46,13 @@ pub trait GradientSync<B: AutodiffBackend>: Send {
         false
     }
 
+    /// Makes every rank start from rank 0's parameters; the builder calls it once, after
+    /// initializing a new run's model (PyTorch's DDP broadcasts the module state the same way).
+    /// Default: the model unchanged.
+    fn broadcast_parameters(&mut self, model: Transformer<B>) -> Result<Transformer<B>> {
+        Ok(model)
+    }
+
     /// Waits until every rank gets here (an all-reduce of one value by default).
     fn barrier(&mut self) -> Result<()> {
         self.all_reduce_sum(&mut [0.0])

@@ -68,6 +68,56 @@ pub enum TrainOutcome {
     },
 }
 
+/// Bytes one rank holds for the model's training state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ModelStateBytes {
+    /// The parameters as the rank keeps them between steps (all of them, or its ZeRO-3 shard).
+    pub parameters: u64,
+    /// The gradients the rank holds from synchronization to the update (all, or its ZeRO-2/3
+    /// shard).
+    pub gradients: u64,
+    /// Optimizer state: AdamW's moments and master weights kept apart from the model.
+    pub optimizer: u64,
+}
+
+impl ModelStateBytes {
+    /// Parameters, gradients and optimizer state together.
+    pub fn total(&self) -> u64 {
+        self.parameters + self.gradients + self.optimizer
+    }
+}
+
+/// Bytes of the float parameters of `model` as stored (their shapes and dtypes).
+pub fn parameter_bytes<B: burn::tensor::backend::Backend>(model: &Transformer<B>) -> u64 {
+    use burn::module::{Module, ModuleVisitor, Param};
+    struct Visitor(u64);
+    impl<B: burn::tensor::backend::Backend> ModuleVisitor<B> for Visitor {
+        fn visit_float<const D: usize>(&mut self, param: &Param<burn::tensor::Tensor<B, D>>) {
+            let t = param.val();
+            self.0 += (t.shape().num_elements() * t.dtype().size()) as u64;
+        }
+    }
+    let mut v = Visitor(0);
+    model.visit(&mut v);
+    v.0
+}
+
+/// Bytes of the gradients in `grads` of `model`'s parameters.
+fn gradient_bytes<B: AutodiffBackend>(model: &Transformer<B>, grads: &GradientsParams) -> u64 {
+    use burn::module::{Module, ModuleVisitor, Param};
+    struct Visitor<'a>(&'a GradientsParams, u64);
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Visitor<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<burn::tensor::Tensor<B, D>>) {
+            if let Some(g) = self.0.get::<B::InnerBackend, D>(param.id) {
+                self.1 += (g.shape().num_elements() * g.dtype().size()) as u64;
+            }
+        }
+    }
+    let mut v = Visitor(grads, 0);
+    model.visit(&mut v);
+    v.1
+}
+
 /// Gradients after synchronization, with the global numbers the step's decisions use.
 struct Synced {
     grads: GradientsParams,
@@ -108,6 +158,7 @@ pub struct Trainer<B: AutodiffBackend> {
     poison_next: bool,
     show_progress: bool,
     stop: Option<Arc<AtomicBool>>,
+    gradient_bytes: u64,
 }
 
 /// Returns `local`, or an error on every rank when any rank's `local` failed.
@@ -170,6 +221,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             poison_next: false,
             show_progress: false,
             stop: None,
+            gradient_bytes: 0,
         }
     }
 
@@ -266,6 +318,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             c.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ step ^ rank_salt,
         );
         let model = self.model.take().ok_or(TrainError::ModelUnavailable)?;
+        let model = self.optimizer.materialize(model)?;
         let loss_scale = self.state.loss_scaler.scale();
         let poison = std::mem::take(&mut self.poison_next);
         let synced = self
@@ -354,6 +407,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         loss_scale: f64,
     ) -> Result<Synced> {
         let mut grads = self.sync.sync(model, grads)?;
+        self.gradient_bytes = gradient_bytes(model, &grads);
         if loss_scale != 1.0 {
             scale_grads(model, &mut grads, 1.0 / loss_scale);
         }
@@ -473,20 +527,19 @@ impl<B: AutodiffBackend> Trainer<B> {
 
     fn evaluate_batches(&mut self, max_batches: usize) -> Result<f64> {
         let rank = self.sync.data_rank()?;
-        let model = self
-            .model
-            .as_ref()
-            .ok_or(TrainError::ModelUnavailable)?
-            .valid();
-        let (total, tokens) = evaluate_share(
-            &model,
+        let model = self.model.take().ok_or(TrainError::ModelUnavailable)?;
+        let model = self.optimizer.materialize(model)?;
+        let shared = evaluate_share(
+            &model.valid(),
             &self.val,
             self.config.micro_batch,
             self.config.seq_len,
             max_batches,
             rank,
             &self.device,
-        )?;
+        );
+        self.model = Some(self.optimizer.release(model)?);
+        let (total, tokens) = shared?;
         let mut sums = [total, tokens as f64];
         self.sync.all_reduce_sum(&mut sums)?;
         Ok(sums[0] / sums[1].max(1.0))
@@ -496,7 +549,9 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// rank calls this: rank 0 writes the model and trainer state, and the optimizer state (each
     /// rank its share, if [`sharded_state`](crate::optimizer::OptimizerStep::sharded_state)).
     pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
-        let model = self.model.as_ref().ok_or(TrainError::ModelUnavailable)?;
+        let working = self.model.as_ref().ok_or(TrainError::ModelUnavailable)?;
+        let consolidated = self.optimizer.consolidated(working)?;
+        let model = consolidated.as_ref().unwrap_or(working);
         let (step, rank0) = (self.state.step, self.sync.rank() == 0);
         let sync = &mut *self.sync;
         let staged = if rank0 {
@@ -527,6 +582,55 @@ impl<B: AutodiffBackend> Trainer<B> {
             let _ = std::fs::remove_dir_all(&tmp);
         }
         written.map(|()| checkpoint::checkpoint_dir(&self.run_dir, step))
+    }
+
+    /// Bytes this rank holds for parameters, gradients (as of the last step) and optimizer state.
+    pub fn model_state_bytes(&self) -> ModelStateBytes {
+        ModelStateBytes {
+            parameters: self.model.as_ref().map_or(0, parameter_bytes),
+            gradients: self.gradient_bytes,
+            optimizer: self.optimizer.state_bytes(),
+        }
+    }
+
+    /// Every rank's [`ModelStateBytes`], gathered on every rank (each rank calls it).
+    pub fn model_state_bytes_by_rank(&mut self) -> Result<Vec<ModelStateBytes>> {
+        let (rank, world) = (self.sync.rank(), self.sync.world_size());
+        let mine = self.model_state_bytes();
+        let mut all = vec![0.0; 3 * world];
+        all[3 * rank..3 * rank + 3].copy_from_slice(&[
+            mine.parameters as f64,
+            mine.gradients as f64,
+            mine.optimizer as f64,
+        ]);
+        if world > 1 {
+            self.sync.all_reduce_sum(&mut all)?;
+        }
+        Ok(all
+            .chunks(3)
+            .map(|c| ModelStateBytes {
+                parameters: c[0] as u64,
+                gradients: c[1] as u64,
+                optimizer: c[2] as u64,
+            })
+            .collect())
+    }
+
+    /// Logs every rank's model-state bytes (metrics on rank 0, stderr with a progress bar).
+    fn report_memory(&mut self) -> Result<()> {
+        let by_rank = self.model_state_bytes_by_rank()?;
+        if self.is_rank0() && self.show_progress {
+            for (r, b) in by_rank.iter().enumerate() {
+                eprintln!(
+                    "rank {r}: parameters {:.1} MB, gradients {:.1} MB, optimizer state {:.1} MB (model state {:.1} MB)",
+                    b.parameters as f64 / 1e6,
+                    b.gradients as f64 / 1e6,
+                    b.optimizer as f64 / 1e6,
+                    b.total() as f64 / 1e6
+                );
+            }
+        }
+        self.metrics(json!({"step": self.state.step, "model_state_bytes": by_rank}))
     }
 
     /// Whether to stop before the next step: the stop flag, raised on any rank.
@@ -574,6 +678,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         let flops_per_token = self.model_config.flops_per_token(self.config.seq_len);
         let mut window = Instant::now();
         let mut window_tokens = 0u64;
+        let mut reported = false;
         while self.state.step < total {
             if self.stop_requested()? {
                 bar.finish_and_clear();
@@ -584,6 +689,11 @@ impl<B: AutodiffBackend> Trainer<B> {
                 return Ok(TrainOutcome::Interrupted { step, checkpoint });
             }
             let report = self.step()?;
+            if !reported {
+                // After the first step: gradients and optimizer state exist.
+                self.report_memory()?;
+                reported = true;
+            }
             window_tokens += self.tokens_per_step();
             let step = report.step + 1;
             if self.config.log_interval > 0

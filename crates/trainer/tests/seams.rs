@@ -144,6 +144,10 @@ impl OptimizerStep<B, Transformer<B>> for Recording {
         OptimizerStep::step(&mut self.inner, lr, model, grads)
     }
 
+    fn state_bytes(&self) -> u64 {
+        OptimizerStep::state_bytes(&self.inner)
+    }
+
     fn save(&self, dir: &Path) -> kiln_trainer::Result<()> {
         let steps = self.norms.lock().unwrap().len();
         std::fs::write(dir.join("recording.txt"), steps.to_string()).unwrap();

@@ -1,0 +1,132 @@
+//! Data parallelism's gradient synchronization (DDP), and ZeRO-2/3's reduce-scatter: the
+//! [`GradientSync`] every rank of a data-parallel run plugs into its trainer.
+
+use std::sync::Arc;
+
+use burn::optim::GradientsParams;
+use burn::tensor::backend::AutodiffBackend;
+use kiln_trainer::parallel::GradientSync;
+use kiln_transformer::Transformer;
+
+use crate::comm::Communicator;
+use crate::flat::{self, DEFAULT_BUCKET_ELEMENTS};
+use crate::partition::Partition;
+
+/// Averages gradients over the ranks with bucketed all-reduces. Plain data parallelism (and
+/// ZeRO-1) hands every rank the whole mean gradient; with [`DataParallel::reduce_scatter`]
+/// (ZeRO-2 and -3) each rank keeps only the rows it owns and the trainer adds the ranks' squared
+/// norms for clipping.
+pub struct DataParallel<B: AutodiffBackend> {
+    comm: Arc<Communicator<B::InnerBackend>>,
+    reduce_scatter: bool,
+    bucket_elements: usize,
+}
+
+impl<B: AutodiffBackend> DataParallel<B> {
+    /// Every rank gets the whole mean gradient (DDP, ZeRO-1).
+    pub fn new(comm: Arc<Communicator<B::InnerBackend>>) -> Self {
+        Self {
+            comm,
+            reduce_scatter: false,
+            bucket_elements: DEFAULT_BUCKET_ELEMENTS,
+        }
+    }
+
+    /// Every rank keeps the mean gradient of the rows it owns ([`Partition`]: ZeRO-2, -3).
+    pub fn reduce_scatter(comm: Arc<Communicator<B::InnerBackend>>) -> Self {
+        Self {
+            reduce_scatter: true,
+            ..Self::new(comm)
+        }
+    }
+
+    /// All-reduce buckets of at most `elements` elements (default 25 MB of f32).
+    pub fn with_bucket_elements(mut self, elements: usize) -> Self {
+        self.bucket_elements = elements.max(1);
+        self
+    }
+}
+
+impl<B: AutodiffBackend> GradientSync<B> for DataParallel<B> {
+    fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+
+    fn world_size(&self) -> usize {
+        self.comm.world_size()
+    }
+
+    fn sync(
+        &mut self,
+        model: &Transformer<B>,
+        mut grads: GradientsParams,
+    ) -> kiln_trainer::Result<GradientsParams> {
+        let world = self.comm.world_size();
+        if world == 1 {
+            return Ok(grads);
+        }
+        let local = flat::take_grads(model, &mut grads);
+        let summed = flat::all_reduce_buckets(&self.comm, local, self.bucket_elements)?;
+        let n = world as f64;
+        if !self.reduce_scatter {
+            let shapes: Vec<Vec<usize>> = crate::partition::param_layouts(model)
+                .into_iter()
+                .map(|p| p.shape)
+                .collect();
+            let mean = summed
+                .into_iter()
+                .map(|g| g.map(|g| g.div_scalar(n)))
+                .collect();
+            return Ok(flat::grads_from_flat(model, mean, &shapes));
+        }
+        let partition = Partition::of(model, world)?;
+        let rank = self.comm.rank();
+        let mut shapes = Vec::with_capacity(summed.len());
+        let shard = summed
+            .into_iter()
+            .zip(partition.params())
+            .enumerate()
+            .map(|(i, (g, layout))| {
+                let rows = partition.rows(i, rank);
+                shapes.push(layout.shard_shape(&rows));
+                let len = layout.row_len();
+                g.filter(|_| !rows.is_empty())
+                    .map(|g| g.slice(rows.start * len..rows.end * len).div_scalar(n))
+            })
+            .collect();
+        Ok(flat::grads_from_flat(model, shard, &shapes))
+    }
+
+    fn broadcast_parameters(
+        &mut self,
+        model: Transformer<B>,
+    ) -> kiln_trainer::Result<Transformer<B>> {
+        if self.comm.world_size() == 1 {
+            return Ok(model);
+        }
+        // Rank 0's values plus zeros from everyone else: a broadcast as an all-reduce (exact).
+        let rank0 = self.comm.rank() == 0;
+        let values = flat::param_values(&model)
+            .into_iter()
+            .map(|v| v.map(|v| if rank0 { v } else { v.zeros_like() }))
+            .collect();
+        let summed = flat::all_reduce_buckets(&self.comm, values, self.bucket_elements)?;
+        let shapes: Vec<Vec<usize>> = crate::partition::param_layouts(&model)
+            .into_iter()
+            .map(|p| p.shape)
+            .collect();
+        Ok(flat::with_param_values(model, summed, &shapes))
+    }
+
+    fn all_reduce_sum(&mut self, values: &mut [f64]) -> kiln_trainer::Result<()> {
+        Ok(self.comm.all_reduce_values(values)?)
+    }
+
+    fn sharded(&self) -> bool {
+        self.reduce_scatter && self.comm.world_size() > 1
+    }
+
+    fn barrier(&mut self) -> kiln_trainer::Result<()> {
+        Ok(self.comm.barrier()?)
+    }
+}
