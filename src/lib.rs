@@ -17,6 +17,7 @@
 //! See `docs/architecture.md` for the whole pipeline.
 
 pub use kiln_bpe as bpe;
+pub use kiln_distributed as distributed;
 pub use kiln_gguf as gguf;
 pub use kiln_kernels as kernels;
 pub use kiln_quantize as quantize;

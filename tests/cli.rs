@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::shared;
+use common::{TEXT, shared, tokenizer_and_shards};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -28,9 +28,6 @@ fn ok(out: &Output) -> &[u8] {
     );
     &out.stdout
 }
-
-const TEXT: &str =
-    "Byte-level BPE: 中文, emoji 🦀, e\u{301}, tabs\t\tand   spaces.\n<|endoftext|> stays text.\n";
 
 #[test]
 fn train_encode_decode_prepare() {
@@ -190,43 +187,6 @@ fn clear_errors_and_exit_codes() {
 
     let help = kiln(&["--help"], b"");
     assert!(String::from_utf8_lossy(ok(&help)).contains("tokenizer"));
-}
-
-/// A 512-token tokenizer and token shards of `TEXT` made through the CLI in a new temp dir:
-/// `(dir, data dir, run dir)`; the data dir's tokenizer is beside the shards.
-fn tokenizer_and_shards() -> (tempfile::TempDir, PathBuf, PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let corpus = dir.path().join("corpus.txt");
-    std::fs::write(&corpus, TEXT.repeat(200)).unwrap();
-    let tok = dir.path().join("tokenizer.json");
-    let data = dir.path().join("data");
-    let run = dir.path().join("run");
-    let p = |x: &Path| x.to_str().unwrap().to_owned();
-    ok(&kiln(
-        &[
-            "tokenizer",
-            "train",
-            "--vocab-size",
-            "512",
-            "-o",
-            &p(&tok),
-            &p(&corpus),
-        ],
-        b"",
-    ));
-    ok(&kiln(
-        &[
-            "data",
-            "prepare",
-            "-t",
-            &p(&tok),
-            "-o",
-            &p(&data),
-            &p(&corpus),
-        ],
-        b"",
-    ));
-    (dir, data, run)
 }
 
 #[test]

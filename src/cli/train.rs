@@ -1,12 +1,17 @@
 //! `kiln train` and `kiln eval`.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use burn::tensor::backend::AutodiffBackend;
 use clap::Args as ClapArgs;
 use kiln::backend::{CheckpointedTrainBackend, DefaultBackend, TrainBackend};
 use kiln::bpe::TokenShard;
+use kiln::distributed::launch::{self, LaunchOutcome, LaunchPlan, ProcessGroupEnv};
+use kiln::distributed::rendezvous::{self, Rendezvous};
+use kiln::distributed::{Communicator, Transport};
 use kiln::trainer::checkpoint;
 use kiln::trainer::{Precision, TrainConfig, TrainOutcome, Trainer, evaluate};
 use kiln::transformer::load_model;
@@ -17,7 +22,13 @@ use super::stop::{StopSignals, shell_quote};
 #[command(
     after_help = "SIGINT (Ctrl-C) or SIGTERM stops cleanly: the step in progress finishes, a checkpoint is \
                   written, the command that resumes the run is printed, and kiln exits with status 130 \
-                  (SIGINT) or 143 (SIGTERM). A second signal exits at once."
+                  (SIGINT) or 143 (SIGTERM). A second signal exits at once.\n\n\
+                  Data parallel: `--nproc N` starts N ranks on this machine (like torchrun \
+                  --nproc-per-node); add `--nnodes M --node-rank R --master HOST:PORT` on each of M \
+                  machines. A process started with RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT in its \
+                  environment (torchrun, SLURM, Kubernetes) runs as that rank. `zero_stage` in the \
+                  config (or --zero-stage) shards the optimizer state (1), gradients (2) and parameters \
+                  (3) over the ranks. See docs/distributed.md."
 )]
 pub struct TrainArgs {
     /// Training config (TOML); see examples/configs/tiny.toml.
@@ -51,6 +62,24 @@ pub struct TrainArgs {
     /// float32 matrix-multiply rate, e.g. 3.1e11; an H200: 9.89e14 in BF16).
     #[arg(long, value_name = "FLOPS", value_parser = positive_flops)]
     pub peak_flops: Option<f64>,
+    /// Data-parallel ranks (processes) to start on this machine, each with its share of the
+    /// cores; every rank trains at the config's micro_batch.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub nproc: usize,
+    /// Machines in the run (start `kiln train` on each with its --node-rank).
+    #[arg(long, default_value_t = 1, value_name = "M")]
+    pub nnodes: usize,
+    /// This machine's index among --nnodes.
+    #[arg(long, default_value_t = 0, value_name = "R")]
+    pub node_rank: usize,
+    /// Rank 0's rendezvous address; it also uses the next ports for Burn's orchestrator and the
+    /// ranks' data services (docs/distributed.md).
+    #[arg(long, default_value = launch::DEFAULT_MASTER, value_name = "HOST:PORT")]
+    pub master: String,
+    /// ZeRO stage for a new run (overrides the config's zero_stage): 0 plain data parallel, 1
+    /// shard the optimizer state, 2 also gradients, 3 also parameters.
+    #[arg(long, value_name = "Z", value_parser = clap::value_parser!(u8).range(0..=3))]
+    pub zero_stage: Option<u8>,
 }
 
 fn positive_flops(s: &str) -> Result<f64, String> {
@@ -89,6 +118,10 @@ enum Start {
 /// once.
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let signals = StopSignals::install()?;
+    let group = ProcessGroupEnv::from_env()?;
+    if group.is_none() && (args.nproc > 1 || args.nnodes > 1) {
+        return launch_ranks(&args, &signals);
+    }
     let (start, checkpointing) = if let Some(run_dir) = &args.resume {
         if args.precision.is_some()
             || args.activation_checkpointing
@@ -134,14 +167,17 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         if let Some(peak) = args.peak_flops {
             config.peak_flops = Some(peak);
         }
+        if let Some(z) = args.zero_stage {
+            config.zero_stage = z;
+        }
         let checkpointing = config.activation_checkpointing;
         (Start::New(Box::new(config)), checkpointing)
     };
     // The checkpointing strategy is a type parameter of Burn's autodiff backend.
     let stopped = if checkpointing {
-        train_on::<CheckpointedTrainBackend>(start, &args, &signals)?
+        train_on::<CheckpointedTrainBackend>(start, &args, &signals, group.as_ref())?
     } else {
-        train_on::<TrainBackend>(start, &args, &signals)?
+        train_on::<TrainBackend>(start, &args, &signals, group.as_ref())?
     };
     if let Some(status) = stopped {
         std::process::exit(status);
@@ -149,60 +185,176 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Trains on backend `B`; returns the exit status when a signal stopped the run.
+/// `kiln train --nproc N`: starts this node's ranks as child processes and watches them.
+fn launch_ranks(args: &TrainArgs, signals: &StopSignals) -> anyhow::Result<()> {
+    let plan = LaunchPlan {
+        nproc: args.nproc,
+        nnodes: args.nnodes,
+        node_rank: args.node_rank,
+        master: args.master.clone(),
+    };
+    plan.validate()?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = (cores / args.nproc).max(1);
+    let exe = std::env::current_exe().context("locating the kiln executable")?;
+    let command: Vec<String> = std::iter::once(exe.display().to_string())
+        .chain(std::env::args().skip(1))
+        .collect();
+    let world = plan.nproc * plan.nnodes;
+    eprintln!(
+        "starting ranks {}..{} of {world} on this machine ({threads} thread(s) each); master {}",
+        plan.node_rank * plan.nproc,
+        (plan.node_rank + 1) * plan.nproc - 1,
+        plan.master
+    );
+    let flag = signals.flag();
+    let mut forwarded = false;
+    let outcome = launch::launch(&command, &plan, threads, Duration::from_secs(10), || {
+        if !forwarded && flag.load(std::sync::atomic::Ordering::SeqCst) {
+            forwarded = true;
+            let (name, _) = signals.received();
+            return Some(if name == "SIGINT" { 2 } else { 15 });
+        }
+        None
+    })?;
+    match outcome {
+        LaunchOutcome::Success => Ok(()),
+        LaunchOutcome::RankFailed { status, .. } if forwarded => {
+            std::process::exit(status.code().unwrap_or(signals.received().1))
+        }
+        failed => bail!("{}", failed.message()),
+    }
+}
+
+/// This process's part in a multi-process run: the rendezvous (config check, watchdog), the
+/// collective group, and the trainer builder with data parallelism and ZeRO plugged in.
+fn join_group<B: AutodiffBackend>(
+    group: &ProcessGroupEnv,
+    fingerprint: &str,
+    zero_stage: u8,
+    device: B::Device,
+) -> anyhow::Result<(kiln::trainer::TrainerBuilder<B>, Rendezvous)> {
+    let rank = group.rank;
+    let on_failure: rendezvous::FailureHandler = Arc::new(move |e| {
+        eprintln!("kiln: {e}; stopping rank {rank}");
+        std::process::exit(1);
+    });
+    let timeout = std::env::var("KILN_RENDEZVOUS_TIMEOUT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map_or(Duration::from_secs(120), Duration::from_secs);
+    let rv = Rendezvous::join(group, fingerprint, timeout, on_failure)
+        .with_context(|| format!("rank {rank}: joining the run"))?;
+    let endpoints = group.endpoints()?;
+    launch::check_port_free("0.0.0.0", endpoints.data_port, "this rank's data service")?;
+    if rank == 0 {
+        launch::start_orchestrator(group.orchestrator_port())?;
+    }
+    let comm = Communicator::<B::InnerBackend>::join(
+        rank,
+        group.world_size,
+        device.clone(),
+        &Transport::Processes(endpoints),
+    )
+    .with_context(|| format!("rank {rank}: joining the collective group"))?;
+    Ok((
+        kiln::distributed::trainer_builder::<B>(Arc::new(comm), zero_stage, device),
+        rv,
+    ))
+}
+
+/// Trains on backend `B` (one rank of `group` if given); returns the exit status when a signal
+/// stopped the run.
 fn train_on<B: AutodiffBackend>(
     start: Start,
     args: &TrainArgs,
     signals: &StopSignals,
+    group: Option<&ProcessGroupEnv>,
 ) -> anyhow::Result<Option<i32>> {
     let device = B::Device::default();
-    let trainer = match start {
-        Start::Resume(run_dir) => Trainer::<B>::resume(&run_dir, args.max_steps, device)
-            .with_context(|| format!("resuming {}", run_dir.display()))?,
-        Start::New(config) => Trainer::<B>::new(*config, &args.out, device)?,
+    let (builder, rendezvous) = match group {
+        None => (Trainer::<B>::builder(device), None),
+        Some(group) => {
+            let (fingerprint, stage) = match &start {
+                Start::New(config) => (
+                    rendezvous::fingerprint(&config.to_toml()?),
+                    config.zero_stage,
+                ),
+                Start::Resume(run_dir) => {
+                    let state = checkpoint::latest_state(run_dir)?;
+                    let at = format!("{} step {}", run_dir.display(), state.step);
+                    (rendezvous::fingerprint(&at), state.config.zero_stage)
+                }
+            };
+            let (builder, rv) = join_group::<B>(group, &fingerprint, stage, device)?;
+            (builder, Some(rv))
+        }
     };
+    let trainer = match start {
+        Start::Resume(run_dir) => builder
+            .resume(&run_dir, args.max_steps)
+            .with_context(|| format!("resuming {}", run_dir.display()))?,
+        Start::New(config) => builder.start(*config, &args.out)?,
+    };
+    let rank0 = group.is_none_or(|g| g.rank == 0);
     let m = trainer.model_config();
     let c = trainer.config();
-    eprintln!(
-        "model: {} layers, width {}, {} heads, context {} ({:.2}M parameters) on {}; {}{}",
-        m.n_layers,
-        m.d_model,
-        m.n_heads,
-        m.context_length,
-        m.num_params() as f64 / 1e6,
-        kiln::backend::BACKEND_NAME,
-        c.precision.name(),
-        if c.activation_checkpointing {
-            ", activation checkpointing"
-        } else {
-            ""
+    if rank0 {
+        eprintln!(
+            "model: {} layers, width {}, {} heads, context {} ({:.2}M parameters) on {}; {}{}",
+            m.n_layers,
+            m.d_model,
+            m.n_heads,
+            m.context_length,
+            m.num_params() as f64 / 1e6,
+            kiln::backend::BACKEND_NAME,
+            c.precision.name(),
+            if c.activation_checkpointing {
+                ", activation checkpointing"
+            } else {
+                ""
+            }
+        );
+        if let Some(g) = group {
+            eprintln!(
+                "data parallel: {} ranks, ZeRO stage {}, {} rows per rank and micro-batch",
+                g.world_size, c.zero_stage, c.micro_batch
+            );
         }
-    );
+    }
     let started = std::time::Instant::now();
     let start_step = trainer.state().step;
     let mut trainer = trainer
         .with_progress(super::interactive())
         .with_stop_flag(signals.flag());
-    let val = match trainer.run()? {
+    let outcome = trainer.run()?;
+    if let Some(rv) = &rendezvous {
+        rv.finish();
+    }
+    let val = match outcome {
         TrainOutcome::Finished { val_loss } => val_loss,
         TrainOutcome::Interrupted { step, checkpoint } => {
             let (signal, status) = signals.received();
             let run_dir = trainer.run_dir().display().to_string();
-            eprintln!(
-                "{signal}: stopped after step {step}; checkpoint {}\nresume with: kiln train --resume {}",
-                checkpoint.display(),
-                shell_quote(&run_dir)
-            );
+            if rank0 {
+                eprintln!(
+                    "{signal}: stopped after step {step}; checkpoint {}\nresume with: kiln train --resume {}",
+                    checkpoint.display(),
+                    shell_quote(&run_dir)
+                );
+            }
             return Ok(Some(status));
         }
     };
-    eprintln!(
-        "{} steps in {:.1}s; val loss {val:.4} (perplexity {:.2})",
-        trainer.state().step - start_step,
-        started.elapsed().as_secs_f64(),
-        val.exp()
-    );
-    println!("final val_loss {val:.4}");
+    if rank0 {
+        eprintln!(
+            "{} steps in {:.1}s; val loss {val:.4} (perplexity {:.2})",
+            trainer.state().step - start_step,
+            started.elapsed().as_secs_f64(),
+            val.exp()
+        );
+        println!("final val_loss {val:.4}");
+    }
     Ok(None)
 }
 

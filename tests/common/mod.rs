@@ -40,3 +40,50 @@ pub fn python_has(module: &str) -> bool {
     }
     ok
 }
+
+/// Runs the `kiln` binary with `args`; panics with its stderr when it fails.
+pub fn run_kiln(args: &[&str]) {
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .output()
+        .expect("kiln runs");
+    assert!(
+        out.status.success(),
+        "kiln {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Byte-level BPE text (multilingual, emoji, combining marks, whitespace runs).
+pub const TEXT: &str =
+    "Byte-level BPE: 中文, emoji 🦀, e\u{301}, tabs\t\tand   spaces.\n<|endoftext|> stays text.\n";
+
+/// A 512-token tokenizer trained on [`TEXT`] and its shards: (temp dir, data dir, run dir path).
+pub fn tokenizer_and_shards() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("corpus.txt");
+    std::fs::write(&corpus, TEXT.repeat(200)).unwrap();
+    let tok = dir.path().join("tokenizer.json");
+    let data = dir.path().join("data");
+    let run = dir.path().join("run");
+    let p = |x: &Path| x.to_str().unwrap().to_owned();
+    run_kiln(&[
+        "tokenizer",
+        "train",
+        "--vocab-size",
+        "512",
+        "-o",
+        &p(&tok),
+        &p(&corpus),
+    ]);
+    run_kiln(&[
+        "data",
+        "prepare",
+        "-t",
+        &p(&tok),
+        "-o",
+        &p(&data),
+        &p(&corpus),
+    ]);
+    (dir, data, run)
+}

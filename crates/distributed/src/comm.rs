@@ -114,17 +114,30 @@ impl<B: Backend> Communicator<B> {
     }
 
     /// The element-wise sum of `tensor` over all ranks (every rank gets the same bits).
-    pub fn all_reduce_sum<const D: usize>(&self, tensor: Tensor<B, D>) -> Result<Tensor<B, D>> {
+    pub fn all_reduce_sum(&self, tensor: Tensor<B, 1>) -> Result<Tensor<B, 1>> {
         if self.world == 1 {
             return Ok(tensor);
         }
+        // Burn's multi-node ring splits the tensor into one slice per node: pad short ones.
+        let len = tensor.dims()[0];
+        let tensor = if len < self.world {
+            let pad = Tensor::zeros([self.world - len], (&self.device, tensor.dtype()));
+            Tensor::cat(vec![tensor, pad], 0)
+        } else {
+            tensor
+        };
         let summed = burn_collective::all_reduce::<B>(
             self.peer,
             tensor.into_primitive().tensor(),
             ReduceOperation::Sum,
         )
         .map_err(collective)?;
-        Ok(Tensor::from_primitive(TensorPrimitive::Float(summed)))
+        let summed = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(summed));
+        Ok(if len < self.world {
+            summed.slice(0..len)
+        } else {
+            summed
+        })
     }
 
     /// Replaces each of `values` by its sum over all ranks, in f64.

@@ -37,7 +37,9 @@ pub mod comm;
 pub mod ddp;
 pub mod error;
 pub mod flat;
+pub mod launch;
 pub mod partition;
+pub mod rendezvous;
 mod shards;
 pub mod zero;
 

@@ -17,6 +17,9 @@ use crate::parallel::{GradientSync, SingleProcess};
 use crate::precision::{LossScaler, materialize};
 use crate::trainer::{Parts, Trainer};
 
+/// Held while a new run seeds Burn's random generator and draws the initial weights.
+static INIT_TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// The optimizer a run trains with, as the trainer holds it.
 pub type BoxedOptimizer<B> = Box<dyn OptimizerStep<B, Transformer<B>>>;
 
@@ -139,11 +142,17 @@ impl<B: AutodiffBackend> TrainerBuilder<B> {
             kiln_gguf::atomic::write(&path, config.to_toml()?.as_bytes())
                 .map_err(|e| TrainError::io(&path, e))?;
         }
-        // Every rank draws the same initial weights from `seed`.
-        B::seed(&self.device, config.seed);
-        let model = model_config.init::<B>(&self.device)?;
-        // Draw the initial weights now (Burn initializes parameters lazily).
-        materialize(&model);
+        // Every rank draws the same initial weights from `seed`. Burn's CPU generator is
+        // process-wide: ranks on threads of one process take turns, so none draws from another's
+        // sequence.
+        let model = {
+            let _turn = INIT_TURN.lock().unwrap_or_else(|e| e.into_inner());
+            B::seed(&self.device, config.seed);
+            let model = model_config.init::<B>(&self.device)?;
+            // Draw the initial weights now (Burn initializes parameters lazily).
+            materialize(&model);
+            model
+        };
         let model = self.sync.broadcast_parameters(model)?;
         let optimizer = self.make_optimizer(&model, &config)?;
         let state = TrainerState {
