@@ -67,7 +67,6 @@ fn measure(comm: &Communicator<Flex>, iters: usize) -> Vec<(usize, Duration)> {
         .iter()
         .map(|&mb| {
             let n = mb * 1024 * 1024 / 4;
-            eprintln!("rank {}: {mb} MB", comm.rank());
             let t = Tensor::<Flex, 1>::ones([n], comm.device());
             let _ = comm.all_reduce_sum(t.clone()).expect("all-reduce");
             let times = (0..iters)
@@ -155,6 +154,8 @@ fn main() -> anyhow::Result<()> {
             );
         }
         Some(group) => {
+            let endpoints = group.endpoints()?;
+            launch::check_port_free("0.0.0.0", endpoints.data_port, "this rank's data service")?;
             if group.rank == 0 {
                 launch::start_orchestrator(group.orchestrator_port())?;
             }
@@ -162,7 +163,7 @@ fn main() -> anyhow::Result<()> {
                 group.rank,
                 group.world_size,
                 Default::default(),
-                &Transport::Processes(group.endpoints()?),
+                &Transport::Processes(endpoints),
             )?);
             let results = measure(&comm, args.iters);
             if group.rank == 0 {

@@ -4,7 +4,7 @@ mod common;
 
 use common::{TEXT, shared, tokenizer_and_shards};
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
 fn kiln(args: &[&str], stdin: &[u8]) -> Output {

@@ -67,9 +67,9 @@ fn config(dir: &Path) -> TrainConfig {
 }
 
 /// A hash of the model's parameter values (bits), in visiting order.
-fn weights_hash(trainer: &Trainer<B>) -> u64 {
+fn weights_hash<Bk: AutodiffBackend<InnerBackend = Inner>>(trainer: &Trainer<Bk>) -> u64 {
     let mut h = DefaultHasher::new();
-    for v in flat::param_values::<B, _>(trainer.model().unwrap())
+    for v in flat::param_values::<Bk, _>(trainer.model().unwrap())
         .into_iter()
         .flatten()
     {
@@ -97,6 +97,17 @@ fn run_ranks(
     steps: usize,
     resume: bool,
 ) -> Vec<RankRun> {
+    run_ranks_on::<B>(config, world, run, steps, resume)
+}
+
+/// [`run_ranks`] on the autodiff backend `Bk` (Burn's activation checkpointing is one).
+fn run_ranks_on<Bk: AutodiffBackend<InnerBackend = Inner>>(
+    config: &TrainConfig,
+    world: usize,
+    run: &Path,
+    steps: usize,
+    resume: bool,
+) -> Vec<RankRun> {
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..world)
             .map(|rank| {
@@ -112,7 +123,8 @@ fn run_ranks(
                         )
                         .unwrap(),
                     );
-                    let builder = trainer_builder::<B>(comm, config.zero_stage, Default::default());
+                    let builder =
+                        trainer_builder::<Bk>(comm, config.zero_stage, Default::default());
                     let mut trainer = if resume {
                         builder.resume(&run, None).unwrap()
                     } else {
@@ -389,4 +401,73 @@ fn all_reduce_sums_every_rank_once() {
             );
         }
     }
+}
+
+#[test]
+fn zero_works_with_mixed_precision_and_activation_checkpointing() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let mut base = config(dir.path());
+    base.micro_batch = 4;
+    // bf16: ZeRO's bf16 working copy and f32 master shards against DDP's f32 master weights and
+    // bf16 compute copy (the same bf16 weights in the forward pass; ZeRO sums bf16 gradients).
+    base.precision = Precision::Bf16;
+    let ddp = run_ranks(&base, 2, &dir.path().join("ddp-bf16"), 10, false);
+    for stage in [1, 3] {
+        let mut zero = base.clone();
+        zero.zero_stage = stage;
+        let ranks = run_ranks(
+            &zero,
+            2,
+            &dir.path().join(format!("zero{stage}-bf16")),
+            10,
+            false,
+        );
+        assert_close(
+            &ranks[0].losses,
+            &ddp[0].losses,
+            1e-2,
+            &format!("bf16 ZeRO-{stage}"),
+        );
+        assert!(
+            ranks[0].losses[9] < ranks[0].losses[0] - 0.1,
+            "it learns: {:?}",
+            ranks[0].losses
+        );
+    }
+    // Balanced activation checkpointing: the same steps as without.
+    let mut f32 = base.clone();
+    f32.precision = Precision::F32;
+    f32.zero_stage = 3;
+    let plain = run_ranks(&f32, 2, &dir.path().join("z3"), 6, false);
+    let ckpt = run_ranks_on::<
+        Autodiff<Flex, burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing>,
+    >(&f32, 2, &dir.path().join("z3-ckpt"), 6, false);
+    assert_close(
+        &ckpt[0].losses,
+        &plain[0].losses,
+        1e-5,
+        "ZeRO-3 with activation checkpointing",
+    );
+}
+
+#[test]
+fn one_rank_resumes_on_two() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let mut base = config(dir.path());
+    base.micro_batch = 8;
+    base.zero_stage = 1;
+    let straight = run_ranks(&base, 1, &dir.path().join("straight"), 10, false);
+    let run = dir.path().join("run");
+    run_ranks(&base, 1, &run, 5, false);
+    // 8 rows on one rank become 4 on each of two.
+    let two = run_ranks(&base, 2, &run, 5, true);
+    assert_close(
+        &two[0].losses,
+        &straight[0].losses[5..],
+        1e-5,
+        "1 -> 2 ranks",
+    );
+    assert_eq!(two[0].hashes, two[1].hashes);
 }
