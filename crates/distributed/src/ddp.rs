@@ -69,10 +69,7 @@ impl<B: AutodiffBackend> GradientSync<B> for DataParallel<B> {
         let summed = flat::all_reduce_buckets(&self.comm, local, self.bucket_elements)?;
         let n = world as f64;
         if !self.reduce_scatter {
-            let shapes: Vec<Vec<usize>> = crate::partition::param_layouts(model)
-                .into_iter()
-                .map(|p| p.shape)
-                .collect();
+            let shapes = crate::partition::param_shapes(model);
             let mean = summed
                 .into_iter()
                 .map(|g| g.map(|g| g.div_scalar(n)))
@@ -111,10 +108,7 @@ impl<B: AutodiffBackend> GradientSync<B> for DataParallel<B> {
             .map(|v| v.map(|v| if rank0 { v } else { v.zeros_like() }))
             .collect();
         let summed = flat::all_reduce_buckets(&self.comm, values, self.bucket_elements)?;
-        let shapes: Vec<Vec<usize>> = crate::partition::param_layouts(&model)
-            .into_iter()
-            .map(|p| p.shape)
-            .collect();
+        let shapes = crate::partition::param_shapes(&model);
         Ok(flat::with_param_values(model, summed, &shapes))
     }
 

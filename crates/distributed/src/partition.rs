@@ -6,9 +6,9 @@
 
 use std::ops::Range;
 
-use burn::module::{Module, ModuleVisitor, Param, ParamId};
-use burn::tensor::Tensor;
-use burn::tensor::backend::Backend;
+use burn::module::{AutodiffModule, ParamId};
+use burn::tensor::backend::AutodiffBackend;
+use kiln_trainer::optimizer::param_infos;
 
 use crate::error::{DistError, Result};
 
@@ -55,39 +55,20 @@ impl ParamLayout {
 }
 
 /// The float parameters of `module` in visiting order, with their paths and shapes.
-pub fn param_layouts<B: Backend, M: Module<B>>(module: &M) -> Vec<ParamLayout> {
-    struct Visitor {
-        stack: Vec<String>,
-        out: Vec<ParamLayout>,
-    }
-    impl<B: Backend> ModuleVisitor<B> for Visitor {
-        fn enter_module(&mut self, name: &str, _container: &str) {
-            self.stack.push(name.to_owned());
-        }
-        fn exit_module(&mut self, _name: &str, _container: &str) {
-            self.stack.pop();
-        }
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            let path = self
-                .stack
-                .iter()
-                .filter(|s| !s.is_empty())
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(".");
-            self.out.push(ParamLayout {
-                id: param.id,
-                path,
-                shape: param.val().dims().to_vec(),
-            });
-        }
-    }
-    let mut v = Visitor {
-        stack: Vec::new(),
-        out: Vec::new(),
-    };
-    module.visit(&mut v);
-    v.out
+pub fn param_layouts<B: AutodiffBackend, M: AutodiffModule<B>>(module: &M) -> Vec<ParamLayout> {
+    param_infos(module)
+        .into_iter()
+        .map(|p| ParamLayout {
+            id: p.id,
+            path: p.path,
+            shape: p.shape,
+        })
+        .collect()
+}
+
+/// The shapes of `module`'s float parameters, in visiting order.
+pub fn param_shapes<B: AutodiffBackend, M: AutodiffModule<B>>(module: &M) -> Vec<Vec<usize>> {
+    param_infos(module).into_iter().map(|p| p.shape).collect()
 }
 
 /// The row ranges every rank owns of every parameter.
@@ -140,7 +121,7 @@ impl Partition {
     }
 
     /// The partition of `module`'s parameters over `world` ranks.
-    pub fn of<B: Backend, M: Module<B>>(module: &M, world: usize) -> Result<Self> {
+    pub fn of<B: AutodiffBackend, M: AutodiffModule<B>>(module: &M, world: usize) -> Result<Self> {
         Self::new(param_layouts(module), world)
     }
 

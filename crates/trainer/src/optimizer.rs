@@ -81,6 +81,8 @@ pub struct ParamInfo {
     pub path: String,
     /// Number of dimensions.
     pub rank: usize,
+    /// Shape.
+    pub shape: Vec<usize>,
     /// Whether weight decay applies: rank ≥ 2, as in nanoGPT.
     pub decay: bool,
 }
@@ -110,6 +112,7 @@ pub fn param_infos<B: AutodiffBackend, M: AutodiffModule<B>>(module: &M) -> Vec<
                 id: param.id,
                 path,
                 rank: D,
+                shape: param.val().dims().to_vec(),
                 decay: D >= 2,
             });
         }

@@ -9,5 +9,4 @@ pub use api::*;
 
 mod local;
 
-#[cfg(test)]
-mod tests;
+// Kiln patch: the crate's own tests (src/tests/) are not part of this copy.
