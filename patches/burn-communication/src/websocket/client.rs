@@ -67,7 +67,9 @@ impl CommunicationChannel for WsClientChannel {
                 Err(err) => Err(WsClientError::Tungstenite(err)),
                 msg => Err(WsClientError::UnknownMessage(format!("{msg:?}"))),
             },
-            None => todo!(),
+            // Kiln patch: the stream ended without a close frame (the peer died): a closed
+            // connection, not a panic (was `todo!()`).
+            None => Ok(None),
         }
     }
 

@@ -100,7 +100,9 @@ impl CommunicationChannel for WsServerChannel {
                 Err(err) => Err(WsServerError::Axum(err)),
                 msg => Err(WsServerError::UnknownMessage(format!("{msg:?}"))),
             },
-            None => todo!(),
+            // Kiln patch: the stream ended without a close frame (the peer died): a closed
+            // connection, not a panic (was `todo!()`).
+            None => Ok(None),
         }
     }
 
