@@ -50,9 +50,10 @@ PY
 }
 half=$((ROWS / 2))
 RAYON_NUM_THREADS=2 $kiln train --config "$(config $ROWS 0)" --data "$OUT/data" --out "$OUT/one" >/dev/null 2>&1
-$kiln train --config "$(config $half 0)" --data "$OUT/data" --out "$OUT/ddp" --nproc 2 --master 127.0.0.1:29710 >/dev/null 2>&1
-$kiln train --config "$(config $half 3)" --data "$OUT/data" --out "$OUT/z3" --nproc 2 --master 127.0.0.1:29720 >/dev/null 2>&1
+# /usr/bin/time's maximum RSS of the launcher covers its reaped children: the largest rank.
+/usr/bin/time -f %M -o "$OUT/ddp.rss" $kiln train --config "$(config $half 0)" --data "$OUT/data" --out "$OUT/ddp" --nproc 2 --master 127.0.0.1:29710 >/dev/null 2>&1
+/usr/bin/time -f %M -o "$OUT/z3.rss" $kiln train --config "$(config $half 3)" --data "$OUT/data" --out "$OUT/z3" --nproc 2 --master 127.0.0.1:29720 >/dev/null 2>&1
 one=$(tps "$OUT/one"); ddp=$(tps "$OUT/ddp"); z3=$(tps "$OUT/z3")
 echo "1 process x 2 threads:   $one tokens/s"
-echo "2 processes x 1 thread:  $ddp tokens/s (DDP)   ratio $(python3 -c "print(f'{$ddp/$one:.2f}')")x"
-echo "2 processes, ZeRO-3:     $z3 tokens/s          step time vs DDP $(python3 -c "print(f'{$ddp/$z3:.2f}')")x"
+echo "2 processes x 1 thread:  $ddp tokens/s (DDP)   ratio $(python3 -c "print(f'{$ddp/$one:.2f}')")x   peak RSS of a rank $(($(tail -1 "$OUT/ddp.rss") / 1024)) MB"
+echo "2 processes, ZeRO-3:     $z3 tokens/s          step time vs DDP $(python3 -c "print(f'{$ddp/$z3:.2f}')")x   peak RSS of a rank $(($(tail -1 "$OUT/z3.rss") / 1024)) MB"

@@ -149,19 +149,22 @@ fn processes_and_nodes_reach_the_weights_of_threads() {
             .exists()
     );
 
-    // Two "nodes" on 127.0.0.1, one process each, through the orchestrator.
+    // Two "nodes" on 127.0.0.1, one process each, through the orchestrator, at ZeRO-3 (each
+    // block's weights gathered across the processes inside the forward and backward passes).
+    let threads3 = dir.path().join("threads-zero3");
+    thread_run(&data, &threads3, 3);
     let nodes = p(&dir.path().join("nodes"));
     let port = free_port(5).to_string();
     let master = format!("127.0.0.1:{port}");
     let spawn = |node: &str| {
-        let mut a = args(&data_s, &nodes, "2", "8");
+        let mut a = args(&data_s, &nodes, "3", "8");
         a.extend(["--nnodes", "2", "--node-rank", node, "--master", &master]);
         kiln().args(&a).spawn().unwrap()
     };
     let (n0, n1) = (spawn("0"), spawn("1"));
     ok(n1.wait_with_output().unwrap());
     ok(n0.wait_with_output().unwrap());
-    assert_same_weights(&final_model(&threads), &final_model(Path::new(&nodes)));
+    assert_same_weights(&final_model(&threads3), &final_model(Path::new(&nodes)));
 }
 
 /// A rank started by hand with the torchrun variables.

@@ -5,10 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use burn::tensor::backend::AutodiffBackend;
 use clap::Args as ClapArgs;
 use kiln::backend::{CheckpointedTrainBackend, DefaultBackend, TrainBackend};
 use kiln::bpe::TokenShard;
+use kiln::distributed::GatherBackend;
 use kiln::distributed::launch::{self, LaunchOutcome, LaunchPlan, ProcessGroupEnv};
 use kiln::distributed::rendezvous::{self, Rendezvous};
 use kiln::distributed::{Communicator, Transport};
@@ -228,7 +228,7 @@ fn launch_ranks(args: &TrainArgs, signals: &StopSignals) -> anyhow::Result<()> {
 
 /// This process's part in a multi-process run: the rendezvous (config check, watchdog), the
 /// collective group, and the trainer builder with data parallelism and ZeRO plugged in.
-fn join_group<B: AutodiffBackend>(
+fn join_group<B: GatherBackend>(
     group: &ProcessGroupEnv,
     fingerprint: &str,
     zero_stage: u8,
@@ -265,7 +265,7 @@ fn join_group<B: AutodiffBackend>(
 
 /// Trains on backend `B` (one rank of `group` if given); returns the exit status when a signal
 /// stopped the run.
-fn train_on<B: AutodiffBackend>(
+fn train_on<B: GatherBackend>(
     start: Start,
     args: &TrainArgs,
     signals: &StopSignals,

@@ -12,13 +12,26 @@ use crate::comm::Communicator;
 use crate::flat::{self, DEFAULT_BUCKET_ELEMENTS};
 use crate::partition::Partition;
 
+/// How a rank's gradients become the mean over the ranks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reduction {
+    /// Whole gradients all-reduced: every rank gets the whole mean (DDP, ZeRO-1).
+    AllReduce,
+    /// Whole gradients all-reduced, each rank keeping the rows it owns (ZeRO-2).
+    ReduceScatter,
+    /// The forward pass's gather operations already reduce-scattered them (ZeRO-3): each rank
+    /// holds the sum of its rows.
+    Prescattered,
+}
+
 /// Averages gradients over the ranks with bucketed all-reduces. Plain data parallelism (and
 /// ZeRO-1) hands every rank the whole mean gradient; with [`DataParallel::reduce_scatter`]
-/// (ZeRO-2 and -3) each rank keeps only the rows it owns and the trainer adds the ranks' squared
-/// norms for clipping.
+/// (ZeRO-2) each rank keeps only the rows it owns, and with [`DataParallel::prescattered`]
+/// (ZeRO-3) the backward pass already left each rank its rows; in both the trainer adds the
+/// ranks' squared norms for clipping.
 pub struct DataParallel<B: AutodiffBackend> {
     comm: Arc<Communicator<B::InnerBackend>>,
-    reduce_scatter: bool,
+    reduction: Reduction,
     bucket_elements: usize,
 }
 
@@ -27,15 +40,24 @@ impl<B: AutodiffBackend> DataParallel<B> {
     pub fn new(comm: Arc<Communicator<B::InnerBackend>>) -> Self {
         Self {
             comm,
-            reduce_scatter: false,
+            reduction: Reduction::AllReduce,
             bucket_elements: DEFAULT_BUCKET_ELEMENTS,
         }
     }
 
-    /// Every rank keeps the mean gradient of the rows it owns ([`Partition`]: ZeRO-2, -3).
+    /// Every rank keeps the mean gradient of the rows it owns ([`Partition`]: ZeRO-2).
     pub fn reduce_scatter(comm: Arc<Communicator<B::InnerBackend>>) -> Self {
         Self {
-            reduce_scatter: true,
+            reduction: Reduction::ReduceScatter,
+            ..Self::new(comm)
+        }
+    }
+
+    /// The gradients arrive as this rank's rows summed over the ranks (ZeRO-3, whose gather
+    /// operations reduce-scatter in the backward pass): every rank divides by the world size.
+    pub fn prescattered(comm: Arc<Communicator<B::InnerBackend>>) -> Self {
+        Self {
+            reduction: Reduction::Prescattered,
             ..Self::new(comm)
         }
     }
@@ -65,10 +87,18 @@ impl<B: AutodiffBackend> GradientSync<B> for DataParallel<B> {
         if world == 1 {
             return Ok(grads);
         }
-        let local = flat::take_grads(model, &mut grads);
-        let summed = flat::all_reduce_buckets(&self.comm, local, self.bucket_elements)?;
         let n = world as f64;
-        if !self.reduce_scatter {
+        let local = flat::take_grads(model, &mut grads);
+        if self.reduction == Reduction::Prescattered {
+            let shapes = crate::partition::param_shapes(model);
+            let mean = local
+                .into_iter()
+                .map(|g| g.map(|g| g.div_scalar(n)))
+                .collect();
+            return Ok(flat::grads_from_flat(model, mean, &shapes));
+        }
+        let summed = flat::all_reduce_buckets(&self.comm, local, self.bucket_elements)?;
+        if self.reduction == Reduction::AllReduce {
             let shapes = crate::partition::param_shapes(model);
             let mean = summed
                 .into_iter()
@@ -117,7 +147,7 @@ impl<B: AutodiffBackend> GradientSync<B> for DataParallel<B> {
     }
 
     fn sharded(&self) -> bool {
-        self.reduce_scatter && self.comm.world_size() > 1
+        self.reduction != Reduction::AllReduce && self.comm.world_size() > 1
     }
 
     fn barrier(&mut self) -> kiln_trainer::Result<()> {

@@ -37,6 +37,7 @@ pub mod comm;
 pub mod ddp;
 pub mod error;
 pub mod flat;
+pub mod gather;
 pub mod launch;
 pub mod partition;
 pub mod rendezvous;
@@ -45,12 +46,12 @@ pub mod zero;
 
 use std::sync::Arc;
 
-use burn::tensor::backend::AutodiffBackend;
 use kiln_trainer::{TrainError, TrainerBuilder};
 
 pub use comm::{Communicator, Endpoints, Transport};
 pub use ddp::DataParallel;
 pub use error::{DistError, Result};
+pub use gather::{GatherBackend, GatherCounts, GatherEvent, GraphGather, ParamGather, PlainGather};
 pub use partition::{ParamLayout, Partition};
 pub use shards::shard_file;
 pub use zero::ZeroOptimizer;
@@ -58,15 +59,15 @@ pub use zero::ZeroOptimizer;
 /// A trainer builder for one rank of a data-parallel run at ZeRO `zero_stage` (0 = plain data
 /// parallel with the trainer's own AdamW): the gradient synchronization and, for stages 1–3, the
 /// sharded optimizer plugged in. The run's config must ask for the same stage.
-pub fn trainer_builder<B: AutodiffBackend>(
+pub fn trainer_builder<B: GatherBackend>(
     comm: Arc<Communicator<B::InnerBackend>>,
     zero_stage: u8,
     device: B::Device,
 ) -> TrainerBuilder<B> {
-    let sync = if zero_stage >= 2 {
-        DataParallel::<B>::reduce_scatter(Arc::clone(&comm))
-    } else {
-        DataParallel::<B>::new(Arc::clone(&comm))
+    let sync = match zero_stage {
+        0 | 1 => DataParallel::<B>::new(Arc::clone(&comm)),
+        2 => DataParallel::<B>::reduce_scatter(Arc::clone(&comm)),
+        _ => DataParallel::<B>::prescattered(Arc::clone(&comm)),
     };
     let builder = TrainerBuilder::new(device).gradient_sync(sync);
     builder.optimizer(move |model, config| {

@@ -13,15 +13,16 @@ use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
 
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::backend::Backend;
 use burn::tensor::{DType, FloatDType, Tensor};
 use kiln_trainer::optimizer::{GroupedAdamW, OptimizerStep};
 use kiln_trainer::{TrainConfig, TrainError};
-use kiln_transformer::Transformer;
+use kiln_transformer::{Transformer, WeightSource};
 
 use crate::comm::Communicator;
 use crate::error::{DistError, Result};
 use crate::flat::{self, DEFAULT_BUCKET_ELEMENTS, Flat};
+use crate::gather::{GatherBackend, GatherCounts, GraphGather, ParamGather, PlainGather};
 use crate::partition::{Partition, param_layouts};
 use crate::shards;
 
@@ -50,10 +51,13 @@ pub(crate) struct Shard<B: Backend> {
 
 /// The ZeRO-1/2/3 optimizer of one rank (pair it with [`crate::DataParallel`]: plain for stage 1,
 /// reduce-scattering for 2 and 3).
-pub struct ZeroOptimizer<B: AutodiffBackend> {
+pub struct ZeroOptimizer<B: GatherBackend> {
     comm: Arc<Communicator<B::InnerBackend>>,
     stage: u8,
     partition: Partition,
+    gather: Arc<ParamGather<B::InnerBackend>>,
+    /// ZeRO-3's weight sources: training (inside the autodiff graph) and evaluation.
+    sources: Option<(GraphGather<B>, PlainGather<B::InnerBackend>)>,
     shards: Vec<Option<Shard<B::InnerBackend>>>,
     adamw: AdamW,
     time: i32,
@@ -70,7 +74,7 @@ fn dtype_of(working: Option<FloatDType>) -> DType {
     }
 }
 
-impl<B: AutodiffBackend> ZeroOptimizer<B> {
+impl<B: GatherBackend> ZeroOptimizer<B> {
     /// The optimizer for `model` (full, f32: freshly initialized or loaded from a checkpoint) at
     /// ZeRO `stage` 1, 2 or 3, with the run's AdamW settings and precision.
     pub fn new(
@@ -113,10 +117,23 @@ impl<B: AutodiffBackend> ZeroOptimizer<B> {
                 })
             })
             .collect();
+        let gather = Arc::new(ParamGather::new(
+            Arc::clone(&comm),
+            partition.clone(),
+            dtype_of(working),
+        ));
+        let sources = (stage == 3).then(|| {
+            (
+                GraphGather::new(Arc::clone(&gather)),
+                PlainGather::new(Arc::clone(&gather)),
+            )
+        });
         Ok(Self {
             comm,
             stage,
             partition,
+            gather,
+            sources,
             shards,
             adamw: AdamW {
                 beta1: config.beta1 as f32,
@@ -138,6 +155,11 @@ impl<B: AutodiffBackend> ZeroOptimizer<B> {
     /// How the state is split.
     pub fn partition(&self) -> &Partition {
         &self.partition
+    }
+
+    /// The collectives ZeRO-3's parameter gathering has run on this rank.
+    pub fn gather_counts(&self) -> GatherCounts {
+        self.gather.counts()
     }
 
     fn full_shapes(&self) -> Vec<Vec<usize>> {
@@ -165,39 +187,16 @@ impl<B: AutodiffBackend> ZeroOptimizer<B> {
     }
 
     /// The whole of every parameter from every rank's rows (`mine[i]`: this rank's rows of
-    /// parameter `i`, flat, in `dtype`): an all-gather as an all-reduce of zero-padded tensors.
+    /// parameter `i`, flat, in `dtype`), in bucketed all-reduces of zero-padded tensors.
     fn all_gather(
         &self,
         mine: Vec<Option<Tensor<B::InnerBackend, 1>>>,
         dtype: DType,
     ) -> Result<Flat<B::InnerBackend>> {
-        let device = self.comm.device().clone();
-        let rank = self.comm.rank();
-        let padded = self
-            .partition
-            .params()
-            .iter()
-            .zip(mine)
+        let padded = mine
+            .into_iter()
             .enumerate()
-            .map(|(i, (layout, rows_value))| {
-                let rows = self.partition.rows(i, rank);
-                let len = layout.row_len();
-                let zeros = |n: usize| Tensor::<B::InnerBackend, 1>::zeros([n], (&device, dtype));
-                Some(match rows_value.filter(|_| !rows.is_empty()) {
-                    None => zeros(layout.len()),
-                    Some(v) => {
-                        let mut parts = Vec::with_capacity(3);
-                        if rows.start > 0 {
-                            parts.push(zeros(rows.start * len));
-                        }
-                        parts.push(v.cast(dtype));
-                        if rows.end < layout.rows() {
-                            parts.push(zeros((layout.rows() - rows.end) * len));
-                        }
-                        Tensor::cat(parts, 0)
-                    }
-                })
-            })
+            .map(|(i, rows)| Some(self.gather.padded(i, rows, dtype)))
             .collect();
         flat::all_reduce_buckets(&self.comm, padded, self.bucket_elements)
     }
@@ -287,7 +286,7 @@ fn train_err(e: DistError) -> TrainError {
     e.into()
 }
 
-impl<B: AutodiffBackend> OptimizerStep<B, Transformer<B>> for ZeroOptimizer<B> {
+impl<B: GatherBackend> OptimizerStep<B, Transformer<B>> for ZeroOptimizer<B> {
     fn step(
         &mut self,
         lr: f64,
@@ -340,10 +339,18 @@ impl<B: AutodiffBackend> OptimizerStep<B, Transformer<B>> for ZeroOptimizer<B> {
 
     fn materialize(&mut self, model: Transformer<B>) -> kiln_trainer::Result<Transformer<B>> {
         let working_dtype = dtype_of(self.working);
-        if self.is_sharded(&model) {
-            let mine = self.my_rows(&model);
-            let full = self.all_gather(mine, working_dtype).map_err(train_err)?;
-            return Ok(flat::with_param_values(model, full, &self.full_shapes()));
+        if self.stage == 3 {
+            // The forward pass gathers block by block (`weight_source`): keep only the shards.
+            if self.is_sharded(&model) {
+                return Ok(model);
+            }
+            let rows = self
+                .my_rows(&model)
+                .into_iter()
+                .map(|r| r.map(|r| r.cast(working_dtype)))
+                .collect();
+            let rows = self.fill_empty(rows, working_dtype);
+            return Ok(flat::with_param_values(model, rows, &self.shard_shapes()));
         }
         let values = flat::param_values(&model);
         if values.iter().flatten().all(|v| v.dtype() == working_dtype) {
@@ -355,6 +362,18 @@ impl<B: AutodiffBackend> OptimizerStep<B, Transformer<B>> for ZeroOptimizer<B> {
             .map(|v| v.map(|v| v.cast(working_dtype)))
             .collect();
         Ok(flat::with_param_values(model, cast, &self.full_shapes()))
+    }
+
+    fn weight_source(&self) -> Option<&dyn WeightSource<B>> {
+        self.sources
+            .as_ref()
+            .map(|(graph, _)| graph as &dyn WeightSource<B>)
+    }
+
+    fn eval_weight_source(&self) -> Option<&dyn WeightSource<B::InnerBackend>> {
+        self.sources
+            .as_ref()
+            .map(|(_, plain)| plain as &dyn WeightSource<B::InnerBackend>)
     }
 
     fn release(&mut self, model: Transformer<B>) -> kiln_trainer::Result<Transformer<B>> {
@@ -424,7 +443,7 @@ impl<B: AutodiffBackend> OptimizerStep<B, Transformer<B>> for ZeroOptimizer<B> {
     }
 }
 
-impl<B: AutodiffBackend> ZeroOptimizer<B> {
+impl<B: GatherBackend> ZeroOptimizer<B> {
     /// `rows` with an empty tensor for each parameter this rank owns no rows of (ZeRO-3 keeps a
     /// zero-row tensor in their place).
     fn fill_empty(&self, rows: Flat<B::InnerBackend>, dtype: DType) -> Flat<B::InnerBackend> {

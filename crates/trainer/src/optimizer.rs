@@ -14,8 +14,8 @@ use burn::optim::record::AdaptorRecord;
 use burn::optim::{AdamW, AdamWConfig, GradientsParams, Optimizer};
 use burn::record::Record;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{ElementConversion, Tensor};
-use kiln_transformer::Transformer;
+use burn::tensor::{ElementConversion, FloatDType, Tensor};
+use kiln_transformer::{Transformer, WeightSource};
 
 use crate::checkpoint;
 use crate::config::TrainConfig;
@@ -46,11 +46,25 @@ pub trait OptimizerStep<B: AutodiffBackend, M: AutodiffModule<B>>: Send {
         false
     }
 
-    /// The full working model, before a forward pass (training or evaluation). An optimizer
-    /// that shards the parameters (ZeRO-3) all-gathers them here, every rank calling it; the
-    /// default returns `module` unchanged.
+    /// The model a forward pass (training or evaluation) starts from: the full working model, or,
+    /// with a [`weight_source`](Self::weight_source), the stored form that source gathers from.
+    /// Every rank calls it; the default returns `module` unchanged.
     fn materialize(&mut self, module: M) -> Result<M> {
         Ok(module)
+    }
+
+    /// Where a training forward pass takes each module's weights from, when not from the model
+    /// itself: a ZeRO-3 optimizer gathers each block's shards just before the block runs
+    /// ([`Transformer::forward_with`](kiln_transformer::Transformer::forward_with)). `None` (the
+    /// default): the model's own weights.
+    fn weight_source(&self) -> Option<&dyn WeightSource<B>> {
+        None
+    }
+
+    /// [`weight_source`](Self::weight_source) for forward passes without gradients
+    /// (evaluation, on the inner backend).
+    fn eval_weight_source(&self) -> Option<&dyn WeightSource<B::InnerBackend>> {
+        None
     }
 
     /// The model back in its resting form after an evaluation or a checkpoint (ZeRO-3: this
@@ -145,7 +159,9 @@ pub fn grad_square_sum<B: AutodiffBackend, M: AutodiffModule<B>>(
     impl<B: AutodiffBackend> ModuleVisitor<B> for Visitor<'_, B> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
             if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
-                let s = g.square().sum();
+                // Summed in f32 whatever each gradient's dtype (they may differ: a bf16 working
+                // copy beside f32 parameters, an empty shard).
+                let s = g.square().sum().cast(FloatDType::F32);
                 self.total = Some(match self.total.take() {
                     Some(t) => t + s,
                     None => s,

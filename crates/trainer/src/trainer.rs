@@ -365,6 +365,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             .ok_or(TrainError::DataThreadStopped)?;
         let loss_fn = CrossEntropyLossConfig::new().init(&self.device);
         let compute = c.precision.compute_dtype();
+        let source = self.optimizer.weight_source();
         let mut accumulator = GradientsAccumulator::<Transformer<B>>::new();
         let mut loss_sum = 0.0;
         for _ in 0..accum {
@@ -373,11 +374,13 @@ impl<B: AutodiffBackend> Trainer<B> {
             let (inputs, targets) = to_tensors::<B>(&batch.tokens, rows, seq, &self.device);
             // Mixed precision: forward and backward on a bf16/f16 copy whose casts lead back to the
             // f32 master weights; the loss itself is computed in f32.
+            let forward = |m: &Transformer<B>| match source {
+                Some(source) => m.forward_with(inputs, source),
+                None => m.forward(inputs),
+            };
             let logits = match compute {
-                None => model.forward(inputs)?,
-                Some(dtype) => compute_copy(model, dtype)
-                    .forward(inputs)?
-                    .cast(FloatDType::F32),
+                None => forward(model)?,
+                Some(dtype) => forward(&compute_copy(model, dtype))?.cast(FloatDType::F32),
             };
             let v = self.model_config.vocab_size;
             let mut loss = loss_fn.forward(logits.reshape([rows * seq, v]), targets);
@@ -392,6 +395,9 @@ impl<B: AutodiffBackend> Trainer<B> {
                 loss.mul_scalar(loss_scale)
             };
             let grads = GradientsParams::from_grads(loss.backward(), model);
+            if let Some(e) = source.and_then(|s| s.take_deferred_error()) {
+                return Err(e.into());
+            }
             accumulator.accumulate(model, grads);
         }
         Ok((accumulator.grads(), loss_sum))
@@ -536,6 +542,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             self.config.seq_len,
             max_batches,
             rank,
+            self.optimizer.eval_weight_source(),
             &self.device,
         );
         self.model = Some(self.optimizer.release(model)?);

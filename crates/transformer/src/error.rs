@@ -92,6 +92,9 @@ pub enum ModelError {
         /// The limit.
         limit: usize,
     },
+    /// A [`WeightSource`](crate::WeightSource) could not supply a weight (a failed collective).
+    #[error("weights unavailable: {0}")]
+    WeightSource(String),
     /// A caller-supplied argument is out of range.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

@@ -44,6 +44,7 @@ mod model_dir;
 mod norm;
 mod rope;
 pub mod sampling;
+mod source;
 mod weights;
 
 pub use attention::Attention;
@@ -63,3 +64,4 @@ pub use mlp::Mlp;
 pub use model::{Logits, Transformer};
 pub use model_dir::{load_model_dir, save_model_dir};
 pub use norm::Norm;
+pub use source::WeightSource;

@@ -16,6 +16,7 @@ use crate::error::{ModelError, Result};
 use crate::linear::{INIT_STD, Projection, embedding, run_kernel};
 use crate::norm::Norm;
 use crate::rope::RopeAngles;
+use crate::source::{WeightSource, resolve};
 
 /// Which positions to compute logits for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -112,8 +113,25 @@ impl<B: Backend> Transformer<B> {
         self.check_context(t)?;
         let positions = vec![(0..t).collect::<Vec<_>>()];
         let ctx = self.context(&positions, None, None, &tokens.device());
-        let hidden = self.hidden(tokens, &positions, &ctx, None);
-        Ok(self.logits(hidden))
+        let hidden = self.hidden(tokens, &positions, &ctx, None, None)?;
+        self.logits(hidden, None)
+    }
+
+    /// [`forward`](Self::forward) with every module's weights taken from `source` just before the
+    /// module runs: each block's when the activations reach it, the output head's after the last
+    /// block. This is how a ZeRO-3 rank, which holds only a shard of every parameter, runs a model
+    /// whose whole weights never exist at once.
+    pub fn forward_with(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        source: &dyn WeightSource<B>,
+    ) -> Result<Tensor<B, 3>> {
+        let [_, t] = tokens.dims();
+        self.check_context(t)?;
+        let positions = vec![(0..t).collect::<Vec<_>>()];
+        let ctx = self.context(&positions, None, None, &tokens.device());
+        let hidden = self.hidden(tokens, &positions, &ctx, None, Some(source))?;
+        self.logits(hidden, Some(source))
     }
 
     /// Forward pass that appends `tokens` (`[batch, seq]`) to `cache` and attends to everything cached.
@@ -195,7 +213,7 @@ impl<B: Backend> Transformer<B> {
             keys_len,
         };
         let ctx = self.context(&positions, mask, Some(slots), &device);
-        let hidden = self.hidden(tokens, &positions, &ctx, Some(cache));
+        let hidden = self.hidden(tokens, &positions, &ctx, Some(cache), None)?;
         for (&row, n) in rows.iter().zip(&valid) {
             cache.lens[row] += n;
         }
@@ -203,7 +221,7 @@ impl<B: Backend> Transformer<B> {
             Logits::All => hidden,
             Logits::Last => last_rows(hidden, &valid),
         };
-        Ok(self.logits(hidden))
+        self.logits(hidden, None)
     }
 
     fn check_context(&self, t: usize) -> Result<()> {
@@ -253,43 +271,56 @@ impl<B: Backend> Transformer<B> {
         mask.expand([b, self.config.n_heads, t, keys])
     }
 
+    /// The final-norm hidden states; each module's weights from `source` when given.
     fn hidden(
         &self,
         tokens: Tensor<B, 2, Int>,
         positions: &[Vec<usize>],
         ctx: &AttentionContext<B>,
         mut cache: Option<&mut KvCache<B>>,
-    ) -> Tensor<B, 3> {
+        source: Option<&dyn WeightSource<B>>,
+    ) -> Result<Tensor<B, 3>> {
         let device = tokens.device();
-        let mut x = self.tok_emb.forward(tokens);
+        let mut x = embed(
+            &*resolve(&self.tok_emb, source, None)?,
+            tokens,
+            source.is_some(),
+        );
         if let Some(pos_emb) = &self.pos_emb {
             let rows = positions.len();
             let t = positions.first().map_or(0, Vec::len);
             let flat: Vec<i64> = positions.iter().flatten().map(|&p| p as i64).collect();
             let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [rows, t]), &device);
-            x = x + pos_emb.forward(ids);
+            x = x + embed(&*resolve(pos_emb, source, None)?, ids, source.is_some());
         }
         let mut x = self.emb_dropout.forward(x);
         for (i, block) in self.blocks.iter().enumerate() {
             let kv = cache.as_deref_mut().and_then(|c| c.layers.get_mut(i));
+            let block = resolve(block, source, Some(&x))?;
             x = block.forward(x, ctx, kv);
         }
-        self.norm_f.forward(x)
+        Ok(resolve(&self.norm_f, source, Some(&x))?.forward(x))
     }
 
-    fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+    /// Logits from final-norm hidden states; the head's weights from `source` when given.
+    fn logits(
+        &self,
+        hidden: Tensor<B, 3>,
+        source: Option<&dyn WeightSource<B>>,
+    ) -> Result<Tensor<B, 3>> {
         let [b, t, d] = hidden.dims();
         if let Some(kernel) = &self.tied_head_kernel
+            && source.is_none()
             && self.lm_head.is_none()
             && b * t <= KERNEL_MAX_ROWS
             && let Some(y) = run_kernel(kernel.as_ref(), hidden.clone().reshape([b * t, d]), b * t)
         {
-            return y.reshape([b, t, self.config.vocab_size]);
+            return Ok(y.reshape([b, t, self.config.vocab_size]));
         }
-        match &self.lm_head {
-            Some(head) => head.forward(hidden),
+        Ok(match &self.lm_head {
+            Some(head) => resolve(head, source, Some(&hidden))?.forward(hidden),
             None => {
-                let w = self.tok_emb.weight.val();
+                let w = resolve(&self.tok_emb, source, Some(&hidden))?.weight.val();
                 let v = self.config.vocab_size;
                 let rows = hidden.reshape([b * t, d]);
                 if b * t <= 64 {
@@ -300,7 +331,7 @@ impl<B: Backend> Transformer<B> {
                     rows.matmul(w.transpose()).reshape([b, t, v])
                 }
             }
-        }
+        })
     }
 }
 
@@ -341,6 +372,22 @@ impl<B: Backend> ModuleMapper<B> for PathParamIds {
         param.id = self.id();
         param
     }
+}
+
+/// The rows of `table` for `ids`. With weights from a [`WeightSource`] the lookup is a row
+/// selection: Burn's embedding op keeps its whole table alive until the backward pass, a selection
+/// keeps only the indices, so a gathered table can be dropped after the forward pass.
+fn embed<B: Backend>(table: &Embedding<B>, ids: Tensor<B, 2, Int>, sourced: bool) -> Tensor<B, 3> {
+    if !sourced {
+        return table.forward(ids);
+    }
+    let [b, t] = ids.dims();
+    let d = table.weight.dims()[1];
+    table
+        .weight
+        .val()
+        .select(0, ids.reshape([b * t]))
+        .reshape([b, t, d])
 }
 
 /// Row `r`'s hidden state at position `valid[r] - 1`: `[batch, 1, d]`.
