@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 case "${1:-all}" in
   build)
     mkdir -p .gpu
-    bin=$(cargo test --release --features cuda --test backend_parity --no-run --message-format=json 2>/dev/null \
+    bin=$(cargo test --release -p kiln-transformer --features cuda --test backend_parity --no-run --message-format=json 2>/dev/null \
       | python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable")][-1])')
     cp "$bin" .gpu/backend_parity
     echo "built .gpu/backend_parity" ;;
@@ -18,5 +18,5 @@ case "${1:-all}" in
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader || true
     .gpu/backend_parity --test-threads 1 ;;
   all)
-    cargo test --release --features cuda --test backend_parity -- --test-threads 1 ;;
+    cargo test --release -p kiln-transformer --features cuda --test backend_parity -- --test-threads 1 ;;
 esac

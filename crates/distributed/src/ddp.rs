@@ -89,22 +89,18 @@ impl<B: AutodiffBackend> GradientSync<B> for DataParallel<B> {
         }
         let n = world as f64;
         let local = flat::take_grads(model, &mut grads);
-        if self.reduction == Reduction::Prescattered {
+        // Each rank's gradients, shaped as its parameters, divided by the world size.
+        let mean = |sums: flat::Flat<B::InnerBackend>| {
             let shapes = crate::partition::param_shapes(model);
-            let mean = local
-                .into_iter()
-                .map(|g| g.map(|g| g.div_scalar(n)))
-                .collect();
-            return Ok(flat::grads_from_flat(model, mean, &shapes));
+            let mean = sums.into_iter().map(|g| g.map(|g| g.div_scalar(n)));
+            flat::grads_from_flat(model, mean.collect(), &shapes)
+        };
+        if self.reduction == Reduction::Prescattered {
+            return Ok(mean(local));
         }
         let summed = flat::all_reduce_buckets(&self.comm, local, self.bucket_elements)?;
         if self.reduction == Reduction::AllReduce {
-            let shapes = crate::partition::param_shapes(model);
-            let mean = summed
-                .into_iter()
-                .map(|g| g.map(|g| g.div_scalar(n)))
-                .collect();
-            return Ok(flat::grads_from_flat(model, mean, &shapes));
+            return Ok(mean(summed));
         }
         let partition = Partition::of(model, world)?;
         let rank = self.comm.rank();

@@ -149,14 +149,12 @@ impl<B: Backend> ParamGather<B> {
         }
     }
 
-    /// Position of parameter `id` in the partition.
-    fn position(&self, id: ParamId) -> Option<usize> {
-        self.index.get(&id).copied()
-    }
-
-    /// Whether `shape` is parameter `index`'s whole shape (nothing to gather).
-    fn is_whole(&self, index: usize, shape: &Shape) -> bool {
-        self.partition.params()[index].shape.as_slice() == shape.as_slice()
+    /// Position in the partition of parameter `id` when its value `stored` must be gathered;
+    /// `None` for a parameter the partition does not know, or a whole value on a single rank.
+    fn to_gather(&self, id: ParamId, stored: &Shape) -> Option<usize> {
+        let index = *self.index.get(&id)?;
+        let whole = self.partition.params()[index].shape.as_slice() == stored.as_slice();
+        (self.comm.world_size() > 1 || !whole).then_some(index)
     }
 
     /// Parameter `index` whole, zero everywhere but this rank's `rows` (flat, `rows` rows long):
@@ -385,12 +383,9 @@ impl<B: GatherBackend> WeightSource<B> for GraphGather<B> {
         stored: TensorPrimitive<B>,
         input: Option<&Tensor<B, 3>>,
     ) -> kiln_transformer::Result<TensorPrimitive<B>> {
-        let Some(index) = self.gather.position(id) else {
+        let Some(index) = self.gather.to_gather(id, &stored.shape()) else {
             return Ok(stored);
         };
-        if self.gather.is_whole(index, &stored.shape()) && self.gather.comm.world_size() == 1 {
-            return Ok(stored);
-        }
         let after = input.map(|x| x.clone().into_primitive().tensor());
         B::gather_param(&self.gather, index, stored.tensor(), after)
             .map(TensorPrimitive::Float)
@@ -422,12 +417,9 @@ impl<B: Backend> WeightSource<B> for PlainGather<B> {
         stored: TensorPrimitive<B>,
         _input: Option<&Tensor<B, 3>>,
     ) -> kiln_transformer::Result<TensorPrimitive<B>> {
-        let Some(index) = self.gather.position(id) else {
+        let Some(index) = self.gather.to_gather(id, &stored.shape()) else {
             return Ok(stored);
         };
-        if self.gather.is_whole(index, &stored.shape()) && self.gather.comm.world_size() == 1 {
-            return Ok(stored);
-        }
         self.gather.note(GatherEvent::Gather(index));
         self.gather
             .all_gather(index, stored.tensor())

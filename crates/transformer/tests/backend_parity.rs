@@ -1,7 +1,7 @@
 //! The same model definition on every compiled backend gives the same logits as the CPU backend.
 //!
-//! Runs with `--features wgpu` (in CI on Mesa's software Vulkan device, lavapipe) and with
-//! `--features cuda` on a GPU machine (`scripts/gpu_parity.sh`).
+//! Runs with `-p kiln-transformer --features wgpu` (in CI on Mesa's software Vulkan device,
+//! lavapipe) and with `--features cuda` on a GPU machine (`scripts/gpu_parity.sh`).
 #![cfg(any(feature = "wgpu", feature = "cuda"))]
 
 use std::path::Path;
@@ -9,7 +9,7 @@ use std::path::Path;
 use burn::backend::Flex;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
-use kiln::transformer::{
+use kiln_transformer::{
     KvCache, Logits, ModelConfig, PositionEncoding, RopePairing, load_model, save_model_dir,
 };
 
@@ -119,7 +119,7 @@ fn random_llama_matches_cpu() {
 fn smollm2_first_token_logits_match_cpu() {
     // KILN_SHARED points at the shared data when the test binary runs on another machine.
     let shared = std::env::var_os("KILN_SHARED").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"),
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared"),
         Into::into,
     );
     let path = shared.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
