@@ -123,6 +123,8 @@ pub enum GlobalCollectiveError {
     WrongOrchestratorResponse,
     /// Node couldn't connect to coordinator
     OrchestratorUnreachable,
+    /// The operation has no multi-node implementation (reduce, broadcast)
+    Unsupported,
 }
 
 impl<E: CommunicationError> From<E> for GlobalCollectiveError {

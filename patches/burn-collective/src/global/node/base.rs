@@ -180,7 +180,8 @@ where
         _root: PeerId,
         _op: ReduceOperation,
     ) -> Result<Option<B::FloatTensorPrimitive>, GlobalCollectiveError> {
-        unimplemented!("Global reduce unimplemented");
+        // Kiln patch: not implemented upstream (0.21); an error, not a panic.
+        Err(GlobalCollectiveError::Unsupported)
     }
 
     pub async fn broadcast(
@@ -188,7 +189,8 @@ where
         _tensor: Option<B::FloatTensorPrimitive>,
         _strategy: BroadcastStrategy,
     ) -> Result<B::FloatTensorPrimitive, GlobalCollectiveError> {
-        unimplemented!("Global broadcast unimplemented");
+        // Kiln patch: not implemented upstream (0.21); an error, not a panic.
+        Err(GlobalCollectiveError::Unsupported)
     }
 
     pub async fn finish(&mut self) {
