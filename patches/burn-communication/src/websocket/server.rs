@@ -101,7 +101,7 @@ impl CommunicationChannel for WsServerChannel {
                 msg => Err(WsServerError::UnknownMessage(format!("{msg:?}"))),
             },
             // Kiln patch: the stream ended without a close frame (the peer died): a closed
-            // connection, not a panic (was `todo!()`).
+            // connection, not a panic (upstream had a to-do macro here).
             None => Ok(None),
         }
     }
