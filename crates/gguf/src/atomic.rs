@@ -181,7 +181,7 @@ pub fn write_with(
 }
 
 /// A directory assembled under a temp sibling name and renamed into place whole: a crash leaves
-/// the previous directory (or none), never a half-written one. Write its files with [`write`] /
+/// the previous directory (or none), never a half-written one. Write its files with [`write`](fn@write) /
 /// [`AtomicFile`] under [`path`](Self::path). Dropped without a commit, the temp directory is
 /// removed.
 #[derive(Debug)]

@@ -1,11 +1,24 @@
-//! Block codecs: GGML tensor bytes to `f32` ([`dequantize`]) and back ([`quantize`]), keyed by
-//! the one type table, [`GgmlType`].
+//! Block codecs: GGML tensor bytes to `f32` ([`dequantize`]) and back ([`quantize`],
+//! [`quantize_weighted`]), keyed by the one type table, [`GgmlType`].
 //!
-//! Decoded: the plain floats (F32, F16, BF16) and the legacy 32-element block quantizations
-//! (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1). Encoded: F32, F16, BF16 and Q8_0 (llama.cpp's
-//! `quantize_row_q8_0_ref`). Block layouts follow `ggml-common.h`; every multi-byte field is
-//! little-endian. Decoding works block by block over fixed-size array views (`as_chunks`), so the
-//! inner loops carry no bounds checks, and large tensors are split across the rayon thread pool.
+//! Decoded ([`DECODABLE`]): the plain floats (F32, F16, BF16), the legacy 32-element blocks
+//! (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), the 256-element K-quant super-blocks (Q2_K, Q3_K, Q4_K, Q5_K,
+//! Q6_K, Q8_K) and the non-linear IQ4_NL and IQ4_XS. The other IQ types are [`Unsupported`].
+//! Decoding follows llama.cpp's `dequantize_row_*` operation for operation, so the floats are
+//! bit-identical to llama.cpp's and gguf-py's.
+//!
+//! Encoded ([`ENCODABLE`]): F32, F16, BF16, the legacy blocks and the K-quants, with llama.cpp's
+//! round-to-nearest reference quantizers (`quantize_row_*_ref`, what `llama-quantize` does without
+//! an importance matrix): the bytes equal llama.cpp's. [`quantize_weighted`] adds llama.cpp's
+//! importance-weighted search (`quantize_<type>(…, quant_weights)`, the imatrix path) for the
+//! types in [`IMPORTANCE_WEIGHTED`].
+//!
+//! Block layouts follow `ggml-common.h`; every multi-byte field is little-endian. Codecs work
+//! block by block over fixed-size array views (`as_chunks`), so the inner loops carry no bounds
+//! checks, and large tensors are split across the rayon thread pool. Malformed input (lengths
+//! that are not whole blocks or rows, wrong byte counts) is a [`BlockError`], never a panic.
+//!
+//! [`Unsupported`]: BlockError::Unsupported
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
@@ -13,12 +26,22 @@ use rayon::prelude::*;
 
 use crate::GgmlType;
 
+mod encode;
+mod kquants;
+
 /// Elements per block of the legacy quantizations (`QK` in GGML).
 pub const QK: usize = 32;
 
-/// Number of output elements decoded per rayon task. Tensors no larger than this are decoded on
-/// the calling thread.
+/// Elements per super-block of the K-quants and the 256-element IQ types (`QK_K` in GGML).
+pub const QK_K: usize = 256;
+
+/// Number of elements decoded or encoded per rayon task. Tensors no larger than this are
+/// processed on the calling thread.
 const PAR_CHUNK_ELEMENTS: usize = 32 * 1024;
+
+// Every chunk must hold whole blocks of every type, so that byte and element chunks stay paired.
+const _: () =
+    assert!(PAR_CHUNK_ELEMENTS.is_multiple_of(QK) && PAR_CHUNK_ELEMENTS.is_multiple_of(QK_K));
 
 /// Why tensor bytes could not be decoded or encoded.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -53,10 +76,34 @@ pub enum BlockError {
         /// Bytes supplied.
         found: usize,
     },
+    /// The row length given to [`quantize_weighted`] is zero, not whole blocks, or does not
+    /// divide the element count.
+    #[error(
+        "row length {row_len} must be a positive multiple of the {block}-element {ty} block \
+         that divides the {n_elements} elements"
+    )]
+    BadRowLength {
+        /// The type.
+        ty: GgmlType,
+        /// The row length given.
+        row_len: usize,
+        /// Number of elements given.
+        n_elements: usize,
+        /// Elements per block of the type.
+        block: usize,
+    },
+    /// The importance vector is not one weight per column (per element of a row).
+    #[error("expected {expected} importance weights (one per column), found {found}")]
+    ImportanceLength {
+        /// The row length.
+        expected: usize,
+        /// Weights supplied.
+        found: usize,
+    },
 }
 
 /// The types [`dequantize`] decodes.
-pub const DECODABLE: [GgmlType; 8] = [
+pub const DECODABLE: [GgmlType; 16] = [
     GgmlType::F32,
     GgmlType::F16,
     GgmlType::BF16,
@@ -65,10 +112,47 @@ pub const DECODABLE: [GgmlType; 8] = [
     GgmlType::Q4_1,
     GgmlType::Q5_0,
     GgmlType::Q5_1,
+    GgmlType::Q2_K,
+    GgmlType::Q3_K,
+    GgmlType::Q4_K,
+    GgmlType::Q5_K,
+    GgmlType::Q6_K,
+    GgmlType::Q8_K,
+    GgmlType::IQ4_NL,
+    GgmlType::IQ4_XS,
 ];
 
-/// The types [`quantize`] encodes.
-pub const ENCODABLE: [GgmlType; 4] = [GgmlType::F32, GgmlType::F16, GgmlType::BF16, GgmlType::Q8_0];
+/// The types [`quantize`] and [`quantize_weighted`] encode.
+pub const ENCODABLE: [GgmlType; 14] = [
+    GgmlType::F32,
+    GgmlType::F16,
+    GgmlType::BF16,
+    GgmlType::Q8_0,
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q2_K,
+    GgmlType::Q3_K,
+    GgmlType::Q4_K,
+    GgmlType::Q5_K,
+    GgmlType::Q6_K,
+    GgmlType::Q8_K,
+];
+
+/// The types whose encoding [`quantize_weighted`] steers with an importance vector (as llama.cpp
+/// does); for the other [`ENCODABLE`] types the importance is ignored, as in llama.cpp.
+pub const IMPORTANCE_WEIGHTED: [GgmlType; 9] = [
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q2_K,
+    GgmlType::Q3_K,
+    GgmlType::Q4_K,
+    GgmlType::Q5_K,
+    GgmlType::Q6_K,
+];
 
 fn names(types: &[GgmlType]) -> String {
     types
@@ -82,15 +166,31 @@ fn block_bytes(ty: GgmlType) -> usize {
     ty.type_size().unwrap_or(0)
 }
 
+/// Splits a fixed-size array into its first `A` elements and the remaining `B`. `A + B == N` is
+/// checked at compile time, so the conversions cannot fail.
+#[inline(always)]
+fn split<T, const A: usize, const B: usize, const N: usize>(b: &[T; N]) -> (&[T; A], &[T; B]) {
+    const { assert!(A + B == N) };
+    let (head, tail) = b.split_at(A);
+    match (head.try_into(), tail.try_into()) {
+        (Ok(head), Ok(tail)) => (head, tail),
+        _ => unreachable!("A + B == N is checked at compile time"),
+    }
+}
+
+fn unsupported(ty: GgmlType, op: &'static str, supported: &[GgmlType]) -> BlockError {
+    BlockError::Unsupported {
+        ty,
+        op,
+        supported: names(supported),
+    }
+}
+
 /// Decodes `data` into `out`, which must hold exactly the number of elements `data` encodes
 /// (`out.len()` is the element count).
 pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<(), BlockError> {
     if !DECODABLE.contains(&ty) {
-        return Err(BlockError::Unsupported {
-            ty,
-            op: "decoding",
-            supported: names(&DECODABLE),
-        });
+        return Err(unsupported(ty, "decoding", &DECODABLE));
     }
     check(ty, data.len(), out.len())?;
     decode(ty, data, out);
@@ -105,11 +205,7 @@ pub fn dequantize_to_vec(
     n_elements: usize,
 ) -> Result<Vec<f32>, BlockError> {
     if !DECODABLE.contains(&ty) {
-        return Err(BlockError::Unsupported {
-            ty,
-            op: "decoding",
-            supported: names(&DECODABLE),
-        });
+        return Err(unsupported(ty, "decoding", &DECODABLE));
     }
     check(ty, data.len(), n_elements)?;
     let mut out = vec![0.0f32; n_elements];
@@ -138,52 +234,199 @@ fn check(ty: GgmlType, found: usize, n_elements: usize) -> Result<(), BlockError
     Ok(())
 }
 
-/// Encodes `values` as type `ty` (whole blocks only).
-pub fn quantize(ty: GgmlType, values: &[f32]) -> Result<Vec<u8>, BlockError> {
-    let block = ty.block_size();
+/// Checks that `ty` is encodable and `n_elements` is whole blocks.
+fn check_encode(ty: GgmlType, n_elements: usize) -> Result<(), BlockError> {
     if !ENCODABLE.contains(&ty) {
-        return Err(BlockError::Unsupported {
-            ty,
-            op: "encoding",
-            supported: names(&ENCODABLE),
-        });
+        return Err(unsupported(ty, "encoding", &ENCODABLE));
     }
-    if !values.len().is_multiple_of(block) {
+    let block = ty.block_size();
+    if !n_elements.is_multiple_of(block) {
         return Err(BlockError::PartialBlock {
             ty,
+            n_elements,
+            block,
+        });
+    }
+    Ok(())
+}
+
+/// Encodes `values` as type `ty` (whole blocks only) with llama.cpp's reference quantizer
+/// (`quantize_row_*_ref`): the bytes are the ones llama.cpp writes without an importance matrix.
+pub fn quantize(ty: GgmlType, values: &[f32]) -> Result<Vec<u8>, BlockError> {
+    check_encode(ty, values.len())?;
+    let mut out = vec![0u8; values.len() / ty.block_size() * block_bytes(ty)];
+    if values.len() <= PAR_CHUNK_ELEMENTS {
+        encode_serial(ty, values, &mut out);
+    } else {
+        let bytes_per_chunk = PAR_CHUNK_ELEMENTS / ty.block_size() * block_bytes(ty);
+        values
+            .par_chunks(PAR_CHUNK_ELEMENTS)
+            .zip(out.par_chunks_mut(bytes_per_chunk))
+            .for_each(|(v, o)| encode_serial(ty, v, o));
+    }
+    Ok(out)
+}
+
+/// Encodes a matrix of rows of `row_len` elements as type `ty`, steering the search by
+/// `importance` — one non-negative weight per column, e.g. the mean squared activation of that
+/// input feature over calibration data (llama.cpp's imatrix). This is llama.cpp's
+/// `quantize_<type>(src, dst, nrow, n_per_row, quant_weights)`, byte for byte: for the types in
+/// [`IMPORTANCE_WEIGHTED`] with `Some` importance it runs the weighted search
+/// (`quantize_row_*_impl`); otherwise it equals [`quantize`].
+///
+/// `row_len` must be a positive multiple of the block size that divides `values.len()`; the
+/// legacy types also use statistics of the whole row, so the row length changes their result.
+pub fn quantize_weighted(
+    ty: GgmlType,
+    values: &[f32],
+    row_len: usize,
+    importance: Option<&[f32]>,
+) -> Result<Vec<u8>, BlockError> {
+    check_encode(ty, values.len())?;
+    let block = ty.block_size();
+    if row_len == 0 || !row_len.is_multiple_of(block) || !values.len().is_multiple_of(row_len) {
+        return Err(BlockError::BadRowLength {
+            ty,
+            row_len,
             n_elements: values.len(),
             block,
         });
     }
-    let mut out = Vec::with_capacity(values.len() / block * block_bytes(ty));
+    if let Some(w) = importance
+        && w.len() != row_len
+    {
+        return Err(BlockError::ImportanceLength {
+            expected: row_len,
+            found: w.len(),
+        });
+    }
+    let Some(w) = importance.filter(|_| IMPORTANCE_WEIGHTED.contains(&ty)) else {
+        return quantize(ty, values);
+    };
+    let row_bytes = row_len / block * block_bytes(ty);
+    let mut out = vec![0u8; values.len() / row_len * row_bytes];
+    values
+        .par_chunks(row_len)
+        .zip(out.par_chunks_mut(row_bytes))
+        .for_each(|(row, o)| encode_weighted_row(ty, row, w, o));
+    Ok(out)
+}
+
+/// Applies `f` to each `B`-element block of `values` and stores its `N` bytes.
+#[inline(always)]
+fn encode_blocks<const B: usize, const N: usize>(
+    values: &[f32],
+    out: &mut [u8],
+    f: impl Fn(&[f32; B]) -> [u8; N],
+) {
+    let (out_blocks, _) = out.as_chunks_mut::<N>();
+    for (x, o) in values.as_chunks::<B>().0.iter().zip(out_blocks) {
+        *o = f(x);
+    }
+}
+
+/// Applies `f` to each `B`-element block of `values` with its importance and stores its `N`
+/// bytes.
+#[inline(always)]
+fn encode_blocks_weighted<const B: usize, const N: usize>(
+    values: &[f32],
+    importance: &[f32],
+    out: &mut [u8],
+    f: impl Fn(&[f32; B], &[f32; B]) -> [u8; N],
+) {
+    let (out_blocks, _) = out.as_chunks_mut::<N>();
+    let (weights, _) = importance.as_chunks::<B>();
+    for ((x, w), o) in values
+        .as_chunks::<B>()
+        .0
+        .iter()
+        .zip(weights)
+        .zip(out_blocks)
+    {
+        *o = f(x, w);
+    }
+}
+
+/// Encodes validated input (whole blocks; `out` sized to match) on the current thread.
+fn encode_serial(ty: GgmlType, values: &[f32], out: &mut [u8]) {
     match ty {
-        GgmlType::F32 => values.iter().for_each(|v| out.extend(v.to_le_bytes())),
-        GgmlType::F16 => values
-            .iter()
-            .for_each(|&v| out.extend(f16::from_f32(v).to_le_bytes())),
-        GgmlType::BF16 => values
-            .iter()
-            .for_each(|&v| out.extend(half::bf16::from_f32(v).to_le_bytes())),
-        GgmlType::Q8_0 => {
-            for chunk in values.as_chunks::<QK>().0 {
-                let (d, qs) = quantize_q8_0_block(chunk);
-                out.extend(d.to_le_bytes());
-                out.extend(qs.map(|q| q as u8));
+        GgmlType::F32 => {
+            for (o, v) in out.as_chunks_mut::<4>().0.iter_mut().zip(values) {
+                *o = v.to_le_bytes();
             }
         }
+        GgmlType::F16 => {
+            for (o, &v) in out.as_chunks_mut::<2>().0.iter_mut().zip(values) {
+                *o = f16::from_f32(v).to_le_bytes();
+            }
+        }
+        GgmlType::BF16 => {
+            for (o, &v) in out.as_chunks_mut::<2>().0.iter_mut().zip(values) {
+                *o = half::bf16::from_f32(v).to_le_bytes();
+            }
+        }
+        GgmlType::Q8_0 => encode_blocks(values, out, |x| {
+            let (d, qs) = quantize_q8_0_block(x);
+            let mut b = [0u8; 34];
+            let (head, tail) = b.split_at_mut(2);
+            head.copy_from_slice(&d.to_le_bytes());
+            for (o, q) in tail.iter_mut().zip(qs) {
+                *o = q as u8;
+            }
+            b
+        }),
+        GgmlType::Q4_0 => encode_blocks(values, out, encode::q4_0_ref),
+        GgmlType::Q4_1 => encode_blocks(values, out, encode::q4_1_ref),
+        GgmlType::Q5_0 => encode_blocks(values, out, encode::q5_0_ref),
+        GgmlType::Q5_1 => encode_blocks(values, out, encode::q5_1_ref),
+        GgmlType::Q2_K => encode_blocks(values, out, encode::q2_k_ref),
+        GgmlType::Q3_K => encode_blocks(values, out, encode::q3_k_ref),
+        GgmlType::Q4_K => encode_blocks(values, out, encode::q4_k_ref),
+        GgmlType::Q5_K => encode_blocks(values, out, encode::q5_k_ref),
+        GgmlType::Q6_K => encode_blocks(values, out, |x| encode::q6_k(x, None)),
+        GgmlType::Q8_K => encode_blocks(values, out, encode::q8_k_ref),
+        // `check_encode` accepted only the types above.
         _ => {}
     }
-    Ok(out)
+}
+
+/// Encodes one validated row with its importance (`IMPORTANCE_WEIGHTED` types only).
+fn encode_weighted_row(ty: GgmlType, row: &[f32], w: &[f32], out: &mut [u8]) {
+    // The legacy types weight by the row's mean square as well.
+    let sigma2 = encode::row_sigma2(row);
+    match ty {
+        GgmlType::Q4_0 => {
+            encode_blocks_weighted(row, w, out, |x, w| encode::q4_0_weighted(x, w, sigma2));
+        }
+        GgmlType::Q4_1 => {
+            encode_blocks_weighted(row, w, out, |x, w| encode::q4_1_weighted(x, w, sigma2));
+        }
+        GgmlType::Q5_0 => {
+            encode_blocks_weighted(row, w, out, |x, w| encode::q5_0_weighted(x, w, sigma2));
+        }
+        GgmlType::Q5_1 => {
+            encode_blocks_weighted(row, w, out, |x, w| encode::q5_1_weighted(x, w, sigma2));
+        }
+        GgmlType::Q2_K => encode_blocks_weighted(row, w, out, encode::q2_k_weighted),
+        GgmlType::Q3_K => encode_blocks_weighted(row, w, out, encode::q3_k_weighted),
+        GgmlType::Q4_K => encode_blocks_weighted(row, w, out, encode::q4_k_weighted),
+        GgmlType::Q5_K => encode_blocks_weighted(row, w, out, encode::q5_k_weighted),
+        GgmlType::Q6_K => encode_blocks_weighted(row, w, out, |x, w| encode::q6_k(x, Some(w))),
+        _ => {}
+    }
 }
 
 /// One Q8_0 block as llama.cpp's `quantize_row_q8_0_ref` makes it: `d = max|x| / 127` (stored as
 /// f16) and `q = round(x / d)`.
 pub fn quantize_q8_0_block(x: &[f32; QK]) -> (f16, [i8; QK]) {
-    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let amax = x
+        .iter()
+        .fold(0f32, |m, v| if m > v.abs() { m } else { v.abs() });
     let d = amax / 127.0;
     let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
-    let q = x.map(|v| (v * inv).round().clamp(-127.0, 127.0) as i8);
-    (f16::from_f32(d), q)
+    // C's float-to-int8 conversion (x86 `cvttss2si`, low byte); `round` is `roundf`.
+    let q = x.map(|v| encode::cvtt((v * inv).round()) as i8);
+    (encode::fp16(d), q)
 }
 
 /// Decodes validated input, in parallel for large tensors.
@@ -238,6 +481,14 @@ fn decode_serial(format: GgmlType, data: &[u8], out: &mut [f32]) {
         GgmlType::Q4_1 => blocks(data, out, q4_1),
         GgmlType::Q5_0 => blocks(data, out, q5_0),
         GgmlType::Q5_1 => blocks(data, out, q5_1),
+        GgmlType::IQ4_NL => blocks(data, out, kquants::iq4_nl),
+        GgmlType::Q2_K => kquants::super_blocks(data, out, kquants::q2_k),
+        GgmlType::Q3_K => kquants::super_blocks(data, out, kquants::q3_k),
+        GgmlType::Q4_K => kquants::super_blocks(data, out, kquants::q4_k),
+        GgmlType::Q5_K => kquants::super_blocks(data, out, kquants::q5_k),
+        GgmlType::Q6_K => kquants::super_blocks(data, out, kquants::q6_k),
+        GgmlType::Q8_K => kquants::super_blocks(data, out, kquants::q8_k),
+        GgmlType::IQ4_XS => kquants::super_blocks(data, out, kquants::iq4_xs),
         // `check` accepted only the types above.
         _ => {}
     }
@@ -408,7 +659,7 @@ mod tests {
             Err(BlockError::PartialBlock { n_elements: 33, .. })
         ));
         assert!(matches!(
-            quantize(GgmlType::Q4_K, &[0.0; 256]),
+            quantize(GgmlType::IQ4_XS, &[0.0; 256]),
             Err(BlockError::Unsupported { op: "encoding", .. })
         ));
     }
@@ -595,11 +846,12 @@ mod tests {
 
     #[test]
     fn errors() {
-        let e = dequantize_to_vec(GgmlType::Q4_K, &[0; 144], 256).unwrap_err();
+        let e = dequantize_to_vec(GgmlType::IQ2_XXS, &[0; 66], 256).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "unsupported tensor type Q4_K for decoding \
-             (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1)"
+            "unsupported tensor type IQ2_XXS for decoding \
+             (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, \
+             Q6_K, Q8_K, IQ4_NL, IQ4_XS)"
         );
 
         let e = dequantize_to_vec(GgmlType::Q4_0, &[0; 18], 33).unwrap_err();
@@ -690,17 +942,16 @@ mod tests {
 
     #[test]
     fn parallel_path_matches_serial() {
-        // Enough blocks to span several rayon chunks plus a ragged tail.
-        let n_blocks = 3 * PAR_CHUNK_ELEMENTS / QK + 7;
-        for id in [0u32, 1, 2, 3, 6, 7, 8, 30] {
-            let f = GgmlType::from_u32(id).unwrap();
-            let n = n_blocks * QK;
+        // Enough super-blocks to span several rayon chunks plus a ragged tail.
+        let n = 3 * PAR_CHUNK_ELEMENTS + 7 * QK_K;
+        for f in DECODABLE {
+            let id = f.id();
             let mut data = pseudo_random_bytes(
                 n / f.block_size() * block_bytes(f),
                 0x9E37_79B9 + u64::from(id),
             );
             if f.block_size() == QK {
-                // Keep scales finite so the comparison below is exact.
+                // Keep scales finite (not needed for the comparison, which is bitwise).
                 for b in data.chunks_exact_mut(block_bytes(f)) {
                     b[1] &= 0x3F;
                     if matches!(f, GgmlType::Q4_1 | GgmlType::Q5_1) {
@@ -711,8 +962,8 @@ mod tests {
             let par = deq(id, &data, n);
             let mut serial = vec![0.0f32; n];
             for (d, o) in data
-                .chunks_exact(block_bytes(f) * 32 / f.block_size())
-                .zip(serial.chunks_exact_mut(32))
+                .chunks_exact(block_bytes(f))
+                .zip(serial.chunks_exact_mut(f.block_size()))
             {
                 decode_serial(f, d, o);
             }
@@ -722,6 +973,91 @@ mod tests {
                 .all(|(a, b)| a.to_bits() == b.to_bits());
             assert!(same, "{}", f.name());
         }
+    }
+
+    #[test]
+    fn parallel_encode_matches_block_by_block() {
+        let n = 2 * PAR_CHUNK_ELEMENTS + 4 * QK_K;
+        let x: Vec<f32> = pseudo_random_bytes(n, 5)
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| (f32::from(b) - 127.5) * (1.0 + (i % 7) as f32))
+            .collect();
+        for ty in ENCODABLE {
+            let whole = quantize(ty, &x).unwrap();
+            let by_block: Vec<u8> = x
+                .chunks(ty.block_size())
+                .flat_map(|c| quantize(ty, c).unwrap())
+                .collect();
+            assert!(whole == by_block, "{ty}");
+            // Rows are quantized independently, in parallel.
+            let w = vec![1.0f32; 2 * QK_K];
+            let rows = quantize_weighted(ty, &x, 2 * QK_K, Some(&w)).unwrap();
+            let by_row: Vec<u8> = x
+                .chunks(2 * QK_K)
+                .flat_map(|r| quantize_weighted(ty, r, 2 * QK_K, Some(&w)).unwrap())
+                .collect();
+            assert!(rows == by_row, "{ty}");
+        }
+    }
+
+    #[test]
+    fn nearest_int_matches_the_c_bit_trick() {
+        use encode::nearest_int;
+        assert_eq!(nearest_int(0.5), 0);
+        assert_eq!(nearest_int(1.5), 2);
+        assert_eq!(nearest_int(2.5), 2);
+        assert_eq!(nearest_int(-2.5), -2);
+        assert_eq!(nearest_int(-0.49), 0);
+        assert_eq!(nearest_int(4_194_303.0), 4_194_303);
+        assert_eq!(nearest_int(-4_194_303.0), -4_194_303);
+        for v in [f32::NAN, f32::INFINITY, -1e30, 1e30] {
+            nearest_int(v); // wraps like the C code, never panics
+        }
+    }
+
+    #[test]
+    fn k_quant_layouts_known_values() {
+        // Q8_K: d = 0.5, q = i - 128, bsums ignored.
+        let mut b = 0.5f32.to_le_bytes().to_vec();
+        b.extend((0..=255u8).map(|i| i.wrapping_sub(128)));
+        b.extend([0xAA; 32]);
+        let got = deq(15, &b, 256);
+        assert!(
+            got.iter()
+                .enumerate()
+                .all(|(i, &v)| v == (i as f32 - 128.0) * 0.5)
+        );
+
+        // Q4_K: d = 1, dmin = 0.5, sub-block j has scale j + 1 and min 2j (6-bit packing).
+        let ls: [u8; 8] = [1, 2, 3, 4, 5, 6, 7, 63];
+        let lm: [u8; 8] = [0, 2, 4, 6, 8, 10, 12, 62];
+        let mut scales = [0u8; 12];
+        for j in 0..4 {
+            scales[j] = ls[j] | ((ls[j + 4] >> 4) << 6);
+            scales[j + 4] = lm[j] | ((lm[j + 4] >> 4) << 6);
+            scales[j + 8] = (ls[j + 4] & 0xF) | ((lm[j + 4] & 0xF) << 4);
+        }
+        let mut b = h(1.0).to_vec();
+        b.extend(h(0.5));
+        b.extend(scales);
+        b.extend((0..128u8).map(|i| (i % 16) | ((15 - i % 16) << 4)));
+        let got = deq(12, &b, 256);
+        for (i, &v) in got.iter().enumerate() {
+            let (j, l) = (i / 32, i % 32);
+            let q = if j % 2 == 0 { l % 16 } else { 15 - l % 16 };
+            let want = f32::from(ls[j]) * q as f32 - 0.5 * f32::from(lm[j]);
+            assert_eq!(v, want, "element {i}");
+        }
+
+        // IQ4_NL: d = 2, nibbles 0..15 then 15..0.
+        let mut b = h(2.0).to_vec();
+        b.extend((0..16u8).map(|j| j | ((15 - j) << 4)));
+        let got = deq(20, &b, 32);
+        assert_eq!(got[0], -254.0);
+        assert_eq!(got[15], 226.0);
+        assert_eq!(got[16], 226.0);
+        assert_eq!(got[31], -254.0);
     }
 
     /// Decodes a reference vector and compares bit-for-bit.

@@ -1,10 +1,15 @@
 //! # kiln-gguf
 //!
-//! GGUF, the single-file model format of llama.cpp / ggml, for every Kiln crate that reads or
-//! writes it: the v2/v3 container [reader](GgufFile) and [writer](GgufWriter), the one
-//! [GGML tensor-type table](GgmlType), the block codecs that turn quantized tensor bytes into
-//! `f32` and back ([`blocks`]), and the crash-safe file writer every Kiln artifact goes through
-//! ([`atomic`]). No Burn: it sits at the bottom of the workspace.
+//! The model file formats Kiln reads and writes, with no Burn: it sits at the bottom of the
+//! workspace.
+//!
+//! - GGUF, the single-file model format of llama.cpp / ggml: the v2/v3 container
+//!   [reader](GgufFile) and [writer](GgufWriter), the one [GGML tensor-type table](GgmlType),
+//!   and the block codecs that turn quantized tensor bytes into `f32` and back ([`blocks`]).
+//! - PyTorch checkpoints ([`torch`]): the zip files `torch.save` writes (nanoGPT's `ckpt.pt`,
+//!   Hugging Face's `pytorch_model.bin`) and the legacy pre-1.6 format, read with a restricted
+//!   unpickler and written so that `torch.load(weights_only=True)` accepts them.
+//! - The crash-safe file writer every Kiln artifact goes through ([`atomic`]).
 //!
 //! GGUF is a header, typed metadata key/value pairs, tensor descriptors and an aligned tensor data
 //! section, all little-endian. [`GgufFile::open`] memory-maps a file, parses and validates the
@@ -39,6 +44,7 @@ mod ggml_type;
 mod reader;
 #[cfg(test)]
 mod tests;
+pub mod torch;
 mod value;
 mod writer;
 
