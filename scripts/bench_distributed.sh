@@ -5,6 +5,8 @@
 #   2. the 6x384 GPT (context 256, Tiny Shakespeare bytes) at the same global batch: 1 process x 2
 #      threads against `--nproc 2` (2 processes x 1 thread), DDP; then ZeRO-3 at N = 2.
 #      Tokens/s are the medians of metrics.jsonl's logged windows after the first.
+#   3. tensor and pipeline parallelism: the pipeline bubble per stage against (P-1)/(M+P-1),
+#      parameter memory per rank, tensor-parallel bytes against Megatron (examples/parallel_bench.rs).
 #
 #   scripts/bench_distributed.sh        # needs ../shared/data/tinyshakespeare.txt
 set -euo pipefail
@@ -14,7 +16,7 @@ STEPS=${STEPS:-12}
 ROWS=${ROWS:-8}   # global rows per step
 OUT=$(mktemp -d)
 echo "CPU: $(lscpu | sed -n 's/^Model name: *//p'); $(nproc) cores; $(grep -o -w -E 'avx512f|avx512_vnni|avx512_bf16|avx2' /proc/cpuinfo | sort -u | tr '\n' ' ')"
-cargo build --release --quiet --bin kiln --example allreduce_bench
+cargo build --release --quiet --bin kiln --example allreduce_bench --example parallel_bench
 
 echo "== all-reduce over loopback"
 ./target/release/examples/allreduce_bench --ranks 2
@@ -57,3 +59,6 @@ one=$(tps "$OUT/one"); ddp=$(tps "$OUT/ddp"); z3=$(tps "$OUT/z3")
 echo "1 process x 2 threads:   $one tokens/s"
 echo "2 processes x 1 thread:  $ddp tokens/s (DDP)   ratio $(python3 -c "print(f'{$ddp/$one:.2f}')")x   peak RSS of a rank $(($(tail -1 "$OUT/ddp.rss") / 1024)) MB"
 echo "2 processes, ZeRO-3:     $z3 tokens/s          step time vs DDP $(python3 -c "print(f'{$ddp/$z3:.2f}')")x   peak RSS of a rank $(($(tail -1 "$OUT/z3.rss") / 1024)) MB"
+
+echo "== tensor and pipeline parallelism (ranks as threads, one core per stage)"
+RAYON_NUM_THREADS=1 ./target/release/examples/parallel_bench

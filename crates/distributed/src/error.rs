@@ -38,6 +38,9 @@ pub enum DistError {
         /// Why.
         reason: String,
     },
+    /// The model could not be built, split or run.
+    #[error(transparent)]
+    Model(#[from] kiln_transformer::ModelError),
     /// The trainer failed.
     #[error(transparent)]
     Train(#[from] TrainError),

@@ -1,11 +1,18 @@
 //! # kiln-distributed
 //!
-//! Data-parallel training for Kiln's trainer on Burn's collective engine (`burn-collective`),
-//! generic over the backend: every rank holds a model replica, reads its own rows of each batch,
-//! and averages gradients with bucketed all-reduces ([`DataParallel`]); ZeRO stages 1–3
-//! ([`ZeroOptimizer`]) shard the optimizer state, the gradients and the parameters over the
-//! ranks. Ranks are threads of one process or processes on one or many machines
-//! ([`Communicator::join`]); [`launch`] starts and watches processes the way `torchrun` does.
+//! Distributed training for Kiln, generic over the backend.
+//!
+//! - **Data parallel** on Burn's collective engine (`burn-collective`): every rank holds a model
+//!   replica, reads its own rows of each batch, and averages gradients with bucketed all-reduces
+//!   ([`DataParallel`]); ZeRO stages 1–3 ([`ZeroOptimizer`]) shard the optimizer state, the
+//!   gradients and the parameters over the ranks. Ranks are threads of one process or processes
+//!   on one or many machines ([`Communicator::join`]); [`launch`] starts and watches processes the
+//!   way `torchrun` does.
+//! - **Tensor and pipeline parallel**, composed with data parallel ([`ParallelRank`] over a
+//!   [`ParallelLayout`]): Megatron-LM's split of every layer's heads and hidden units
+//!   ([`tensor_parallel`]), layers split into stages that run GPipe or 1F1B schedules over
+//!   micro-batches ([`schedule`]), on point-to-point transfers and sub-group collectives over
+//!   `burn-communication`'s tensor data service ([`p2p`]).
 //!
 //! Everything plugs into the trainer through its seams ([`kiln_trainer::Trainer::builder`]):
 //!
@@ -39,9 +46,14 @@ pub mod error;
 pub mod flat;
 pub mod gather;
 pub mod launch;
+pub mod layout;
+pub mod model_parallel;
+pub mod p2p;
 pub mod partition;
 pub mod rendezvous;
+pub mod schedule;
 mod shards;
+pub mod tensor_parallel;
 pub mod zero;
 
 use std::sync::Arc;
@@ -52,8 +64,15 @@ pub use comm::{Communicator, Endpoints, Transport};
 pub use ddp::DataParallel;
 pub use error::{DistError, Result};
 pub use gather::{GatherBackend, GatherCounts, GatherEvent, GraphGather, ParamGather, PlainGather};
+pub use layout::{ParallelLayout, RankCoords, balance_stages};
+pub use model_parallel::{
+    AdamWSettings, ParallelOptions, ParallelRank, ParallelStepReport, TimedAction,
+};
+pub use p2p::{Group, PeerNet, thread_ranks};
 pub use partition::{ParamLayout, Partition};
+pub use schedule::{Action, PipelineSchedule, bubble_fraction};
 pub use shards::shard_file;
+pub use tensor_parallel::{MegatronOps, TensorParallelBackend, TpComm, shard_model};
 pub use zero::ZeroOptimizer;
 
 /// A trainer builder for one rank of a data-parallel run at ZeRO `zero_stage` (0 = plain data

@@ -1,5 +1,7 @@
 //! Causal self-attention `softmax(QKᵀ/√d_k)·V` with grouped-query heads, RoPE and a KV cache.
 
+use std::sync::Arc;
+
 use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::backend::Backend;
@@ -10,6 +12,7 @@ use burn::tensor::{Bool, Tensor};
 use crate::cache::{CacheSlots, LayerKv};
 use crate::config::{ModelConfig, RopePairing};
 use crate::linear::{INIT_STD, Projection};
+use crate::parallel::TensorParallel;
 use crate::rope::RopeAngles;
 
 /// Multi-head causal self-attention with a fused QKV projection.
@@ -19,7 +22,7 @@ pub struct Attention<B: Backend> {
     pub qkv: Projection<B>,
     /// `[n_heads·head_dim, d_model]` output projection.
     pub proj: Projection<B>,
-    /// Dropout on the output projection (training only).
+    /// Dropout on the output projection (training only; the block applies it).
     pub dropout: Dropout,
     /// Query heads.
     #[module(skip)]
@@ -40,6 +43,8 @@ pub(crate) struct AttentionContext<B: Backend> {
     pub mask: Option<Tensor<B, 4, Bool>>,
     /// Where each row's new keys go in the cache, if a cache is used.
     pub cache: Option<CacheSlots>,
+    /// The tensor-parallel group's operators, when this rank holds some of every layer's heads.
+    pub tensor_parallel: Option<Arc<dyn TensorParallel<B>>>,
 }
 
 impl<B: Backend> Attention<B> {
@@ -64,7 +69,8 @@ impl<B: Backend> Attention<B> {
         }
     }
 
-    /// `x`: `[batch, seq, d_model]` → `[batch, seq, d_model]`.
+    /// `x`: `[batch, seq, d_model]` → `[batch, seq, d_model]`, the output projection before
+    /// dropout (a partial sum under tensor parallelism).
     pub(crate) fn forward(
         &self,
         x: Tensor<B, 3>,
@@ -117,7 +123,7 @@ impl<B: Backend> Attention<B> {
             let y = attention(q, k, v, ctx.mask.clone(), None, options);
             y.swap_dims(1, 2).reshape([b, t, h * d])
         };
-        self.dropout.forward(self.proj.forward(y))
+        self.proj.forward(y)
     }
 }
 

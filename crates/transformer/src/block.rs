@@ -9,6 +9,7 @@ use crate::cache::LayerKv;
 use crate::config::ModelConfig;
 use crate::mlp::Mlp;
 use crate::norm::Norm;
+use crate::parallel::{enter, exit};
 
 /// A pre-norm Transformer block.
 #[derive(Module, Debug)]
@@ -40,7 +41,14 @@ impl<B: Backend> Block<B> {
         ctx: &AttentionContext<B>,
         kv: Option<&mut LayerKv<B>>,
     ) -> Tensor<B, 3> {
-        let x = x.clone() + self.attn.forward(self.norm1.forward(x), ctx, kv);
-        x.clone() + self.mlp.forward(self.norm2.forward(x))
+        // Under tensor parallelism each sub-block's output is a partial sum over the group (`exit`)
+        // and its input's gradient too (`enter`); dropout follows the sum.
+        let tp = ctx.tensor_parallel.as_deref();
+        let h = self
+            .attn
+            .forward(enter(tp, self.norm1.forward(x.clone())), ctx, kv);
+        let x = x + self.attn.dropout.forward(exit(tp, h));
+        let h = self.mlp.forward(enter(tp, self.norm2.forward(x.clone())));
+        x + self.mlp.dropout.forward(exit(tp, h))
     }
 }

@@ -97,6 +97,17 @@ impl ModelConfig {
         self.d_model / self.n_heads.max(1)
     }
 
+    /// An error unless `t` tokens fit the context window.
+    pub(crate) fn check_context(&self, t: usize) -> Result<()> {
+        if t > self.context_length {
+            return Err(ModelError::ContextOverflow {
+                needed: t,
+                limit: self.context_length,
+            });
+        }
+        Ok(())
+    }
+
     /// Checks the numbers fit together; every loader and `init` calls this.
     pub fn validate(&self) -> Result<()> {
         let bad = |msg: String| Err(ModelError::InvalidConfig(msg));

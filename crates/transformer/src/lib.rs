@@ -42,9 +42,11 @@ mod mlp;
 mod model;
 mod model_dir;
 mod norm;
+mod parallel;
 mod rope;
 pub mod sampling;
 mod source;
+mod stage;
 mod weights;
 
 pub use attention::Attention;
@@ -64,4 +66,6 @@ pub use mlp::Mlp;
 pub use model::{Logits, Transformer};
 pub use model_dir::{load_model_dir, save_model_dir};
 pub use norm::Norm;
+pub use parallel::{TensorParallel, TensorParallelSlot};
 pub use source::WeightSource;
+pub use stage::{Stage, StageInput};

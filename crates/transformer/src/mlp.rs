@@ -19,7 +19,7 @@ pub struct Mlp<B: Backend> {
     pub up: Projection<B>,
     /// `[d_ff, d_model]`.
     pub down: Projection<B>,
-    /// Dropout on the output (training only).
+    /// Dropout on the output (training only; the block applies it).
     pub dropout: Dropout,
     /// The activation.
     #[module(skip)]
@@ -41,7 +41,8 @@ impl<B: Backend> Mlp<B> {
         }
     }
 
-    /// `[batch, seq, d_model]` → `[batch, seq, d_model]`.
+    /// `[batch, seq, d_model]` → `[batch, seq, d_model]`, before dropout (a partial sum under
+    /// tensor parallelism).
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         // A gate makes the block SwiGLU (`new` and every loader create one exactly for SwiGLU).
         let h = match &self.gate {
@@ -60,6 +61,6 @@ impl<B: Backend> Mlp<B> {
                 }
             }
         };
-        self.dropout.forward(self.down.forward(h))
+        self.down.forward(h)
     }
 }

@@ -15,6 +15,7 @@ use crate::config::{ModelConfig, PositionEncoding};
 use crate::error::{ModelError, Result};
 use crate::linear::{INIT_STD, Projection, embedding, run_kernel};
 use crate::norm::Norm;
+use crate::parallel::{TensorParallel, TensorParallelSlot};
 use crate::rope::RopeAngles;
 use crate::source::{WeightSource, resolve};
 
@@ -49,6 +50,10 @@ pub struct Transformer<B: Backend> {
     /// own format, for decoding (an untied `lm_head` holds its own kernel).
     #[module(skip)]
     pub tied_head_kernel: Option<Arc<dyn LinearKernel>>,
+    /// Megatron's operators when this model is one rank's shard of a tensor-parallel group
+    /// (`kiln-distributed` shards a model and sets them).
+    #[module(skip)]
+    pub tensor_parallel: TensorParallelSlot,
 }
 
 impl ModelConfig {
@@ -76,6 +81,7 @@ impl<B: Backend> Transformer<B> {
             emb_dropout: DropoutConfig::new(config.dropout).init(),
             config,
             tied_head_kernel: None,
+            tensor_parallel: TensorParallelSlot::default(),
         };
         Ok(model.map(&mut PathParamIds::default()))
     }
@@ -225,13 +231,7 @@ impl<B: Backend> Transformer<B> {
     }
 
     fn check_context(&self, t: usize) -> Result<()> {
-        if t > self.config.context_length {
-            return Err(ModelError::ContextOverflow {
-                needed: t,
-                limit: self.config.context_length,
-            });
-        }
-        Ok(())
+        self.config.check_context(t)
     }
 
     fn context(
@@ -241,14 +241,14 @@ impl<B: Backend> Transformer<B> {
         cache: Option<CacheSlots>,
         device: &B::Device,
     ) -> AttentionContext<B> {
-        let rope = match self.config.position {
-            PositionEncoding::Rope { theta, pairing } => Some((
-                RopeAngles::new(positions, self.config.head_dim(), theta, device),
-                pairing,
-            )),
-            PositionEncoding::Learned => None,
-        };
-        AttentionContext { rope, mask, cache }
+        attention_context(
+            &self.config,
+            positions,
+            mask,
+            cache,
+            self.tensor_parallel.get(),
+            device,
+        )
     }
 
     /// `true` where row `r`'s query `i` must not see key `j`: the future, and the row's padding.
@@ -335,6 +335,30 @@ impl<B: Backend> Transformer<B> {
     }
 }
 
+/// The per-forward inputs every block shares.
+pub(crate) fn attention_context<B: Backend>(
+    config: &ModelConfig,
+    positions: &[Vec<usize>],
+    mask: Option<Tensor<B, 4, Bool>>,
+    cache: Option<CacheSlots>,
+    tensor_parallel: Option<Arc<dyn TensorParallel<B>>>,
+    device: &B::Device,
+) -> AttentionContext<B> {
+    let rope = match config.position {
+        PositionEncoding::Rope { theta, pairing } => Some((
+            RopeAngles::new(positions, config.head_dim(), theta, device),
+            pairing,
+        )),
+        PositionEncoding::Learned => None,
+    };
+    AttentionContext {
+        rope,
+        mask,
+        cache,
+        tensor_parallel,
+    }
+}
+
 /// Gives every parameter an id derived from its path (`blocks.3.attn.qkv.weight`) instead of
 /// Burn's random one, so two identical runs save byte-identical model and optimizer records (both
 /// are keyed by parameter id). Ids only need to be unique within a model.
@@ -377,7 +401,11 @@ impl<B: Backend> ModuleMapper<B> for PathParamIds {
 /// The rows of `table` for `ids`. With weights from a [`WeightSource`] the lookup is a row
 /// selection: Burn's embedding op keeps its whole table alive until the backward pass, a selection
 /// keeps only the indices, so a gathered table can be dropped after the forward pass.
-fn embed<B: Backend>(table: &Embedding<B>, ids: Tensor<B, 2, Int>, sourced: bool) -> Tensor<B, 3> {
+pub(crate) fn embed<B: Backend>(
+    table: &Embedding<B>,
+    ids: Tensor<B, 2, Int>,
+    sourced: bool,
+) -> Tensor<B, 3> {
     if !sourced {
         return table.forward(ids);
     }

@@ -1,0 +1,445 @@
+//! [`PeerNet`]: point-to-point tensor transfers between ranks, and collectives over any subset of
+//! the ranks ([`Group`]), on `burn-communication`'s tensor data service, the layer
+//! `burn-collective` itself moves tensors with.
+//!
+//! `burn-collective` 0.21 has one group per process and no point-to-point send or receive, and
+//! pipeline stages, tensor-parallel groups and the data-parallel groups of a composed run each
+//! need their own. Its data service has what they need: every rank serves the tensors it
+//! *exposes* (`expose_data`, non-blocking) and *downloads* what a peer exposed (`download_tensor`,
+//! which waits until the peer has exposed it). A send is an expose for one download, a receive a
+//! download. Every message between two ranks carries the next number of that ordered pair, so two
+//! ranks that make matching sends and receives in the same order always meet, and since a send
+//! never blocks, no schedule in which every receive has a matching send can deadlock.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Tensor, TensorData};
+use burn_communication::Address;
+use burn_communication::ProtocolServer;
+use burn_communication::data_service::{TensorDataServer, TensorDataService};
+use burn_communication::websocket::{WebSocket, WsServer};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{DistError, Result};
+
+/// Ranks started in this process and not yet closed.
+static LIVE_IN_PROCESS: AtomicU64 = AtomicU64::new(0);
+
+/// How long a rank waits for a peer's data service to come up.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// One rank's endpoint for point-to-point transfers: its own data service, and the addresses of
+/// every rank's.
+pub struct PeerNet<B: Backend> {
+    rank: usize,
+    addresses: Vec<String>,
+    service: Arc<TensorDataService<B, WebSocket>>,
+    runtime: tokio::runtime::Runtime,
+    cancel: CancellationToken,
+    sent: Mutex<HashMap<usize, u64>>,
+    received: Mutex<HashMap<usize, u64>>,
+    reachable: Mutex<Vec<bool>>,
+    device: B::Device,
+    bytes_sent: AtomicU64,
+}
+
+impl<B: Backend> std::fmt::Debug for PeerNet<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerNet")
+            .field("rank", &self.rank)
+            .field("ranks", &self.addresses.len())
+            .finish()
+    }
+}
+
+impl<B: Backend> PeerNet<B> {
+    /// Starts rank `rank`'s data service on the port of `addresses[rank]` (`host:port` of every
+    /// rank's service; it listens on every interface). Peers are contacted when first used.
+    pub fn start(rank: usize, addresses: Vec<String>, device: B::Device) -> Result<Self> {
+        let Some(own) = addresses.get(rank) else {
+            return Err(DistError::Config(format!(
+                "rank {rank} has no address among {} ranks",
+                addresses.len()
+            )));
+        };
+        let port = own
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse::<u16>().ok())
+            .ok_or_else(|| DistError::Config(format!("address {own} has no port")))?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("kiln-p2p")
+            .enable_all()
+            .build()
+            .map_err(|e| DistError::Collective(format!("p2p runtime: {e}")))?;
+        let cancel = CancellationToken::new();
+        let service = Arc::new(TensorDataService::<B, WebSocket>::new(cancel.clone()));
+        let server = TensorDataServer::<B, WebSocket>::route_tensor_data_service(
+            WsServer::new(port),
+            Arc::clone(&service),
+        );
+        let shutdown = cancel.clone();
+        runtime.spawn(async move {
+            if let Err(e) = server
+                .serve(async move { shutdown.cancelled().await })
+                .await
+            {
+                eprintln!("kiln: p2p data service on port {port} stopped: {e:?}");
+            }
+        });
+        LIVE_IN_PROCESS.fetch_add(1, Ordering::Relaxed);
+        let n = addresses.len();
+        let mut reachable = vec![false; n];
+        reachable[rank] = true;
+        Ok(Self {
+            rank,
+            addresses,
+            service,
+            runtime,
+            cancel,
+            sent: Mutex::new(HashMap::new()),
+            received: Mutex::new(HashMap::new()),
+            reachable: Mutex::new(reachable),
+            device,
+            bytes_sent: AtomicU64::new(0),
+        })
+    }
+
+    /// `n` addresses on 127.0.0.1 with ports that were free a moment ago: for ranks that are
+    /// threads of one process.
+    pub fn local_addresses(n: usize) -> Result<Vec<String>> {
+        let listeners = (0..n)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|e| DistError::Config(format!("no free local port: {e}")))?;
+        listeners
+            .iter()
+            .map(|l| {
+                l.local_addr()
+                    .map(|a| format!("127.0.0.1:{}", a.port()))
+                    .map_err(|e| DistError::Config(format!("local port: {e}")))
+            })
+            .collect()
+    }
+
+    /// This rank.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// Number of ranks.
+    pub fn world_size(&self) -> usize {
+        self.addresses.len()
+    }
+
+    /// The device tensors are received on.
+    pub fn device(&self) -> &B::Device {
+        &self.device
+    }
+
+    /// Whether other ranks run in this process (as threads): they then share Burn's autodiff
+    /// bookkeeping, which locks every graph of the process after each backward pass.
+    pub fn shares_process(&self) -> bool {
+        LIVE_IN_PROCESS.load(Ordering::Relaxed) > 1
+    }
+
+    /// Bytes this rank has sent so far (tensor payloads).
+    pub fn bytes_sent(&self) -> u64 {
+        self.bytes_sent.load(Ordering::Relaxed)
+    }
+
+    fn next(counters: &Mutex<HashMap<usize, u64>>, peer: usize) -> u64 {
+        let mut map = counters.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(peer).or_insert(0);
+        *n += 1;
+        *n
+    }
+
+    /// The transfer id of message `seq` from `from` to `to`: unique among `from`'s exposed tensors.
+    fn transfer_id(from: usize, to: usize, seq: u64) -> u64 {
+        ((from as u64) << 48) | ((to as u64) << 32) | (seq & 0xFFFF_FFFF)
+    }
+
+    fn check_peer(&self, peer: usize) -> Result<()> {
+        if peer >= self.addresses.len() || peer == self.rank {
+            return Err(DistError::Config(format!(
+                "rank {} cannot exchange tensors with rank {peer} of {}",
+                self.rank,
+                self.addresses.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Sends `data` to `to` (returns at once; the peer's matching [`recv`](Self::recv) gets it).
+    pub fn send_data(&self, to: usize, data: TensorData) -> Result<()> {
+        self.check_peer(to)?;
+        let seq = Self::next(&self.sent, to);
+        self.bytes_sent
+            .fetch_add(data.bytes.len() as u64, Ordering::Relaxed);
+        let id = Self::transfer_id(self.rank, to, seq);
+        self.runtime
+            .block_on(self.service.expose_data(data, 1, id.into()));
+        Ok(())
+    }
+
+    /// The next tensor `from` sends this rank (waits for it).
+    pub fn recv_data(&self, from: usize) -> Result<TensorData> {
+        self.check_peer(from)?;
+        self.wait_reachable(from)?;
+        let seq = Self::next(&self.received, from);
+        let id = Self::transfer_id(from, self.rank, seq);
+        let address = Address::from_str(&format!("ws://{}", self.addresses[from]))
+            .map_err(|e| DistError::Config(format!("address of rank {from}: {e}")))?;
+        self.runtime
+            .block_on(self.service.download_tensor(address, id.into()))
+            .ok_or_else(|| {
+                DistError::Collective(format!(
+                    "rank {from} closed the connection before sending message {seq} to rank {}",
+                    self.rank
+                ))
+            })
+    }
+
+    /// Sends `tensor` to `to`.
+    pub fn send<const D: usize>(&self, to: usize, tensor: Tensor<B, D>) -> Result<()> {
+        self.send_data(to, tensor.into_data())
+    }
+
+    /// The next tensor `from` sends, on this rank's device.
+    pub fn recv<const D: usize>(&self, from: usize) -> Result<Tensor<B, D>> {
+        let data = self.recv_data(from)?;
+        if data.shape.len() != D {
+            return Err(DistError::Collective(format!(
+                "rank {from} sent a {}-dimensional tensor where {D} were expected",
+                data.shape.len()
+            )));
+        }
+        // Keep the sender's precision (a plain `from_data` converts to the default float type).
+        let dtype = data.dtype;
+        Ok(Tensor::from_data(data, (&self.device, dtype)))
+    }
+
+    /// Waits until `peer`'s data service accepts connections (the data service panics on a
+    /// refused connection, so it is never asked to make one before this).
+    fn wait_reachable(&self, peer: usize) -> Result<()> {
+        if self.reachable.lock().unwrap_or_else(|p| p.into_inner())[peer] {
+            return Ok(());
+        }
+        let address = &self.addresses[peer];
+        let started = Instant::now();
+        loop {
+            let target = std::net::ToSocketAddrs::to_socket_addrs(address.as_str())
+                .ok()
+                .and_then(|mut a| a.next());
+            if let Some(target) = target
+                && std::net::TcpStream::connect_timeout(&target, Duration::from_secs(1)).is_ok()
+            {
+                self.reachable.lock().unwrap_or_else(|p| p.into_inner())[peer] = true;
+                return Ok(());
+            }
+            if started.elapsed() > CONNECT_TIMEOUT {
+                return Err(DistError::Collective(format!(
+                    "rank {peer}'s data service at {address} did not answer within {CONNECT_TIMEOUT:?}"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// How long a closing rank keeps serving tensors its peers have not downloaded yet.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl<B: Backend> Drop for PeerNet<B> {
+    fn drop(&mut self) {
+        // A rank that finishes first must still serve what it sent (its last gradients, say)
+        // until the receivers have them, then close its own connections cleanly.
+        let service = Arc::clone(&self.service);
+        self.runtime.block_on(async move {
+            let started = Instant::now();
+            while !service.exposed_tensors.lock().await.is_empty()
+                && started.elapsed() < DRAIN_TIMEOUT
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            service.close().await;
+        });
+        self.cancel.cancel();
+        LIVE_IN_PROCESS.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Runs `f` on `world` ranks that are threads of this process, each with its own data service on
+/// 127.0.0.1 (the way tests, benchmarks and library users run small parallel jobs); returns each
+/// rank's result in rank order. A rank that panics is reported as an error.
+pub fn thread_ranks<B: Backend, T: Send>(
+    world: usize,
+    device: B::Device,
+    f: impl Fn(Arc<PeerNet<B>>) -> T + Sync,
+) -> Result<Vec<T>> {
+    let addresses = PeerNet::<B>::local_addresses(world)?;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..world)
+            .map(|rank| {
+                let (addresses, device, f) = (addresses.clone(), device.clone(), &f);
+                s.spawn(move || {
+                    PeerNet::<B>::start(rank, addresses, device).map(|n| f(Arc::new(n)))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .enumerate()
+            .map(|(rank, h)| {
+                h.join().unwrap_or_else(|_| {
+                    Err(DistError::Rank {
+                        rank,
+                        reason: "panicked".into(),
+                    })
+                })
+            })
+            .collect()
+    })
+}
+
+/// A set of ranks that run collectives together (a tensor-parallel group, the data-parallel
+/// replicas of one shard, a pipeline, ...), over a [`PeerNet`].
+#[derive(Clone, Debug)]
+pub struct Group<B: Backend> {
+    net: Arc<PeerNet<B>>,
+    members: Vec<usize>,
+    bytes_reduced: Arc<AtomicU64>,
+}
+
+impl<B: Backend> Group<B> {
+    /// The group of `members` (global ranks; this rank must be one of them, and every member
+    /// must list the same ranks in the same order).
+    pub fn new(net: Arc<PeerNet<B>>, members: Vec<usize>) -> Result<Self> {
+        if !members.contains(&net.rank()) || members.iter().any(|&m| m >= net.world_size()) {
+            return Err(DistError::Config(format!(
+                "rank {} cannot form a group of ranks {members:?}",
+                net.rank()
+            )));
+        }
+        Ok(Self {
+            net,
+            members,
+            bytes_reduced: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    /// Number of members.
+    pub fn size(&self) -> usize {
+        self.members.len()
+    }
+
+    /// This rank's position in the group.
+    pub fn index(&self) -> usize {
+        self.members
+            .iter()
+            .position(|&m| m == self.net.rank())
+            .unwrap_or(0)
+    }
+
+    /// The members' global ranks.
+    pub fn members(&self) -> &[usize] {
+        &self.members
+    }
+
+    /// The transfers underneath.
+    pub fn net(&self) -> &Arc<PeerNet<B>> {
+        &self.net
+    }
+
+    /// Bytes of tensors this rank has all-reduced in the group so far (each counted once, the
+    /// size of the tensor; what a ring all-reduce moves per rank is `2(n−1)/n` of it).
+    pub fn bytes_reduced(&self) -> u64 {
+        self.bytes_reduced.load(Ordering::Relaxed)
+    }
+
+    /// The element-wise sum of `tensor` over the group. Every member adds the same values in the
+    /// same (member) order, so every member gets the same bits.
+    pub fn all_reduce_sum<const D: usize>(&self, tensor: Tensor<B, D>) -> Result<Tensor<B, D>> {
+        if self.members.len() == 1 {
+            return Ok(tensor);
+        }
+        let dtype = tensor.dtype();
+        self.bytes_reduced.fetch_add(
+            (tensor.shape().num_elements() * dtype.size()) as u64,
+            Ordering::Relaxed,
+        );
+        let mine = tensor.clone().into_data();
+        for &m in &self.members {
+            if m != self.net.rank() {
+                self.net.send_data(m, mine.clone())?;
+            }
+        }
+        let mut sum: Option<Tensor<B, D>> = None;
+        for &m in &self.members {
+            let part = if m == self.net.rank() {
+                tensor.clone()
+            } else {
+                self.net.recv::<D>(m)?.cast(dtype)
+            };
+            sum = Some(match sum {
+                None => part,
+                Some(s) => s + part,
+            });
+        }
+        Ok(sum.unwrap_or(tensor))
+    }
+
+    /// Every member's `tensor`, in member order (all the same shape).
+    pub fn all_gather<const D: usize>(&self, tensor: Tensor<B, D>) -> Result<Vec<Tensor<B, D>>> {
+        if self.members.len() == 1 {
+            return Ok(vec![tensor]);
+        }
+        let mine = tensor.clone().into_data();
+        for &m in &self.members {
+            if m != self.net.rank() {
+                self.net.send_data(m, mine.clone())?;
+            }
+        }
+        self.members
+            .iter()
+            .map(|&m| {
+                if m == self.net.rank() {
+                    Ok(tensor.clone())
+                } else {
+                    self.net.recv::<D>(m)
+                }
+            })
+            .collect()
+    }
+
+    /// Waits until every member gets here.
+    pub fn barrier(&self) -> Result<()> {
+        self.all_reduce_values(&mut [0.0])
+    }
+
+    /// Replaces each of `values` by its sum over the group, in f64.
+    pub fn all_reduce_values(&self, values: &mut [f64]) -> Result<()> {
+        if self.members.len() == 1 || values.is_empty() {
+            return Ok(());
+        }
+        let tensor = Tensor::<B, 1>::from_data(
+            TensorData::new(values.to_vec(), [values.len()]),
+            (self.net.device(), DType::F64),
+        );
+        let summed = self
+            .all_reduce_sum(tensor)?
+            .into_data()
+            .convert::<f64>()
+            .into_vec::<f64>()
+            .map_err(|e| DistError::Collective(format!("reduced values: {e:?}")))?;
+        values.copy_from_slice(&summed);
+        Ok(())
+    }
+}

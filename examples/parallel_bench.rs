@@ -1,0 +1,237 @@
+//! Tensor and pipeline parallelism on this machine, ranks as threads talking over loopback
+//! (Kiln's side of `scripts/bench_distributed.sh`):
+//!
+//! 1. **The pipeline bubble.** For P = 2, 4 stages and M = 4, 8, 16 micro-batches, GPipe and 1F1B:
+//!    each stage's idle fraction of the step (1 − its compute time / the step's wall time, from
+//!    the timestamps of its forward and backward passes), against `(P − 1)/(M + P − 1)`.
+//! 2. **Parameter memory per rank** with T = 2, 4 and P = 2, 4 against one device.
+//! 3. **Tensor-parallel communication per step**: bytes each rank all-reduced, against Megatron's
+//!    count, 4 all-reduces of `b·s·d` values per layer per micro-batch (2 forward, 2 backward).
+//!
+//! ```text
+//! cargo run --release --example parallel_bench -- [--layers 8] [--d-model 128] [--seq 64]
+//! ```
+
+use std::sync::Arc;
+
+use burn::backend::{Autodiff, Flex};
+use burn::module::Module;
+use burn::tensor::backend::Backend;
+use clap::Parser;
+use kiln::distributed::{
+    AdamWSettings, ParallelOptions, ParallelRank, PeerNet, PipelineSchedule, bubble_fraction,
+    thread_ranks,
+};
+use kiln::transformer::{ModelConfig, Transformer};
+
+type Ad = Autodiff<Flex>;
+
+/// Pipeline bubble, memory and tensor-parallel traffic.
+#[derive(Debug, Parser)]
+struct Args {
+    /// Layers of the benchmark GPT.
+    #[arg(long, default_value_t = 8)]
+    layers: usize,
+    /// Model width.
+    #[arg(long, default_value_t = 128)]
+    d_model: usize,
+    /// Tokens per row.
+    #[arg(long, default_value_t = 128)]
+    seq: usize,
+    /// Rows per micro-batch.
+    #[arg(long, default_value_t = 4)]
+    rows: usize,
+    /// Timed steps per setting (after one warm-up); the median is reported.
+    #[arg(long, default_value_t = 3)]
+    steps: usize,
+}
+
+fn config(args: &Args) -> ModelConfig {
+    ModelConfig {
+        vocab_size: 256,
+        context_length: args.seq,
+        n_layers: args.layers,
+        n_heads: 4,
+        n_kv_heads: 4,
+        d_model: args.d_model,
+        d_ff: 4 * args.d_model,
+        dropout: 0.0,
+        ..ModelConfig::shakespeare_char_cpu(256)
+    }
+}
+
+fn batch(rows: usize, seq: usize) -> Vec<Vec<i64>> {
+    (0..rows)
+        .map(|r| {
+            (0..=seq)
+                .map(|i| ((i * 31 + r * 17) % 256) as i64)
+                .collect()
+        })
+        .collect()
+}
+
+/// Runs `f` on `world` thread ranks.
+fn on_ranks<T: Send>(world: usize, f: impl Fn(Arc<PeerNet<Flex>>) -> T + Sync) -> Vec<T> {
+    thread_ranks::<Flex, T>(world, Default::default(), f).expect("thread ranks")
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    let args = Args::parse();
+    println!(
+        "CPU: {}; {} cores",
+        cpu_model(),
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+    let config = config(&args);
+    Ad::seed(&Default::default(), 1);
+    let model = Transformer::<Ad>::new(config.clone(), &Default::default()).expect("model");
+    let whole_bytes = model.num_params() * 4;
+
+    println!(
+        "\n== pipeline bubble: {} layers, d = {}, {} rows × {} tokens per micro-batch",
+        args.layers, args.d_model, args.rows, args.seq
+    );
+    println!(
+        "P  M   schedule  idle per stage (median of {} steps)      mean   formula  mean/formula",
+        args.steps
+    );
+    for p in [2usize, 4] {
+        for m in [4usize, 8, 16] {
+            for schedule in [PipelineSchedule::GPipe, PipelineSchedule::OneFOneB] {
+                let rows = batch(args.rows * m, args.seq);
+                let idle = on_ranks(p, |net| {
+                    let mut rank = ParallelRank::<Ad>::new(
+                        model.clone(),
+                        net,
+                        ParallelOptions {
+                            pipeline: p,
+                            micro_batches: m,
+                            schedule,
+                            // Equal compute per stage, as the formula assumes (balancing by
+                            // parameters would give the first stage fewer layers for its
+                            // embedding, which costs parameters but little compute).
+                            stage_layers: Some(vec![args.layers / p; p]),
+                            tensor: 1,
+                        },
+                        AdamWSettings::default(),
+                        Default::default(),
+                    )
+                    .expect("rank");
+                    let mut idle = Vec::new();
+                    for step in 0..=args.steps {
+                        let report = rank.step(&rows, 1e-4).expect("step");
+                        // Measured from this stage's timestamps: compute time over the step.
+                        let busy: f64 = report.timeline.iter().map(|a| a.end - a.start).sum();
+                        if step > 0 {
+                            idle.push(1.0 - busy / report.seconds);
+                        }
+                    }
+                    median(idle)
+                });
+                let mean = idle.iter().sum::<f64>() / idle.len() as f64;
+                let formula = bubble_fraction(p, m);
+                let stages: Vec<String> = idle.iter().map(|x| format!("{x:.3}")).collect();
+                println!(
+                    "{p}  {m:<3} {schedule:<9} {:<38} {mean:.3}  {formula:.3}    {:.2}",
+                    stages.join(" "),
+                    mean / formula
+                );
+            }
+        }
+    }
+
+    println!(
+        "\n== parameter memory per rank (f32), whole model {:.2} MB",
+        mb(whole_bytes)
+    );
+    for (t, p) in [(2usize, 1usize), (4, 1), (1, 2), (1, 4), (2, 2)] {
+        let bytes = on_ranks(t * p, |net| {
+            let rank = ParallelRank::<Ad>::new(
+                model.clone(),
+                net,
+                ParallelOptions {
+                    tensor: t,
+                    pipeline: p,
+                    micro_batches: p,
+                    ..Default::default()
+                },
+                AdamWSettings::default(),
+                Default::default(),
+            )
+            .expect("rank");
+            rank.stage().expect("stage").num_params() * 4
+        });
+        let largest = bytes.iter().copied().max().unwrap_or(0);
+        let per: Vec<String> = bytes.iter().map(|b| format!("{:.2}", mb(*b))).collect();
+        println!(
+            "T={t} P={p}: per rank [{}] MB; largest / whole = {:.3} (1/{} = {:.3})",
+            per.join(", "),
+            largest as f64 / whole_bytes as f64,
+            t * p,
+            1.0 / (t * p) as f64
+        );
+    }
+
+    println!("\n== tensor-parallel traffic per step (f32)");
+    for t in [2usize, 4] {
+        let m = 2;
+        let rows = batch(args.rows * m, args.seq);
+        let measured = on_ranks(t, |net| {
+            let mut rank = ParallelRank::<Ad>::new(
+                model.clone(),
+                net,
+                ParallelOptions {
+                    tensor: t,
+                    micro_batches: m,
+                    ..Default::default()
+                },
+                AdamWSettings::default(),
+                Default::default(),
+            )
+            .expect("rank");
+            let before = rank.tensor_comm().group().bytes_reduced();
+            rank.step(&rows, 1e-4).expect("step");
+            // The step's own all-reduces of activations and their gradients (the rest of the
+            // group's traffic is the loss and norm bookkeeping: a few values).
+            let (forward, backward) = rank.tensor_comm().reduces();
+            (
+                rank.tensor_comm().group().bytes_reduced() - before,
+                forward,
+                backward,
+            )
+        });
+        let (bytes, forward, backward) = measured[0];
+        let megatron = 4 * args.layers * m * args.rows * args.seq * args.d_model * 4;
+        println!(
+            "T={t}: {forward} forward + {backward} backward all-reduces, {:.2} MB all-reduced per rank; \
+             Megatron 4·L·M·b·s·d·4 B = {:.2} MB ({:.3}×); sent per rank: {:.2} MB here \
+             (each rank sends its part to the T−1 others), {:.2} MB in a ring (2(T−1)/T)",
+            mb(bytes as usize),
+            mb(megatron),
+            bytes as f64 / megatron as f64,
+            mb(bytes as usize) * (t as f64 - 1.0),
+            mb(bytes as usize) * 2.0 * (t as f64 - 1.0) / t as f64
+        );
+    }
+}
+
+fn mb(bytes: usize) -> f64 {
+    bytes as f64 / 1e6
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
