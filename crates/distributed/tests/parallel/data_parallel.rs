@@ -6,7 +6,7 @@
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::backend::AutodiffBackend;
@@ -19,9 +19,7 @@ use kiln_transformer::ModelConfig;
 type B = Autodiff<Flex>;
 type Inner = <B as AutodiffBackend>::InnerBackend;
 
-/// One collective group per process at a time (Burn's collective server is process-wide), and
-/// Burn's CPU random generator is process-wide too.
-static SERIAL: Mutex<()> = Mutex::new(());
+use super::SERIAL;
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())

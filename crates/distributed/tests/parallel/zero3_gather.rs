@@ -4,7 +4,7 @@
 //! the backward pass (the whole weight was not kept) and the last block's gradients are
 //! reduce-scattered before the first block's weights are gathered again.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::backend::{Autodiff, Flex};
@@ -24,8 +24,7 @@ const WORLD: usize = 2;
 const ROWS: usize = 2;
 const SEQ: usize = 12;
 
-/// Burn's collective server and CPU random generator are process-wide.
-static SERIAL: Mutex<()> = Mutex::new(());
+use super::SERIAL;
 
 fn gpt() -> ModelConfig {
     ModelConfig {

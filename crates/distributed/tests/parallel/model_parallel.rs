@@ -7,7 +7,7 @@
 //! fewer micro-batches of activations than GPipe, measured.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use burn::backend::{Autodiff, Flex};
 use burn::module::{AutodiffModule, Module, ModuleVisitor, Param, ParamId};
@@ -30,8 +30,7 @@ type Inner = Flex;
 const ROWS: usize = 8;
 const SEQ: usize = 12;
 
-/// Burn's CPU random generator is process-wide.
-static SERIAL: Mutex<()> = Mutex::new(());
+use super::SERIAL;
 
 fn gpt() -> ModelConfig {
     ModelConfig {
