@@ -20,9 +20,7 @@ use kiln_distributed::{
     thread_ranks,
 };
 use kiln_trainer::optimizer::{GroupedAdamW, clip_to, embedding_param_ids, grad_square_sum};
-use kiln_transformer::{
-    MlpKind, ModelConfig, NormKind, PositionEncoding, RopePairing, TensorParallel, Transformer,
-};
+use kiln_transformer::{ModelConfig, TensorParallel, Transformer};
 
 type Ad = Autodiff<Flex>;
 type Inner = Flex;
@@ -33,35 +31,11 @@ const SEQ: usize = 12;
 use super::SERIAL;
 
 fn gpt() -> ModelConfig {
-    ModelConfig {
-        vocab_size: 61,
-        context_length: 16,
-        n_layers: 4,
-        n_heads: 4,
-        n_kv_heads: 4,
-        d_model: 32,
-        d_ff: 64,
-        bias: true,
-        dropout: 0.0,
-        ..ModelConfig::shakespeare_char_cpu(61)
-    }
+    super::tiny_gpt(4, 4, 32, 64)
 }
 
 fn llama() -> ModelConfig {
-    ModelConfig {
-        architecture: "llama".into(),
-        position: PositionEncoding::Rope {
-            theta: 10_000.0,
-            pairing: RopePairing::HalfSplit,
-        },
-        norm: NormKind::RmsNorm { eps: 1e-5 },
-        mlp: MlpKind::SwiGlu,
-        n_heads: 4,
-        n_kv_heads: 2,
-        bias: false,
-        tied_embeddings: false,
-        ..gpt()
-    }
+    super::tiny_llama(gpt())
 }
 
 /// Step `step`'s batch: `ROWS` rows of `SEQ + 1` tokens.

@@ -16,9 +16,7 @@ use kiln_distributed::partition::{Partition, param_layouts};
 use kiln_distributed::{
     Communicator, GatherBackend, GatherEvent, GraphGather, ParamGather, Transport, flat,
 };
-use kiln_transformer::{
-    MlpKind, ModelConfig, NormKind, PositionEncoding, RopePairing, Transformer,
-};
+use kiln_transformer::{ModelConfig, Transformer};
 
 const WORLD: usize = 2;
 const ROWS: usize = 2;
@@ -27,35 +25,11 @@ const SEQ: usize = 12;
 use super::SERIAL;
 
 fn gpt() -> ModelConfig {
-    ModelConfig {
-        vocab_size: 61,
-        context_length: 16,
-        n_layers: 3,
-        n_heads: 2,
-        n_kv_heads: 2,
-        d_model: 16,
-        d_ff: 48,
-        bias: true,
-        dropout: 0.0,
-        ..ModelConfig::shakespeare_char_cpu(61)
-    }
+    super::tiny_gpt(3, 2, 16, 48)
 }
 
 fn llama() -> ModelConfig {
-    ModelConfig {
-        architecture: "llama".into(),
-        position: PositionEncoding::Rope {
-            theta: 10_000.0,
-            pairing: RopePairing::HalfSplit,
-        },
-        norm: NormKind::RmsNorm { eps: 1e-5 },
-        mlp: MlpKind::SwiGlu,
-        n_heads: 4,
-        n_kv_heads: 2,
-        bias: false,
-        tied_embeddings: false,
-        ..gpt()
-    }
+    super::tiny_llama(gpt())
 }
 
 /// Rank `rank`'s inputs and targets.
