@@ -59,7 +59,7 @@ use crate::error::{DistError, Result};
 use crate::layout::{ParallelLayout, RankCoords, balance_stages};
 use crate::p2p::{Group, PeerNet};
 use crate::schedule::{Action, PipelineSchedule};
-use crate::tensor_parallel::{MegatronOps, TensorParallelBackend, TpComm, shard_model};
+use crate::tensor_parallel::{MegatronOps, TensorParallelBackend, TpComm, owned_copy, shard_model};
 
 /// How a run is split, beyond the number of ranks.
 #[derive(Clone, Debug, PartialEq)]
@@ -598,8 +598,7 @@ impl<B: Backend> ModuleMapper<B> for FreshLeaves {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
         let (id, value, mapper) = param.consume();
         let grad = value.is_require_grad();
-        let (device, dtype) = (value.device(), value.dtype());
-        let fresh = Tensor::from_data(value.into_data(), (&device, dtype));
+        let fresh = owned_copy(value.detach());
         Param::from_mapped_value(id, fresh.set_require_grad(grad), mapper)
     }
 }

@@ -208,10 +208,20 @@ fn map_value<B: Backend, const D: usize>(
     let (id, value, mapper) = param.consume();
     let grad = value.is_require_grad();
     // A new leaf: the slice's values, without the graph of the slicing.
-    let piece = f(value.detach());
-    let (device, dtype) = (piece.device(), piece.dtype());
-    let value = Tensor::from_data(piece.into_data(), (&device, dtype));
+    let value = owned_copy(f(value.detach()));
     Param::from_mapped_value(id, value.set_require_grad(grad), mapper)
+}
+
+/// `t`'s values in memory of their own: an optimizer that updates the copy in place cannot
+/// change `t` (Flex shares the bytes of a tensor read out and read back in).
+pub(crate) fn owned_copy<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
+    let (device, dtype, shape) = (t.device(), t.dtype(), t.shape());
+    let data = t.into_data();
+    let bytes = data.as_bytes().to_vec();
+    Tensor::from_data(
+        burn::tensor::TensorData::from_bytes_vec(bytes, shape, dtype),
+        (&device, dtype),
+    )
 }
 
 fn columns<B: Backend, const D: usize>(
