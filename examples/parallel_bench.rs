@@ -89,7 +89,13 @@ fn main() {
     );
     let config = config(&args);
     Ad::seed(&Default::default(), 1);
-    let model = Transformer::<Ad>::new(config.clone(), &Default::default()).expect("model");
+    // Read every parameter once (mapping does), so that the ranks' clones share the values:
+    // Burn's lazy initializers would run once per clone.
+    struct Read;
+    impl burn::module::ModuleMapper<Ad> for Read {}
+    let model = Transformer::<Ad>::new(config.clone(), &Default::default())
+        .expect("model")
+        .map(&mut Read);
     let whole_bytes = model.num_params() * 4;
 
     println!(

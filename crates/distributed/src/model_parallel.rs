@@ -17,11 +17,11 @@
 //! ```no_run
 //! use burn::backend::{Autodiff, Flex};
 //! use kiln_distributed::{AdamWSettings, ParallelOptions, ParallelRank, PipelineSchedule, thread_ranks};
-//! use kiln_transformer::{ModelConfig, Transformer};
+//! use kiln_transformer::load_model_dir;
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let config = ModelConfig::shakespeare_char_cpu(65);
-//! let model = Transformer::<Autodiff<Flex>>::new(config, &Default::default())?;
+//! // Every rank starts from the same whole model (here a Kiln model directory).
+//! let model = load_model_dir::<Autodiff<Flex>>("runs/tiny/model", &Default::default())?;
 //! let batch: Vec<Vec<i64>> = vec![vec![1; 257]; 8]; // 8 rows of seq_len + 1 token ids
 //! // 4 ranks as threads: TP 2 × PP 2, 4 micro-batches, 1F1B.
 //! let results = thread_ranks::<Flex, _>(4, Default::default(), |net| {
@@ -42,6 +42,7 @@
 //! ```
 
 use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
@@ -52,8 +53,10 @@ use burn::optim::GradientsAccumulator;
 use burn::optim::GradientsParams;
 use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
-use kiln_trainer::optimizer::{GroupedAdamW, clip_to, embedding_param_ids};
-use kiln_transformer::{ModelConfig, Stage, StageInput, TensorParallel, Transformer};
+use kiln_trainer::optimizer::{GroupedAdamW, OptimizerStep, clip_to, embedding_param_ids};
+use kiln_transformer::{
+    ModelConfig, Stage, StageInput, TensorParallel, Transformer, save_model_dir,
+};
 
 use crate::error::{DistError, Result};
 use crate::layout::{ParallelLayout, RankCoords, balance_stages};
@@ -244,6 +247,7 @@ impl<B: TensorParallelBackend> ParallelRank<B> {
         // backward pass: ranks that are threads sharing parameter tensors would serialize, and
         // wait on each other's collectives inside that lock. Every rank gets its own leaves.
         let model = model.map(&mut FreshLeaves);
+        check_same_weights(&net, &model.valid())?;
         let embedding_ids: HashSet<ParamId> = embedding_param_ids(&model).into_iter().collect();
         let whole_shapes = param_shapes(&model);
 
@@ -555,6 +559,66 @@ impl<B: TensorParallelBackend> ParallelRank<B> {
         Ok((grads, mean_loss[0] / self.layout.data as f64, values[1]))
     }
 
+    /// Writes a checkpoint into `dir`: the consolidated model in `dir/model` (a Kiln model
+    /// directory that `kiln generate`, `kiln serve` and [`ParallelRank::new`] with any layout
+    /// load; written by global rank 0), and every rank's AdamW state in
+    /// `dir/optimizer/rank-R` beside the layout it belongs to. Every rank must call it.
+    pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
+        if let Some(model) = self.consolidate()? {
+            save_model_dir(&model, None, None, dir.join("model"))?;
+        }
+        let own = self.optimizer_dir(dir);
+        std::fs::create_dir_all(&own).map_err(|e| DistError::Checkpoint {
+            path: own.clone(),
+            reason: e.to_string(),
+        })?;
+        OptimizerStep::save(&self.optimizer, &own)?;
+        let file = own.join("layout.txt");
+        kiln_gguf::atomic::write(&file, self.layout_text().as_bytes()).map_err(|e| {
+            DistError::Checkpoint {
+                path: file.clone(),
+                reason: e.to_string(),
+            }
+        })?;
+        Group::new(Arc::clone(&self.net), (0..self.net.world_size()).collect())?.barrier()
+    }
+
+    /// Resumes this rank's AdamW state from a checkpoint [`save_checkpoint`](Self::save_checkpoint)
+    /// wrote with the same layout (build the rank from `dir/model` first). A different layout
+    /// shards the moments differently: that is an error naming both layouts, and the run can
+    /// start from `dir/model` with fresh moments instead.
+    pub fn load_optimizer(&mut self, dir: &Path) -> Result<()> {
+        let own = self.optimizer_dir(dir);
+        let file = own.join("layout.txt");
+        let saved = std::fs::read_to_string(&file).map_err(|e| DistError::Checkpoint {
+            path: file.clone(),
+            reason: e.to_string(),
+        })?;
+        let current = self.layout_text();
+        if saved != current {
+            return Err(DistError::Checkpoint {
+                path: file,
+                reason: format!(
+                    "the optimizer state was saved by a run with {saved}; this run has {current}"
+                ),
+            });
+        }
+        OptimizerStep::load(&mut self.optimizer, &own, &self.device)?;
+        Ok(())
+    }
+
+    fn optimizer_dir(&self, dir: &Path) -> PathBuf {
+        dir.join("optimizer")
+            .join(format!("rank-{}", self.net.rank()))
+    }
+
+    fn layout_text(&self) -> String {
+        format!(
+            "data = {}, tensor = {}, pipeline = {}, stage layers = {:?}",
+            self.layout.data, self.layout.tensor, self.layout.pipeline, self.stage_layers
+        )
+    }
+
     /// The whole model, assembled on global rank 0 from every stage and shard of replica 0
     /// (`None` on the other ranks). Every rank must call it.
     pub fn consolidate(&self) -> Result<Option<Transformer<B::InnerBackend>>> {
@@ -629,6 +693,45 @@ fn check_same_config<B: Backend>(
         if theirs.first() != Some(&(hash as f64)) {
             return Err(DistError::Config(format!(
                 "rank {rank} was given a different model config or parallel layout than rank {}",
+                net.rank()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Fails on every rank unless every rank holds the same whole model (a checksum of every
+/// parameter). A model created with Burn's lazy initializers and cloned before any parameter was
+/// read initializes each clone separately, with different random values.
+fn check_same_weights<B: Backend>(net: &Arc<PeerNet<B>>, model: &Transformer<B>) -> Result<()> {
+    struct Sum(f64);
+    impl<B: Backend> ModuleVisitor<B> for Sum {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let v = param.val();
+            let s = v.clone().sum().into_scalar().elem::<f64>();
+            let q = v.powi_scalar(2).sum().into_scalar().elem::<f64>();
+            self.0 += s + 0.5 * q;
+        }
+    }
+    let mut sum = Sum(0.0);
+    model.visit(&mut sum);
+    let all = Group::new(Arc::clone(net), (0..net.world_size()).collect())?;
+    let mine = Tensor::<B, 1>::from_data(
+        TensorData::new(vec![sum.0], [1]),
+        (net.device(), burn::tensor::DType::F64),
+    );
+    for (rank, theirs) in all.all_gather(mine)?.into_iter().enumerate() {
+        let theirs = theirs
+            .into_data()
+            .convert::<f64>()
+            .into_vec::<f64>()
+            .unwrap_or_default();
+        if theirs.first() != Some(&sum.0) {
+            return Err(DistError::Config(format!(
+                "rank {rank} holds different weights than rank {}: every rank must start from the \
+                 same whole model (load it from a file, or read every parameter once before \
+                 cloning a freshly initialized model into thread ranks: Burn initializes each \
+                 clone of an unread parameter separately)",
                 net.rank()
             )));
         }

@@ -142,6 +142,14 @@ fn assert_close(a: &[f32], b: &[f32], tol: f32, what: &str) {
     }
 }
 
+/// `model` with every parameter initialized, so that its clones share the values (Burn's lazy
+/// initializers run once per clone otherwise).
+fn settled(model: Transformer<Ad>) -> Transformer<Ad> {
+    struct Read;
+    impl burn::module::ModuleMapper<Ad> for Read {}
+    model.map(&mut Read)
+}
+
 /// Identity operators, to shard reference tensors the way the ranks shard the model.
 #[derive(Debug)]
 struct NoOps;
@@ -184,7 +192,7 @@ fn check_one_step_with(
 ) {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     Ad::seed(&Default::default(), 7);
-    let model = Transformer::<Ad>::new(config.clone(), &Default::default()).unwrap();
+    let model = settled(Transformer::<Ad>::new(config.clone(), &Default::default()).unwrap());
     let step_batch = batch(0, config.vocab_size);
     let (loss, logits, grads) = reference(&model, &step_batch);
     let logits = logits
@@ -288,7 +296,7 @@ fn check_training(config: ModelConfig, world: usize, tensor: usize, pipeline: us
     const STEPS: usize = 20;
     const LR: f64 = 3e-3;
     Ad::seed(&Default::default(), 11);
-    let model = Transformer::<Ad>::new(config.clone(), &Default::default()).unwrap();
+    let model = settled(Transformer::<Ad>::new(config.clone(), &Default::default()).unwrap());
     // The single device: the same AdamW, clipping and decay groups.
     let s = settings();
     let no_decay: Vec<ParamId> = {
@@ -401,7 +409,7 @@ fn one_f_one_b_holds_fewer_micro_batches_than_gpipe() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     Ad::seed(&Default::default(), 3);
     let config = gpt();
-    let model = Transformer::<Ad>::new(config.clone(), &Default::default()).unwrap();
+    let model = settled(Transformer::<Ad>::new(config.clone(), &Default::default()).unwrap());
     let step_batch = batch(0, config.vocab_size);
     let mut peaks = HashMap::new();
     for schedule in [PipelineSchedule::GPipe, PipelineSchedule::OneFOneB] {
@@ -441,5 +449,66 @@ fn mismatched_configs_are_refused_on_every_rank() {
     for e in errors {
         let e = e.expect("a mismatched config must be an error");
         assert!(e.contains("different model config"), "{e}");
+    }
+}
+
+/// A TP 2 × PP 2 run saved after 6 steps and resumed into new ranks continues with the losses of
+/// the run that never stopped; the saved model directory starts another layout (PP 2 alone), and
+/// the optimizer state of the first layout is refused there.
+#[test]
+fn checkpoints_resume_exactly_and_reshard_the_model() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    const LR: f64 = 3e-3;
+    let config = llama();
+    Ad::seed(&Default::default(), 5);
+    let model = settled(Transformer::<Ad>::new(config.clone(), &Default::default()).unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let load = || {
+        kiln_transformer::load_model_dir::<Ad>(dir.path().join("model"), &Default::default())
+            .unwrap()
+    };
+    let run = |from: usize, to: usize, resume: bool, save: bool| {
+        on_ranks(4, |net| {
+            let start = if resume { load() } else { model.clone() };
+            let mut r = ParallelRank::<Ad>::new(
+                start,
+                net,
+                options(2, 2, 4),
+                settings(),
+                Default::default(),
+            )
+            .unwrap();
+            if resume {
+                r.load_optimizer(dir.path()).unwrap();
+            }
+            let losses: Vec<f64> = (from..to)
+                .map(|step| r.step(&batch(step, config.vocab_size), LR).unwrap().loss)
+                .collect();
+            if save {
+                r.save_checkpoint(dir.path()).unwrap();
+            }
+            losses
+        })
+    };
+    let straight = run(0, 10, false, false);
+    let first = run(0, 6, false, true);
+    let resumed = run(6, 10, true, false);
+    for rank in 0..4 {
+        let joined: Vec<f64> = first[rank].iter().chain(&resumed[rank]).copied().collect();
+        assert_eq!(joined, straight[rank], "rank {rank}: resumed losses");
+    }
+    let errors = on_ranks(2, |net| {
+        let mut r = ParallelRank::<Ad>::new(
+            load(),
+            net,
+            options(1, 2, 2),
+            settings(),
+            Default::default(),
+        )
+        .unwrap();
+        r.load_optimizer(dir.path()).unwrap_err().to_string()
+    });
+    for e in errors {
+        assert!(e.contains("tensor = 2") && e.contains("tensor = 1"), "{e}");
     }
 }
