@@ -678,26 +678,11 @@ fn check_same_config<B: Backend>(
     let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     }) & ((1 << 48) - 1);
-    let all = Group::new(Arc::clone(net), (0..net.world_size()).collect())?;
-    let values = Tensor::<B, 1>::from_data(
-        TensorData::new(vec![hash as f64], [1]),
-        (net.device(), burn::tensor::DType::F64),
-    );
-    let hashes = all.all_gather(values)?;
-    for (rank, h) in hashes.into_iter().enumerate() {
-        let theirs = h
-            .into_data()
-            .convert::<f64>()
-            .into_vec::<f64>()
-            .unwrap_or_default();
-        if theirs.first() != Some(&(hash as f64)) {
-            return Err(DistError::Config(format!(
-                "rank {rank} was given a different model config or parallel layout than rank {}",
-                net.rank()
-            )));
-        }
-    }
-    Ok(())
+    check_all_equal(
+        net,
+        hash as f64,
+        "different model configs or parallel layouts",
+    )
 }
 
 /// Fails on every rank unless every rank holds the same whole model (a checksum of every
@@ -715,9 +700,21 @@ fn check_same_weights<B: Backend>(net: &Arc<PeerNet<B>>, model: &Transformer<B>)
     }
     let mut sum = Sum(0.0);
     model.visit(&mut sum);
+    check_all_equal(
+        net,
+        sum.0,
+        "different weights: every rank must start from the same whole model (load it from a \
+         file, or read every parameter once before cloning a freshly initialized model into \
+         thread ranks: Burn initializes each clone of an unread parameter separately)",
+    )
+}
+
+/// Fails on every rank unless every rank passes the same `value`; the error names the ranks
+/// and `what` differs.
+fn check_all_equal<B: Backend>(net: &Arc<PeerNet<B>>, value: f64, what: &str) -> Result<()> {
     let all = Group::new(Arc::clone(net), (0..net.world_size()).collect())?;
     let mine = Tensor::<B, 1>::from_data(
-        TensorData::new(vec![sum.0], [1]),
+        TensorData::new(vec![value], [1]),
         (net.device(), burn::tensor::DType::F64),
     );
     for (rank, theirs) in all.all_gather(mine)?.into_iter().enumerate() {
@@ -726,12 +723,9 @@ fn check_same_weights<B: Backend>(net: &Arc<PeerNet<B>>, model: &Transformer<B>)
             .convert::<f64>()
             .into_vec::<f64>()
             .unwrap_or_default();
-        if theirs.first() != Some(&sum.0) {
+        if theirs.first() != Some(&value) {
             return Err(DistError::Config(format!(
-                "rank {rank} holds different weights than rank {}: every rank must start from the \
-                 same whole model (load it from a file, or read every parameter once before \
-                 cloning a freshly initialized model into thread ranks: Burn initializes each \
-                 clone of an unread parameter separately)",
+                "ranks {rank} and {} were given {what}",
                 net.rank()
             )));
         }

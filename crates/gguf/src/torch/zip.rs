@@ -353,14 +353,7 @@ impl<'w> ZipWriter<'w> {
         // record (4-byte header, then 'Z's) sized so that the data starts aligned.
         let mut extra = Vec::new();
         if zip64 {
-            let mut fields = Vec::new();
-            if big_size {
-                fields.extend_from_slice(&size.to_le_bytes());
-                fields.extend_from_slice(&size.to_le_bytes());
-            }
-            if big_offset {
-                fields.extend_from_slice(&offset.to_le_bytes());
-            }
+            let fields = zip64_fields(big_size, big_offset, size, offset);
             extra.extend_from_slice(&ZIP64_EXTRA_ID.to_le_bytes());
             extra.extend_from_slice(&(fields.len() as u16).to_le_bytes());
             extra.extend_from_slice(&fields);
@@ -407,14 +400,7 @@ impl<'w> ZipWriter<'w> {
         }
 
         // Central directory header: ZIP64 extra with the saturated fields only.
-        let mut fields = Vec::new();
-        if big_size {
-            fields.extend_from_slice(&size.to_le_bytes());
-            fields.extend_from_slice(&size.to_le_bytes());
-        }
-        if big_offset {
-            fields.extend_from_slice(&offset.to_le_bytes());
-        }
+        let fields = zip64_fields(big_size, big_offset, size, offset);
         let mut c = Vec::with_capacity(CENTRAL_HEADER_LEN + name.len() + 4 + fields.len());
         c.extend_from_slice(&CENTRAL_SIG.to_le_bytes());
         c.extend_from_slice(&version.to_le_bytes()); // made by
@@ -480,4 +466,18 @@ impl<'w> ZipWriter<'w> {
         self.put(&e)?;
         self.out.flush()
     }
+}
+
+/// The ZIP64 extra field's values for an entry: both sizes if they do not fit 32 bits, then the
+/// offset if it does not.
+fn zip64_fields(big_size: bool, big_offset: bool, size: u64, offset: u64) -> Vec<u8> {
+    let mut fields = Vec::new();
+    if big_size {
+        fields.extend_from_slice(&size.to_le_bytes());
+        fields.extend_from_slice(&size.to_le_bytes());
+    }
+    if big_offset {
+        fields.extend_from_slice(&offset.to_le_bytes());
+    }
+    fields
 }
