@@ -44,6 +44,15 @@ struct Args {
     /// Timed steps per setting (after one warm-up); the median is reported.
     #[arg(long, default_value_t = 3)]
     steps: usize,
+    /// Pipeline stages as threads of this process (default: one process per stage, talking over
+    /// loopback, as `kiln train --nproc` runs them; threads share Burn's autodiff bookkeeping,
+    /// whose locks slow a stage's backward pass while another stage computes).
+    #[arg(long)]
+    threads: bool,
+    /// Internal: run as one stage of a process-per-stage measurement
+    /// (`RANK,P,M,SCHEDULE,ADDRESSES`).
+    #[arg(long, hide = true)]
+    stage_of: Option<String>,
 }
 
 fn config(args: &Args) -> ModelConfig {
@@ -80,22 +89,135 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// This stage's idle fraction of the step (median over the timed steps): 1 − its compute time
+/// over the step's wall time, from the timestamps of its forward and backward passes.
+fn stage_idle(
+    model: &Transformer<Ad>,
+    net: Arc<PeerNet<Flex>>,
+    args: &Args,
+    p: usize,
+    m: usize,
+    schedule: PipelineSchedule,
+) -> f64 {
+    let rows = batch(args.rows * m, args.seq);
+    let mut rank = ParallelRank::<Ad>::new(
+        model.clone(),
+        net,
+        ParallelOptions {
+            pipeline: p,
+            micro_batches: m,
+            schedule,
+            // Equal compute per stage, as the formula assumes (balancing by parameters would
+            // give the first stage fewer layers for its embedding, which costs parameters but
+            // little compute).
+            stage_layers: Some(vec![args.layers / p; p]),
+            tensor: 1,
+        },
+        AdamWSettings::default(),
+        Default::default(),
+    )
+    .expect("rank");
+    let mut idle = Vec::new();
+    for step in 0..=args.steps {
+        let report = rank.step(&rows, 1e-4).expect("step");
+        let busy: f64 = report.timeline.iter().map(|a| a.end - a.start).sum();
+        if step > 0 {
+            idle.push(1.0 - busy / report.seconds);
+        }
+    }
+    rank.net().drain();
+    median(idle)
+}
+
+/// The stages as `p` processes (this program again, with `--stage-of`), each with its share of
+/// the cores; their idle fractions in stage order.
+fn stage_processes(args: &Args, p: usize, m: usize, schedule: PipelineSchedule) -> Vec<f64> {
+    let addresses = PeerNet::<Flex>::local_addresses(p)
+        .expect("ports")
+        .join(",");
+    let threads = (std::thread::available_parallelism().map_or(1, |n| n.get()) / p).max(1);
+    let exe = std::env::current_exe().expect("this program");
+    let children: Vec<_> = (0..p)
+        .map(|rank| {
+            std::process::Command::new(&exe)
+                .args([
+                    "--layers",
+                    &args.layers.to_string(),
+                    "--d-model",
+                    &args.d_model.to_string(),
+                    "--seq",
+                    &args.seq.to_string(),
+                    "--rows",
+                    &args.rows.to_string(),
+                    "--steps",
+                    &args.steps.to_string(),
+                    "--stage-of",
+                    &format!("{rank},{p},{m},{schedule},{addresses}"),
+                ])
+                .env("RAYON_NUM_THREADS", threads.to_string())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("stage process")
+        })
+        .collect();
+    children
+        .into_iter()
+        .map(|c| {
+            let out = c.wait_with_output().expect("stage process");
+            assert!(out.status.success(), "a stage process failed");
+            String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse()
+                .expect("idle fraction")
+        })
+        .collect()
+}
+
+/// Reads every parameter once (mapping does), so that clones share the values: Burn's lazy
+/// initializers would run once per clone.
+fn bench_model(config: &ModelConfig) -> Transformer<Ad> {
+    struct Read;
+    impl burn::module::ModuleMapper<Ad> for Read {}
+    Ad::seed(&Default::default(), 1);
+    Transformer::<Ad>::new(config.clone(), &Default::default())
+        .expect("model")
+        .map(&mut Read)
+}
+
 fn main() {
     let args = Args::parse();
+    if let Some(spec) = &args.stage_of {
+        let parts: Vec<&str> = spec.splitn(5, ',').collect();
+        let [rank, p, m, schedule, addresses] = parts[..] else {
+            panic!("--stage-of RANK,P,M,SCHEDULE,ADDRESSES");
+        };
+        let (rank, p, m): (usize, usize, usize) = (
+            rank.parse().expect("rank"),
+            p.parse().expect("P"),
+            m.parse().expect("M"),
+        );
+        let schedule: PipelineSchedule = schedule.parse().expect("schedule");
+        let addresses = addresses.split(',').map(str::to_owned).collect();
+        let net =
+            PeerNet::<Flex>::start(rank, addresses, Default::default()).expect("data service");
+        let idle = stage_idle(
+            &bench_model(&config(&args)),
+            Arc::new(net),
+            &args,
+            p,
+            m,
+            schedule,
+        );
+        println!("{idle}");
+        return;
+    }
     println!(
         "CPU: {}; {} cores",
         cpu_model(),
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
     let config = config(&args);
-    Ad::seed(&Default::default(), 1);
-    // Read every parameter once (mapping does), so that the ranks' clones share the values:
-    // Burn's lazy initializers would run once per clone.
-    struct Read;
-    impl burn::module::ModuleMapper<Ad> for Read {}
-    let model = Transformer::<Ad>::new(config.clone(), &Default::default())
-        .expect("model")
-        .map(&mut Read);
+    let model = bench_model(&config);
     let whole_bytes = model.num_params() * 4;
 
     println!(
@@ -109,36 +231,11 @@ fn main() {
     for p in [2usize, 4] {
         for m in [4usize, 8, 16] {
             for schedule in [PipelineSchedule::GPipe, PipelineSchedule::OneFOneB] {
-                let rows = batch(args.rows * m, args.seq);
-                let idle = on_ranks(p, |net| {
-                    let mut rank = ParallelRank::<Ad>::new(
-                        model.clone(),
-                        net,
-                        ParallelOptions {
-                            pipeline: p,
-                            micro_batches: m,
-                            schedule,
-                            // Equal compute per stage, as the formula assumes (balancing by
-                            // parameters would give the first stage fewer layers for its
-                            // embedding, which costs parameters but little compute).
-                            stage_layers: Some(vec![args.layers / p; p]),
-                            tensor: 1,
-                        },
-                        AdamWSettings::default(),
-                        Default::default(),
-                    )
-                    .expect("rank");
-                    let mut idle = Vec::new();
-                    for step in 0..=args.steps {
-                        let report = rank.step(&rows, 1e-4).expect("step");
-                        // Measured from this stage's timestamps: compute time over the step.
-                        let busy: f64 = report.timeline.iter().map(|a| a.end - a.start).sum();
-                        if step > 0 {
-                            idle.push(1.0 - busy / report.seconds);
-                        }
-                    }
-                    median(idle)
-                });
+                let idle = if args.threads {
+                    on_ranks(p, |net| stage_idle(&model, net, &args, p, m, schedule))
+                } else {
+                    stage_processes(&args, p, m, schedule)
+                };
                 let mean = idle.iter().sum::<f64>() / idle.len() as f64;
                 let formula = bubble_fraction(p, m);
                 let stages: Vec<String> = idle.iter().map(|x| format!("{x:.3}")).collect();

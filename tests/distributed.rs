@@ -87,6 +87,10 @@ fn weights(model_dir: &Path) -> HashMap<String, Vec<f32>> {
 }
 
 fn assert_same_weights(a: &Path, b: &Path) {
+    assert_same_weights_within(a, b, 1e-5);
+}
+
+fn assert_same_weights_within(a: &Path, b: &Path, tolerance: f32) {
     let (a, b) = (weights(a), weights(b));
     assert_eq!(a.len(), b.len());
     for (name, x) in &a {
@@ -96,7 +100,7 @@ fn assert_same_weights(a: &Path, b: &Path) {
             .zip(y)
             .map(|(p, q)| (p - q).abs())
             .fold(0f32, f32::max);
-        assert!(worst <= 1e-5, "{name}: differs by {worst}");
+        assert!(worst <= tolerance, "{name}: differs by {worst}");
     }
 }
 
@@ -285,4 +289,160 @@ fn setup_errors_are_clear_and_come_before_training() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("node rank"));
+}
+
+/// The training losses a run logged (`log_interval = 1`), in step order.
+fn logged_losses(run: &Path) -> Vec<f64> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v.get("loss").and_then(serde_json::Value::as_f64)
+        })
+        .collect()
+}
+
+fn assert_close(what: &str, a: &[f64], b: &[f64], rel: f64) {
+    assert_eq!(a.len(), b.len(), "{what}: {a:?} vs {b:?}");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!(
+            (x - y).abs() <= rel * x.abs().max(y.abs()),
+            "{what}, step {i}: {x} vs {y} ({a:?} vs {b:?})"
+        );
+    }
+}
+
+/// `kiln train --nproc N` with tensor and pipeline parallelism in the config trains as one
+/// process does (same losses, same final weights), resumes exactly, and says what it needs.
+#[test]
+fn tensor_and_pipeline_parallel_processes_train_like_one_process() {
+    let (dir, data, _) = common::tokenizer_and_shards();
+    let write_config = |name: &str, edit: &dyn Fn(&mut TrainConfig)| {
+        let mut c = TrainConfig::load(config_path()).unwrap();
+        c.data_dir = data.clone();
+        c.grad_accum = 2;
+        c.max_steps = 6;
+        c.decay_steps = Some(6);
+        c.log_interval = 1;
+        c.eval_interval = 0;
+        c.eval_batches = 4;
+        c.checkpoint_interval = 0;
+        edit(&mut c);
+        let path = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&path, c.to_toml().unwrap()).unwrap();
+        path
+    };
+    let train = |config: &Path, run: &str, extra: &[&str]| {
+        let out = dir.path().join(run);
+        let mut a = vec![
+            "train".to_owned(),
+            "--config".into(),
+            config.display().to_string(),
+            "--out".into(),
+            out.display().to_string(),
+        ];
+        a.extend(extra.iter().map(|s| s.to_string()));
+        if extra.contains(&"--nproc") {
+            a.extend(["--master".into(), format!("127.0.0.1:{}", free_port(8))]);
+        }
+        (ok(kiln().args(&a).output().unwrap()), out)
+    };
+    let final_model = |run: &Path| run.join("checkpoints/step-6/model");
+
+    let single = write_config("single", &|_| {});
+    let (_, one) = train(&single, "one", &[]);
+    let reference = logged_losses(&one);
+    assert_eq!(reference.len(), 6);
+
+    for (name, tensor, pipeline, schedule) in [
+        ("tp2", 2, 1, "1f1b"),
+        ("pp2-1f1b", 1, 2, "1f1b"),
+        ("pp2-gpipe", 1, 2, "gpipe"),
+        ("tp2-pp2", 2, 2, "1f1b"),
+    ] {
+        let config = write_config(name, &|c| {
+            c.tensor_parallel = tensor;
+            c.pipeline_parallel = pipeline;
+            c.pipeline_schedule = schedule.into();
+        });
+        let ranks = (tensor * pipeline).to_string();
+        let (err, run) = train(&config, name, &["--nproc", &ranks]);
+        assert!(
+            err.contains(&format!("tensor {tensor} × pipeline {pipeline}")),
+            "{err}"
+        );
+        assert_close(name, &logged_losses(&run), &reference, 1e-4);
+        assert_same_weights_within(&final_model(&one), &final_model(&run), 1e-4);
+    }
+
+    // Data × tensor: 2 replicas of a TP 2 pair at 8 rows each = one process at 16 rows.
+    let wide = write_config("single-16", &|c| c.micro_batch = 16);
+    let (_, one16) = train(&wide, "one-16", &[]);
+    let dp_tp = write_config("dp2-tp2", &|c| c.tensor_parallel = 2);
+    let (err, run) = train(&dp_tp, "dp2-tp2", &["--nproc", "4"]);
+    assert!(err.contains("× data 2"), "{err}");
+    assert_close(
+        "dp2-tp2",
+        &logged_losses(&run),
+        &logged_losses(&one16),
+        1e-4,
+    );
+
+    // Resume: 3 steps, then on to 6 from the checkpoint, gives the 6-step run's losses exactly.
+    let pp = write_config("pp2-resume", &|c| c.pipeline_parallel = 2);
+    let (_, whole) = train(&pp, "pp2-whole", &["--nproc", "2"]);
+    let (_, part) = train(&pp, "pp2-part", &["--nproc", "2", "--max-steps", "3"]);
+    let port = format!("127.0.0.1:{}", free_port(8));
+    ok(kiln()
+        .args([
+            "train",
+            "--resume",
+            part.to_str().unwrap(),
+            "--max-steps",
+            "6",
+            "--nproc",
+            "2",
+            "--master",
+            &port,
+        ])
+        .output()
+        .unwrap());
+    assert_eq!(logged_losses(&part), logged_losses(&whole));
+    assert_same_weights_within(&final_model(&whole), &final_model(&part), 0.0);
+
+    // One process cannot hold two tensor-parallel shards.
+    let tp = write_config("tp2-alone", &|c| c.tensor_parallel = 2);
+    let out = kiln()
+        .args(["train", "--config", tp.to_str().unwrap(), "--out"])
+        .arg(dir.path().join("alone"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("needs 2 ranks") && err.contains("--nproc 2"),
+        "{err}"
+    );
+    // Heads that do not split: a clear error before any training.
+    let bad = write_config("tp3", &|c| c.tensor_parallel = 3);
+    let port = format!("127.0.0.1:{}", free_port(8));
+    let out = kiln()
+        .args([
+            "train",
+            "--config",
+            bad.to_str().unwrap(),
+            "--nproc",
+            "3",
+            "--master",
+            &port,
+            "--out",
+        ])
+        .arg(dir.path().join("tp3"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("heads"), "{err}");
+    assert!(!dir.path().join("tp3/metrics.jsonl").exists());
 }

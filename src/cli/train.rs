@@ -11,9 +11,9 @@ use kiln::bpe::TokenShard;
 use kiln::distributed::GatherBackend;
 use kiln::distributed::launch::{self, LaunchOutcome, LaunchPlan, ProcessGroupEnv};
 use kiln::distributed::rendezvous::{self, Rendezvous};
-use kiln::distributed::{Communicator, Transport};
+use kiln::distributed::{Communicator, ParallelTrainer, PeerNet, TensorParallelBackend, Transport};
 use kiln::trainer::checkpoint;
-use kiln::trainer::{Precision, TrainConfig, TrainOutcome, Trainer, evaluate};
+use kiln::trainer::{Precision, TrainConfig, TrainOutcome, Trainer, TrainingRun, evaluate};
 use kiln::transformer::load_model;
 
 use super::stop::{StopSignals, shell_quote};
@@ -28,7 +28,10 @@ use super::stop::{StopSignals, shell_quote};
                   machines. A process started with RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT in its \
                   environment (torchrun, SLURM, Kubernetes) runs as that rank. `zero_stage` in the \
                   config (or --zero-stage) shards the optimizer state (1), gradients (2) and parameters \
-                  (3) over the ranks. See docs/distributed.md."
+                  (3) over the ranks. `tensor_parallel = T` and `pipeline_parallel = P` in the config split the \
+                  model over T × P ranks (Megatron-LM's tensor and pipeline parallelism; \
+                  `micro_batches`, `pipeline_schedule = \"1f1b\"|\"gpipe\"`): start them with \
+                  --nproc T×P (×D for D data-parallel replicas). See docs/distributed.md."
 )]
 pub struct TrainArgs {
     /// Training config (TOML); see examples/configs/tiny.toml.
@@ -173,6 +176,35 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         let checkpointing = config.activation_checkpointing;
         (Start::New(Box::new(config)), checkpointing)
     };
+    let model_parallel = match &start {
+        Start::New(config) => config.model_parallel(),
+        Start::Resume(run_dir) => checkpoint::latest_state(run_dir)?.config.model_parallel(),
+    };
+    if model_parallel {
+        let Some(group) = group.as_ref() else {
+            let config = match &start {
+                Start::New(config) => (**config).clone(),
+                Start::Resume(run_dir) => checkpoint::latest_state(run_dir)?.config,
+            };
+            bail!(
+                "tensor_parallel = {} × pipeline_parallel = {} needs {} ranks: start them with \
+                 --nproc {} (a multiple of it adds data-parallel replicas)",
+                config.tensor_parallel,
+                config.pipeline_parallel,
+                config.tensor_parallel * config.pipeline_parallel,
+                config.tensor_parallel * config.pipeline_parallel
+            );
+        };
+        let stopped = if checkpointing {
+            train_model_parallel::<CheckpointedTrainBackend>(start, &args, &signals, group)?
+        } else {
+            train_model_parallel::<TrainBackend>(start, &args, &signals, group)?
+        };
+        if let Some(status) = stopped {
+            std::process::exit(status);
+        }
+        return Ok(());
+    }
     // The checkpointing strategy is a type parameter of Burn's autodiff backend.
     let stopped = if checkpointing {
         train_on::<CheckpointedTrainBackend>(start, &args, &signals, group.as_ref())?
@@ -235,18 +267,7 @@ fn join_group<B: GatherBackend>(
     device: B::Device,
 ) -> anyhow::Result<(kiln::trainer::TrainerBuilder<B>, Rendezvous)> {
     let rank = group.rank;
-    let on_failure: rendezvous::FailureHandler = Arc::new(move |e| {
-        eprintln!("kiln: {e}; stopping rank {rank}");
-        std::process::exit(1);
-    });
-    let timeout = std::env::var("KILN_RENDEZVOUS_TIMEOUT")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .map_or(Duration::from_secs(120), Duration::from_secs);
-    let rv = Rendezvous::join(group, fingerprint, timeout, on_failure)
-        .with_context(|| format!("rank {rank}: joining the run"))?;
-    let endpoints = group.endpoints()?;
-    launch::check_port_free("0.0.0.0", endpoints.data_port, "this rank's data service")?;
+    let (rv, endpoints) = join_rendezvous(group, fingerprint)?;
     if rank == 0 {
         launch::start_orchestrator(group.orchestrator_port())?;
     }
@@ -263,6 +284,154 @@ fn join_group<B: GatherBackend>(
     ))
 }
 
+/// Checks this rank in at the rendezvous (config fingerprint, its data-service address, the
+/// watchdog that stops it when another rank dies).
+fn join_rendezvous(
+    group: &ProcessGroupEnv,
+    fingerprint: &str,
+) -> anyhow::Result<(Rendezvous, kiln::distributed::Endpoints)> {
+    let rank = group.rank;
+    let on_failure: rendezvous::FailureHandler = Arc::new(move |e| {
+        eprintln!("kiln: {e}; stopping rank {rank}");
+        std::process::exit(1);
+    });
+    let timeout = std::env::var("KILN_RENDEZVOUS_TIMEOUT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map_or(Duration::from_secs(120), Duration::from_secs);
+    let endpoints = group.endpoints()?;
+    launch::check_port_free("0.0.0.0", endpoints.data_port, "this rank's data service")?;
+    let address = format!("{}:{}", endpoints.node_host, endpoints.data_port);
+    let rv = Rendezvous::join(group, fingerprint, &address, timeout, on_failure)
+        .with_context(|| format!("rank {rank}: joining the run"))?;
+    Ok((rv, endpoints))
+}
+
+/// The fingerprint ranks compare at the rendezvous (the config, or the checkpoint resumed), and
+/// the run's ZeRO stage.
+fn run_fingerprint(start: &Start) -> anyhow::Result<(String, u8)> {
+    Ok(match start {
+        Start::New(config) => (
+            rendezvous::fingerprint(&config.to_toml()?),
+            config.zero_stage,
+        ),
+        Start::Resume(run_dir) => {
+            let state = checkpoint::latest_state(run_dir)?;
+            let at = format!("{} step {}", run_dir.display(), state.step);
+            (rendezvous::fingerprint(&at), state.config.zero_stage)
+        }
+    })
+}
+
+/// One rank of a tensor/pipeline-parallel run (`tensor_parallel` or `pipeline_parallel` > 1):
+/// point-to-point transfers between the ranks' data services; returns the exit status when a
+/// signal stopped the run.
+fn train_model_parallel<B: TensorParallelBackend>(
+    start: Start,
+    args: &TrainArgs,
+    signals: &StopSignals,
+    group: &ProcessGroupEnv,
+) -> anyhow::Result<Option<i32>> {
+    let device = B::Device::default();
+    let rank = group.rank;
+    let (fingerprint, _) = run_fingerprint(&start)?;
+    let (rendezvous, _) = join_rendezvous(group, &fingerprint)?;
+    let net =
+        PeerNet::<B::InnerBackend>::start(rank, rendezvous.addresses().to_vec(), device.clone())
+            .with_context(|| format!("rank {rank}: starting its data service"))?;
+    let net = Arc::new(net);
+    let trainer = match start {
+        Start::Resume(run_dir) => {
+            ParallelTrainer::<B>::resume(&run_dir, args.max_steps, net, device)
+                .with_context(|| format!("resuming {}", run_dir.display()))?
+        }
+        Start::New(config) => ParallelTrainer::<B>::start(*config, &args.out, net, device)?,
+    };
+    let rank0 = rank == 0;
+    if rank0 {
+        let layout = trainer.rank().layout();
+        let c = trainer.config();
+        print_model_line(&trainer);
+        eprintln!(
+            "model parallel: tensor {} × pipeline {} ({} schedule, {} micro-batches, layers per \
+             stage {:?}) × data {}",
+            layout.tensor,
+            layout.pipeline,
+            c.pipeline_schedule,
+            c.grad_accum,
+            trainer.rank().stage_layers(),
+            layout.data
+        );
+    }
+    let started = std::time::Instant::now();
+    let start_step = trainer.state().step;
+    let mut trainer = trainer
+        .with_progress(super::interactive() && rank0)
+        .with_stop_flag(signals.flag());
+    let outcome = trainer.run()?;
+    // The last messages (the final barrier's) must reach the peers before this process exits.
+    trainer.rank().net().drain();
+    rendezvous.finish();
+    Ok(report_outcome(
+        outcome, &trainer, start_step, started, rank0, signals,
+    ))
+}
+
+/// The model line every run starts with.
+fn print_model_line(run: &dyn TrainingRun) {
+    let (m, c) = (run.model_config(), run.config());
+    eprintln!(
+        "model: {} layers, width {}, {} heads, context {} ({:.2}M parameters) on {}; {}{}",
+        m.n_layers,
+        m.d_model,
+        m.n_heads,
+        m.context_length,
+        m.num_params() as f64 / 1e6,
+        kiln::backend::BACKEND_NAME,
+        c.precision.name(),
+        if c.activation_checkpointing {
+            ", activation checkpointing"
+        } else {
+            ""
+        }
+    );
+}
+
+/// Prints how a run ended (rank 0); returns the exit status when a signal stopped it.
+fn report_outcome(
+    outcome: TrainOutcome,
+    run: &dyn TrainingRun,
+    start_step: u64,
+    started: std::time::Instant,
+    rank0: bool,
+    signals: &StopSignals,
+) -> Option<i32> {
+    let val = match outcome {
+        TrainOutcome::Finished { val_loss } => val_loss,
+        TrainOutcome::Interrupted { step, checkpoint } => {
+            let (signal, status) = signals.received();
+            if rank0 {
+                eprintln!(
+                    "{signal}: stopped after step {step}; checkpoint {}\nresume with: kiln train --resume {}",
+                    checkpoint.display(),
+                    shell_quote(&run.run_dir().display().to_string())
+                );
+            }
+            return Some(status);
+        }
+    };
+    if rank0 {
+        eprintln!(
+            "{} steps in {:.1}s; val loss {val:.4} (perplexity {:.2})",
+            run.state().step - start_step,
+            started.elapsed().as_secs_f64(),
+            val.exp()
+        );
+        println!("final val_loss {val:.4}");
+    }
+    None
+}
+
 /// Trains on backend `B` (one rank of `group` if given); returns the exit status when a signal
 /// stopped the run.
 fn train_on<B: GatherBackend>(
@@ -275,17 +444,7 @@ fn train_on<B: GatherBackend>(
     let (builder, rendezvous) = match group {
         None => (Trainer::<B>::builder(device), None),
         Some(group) => {
-            let (fingerprint, stage) = match &start {
-                Start::New(config) => (
-                    rendezvous::fingerprint(&config.to_toml()?),
-                    config.zero_stage,
-                ),
-                Start::Resume(run_dir) => {
-                    let state = checkpoint::latest_state(run_dir)?;
-                    let at = format!("{} step {}", run_dir.display(), state.step);
-                    (rendezvous::fingerprint(&at), state.config.zero_stage)
-                }
-            };
+            let (fingerprint, stage) = run_fingerprint(&start)?;
             let (builder, rv) = join_group::<B>(group, &fingerprint, stage, device)?;
             (builder, Some(rv))
         }
@@ -297,28 +456,14 @@ fn train_on<B: GatherBackend>(
         Start::New(config) => builder.start(*config, &args.out)?,
     };
     let rank0 = group.is_none_or(|g| g.rank == 0);
-    let m = trainer.model_config();
-    let c = trainer.config();
     if rank0 {
-        eprintln!(
-            "model: {} layers, width {}, {} heads, context {} ({:.2}M parameters) on {}; {}{}",
-            m.n_layers,
-            m.d_model,
-            m.n_heads,
-            m.context_length,
-            m.num_params() as f64 / 1e6,
-            kiln::backend::BACKEND_NAME,
-            c.precision.name(),
-            if c.activation_checkpointing {
-                ", activation checkpointing"
-            } else {
-                ""
-            }
-        );
+        print_model_line(&trainer);
         if let Some(g) = group {
             eprintln!(
                 "data parallel: {} ranks, ZeRO stage {}, {} rows per rank and micro-batch",
-                g.world_size, c.zero_stage, c.micro_batch
+                g.world_size,
+                trainer.config().zero_stage,
+                trainer.config().micro_batch
             );
         }
     }
@@ -331,31 +476,9 @@ fn train_on<B: GatherBackend>(
     if let Some(rv) = &rendezvous {
         rv.finish();
     }
-    let val = match outcome {
-        TrainOutcome::Finished { val_loss } => val_loss,
-        TrainOutcome::Interrupted { step, checkpoint } => {
-            let (signal, status) = signals.received();
-            let run_dir = trainer.run_dir().display().to_string();
-            if rank0 {
-                eprintln!(
-                    "{signal}: stopped after step {step}; checkpoint {}\nresume with: kiln train --resume {}",
-                    checkpoint.display(),
-                    shell_quote(&run_dir)
-                );
-            }
-            return Ok(Some(status));
-        }
-    };
-    if rank0 {
-        eprintln!(
-            "{} steps in {:.1}s; val loss {val:.4} (perplexity {:.2})",
-            trainer.state().step - start_step,
-            started.elapsed().as_secs_f64(),
-            val.exp()
-        );
-        println!("final val_loss {val:.4}");
-    }
-    Ok(None)
+    Ok(report_outcome(
+        outcome, &trainer, start_step, started, rank0, signals,
+    ))
 }
 
 pub fn eval(args: EvalArgs) -> anyhow::Result<()> {

@@ -54,6 +54,8 @@ impl From<DistError> for TrainError {
         match e {
             DistError::Train(t) => t,
             DistError::Checkpoint { path, reason } => TrainError::Checkpoint { path, reason },
+            DistError::Config(message) => TrainError::Config(message),
+            DistError::Model(model) => TrainError::Model(model),
             other => TrainError::Collective(other.to_string()),
         }
     }

@@ -49,6 +49,7 @@ pub mod launch;
 pub mod layout;
 pub mod model_parallel;
 pub mod p2p;
+pub mod parallel_trainer;
 pub mod partition;
 pub mod rendezvous;
 pub mod schedule;
@@ -68,7 +69,8 @@ pub use layout::{ParallelLayout, RankCoords, balance_stages};
 pub use model_parallel::{
     AdamWSettings, ParallelOptions, ParallelRank, ParallelStepReport, TimedAction,
 };
-pub use p2p::{Group, PeerNet, thread_ranks};
+pub use p2p::{Group, PeerNet, thread_ranks, thread_ranks_over_loopback};
+pub use parallel_trainer::{ParallelTrainer, parallel_options};
 pub use partition::{ParamLayout, Partition};
 pub use schedule::{Action, PipelineSchedule, bubble_fraction};
 pub use shards::shard_file;

@@ -100,8 +100,10 @@ pub struct AdamWSettings {
     pub beta2: f64,
     /// ε.
     pub eps: f64,
-    /// Decoupled weight decay (not applied to the embeddings, the norms and the biases).
+    /// Decoupled weight decay (not applied to the norms and the biases).
     pub weight_decay: f64,
+    /// Decay the embedding tables too (nanoGPT's and `kiln train`'s default).
+    pub decay_embeddings: bool,
     /// Global gradient-norm clipping threshold (0 = off).
     pub grad_clip: f64,
 }
@@ -113,7 +115,23 @@ impl Default for AdamWSettings {
             beta2: 0.95,
             eps: 1e-8,
             weight_decay: 0.1,
+            decay_embeddings: false,
             grad_clip: 1.0,
+        }
+    }
+}
+
+impl AdamWSettings {
+    /// The settings of a training config (`beta1`, `beta2`, `eps`, `weight_decay`,
+    /// `decay_embeddings`, `grad_clip`).
+    pub fn from_config(config: &kiln_trainer::TrainConfig) -> Self {
+        Self {
+            beta1: config.beta1,
+            beta2: config.beta2,
+            eps: config.eps,
+            weight_decay: config.weight_decay,
+            decay_embeddings: config.decay_embeddings,
+            grad_clip: config.grad_clip,
         }
     }
 }
@@ -136,6 +154,8 @@ pub struct ParallelStepReport {
     pub loss: f64,
     /// Global gradient norm before clipping (the same on every rank).
     pub grad_norm: f64,
+    /// Whether the update was applied (not when the loss or gradient was not finite).
+    pub applied: bool,
     /// The most micro-batches whose activations this stage held at once (measured: forward
     /// graphs alive).
     pub peak_live_micro_batches: usize,
@@ -279,7 +299,11 @@ impl<B: TensorParallelBackend> ParallelRank<B> {
             .collect();
         let no_decay: Vec<ParamId> = ids_with_rank_1(&stage)
             .into_iter()
-            .chain(embedding_ids)
+            .chain(
+                embedding_ids
+                    .into_iter()
+                    .filter(|_| !settings.decay_embeddings),
+            )
             .collect();
         let optimizer = GroupedAdamW::new(
             &stage,
@@ -518,11 +542,19 @@ impl<B: TensorParallelBackend> ParallelRank<B> {
         let stage = self.stage.take().ok_or(DistError::Config(
             "the stage was lost in a failed step".into(),
         ))?;
-        clip_to(&stage, &mut grads, grad_norm, self.settings.grad_clip);
-        self.stage = Some(self.optimizer.step(lr, stage, grads));
+        // A non-finite loss or gradient (the same verdict on every rank: both are global) leaves
+        // the weights and the optimizer state as they were.
+        let applied = loss.is_finite() && grad_norm.is_finite();
+        self.stage = Some(if applied {
+            clip_to(&stage, &mut grads, grad_norm, self.settings.grad_clip);
+            self.optimizer.step(lr, stage, grads)
+        } else {
+            stage
+        });
         Ok(ParallelStepReport {
             loss,
             grad_norm,
+            applied,
             peak_live_micro_batches: peak,
             timeline,
             seconds,
@@ -567,6 +599,13 @@ impl<B: TensorParallelBackend> ParallelRank<B> {
         if let Some(model) = self.consolidate()? {
             save_model_dir(&model, None, None, dir.join("model"))?;
         }
+        self.save_optimizer(dir)?;
+        Group::new(Arc::clone(&self.net), (0..self.net.world_size()).collect())?.barrier()
+    }
+
+    /// Writes this rank's AdamW state and layout into `dir/optimizer/rank-R/` (every rank calls
+    /// it; [`save_checkpoint`](Self::save_checkpoint) does this and writes the model).
+    pub fn save_optimizer(&self, dir: &Path) -> Result<()> {
         let own = self.optimizer_dir(dir);
         std::fs::create_dir_all(&own).map_err(|e| DistError::Checkpoint {
             path: own.clone(),
@@ -579,8 +618,7 @@ impl<B: TensorParallelBackend> ParallelRank<B> {
                 path: file.clone(),
                 reason: e.to_string(),
             }
-        })?;
-        Group::new(Arc::clone(&self.net), (0..self.net.world_size()).collect())?.barrier()
+        })
     }
 
     /// Resumes this rank's AdamW state from a checkpoint [`save_checkpoint`](Self::save_checkpoint)

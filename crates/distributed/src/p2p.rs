@@ -10,12 +10,17 @@
 //! download. Every message between two ranks carries the next number of that ordered pair, so two
 //! ranks that make matching sends and receives in the same order always meet, and since a send
 //! never blocks, no schedule in which every receive has a matching send can deadlock.
+//!
+//! Ranks that are threads of one process ([`thread_ranks`]) skip the network: a send puts the
+//! tensor in the receiver's in-process mailbox, with the same numbering. Serializing a tensor
+//! and a round trip through a local WebSocket cost a millisecond or more per message, which a
+//! 1F1B pipeline pays on its critical path at every micro-batch.
 
 use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use burn::tensor::backend::Backend;
@@ -39,14 +44,69 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct PeerNet<B: Backend> {
     rank: usize,
     addresses: Vec<String>,
-    service: Arc<TensorDataService<B, WebSocket>>,
-    runtime: tokio::runtime::Runtime,
-    cancel: CancellationToken,
+    link: Link<B>,
     sent: Mutex<HashMap<usize, u64>>,
     received: Mutex<HashMap<usize, u64>>,
     reachable: Mutex<Vec<bool>>,
     device: B::Device,
     bytes_sent: AtomicU64,
+}
+
+/// How a [`PeerNet`] reaches its peers.
+enum Link<B: Backend> {
+    /// `burn-communication`'s tensor data service over WebSocket (ranks in other processes).
+    Service {
+        service: Arc<TensorDataService<B, WebSocket>>,
+        runtime: tokio::runtime::Runtime,
+        cancel: CancellationToken,
+    },
+    /// Mailboxes shared by ranks that are threads of one process.
+    Local(Arc<LocalHub>),
+}
+
+/// The in-process mailboxes of a set of thread ranks: messages keyed by transfer id, and the
+/// ranks that have closed (a receive from one of them that finds nothing fails instead of
+/// waiting forever).
+#[derive(Default)]
+pub(crate) struct LocalHub {
+    state: Mutex<HubState>,
+    arrived: Condvar,
+}
+
+#[derive(Default)]
+struct HubState {
+    messages: HashMap<u64, TensorData>,
+    closed: Vec<usize>,
+}
+
+impl LocalHub {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HubState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn put(&self, id: u64, data: TensorData) {
+        self.lock().messages.insert(id, data);
+        self.arrived.notify_all();
+    }
+
+    fn close(&self, rank: usize) {
+        self.lock().closed.push(rank);
+        self.arrived.notify_all();
+    }
+
+    /// Message `id` from `from`, once sent; `None` if `from` closed without sending it.
+    fn take(&self, id: u64, from: usize) -> Option<TensorData> {
+        let mut state = self.lock();
+        loop {
+            if let Some(data) = state.messages.remove(&id) {
+                return Some(data);
+            }
+            if state.closed.contains(&from) {
+                return None;
+            }
+            state = self.arrived.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+    }
 }
 
 impl<B: Backend> std::fmt::Debug for PeerNet<B> {
@@ -93,22 +153,44 @@ impl<B: Backend> PeerNet<B> {
                 eprintln!("kiln: p2p data service on port {port} stopped: {e:?}");
             }
         });
+        Ok(Self::with_link(
+            rank,
+            addresses,
+            Link::Service {
+                service,
+                runtime,
+                cancel,
+            },
+            device,
+        ))
+    }
+
+    /// Rank `rank` of `world` thread ranks sharing `hub`.
+    pub(crate) fn start_local(
+        rank: usize,
+        world: usize,
+        hub: Arc<LocalHub>,
+        device: B::Device,
+    ) -> Self {
+        let addresses = (0..world).map(|r| format!("thread:{r}")).collect();
+        Self::with_link(rank, addresses, Link::Local(hub), device)
+    }
+
+    fn with_link(rank: usize, addresses: Vec<String>, link: Link<B>, device: B::Device) -> Self {
         LIVE_IN_PROCESS.fetch_add(1, Ordering::Relaxed);
         let n = addresses.len();
         let mut reachable = vec![false; n];
         reachable[rank] = true;
-        Ok(Self {
+        Self {
             rank,
             addresses,
-            service,
-            runtime,
-            cancel,
+            link,
             sent: Mutex::new(HashMap::new()),
             received: Mutex::new(HashMap::new()),
             reachable: Mutex::new(reachable),
             device,
             bytes_sent: AtomicU64::new(0),
-        })
+        }
     }
 
     /// `n` addresses on 127.0.0.1 with ports that were free a moment ago: for ranks that are
@@ -184,27 +266,44 @@ impl<B: Backend> PeerNet<B> {
         self.bytes_sent
             .fetch_add(data.bytes.len() as u64, Ordering::Relaxed);
         let id = Self::transfer_id(self.rank, to, seq);
-        self.runtime
-            .block_on(self.service.expose_data(data, 1, id.into()));
+        match &self.link {
+            Link::Service {
+                service, runtime, ..
+            } => runtime.block_on(service.expose_data(data, 1, id.into())),
+            Link::Local(hub) => hub.put(id, data),
+        }
         Ok(())
     }
 
     /// The next tensor `from` sends this rank (waits for it).
     pub fn recv_data(&self, from: usize) -> Result<TensorData> {
         self.check_peer(from)?;
+        let (service, runtime) = match &self.link {
+            Link::Service {
+                service, runtime, ..
+            } => (service, runtime),
+            Link::Local(hub) => {
+                let seq = Self::next(&self.received, from);
+                return hub
+                    .take(Self::transfer_id(from, self.rank, seq), from)
+                    .ok_or_else(|| self.closed_early(from, seq));
+            }
+        };
         self.wait_reachable(from)?;
         let seq = Self::next(&self.received, from);
         let id = Self::transfer_id(from, self.rank, seq);
         let address = Address::from_str(&format!("ws://{}", self.addresses[from]))
             .map_err(|e| DistError::Config(format!("address of rank {from}: {e}")))?;
-        self.runtime
-            .block_on(self.service.download_tensor(address, id.into()))
-            .ok_or_else(|| {
-                DistError::Collective(format!(
-                    "rank {from} closed the connection before sending message {seq} to rank {}",
-                    self.rank
-                ))
-            })
+        runtime
+            .block_on(service.download_tensor(address, id.into()))
+            .ok_or_else(|| self.closed_early(from, seq))
+    }
+
+    fn closed_early(&self, from: usize, seq: u64) -> DistError {
+        DistError::Collective(format!(
+            "rank {from} closed the connection before sending message {seq} to rank {}",
+            self.rank
+        ))
     }
 
     /// Sends `tensor` to `to`.
@@ -224,6 +323,29 @@ impl<B: Backend> PeerNet<B> {
         // Keep the sender's precision (a plain `from_data` converts to the default float type).
         let dtype = data.dtype;
         Ok(Tensor::from_data(data, (&self.device, dtype)))
+    }
+
+    /// Waits (up to half a minute) until the peers have downloaded everything this rank sent.
+    /// A process must do this before it exits, or its last messages are lost; dropping the
+    /// `PeerNet` does it too.
+    pub fn drain(&self) {
+        let Link::Service {
+            service, runtime, ..
+        } = &self.link
+        else {
+            return;
+        };
+        runtime.block_on(async {
+            let started = Instant::now();
+            loop {
+                let pending = !service.exposed_tensors.lock().await.is_empty()
+                    || service.sends_in_flight.load(Ordering::SeqCst) > 0;
+                if !pending || started.elapsed() > DRAIN_TIMEOUT {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
     }
 
     /// Waits until `peer`'s data service accepts connections (the data service panics on a
@@ -259,38 +381,81 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl<B: Backend> Drop for PeerNet<B> {
     fn drop(&mut self) {
-        // A rank that finishes first must still serve what it sent (its last gradients, say)
-        // until the receivers have them, then close its own connections cleanly.
-        let service = Arc::clone(&self.service);
-        self.runtime.block_on(async move {
-            let started = Instant::now();
-            while !service.exposed_tensors.lock().await.is_empty()
-                && started.elapsed() < DRAIN_TIMEOUT
-            {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            service.close().await;
-        });
-        self.cancel.cancel();
         LIVE_IN_PROCESS.fetch_sub(1, Ordering::Relaxed);
+        self.drain();
+        match &self.link {
+            Link::Service {
+                service,
+                runtime,
+                cancel,
+            } => {
+                runtime.block_on(service.close());
+                cancel.cancel();
+            }
+            Link::Local(hub) => hub.close(self.rank),
+        }
     }
 }
 
-/// Runs `f` on `world` ranks that are threads of this process, each with its own data service on
-/// 127.0.0.1 (the way tests, benchmarks and library users run small parallel jobs); returns each
-/// rank's result in rank order. A rank that panics is reported as an error.
+/// Runs `f` on `world` ranks that are threads of this process, each computing on its own rayon
+/// pool with its share of the cores, exchanging tensors through in-process mailboxes (the way
+/// tests, benchmarks and library users run small parallel jobs);
+/// returns each rank's result in rank order. A rank that panics is reported as an error.
 pub fn thread_ranks<B: Backend, T: Send>(
     world: usize,
     device: B::Device,
     f: impl Fn(Arc<PeerNet<B>>) -> T + Sync,
 ) -> Result<Vec<T>> {
+    let hub = Arc::new(LocalHub::default());
+    run_threads(
+        world,
+        |rank| {
+            Ok(PeerNet::start_local(
+                rank,
+                world,
+                Arc::clone(&hub),
+                device.clone(),
+            ))
+        },
+        f,
+    )
+}
+
+/// Like [`thread_ranks`], but every rank runs its own data service on 127.0.0.1 and the ranks
+/// talk through it, exactly as separate processes do (for testing that path in one process).
+pub fn thread_ranks_over_loopback<B: Backend, T: Send>(
+    world: usize,
+    device: B::Device,
+    f: impl Fn(Arc<PeerNet<B>>) -> T + Sync,
+) -> Result<Vec<T>> {
     let addresses = PeerNet::<B>::local_addresses(world)?;
+    run_threads(
+        world,
+        |rank| PeerNet::<B>::start(rank, addresses.clone(), device.clone()),
+        f,
+    )
+}
+
+fn run_threads<B: Backend, T: Send>(
+    world: usize,
+    start: impl Fn(usize) -> Result<PeerNet<B>> + Sync,
+    f: impl Fn(Arc<PeerNet<B>>) -> T + Sync,
+) -> Result<Vec<T>> {
+    // Each rank computes on its own share of the cores, as a process started by the launcher
+    // does: ranks sharing rayon's global pool would queue their kernels behind each other.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = (cores / world.max(1)).max(1);
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..world)
             .map(|rank| {
-                let (addresses, device, f) = (addresses.clone(), device.clone(), &f);
+                let (start, f) = (&start, &f);
                 s.spawn(move || {
-                    PeerNet::<B>::start(rank, addresses, device).map(|n| f(Arc::new(n)))
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .thread_name(move |i| format!("kiln-rank{rank}-{i}"))
+                        .build()
+                        .map_err(|e| DistError::Config(format!("rank {rank}'s threads: {e}")))?;
+                    pool.install(|| start(rank).map(|n| f(Arc::new(n))))
                 })
             })
             .collect();

@@ -27,13 +27,16 @@ struct Hello {
     rank: usize,
     world_size: usize,
     config: String,
+    /// Where the rank's tensor data service listens (`host:port`).
+    address: String,
 }
 
 /// What rank 0 answers, and the messages after it.
 #[derive(Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 enum Message {
-    Ok,
+    /// Every rank checked in: their data-service addresses, in rank order.
+    Ok(Vec<String>),
     Error(String),
     Abort(String),
     Ping,
@@ -49,6 +52,8 @@ pub struct Rendezvous {
     finished: Arc<AtomicBool>,
     /// Rank 0: one stream per other rank; others: the stream to rank 0.
     streams: Vec<Arc<Mutex<TcpStream>>>,
+    /// Every rank's data-service address, in rank order.
+    addresses: Vec<String>,
 }
 
 /// FNV-1a of `text`, as hex: the config fingerprint ranks compare.
@@ -74,31 +79,52 @@ fn net(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DistError {
 }
 
 impl Rendezvous {
-    /// Checks in as `env.rank` with `config` (a fingerprint of the run's settings), waiting up to
-    /// `timeout` for every rank; rank 0 listens, the others connect. `on_failure` runs when
-    /// another rank dies later.
+    /// Checks in as `env.rank` with `config` (a fingerprint of the run's settings) and the
+    /// address of its tensor data service, waiting up to `timeout` for every rank; rank 0
+    /// listens, the others connect. `on_failure` runs when another rank dies later.
     pub fn join(
         env: &ProcessGroupEnv,
         config: &str,
+        address: &str,
         timeout: Duration,
         on_failure: FailureHandler,
     ) -> Result<Self> {
         let finished = Arc::new(AtomicBool::new(false));
-        let streams = if env.rank == 0 {
-            Self::host(env, config, timeout)?
-        } else {
-            vec![Self::connect(env, config, timeout)?]
+        let hello = Hello {
+            rank: env.rank,
+            world_size: env.world_size,
+            config: config.to_owned(),
+            address: address.to_owned(),
         };
-        let me = Self { finished, streams };
+        let (streams, addresses) = if env.rank == 0 {
+            Self::host(env, hello, timeout)?
+        } else {
+            let (stream, addresses) = Self::connect(env, &hello, timeout)?;
+            (vec![stream], addresses)
+        };
+        let me = Self {
+            finished,
+            streams,
+            addresses,
+        };
         me.watch(env.rank, on_failure);
         Ok(me)
     }
 
+    /// Every rank's data-service address, in rank order (for point-to-point transfers).
+    pub fn addresses(&self) -> &[String] {
+        &self.addresses
+    }
+
+    #[allow(clippy::type_complexity)]
     fn host(
         env: &ProcessGroupEnv,
-        config: &str,
+        own: Hello,
         timeout: Duration,
-    ) -> Result<Vec<Arc<Mutex<TcpStream>>>> {
+    ) -> Result<(Vec<Arc<Mutex<TcpStream>>>, Vec<String>)> {
+        let config = own.config.as_str();
+        let mut addresses = vec![String::new(); env.world_size];
+        addresses[0] = own.address.clone();
         let listener = TcpListener::bind((env.master_addr.as_str(), env.master_port)).map_err(net(
             format!(
                 "rank 0 listening for the other ranks on {}:{} (port in use? pick another with --master HOST:PORT)",
@@ -145,6 +171,7 @@ impl Rendezvous {
                     let rank = hello.rank.min(env.world_size - 1);
                     if joined[rank].is_none() && rank != 0 {
                         joined[rank] = Some(stream);
+                        addresses[rank] = hello.address;
                     }
                     if !problems.is_empty() {
                         break;
@@ -180,22 +207,22 @@ impl Rendezvous {
             .collect();
         let answer = match problems.first() {
             Some(p) => Message::Error(p.clone()),
-            None => Message::Ok,
+            None => Message::Ok(addresses.clone()),
         };
         for s in &streams {
             let _ = send(s, &answer);
         }
         match problems.into_iter().next() {
             Some(p) => Err(DistError::Config(p)),
-            None => Ok(streams),
+            None => Ok((streams, addresses)),
         }
     }
 
     fn connect(
         env: &ProcessGroupEnv,
-        config: &str,
+        hello: &Hello,
         timeout: Duration,
-    ) -> Result<Arc<Mutex<TcpStream>>> {
+    ) -> Result<(Arc<Mutex<TcpStream>>, Vec<String>)> {
         let deadline = Instant::now() + timeout;
         let stream = loop {
             match TcpStream::connect((env.master_addr.as_str(), env.master_port)) {
@@ -212,13 +239,8 @@ impl Rendezvous {
                 Err(_) => std::thread::sleep(Duration::from_millis(100)),
             }
         };
-        let hello = Hello {
-            rank: env.rank,
-            world_size: env.world_size,
-            config: config.to_owned(),
-        };
         let mut line =
-            serde_json::to_string(&hello).map_err(|e| DistError::Config(e.to_string()))?;
+            serde_json::to_string(hello).map_err(|e| DistError::Config(e.to_string()))?;
         line.push('\n');
         (&stream)
             .write_all(line.as_bytes())
@@ -231,7 +253,9 @@ impl Rendezvous {
             .read_line(&mut answer)
             .map_err(net("waiting for rank 0's answer"))?;
         match serde_json::from_str::<Message>(&answer) {
-            Ok(Message::Ok) => Ok(Arc::new(Mutex::new(stream))),
+            Ok(Message::Ok(addresses)) if addresses.len() == env.world_size => {
+                Ok((Arc::new(Mutex::new(stream)), addresses))
+            }
             Ok(Message::Error(e)) => Err(DistError::Config(e)),
             _ => Err(DistError::Rank {
                 rank: 0,

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use kiln_bpe::{TokenShard, Tokenizer};
 use kiln_transformer::{ModelConfig, Transformer};
 
@@ -36,14 +36,15 @@ pub struct TrainerBuilder<B: AutodiffBackend> {
     optimizer: Option<OptimizerFactory<B>>,
 }
 
-fn open_shards(config: &TrainConfig) -> Result<(Arc<TokenShard>, Arc<TokenShard>)> {
+/// The run's `train.bin` and `val.bin` shards.
+pub fn open_shards(config: &TrainConfig) -> Result<(Arc<TokenShard>, Arc<TokenShard>)> {
     let train = TokenShard::open(config.data_dir.join("train.bin"))?;
     let val = TokenShard::open(config.data_dir.join("val.bin"))?;
     Ok((Arc::new(train), Arc::new(val)))
 }
 
 /// The tokenizer a config names and the model structure it resolves to.
-fn resolve(config: &TrainConfig) -> Result<(Option<Tokenizer>, ModelConfig)> {
+pub fn resolve(config: &TrainConfig) -> Result<(Option<Tokenizer>, ModelConfig)> {
     let tokenizer = config
         .tokenizer
         .as_ref()
@@ -74,6 +75,34 @@ fn reshard_batch(state: &mut TrainerState, world: usize) -> Result<()> {
     state.config.micro_batch = rows / world;
     state.world_size = world;
     Ok(())
+}
+
+/// A new run's config completed and checked: the tokenizer `kiln data prepare` left beside the
+/// shards when none is named; returns the tokenizer and the model structure.
+pub fn prepare_new_run(config: &mut TrainConfig) -> Result<(Option<Tokenizer>, ModelConfig)> {
+    if config.tokenizer.is_none() {
+        let beside = config.data_dir.join("tokenizer.json");
+        config.tokenizer = beside.exists().then_some(beside);
+    }
+    let (tokenizer, model_config) = resolve(config)?;
+    config.validate(&model_config)?;
+    Ok((tokenizer, model_config))
+}
+
+/// A new model with the initial weights `seed` gives, drawn now (Burn initializes parameters
+/// lazily). Burn's CPU generator is process-wide: ranks on threads of one process take turns,
+/// so none draws from another's sequence, and every rank given the same seed gets the same
+/// weights.
+pub fn init_model<B: Backend>(
+    model_config: &ModelConfig,
+    seed: u64,
+    device: &B::Device,
+) -> Result<Transformer<B>> {
+    let _turn = INIT_TURN.lock().unwrap_or_else(|e| e.into_inner());
+    B::seed(device, seed);
+    let model = model_config.init::<B>(device)?;
+    materialize(&model);
+    Ok(model)
 }
 
 impl<B: AutodiffBackend> TrainerBuilder<B> {
@@ -123,13 +152,7 @@ impl<B: AutodiffBackend> TrainerBuilder<B> {
         run_dir: impl AsRef<Path>,
     ) -> Result<Trainer<B>> {
         let run_dir = run_dir.as_ref().to_owned();
-        if config.tokenizer.is_none() {
-            // `kiln data prepare` leaves the shards' tokenizer beside them.
-            let beside = config.data_dir.join("tokenizer.json");
-            config.tokenizer = beside.exists().then_some(beside);
-        }
-        let (tokenizer, model_config) = resolve(&config)?;
-        config.validate(&model_config)?;
+        let (tokenizer, model_config) = prepare_new_run(&mut config)?;
         let backend = B::name(&self.device);
         // CPU backends share the host's memory; elsewhere only an explicit budget is checked.
         let host_memory = backend.contains("flex") || backend.contains("ndarray");
@@ -142,17 +165,8 @@ impl<B: AutodiffBackend> TrainerBuilder<B> {
             kiln_gguf::atomic::write(&path, config.to_toml()?.as_bytes())
                 .map_err(|e| TrainError::io(&path, e))?;
         }
-        // Every rank draws the same initial weights from `seed`. Burn's CPU generator is
-        // process-wide: ranks on threads of one process take turns, so none draws from another's
-        // sequence.
-        let model = {
-            let _turn = INIT_TURN.lock().unwrap_or_else(|e| e.into_inner());
-            B::seed(&self.device, config.seed);
-            let model = model_config.init::<B>(&self.device)?;
-            // Draw the initial weights now (Burn initializes parameters lazily).
-            materialize(&model);
-            model
-        };
+        // Every rank draws the same initial weights from `seed`.
+        let model = init_model::<B>(&model_config, config.seed, &self.device)?;
         let model = self.sync.broadcast_parameters(model)?;
         let optimizer = self.make_optimizer(&model, &config)?;
         let state = TrainerState {

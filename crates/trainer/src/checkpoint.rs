@@ -110,6 +110,12 @@ pub fn write_model_and_state<B: AutodiffBackend>(
 ) -> Result<()> {
     save_model_dir(&model.valid(), tokenizer, None, staging.join("model"))?;
     write_record(model.clone().into_record(), &staging.join("model_state"))?;
+    write_state(staging, state)
+}
+
+/// Writes the trainer state (`trainer_state.json`, which marks a checkpoint complete) into
+/// `staging`.
+pub fn write_state(staging: &Path, state: &TrainerState) -> Result<()> {
     let json = serde_json::to_string_pretty(state)
         .map_err(|e| ck_error(staging, format!("serializing the trainer state: {e}")))?;
     let path = staging.join("trainer_state.json");

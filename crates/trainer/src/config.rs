@@ -80,7 +80,9 @@ pub struct TrainConfig {
     pub micro_batch: usize,
     /// Tokens per sequence (at most the model's context).
     pub seq_len: usize,
-    /// Micro-batches per optimizer step.
+    /// Micro-batches per optimizer step (`micro_batches` in a pipeline-parallel config: the
+    /// pipeline's M).
+    #[serde(alias = "micro_batches")]
     pub grad_accum: usize,
     /// Optimizer steps to run.
     pub max_steps: u64,
@@ -138,6 +140,17 @@ pub struct TrainConfig {
     /// (every rank holds everything), 1 = shard the optimizer state, 2 = also the gradients, 3 =
     /// also the parameters. Ignored by a single process.
     pub zero_stage: u8,
+    /// Tensor (model) parallelism, Megatron-LM style: each layer's matrices split over this
+    /// many ranks (`kiln-distributed`; it must divide the heads, KV heads and FFN width).
+    pub tensor_parallel: usize,
+    /// Pipeline parallelism: the layers split into this many stages, each on its own ranks;
+    /// a step runs `grad_accum` (`micro_batches`) micro-batches through them.
+    pub pipeline_parallel: usize,
+    /// The pipeline schedule: `"1f1b"` (at most P micro-batches of activations per stage) or
+    /// `"gpipe"` (all forward passes, then all backward passes).
+    pub pipeline_schedule: String,
+    /// Layers per pipeline stage (default: balanced by parameter count).
+    pub pipeline_stages: Option<Vec<usize>>,
 }
 
 impl Default for TrainConfig {
@@ -177,6 +190,10 @@ impl Default for TrainConfig {
             max_bad_steps: 3,
             peak_flops: None,
             zero_stage: 0,
+            tensor_parallel: 1,
+            pipeline_parallel: 1,
+            pipeline_schedule: "1f1b".into(),
+            pipeline_stages: None,
         }
     }
 }
@@ -242,7 +259,36 @@ impl TrainConfig {
         if self.max_memory_gb.is_some_and(|m| m.is_nan() || m <= 0.0) {
             return bad("max_memory_gb must be positive".into());
         }
+        if self.tensor_parallel == 0 || self.pipeline_parallel == 0 {
+            return bad("tensor_parallel and pipeline_parallel must be at least 1".into());
+        }
+        if !matches!(self.pipeline_schedule.as_str(), "1f1b" | "gpipe") {
+            return bad(format!(
+                "pipeline_schedule must be \"1f1b\" or \"gpipe\", not {:?}",
+                self.pipeline_schedule
+            ));
+        }
+        if self.model_parallel() {
+            if self.zero_stage != 0 {
+                return bad(format!(
+                    "zero_stage {} with tensor or pipeline parallelism: ZeRO shards data-parallel \
+                     replicas of the whole model; use one or the other",
+                    self.zero_stage
+                ));
+            }
+            if self.precision != Precision::F32 {
+                return bad(format!(
+                    "precision {} with tensor or pipeline parallelism: only f32 is supported there",
+                    self.precision.name()
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// Whether the run splits the model (tensor or pipeline parallelism).
+    pub fn model_parallel(&self) -> bool {
+        self.tensor_parallel > 1 || self.pipeline_parallel > 1
     }
 }
 

@@ -56,12 +56,17 @@ pub mod memory;
 pub mod optimizer;
 pub mod parallel;
 pub mod precision;
+pub mod run_loop;
 pub mod sampler;
 pub mod schedule;
 mod trainer;
 
-pub use builder::{BoxedOptimizer, OptimizerFactory, TrainerBuilder};
+pub use builder::{
+    BoxedOptimizer, OptimizerFactory, TrainerBuilder, init_model, open_shards, prepare_new_run,
+    resolve,
+};
 pub use config::{ModelSpec, Precision, TrainConfig};
 pub use error::{Result, TrainError};
 pub use eval::{evaluate, evaluate_share};
+pub use run_loop::TrainingRun;
 pub use trainer::{ModelStateBytes, StepReport, TrainOutcome, Trainer, parameter_bytes};

@@ -7,18 +7,15 @@
 //! `clip`, and `update` (the [`OptimizerStep`](crate::optimizer::OptimizerStep) seam or the
 //! non-finite-step policy, plus bookkeeping).
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
 
 use burn::module::AutodiffModule;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, FloatDType};
-use indicatif::{ProgressBar, ProgressStyle};
 use kiln_bpe::{TokenShard, Tokenizer};
 use kiln_transformer::{ModelConfig, Transformer};
 use serde_json::json;
@@ -32,6 +29,7 @@ use crate::eval::evaluate_share;
 use crate::optimizer::{clip_to, grad_square_sum, scale_grads};
 use crate::parallel::GradientSync;
 use crate::precision::{ScaleUpdate, compute_copy};
+use crate::run_loop::{self, TrainingRun};
 use crate::schedule::learning_rate;
 
 /// What one optimizer step did.
@@ -87,9 +85,12 @@ impl ModelStateBytes {
     }
 }
 
-/// Bytes of the float parameters of `model` as stored (their shapes and dtypes).
-pub fn parameter_bytes<B: burn::tensor::backend::Backend>(model: &Transformer<B>) -> u64 {
-    use burn::module::{Module, ModuleVisitor, Param};
+/// Bytes of the float parameters of `model` (a Transformer, or any part of one) as stored
+/// (their shapes and dtypes).
+pub fn parameter_bytes<B: burn::tensor::backend::Backend, M: burn::module::Module<B>>(
+    model: &M,
+) -> u64 {
+    use burn::module::{ModuleVisitor, Param};
     struct Visitor(u64);
     impl<B: burn::tensor::backend::Backend> ModuleVisitor<B> for Visitor {
         fn visit_float<const D: usize>(&mut self, param: &Param<burn::tensor::Tensor<B, D>>) {
@@ -278,13 +279,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         if !self.is_rank0() {
             return Ok(());
         }
-        let path = self.run_dir.join("metrics.jsonl");
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(|e| TrainError::io(&path, e))?;
-        writeln!(f, "{line}").map_err(|e| TrainError::io(&path, e))
+        run_loop::append_metrics(&self.run_dir, &line)
     }
 
     /// Training tokens per optimizer step, all ranks together.
@@ -665,94 +660,68 @@ impl<B: AutodiffBackend> Trainer<B> {
     }
 
     /// Trains to `max_steps` or until the stop flag is raised, evaluating and checkpointing on
-    /// schedule. Finished: the validation loss over the whole split (and a final checkpoint).
-    /// Stopped: the step in progress completes, a checkpoint is written, and the outcome says
-    /// where, so the run can be resumed from exactly there.
+    /// schedule ([`run_loop::run`]). Finished: the validation loss over the whole split (and a
+    /// final checkpoint). Stopped: the step in progress completes, a checkpoint is written, and
+    /// the outcome says where, so the run can be resumed from exactly there.
     pub fn run(&mut self) -> Result<TrainOutcome> {
-        let total = self.config.max_steps;
-        let bar = if self.show_progress && self.is_rank0() {
-            let bar = ProgressBar::new(total);
-            if let Ok(style) =
-                ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed} < {eta}]")
-            {
-                bar.set_style(style.progress_chars("=> "));
-            }
-            bar.set_position(self.state.step);
-            bar
-        } else {
-            ProgressBar::hidden()
-        };
-        let flops_per_token = self.model_config.flops_per_token(self.config.seq_len);
-        let mut window = Instant::now();
-        let mut window_tokens = 0u64;
-        let mut reported = false;
-        while self.state.step < total {
-            if self.stop_requested()? {
-                bar.finish_and_clear();
-                let step = self.state.step;
-                let checkpoint = self.save_checkpoint()?;
-                self.metrics(json!({"step": step, "interrupted": true,
-                    "checkpoint": checkpoint.display().to_string()}))?;
-                return Ok(TrainOutcome::Interrupted { step, checkpoint });
-            }
-            let report = self.step()?;
-            if !reported {
-                // After the first step: gradients and optimizer state exist.
-                self.report_memory()?;
-                reported = true;
-            }
-            window_tokens += self.tokens_per_step();
-            let step = report.step + 1;
-            if self.config.log_interval > 0
-                && (step % self.config.log_interval == 0 || step == total)
-            {
-                let secs = window.elapsed().as_secs_f64().max(1e-9);
-                let tps = window_tokens as f64 / secs;
-                // MFU per device: the ranks share the tokens.
-                let per_device = tps / self.sync.world_size() as f64;
-                let mfu = self
-                    .config
-                    .peak_flops
-                    .map(|p| per_device * flops_per_token / p);
-                let mfu_note = mfu.map_or(String::new(), |m| format!(" MFU {:.1}%", 100.0 * m));
-                bar.set_message(format!(
-                    "loss {:.4} lr {:.2e} {:.0} tok/s{mfu_note}",
-                    report.loss, report.lr, tps
-                ));
-                self.metrics(json!({"step": report.step, "loss": report.loss, "lr": report.lr, "grad_norm": report.grad_norm,
-                    "tokens_per_s": tps, "mfu": mfu, "tokens_seen": self.state.tokens_seen}))?;
-                window = Instant::now();
-                window_tokens = 0;
-            }
-            bar.set_position(step);
-            let eval_now = self.config.eval_interval > 0
-                && step % self.config.eval_interval == 0
-                && step < total;
-            if eval_now {
-                let val = self.evaluate()?;
-                self.state.val_loss = Some(val);
-                let line = format!("step {step}: val loss {val:.4} (ppl {:.2})", val.exp());
-                if self.is_rank0() {
-                    if bar.is_hidden() {
-                        eprintln!("{line}");
-                    } else {
-                        bar.println(line);
-                    }
-                }
-                self.metrics(json!({"step": step, "val_loss": val, "val_ppl": val.exp()}))?;
-            }
-            if self.config.checkpoint_interval > 0
-                && step % self.config.checkpoint_interval == 0
-                && step < total
-            {
-                self.save_checkpoint()?;
-            }
-        }
-        bar.finish_and_clear();
-        let val = self.evaluate_full()?;
-        self.state.val_loss = Some(val);
-        self.metrics(json!({"step": self.state.step, "val_loss": val, "val_ppl": val.exp()}))?;
-        self.save_checkpoint()?;
-        Ok(TrainOutcome::Finished { val_loss: val })
+        run_loop::run(self)
+    }
+}
+
+impl<B: AutodiffBackend> TrainingRun for Trainer<B> {
+    fn config(&self) -> &TrainConfig {
+        &self.config
+    }
+
+    fn model_config(&self) -> &ModelConfig {
+        &self.model_config
+    }
+
+    fn state(&self) -> &TrainerState {
+        &self.state
+    }
+
+    fn state_mut(&mut self) -> &mut TrainerState {
+        &mut self.state
+    }
+
+    fn run_dir(&self) -> &Path {
+        &self.run_dir
+    }
+
+    fn is_rank0(&self) -> bool {
+        Trainer::is_rank0(self)
+    }
+
+    fn devices(&self) -> usize {
+        self.sync.world_size()
+    }
+
+    fn tokens_per_step(&self) -> u64 {
+        Trainer::tokens_per_step(self)
+    }
+
+    fn show_progress(&self) -> bool {
+        self.show_progress
+    }
+
+    fn stop_requested(&mut self) -> Result<bool> {
+        Trainer::stop_requested(self)
+    }
+
+    fn step(&mut self) -> Result<StepReport> {
+        Trainer::step(self)
+    }
+
+    fn report_memory(&mut self) -> Result<()> {
+        Trainer::report_memory(self)
+    }
+
+    fn evaluate_batches(&mut self, max_batches: usize) -> Result<f64> {
+        Trainer::evaluate_batches(self, max_batches)
+    }
+
+    fn save_checkpoint(&mut self) -> Result<PathBuf> {
+        Trainer::save_checkpoint(self)
     }
 }

@@ -44,6 +44,9 @@ pub struct TensorDataService<B: Backend, P: Protocol<Client: ProtocolClient>> {
     pub channels: Mutex<HashMap<Address, ClientChannelRef<P::Client>>>,
     /// Notify when a new tensor is exposed.
     pub new_tensor_notify: Arc<Notify>,
+    /// Kiln patch: tensors taken out of `exposed_tensors` for a download whose bytes are not
+    /// sent yet (a closing node waits for these too, or its last sends are lost).
+    pub sends_in_flight: core::sync::atomic::AtomicUsize,
 
     cancel_token: CancellationToken,
 
@@ -81,6 +84,7 @@ impl<B: Backend, P: Protocol> TensorDataService<B, P> {
             exposed_tensors: Mutex::new(HashMap::new()),
             channels: Mutex::new(HashMap::new()),
             new_tensor_notify: Arc::new(Notify::new()),
+            sends_in_flight: core::sync::atomic::AtomicUsize::new(0),
             cancel_token,
             _phantom_data: PhantomData::<B>,
         }
@@ -144,7 +148,7 @@ impl<B: Backend, P: Protocol> TensorDataService<B, P> {
     ) -> Option<TensorData> {
         log::info!("Downloading tensor from {remote:?}");
 
-        let stream = self.get_data_stream(remote).await;
+        let stream = self.get_data_stream(remote.clone()).await;
         let mut stream = stream.lock().await;
 
         // Send the download request with the download id
@@ -157,7 +161,12 @@ impl<B: Backend, P: Protocol> TensorDataService<B, P> {
             .await
             .expect("Failed to send download id");
 
-        if let Ok(msg) = stream.recv().await {
+        // Kiln patch: say why a download failed (upstream dropped the error).
+        let received = stream.recv().await;
+        if let Err(e) = &received {
+            eprintln!("kiln: downloading tensor {transfer_id:?} from {remote:?} failed: {e:?}");
+        }
+        if let Ok(msg) = received {
             let Some(msg) = msg else {
                 log::warn!("Received None message from the websocket, closing connection.");
                 return None;
@@ -213,6 +222,10 @@ impl<B: Backend, P: Protocol> TensorDataService<B, P> {
                 let mut exposed_tensors = self.exposed_tensors.lock().await;
                 // take the tensor out of the hashmap while we download
                 if let Some(mut exposed_state) = exposed_tensors.remove(&transfer_id) {
+                    // Counted while the map is locked: a closing node never sees the tensor
+                    // in neither place.
+                    self.sends_in_flight
+                        .fetch_add(1, core::sync::atomic::Ordering::SeqCst);
                     exposed_state.cur_download_count += 1;
                     let bytes = if exposed_state.cur_download_count == exposed_state.max_downloads {
                         exposed_state.bytes
@@ -249,13 +262,25 @@ impl<B: Backend, P: Protocol> TensorDataService<B, P> {
 
                         let bytes = self.get_exposed_tensor_bytes(transfer_id).await.unwrap();
 
-                        channel.send(Message::new(bytes)).await.unwrap();
+                        let sent = channel.send(Message::new(bytes)).await;
+                        self.sends_in_flight
+                            .fetch_sub(1, core::sync::atomic::Ordering::SeqCst);
+                        if let Err(err) = sent {
+                            // Kiln patch: the downloader went away; nothing to serve it.
+                            log::info!("Download connection lost while sending: {err:?}");
+                            return;
+                        }
                     } else {
                         log::info!("Closed connection");
                         return;
                     }
                 }
-                Err(err) => panic!("Failed to receive message from websocket: {err:?}"),
+                // Kiln patch: a peer that exits without a closing handshake (its process ended)
+                // closes this connection; that is not this node's failure (upstream panicked).
+                Err(err) => {
+                    log::info!("Download connection closed by the peer: {err:?}");
+                    return;
+                }
             };
         }
         log::info!("[Data Service] Closing connection for download.");

@@ -17,7 +17,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use kiln_distributed::{
     AdamWSettings, ParallelOptions, ParallelRank, PeerNet, PipelineSchedule, shard_model,
-    thread_ranks,
+    thread_ranks, thread_ranks_over_loopback,
 };
 use kiln_trainer::optimizer::{GroupedAdamW, clip_to, embedding_param_ids, grad_square_sum};
 use kiln_transformer::{ModelConfig, TensorParallel, Transformer};
@@ -511,4 +511,34 @@ fn checkpoints_resume_exactly_and_reshard_the_model() {
     for e in errors {
         assert!(e.contains("tensor = 2") && e.contains("tensor = 1"), "{e}");
     }
+}
+
+/// Ranks that talk through their data services over loopback (as processes do) train exactly as
+/// ranks that pass tensors through in-process mailboxes: the transport changes no bit.
+#[test]
+fn the_loopback_transport_trains_bit_for_bit_like_mailboxes() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    Ad::seed(&Default::default(), 11);
+    let config = llama();
+    let model = settled(Transformer::<Ad>::new(config.clone(), &Default::default()).unwrap());
+    let train = |net: Arc<PeerNet<Inner>>| {
+        let mut r = ParallelRank::<Ad>::new(
+            model.clone(),
+            net,
+            options(2, 2, 4),
+            settings(),
+            Default::default(),
+        )
+        .unwrap();
+        (0..3)
+            .map(|step| {
+                let report = r.step(&batch(step, config.vocab_size), 1e-3).unwrap();
+                (report.loss, report.grad_norm)
+            })
+            .collect::<Vec<_>>()
+    };
+    let mailboxes = thread_ranks::<Inner, _>(4, Default::default(), train).unwrap();
+    let loopback = thread_ranks_over_loopback::<Inner, _>(4, Default::default(), train).unwrap();
+    assert_eq!(mailboxes, loopback);
+    assert!(mailboxes[0].iter().all(|(l, n)| l.is_finite() && *n > 0.0));
 }
