@@ -17,6 +17,11 @@ use rustc_hash::FxHashMap;
 
 use crate::pretokenize::PreTokenizer;
 
+/// Interned strings of a merge list → piece id.
+pub(crate) type PieceTable = FxHashMap<Box<[u8]>, u32>;
+/// `(left, right)` piece ids → (rank, joined piece id).
+pub(crate) type MergeTable = FxHashMap<(u32, u32), (u32, u32)>;
+
 /// How adjacent symbols are chosen for merging.
 #[derive(Clone, Debug)]
 pub(crate) enum Merging {
@@ -26,9 +31,9 @@ pub(crate) enum Merging {
     Ranks {
         /// `(left, right)` piece ids → (rank, joined piece id). Pieces are every string that occurs
         /// in a merge, so merges whose sides are not tokens still apply, as in llama.cpp.
-        merges: FxHashMap<(u32, u32), (u32, u32)>,
+        merges: MergeTable,
         /// Interned merge strings → piece id.
-        pieces: FxHashMap<Box<[u8]>, u32>,
+        pieces: PieceTable,
         /// How text is split into words before merging.
         split: PreTokenizer,
         /// A word that is itself a token is that token.
@@ -141,9 +146,7 @@ impl SentencePiece {
         self.byte_tokens[usize::from(b)].is_some()
     }
 
-    /// Encodes one stretch of text between added tokens, appending ids and, for each, the number
-    /// of input bytes it covers (`widths`), where the first `shift` bytes of the model's text are
-    /// the added space prefix.
+    /// Encodes one stretch of text between added tokens, appending the ids.
     pub(crate) fn encode(&self, text: &[u8], ids: &mut Vec<u32>) {
         let mut buf = Vec::with_capacity(text.len() + 4);
         if self.add_space_prefix {
@@ -167,11 +170,11 @@ impl SentencePiece {
                 for end in ends {
                     let word = &buf[start..end];
                     start = end;
-                    if *ignore_merges || (*newline_words && word.iter().all(|&b| b == b'\n')) {
-                        if let Some(id) = self.id_of(word) {
-                            ids.push(id);
-                            continue;
-                        }
+                    let whole =
+                        *ignore_merges || (*newline_words && word.iter().all(|&b| b == b'\n'));
+                    if whole && let Some(id) = self.id_of(word) {
+                        ids.push(id);
+                        continue;
                     }
                     self.merge_by_rank(word, ids);
                 }
@@ -349,10 +352,8 @@ pub(crate) fn unescape(token: &str) -> Vec<u8> {
 }
 
 /// Interns every string of a merge list; returns the piece table and the merge map.
-pub(crate) fn intern_merges(
-    merges: &[(Vec<u8>, Vec<u8>)],
-) -> (FxHashMap<Box<[u8]>, u32>, FxHashMap<(u32, u32), (u32, u32)>) {
-    let mut pieces: FxHashMap<Box<[u8]>, u32> = FxHashMap::default();
+pub(crate) fn intern_merges(merges: &[(Vec<u8>, Vec<u8>)]) -> (PieceTable, MergeTable) {
+    let mut pieces = PieceTable::default();
     let mut intern = |s: &[u8]| -> u32 {
         let next = pieces.len() as u32;
         *pieces.entry(s.into()).or_insert(next)
