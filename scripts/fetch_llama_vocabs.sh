@@ -16,8 +16,9 @@ CACHE=${KILN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kiln}/llama-cpp-python
 SDIST="$CACHE/llama_cpp_python-$VERSION.tar.gz"
 mkdir -p "$OUT" "$CACHE"
 if [ ! -s "$SDIST" ]; then
-  # --no-binary: the source package is the one with llama.cpp's models/ folder in it.
-  python3 -m pip download --quiet --disable-pip-version-check --no-deps --no-binary :all: \
+  # The source package is the one with llama.cpp's models/ folder in it. Only it: pip still
+  # prepares its metadata, and with `:all:` it would build its build tools (CMake) from source.
+  python3 -m pip download --quiet --disable-pip-version-check --no-deps --no-binary llama-cpp-python \
     "llama-cpp-python==$VERSION" -d "$CACHE" >&2
 fi
 tar -xzf "$SDIST" -C "$OUT" --wildcards --strip-components=4 \
