@@ -183,7 +183,7 @@ pub(crate) fn llama_pre(name: &str) -> Result<LlamaPre> {
 
 /// The pre-tokenizer for a regex list, reusing the plain GPT-2 forms where they fit (so that the
 /// tokenizer's `tokenizer.json` export stays the familiar one).
-fn pre_tokenizer(name: &str, regexes: &[&str]) -> Result<PreTokenizer> {
+fn pre_tokenizer(name: &str, regexes: &[&'static str]) -> Result<PreTokenizer> {
     Ok(match regexes {
         [GPT2] => PreTokenizer::gpt2(),
         [DIGITS, GPT2] => PreTokenizer {
@@ -202,12 +202,13 @@ enum Stage {
     Digits,
     Newlines,
     KimiK2,
-    DigitGroups,
+    /// AFMoE's and Tiny Aya's digit grouping (the regex it stands for).
+    DigitGroups(&'static str),
     Regex(LlamaRegex),
 }
 
 impl Stage {
-    fn new(pattern: &str) -> Result<Self> {
+    fn new(pattern: &'static str) -> Result<Self> {
         let llama = |max_digits, marks| {
             Stage::Cl100k(Cl100kFamily {
                 max_digits,
@@ -223,7 +224,7 @@ impl Stage {
             DIGITS => Stage::Digits,
             NEWLINES => Stage::Newlines,
             KIMI_K2 => Stage::KimiK2,
-            AFMOE_DIGITS | TINY_AYA_DIGITS => Stage::DigitGroups,
+            AFMOE_DIGITS | TINY_AYA_DIGITS => Stage::DigitGroups(pattern),
             _ => Stage::Regex(LlamaRegex::new(pattern)?),
         })
     }
@@ -238,7 +239,7 @@ impl Stage {
             Stage::Digits => split_digits_then(&Split::None, text, base, ends),
             Stage::Newlines => split_newlines(text, base, ends),
             Stage::KimiK2 => split_kimi_k2(text, base, ends),
-            Stage::DigitGroups => split_digit_groups(text, base, ends),
+            Stage::DigitGroups(_) => split_digit_groups(text, base, ends),
             Stage::Regex(re) => re.split(text, base, ends),
         }
     }
@@ -252,7 +253,7 @@ impl Stage {
             Stage::Digits => DIGITS,
             Stage::Newlines => NEWLINES,
             Stage::KimiK2 => KIMI_K2,
-            Stage::DigitGroups => TINY_AYA_DIGITS,
+            Stage::DigitGroups(pattern) => pattern,
             Stage::Regex(re) => re.pattern(),
         }
     }
@@ -266,7 +267,7 @@ pub struct LlamaSplit {
 }
 
 impl LlamaSplit {
-    fn new(name: &str, regexes: &[&str]) -> Result<Self> {
+    fn new(name: &str, regexes: &[&'static str]) -> Result<Self> {
         Ok(Self {
             name: name.to_owned(),
             stages: regexes
@@ -543,7 +544,7 @@ mod tests {
 
     #[test]
     fn digit_groups_from_the_right() {
-        let s = Stage::DigitGroups;
+        let s = Stage::DigitGroups(AFMOE_DIGITS);
         assert_eq!(pieces(&s, "1234567"), ["1", "234", "567"]);
         assert_eq!(pieces(&s, "ab123456 x"), ["ab123", "456", " x"]);
     }

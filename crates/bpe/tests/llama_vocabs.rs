@@ -11,7 +11,7 @@ mod common;
 
 use std::path::Path;
 
-use kiln_bpe::{BpeError, Tokenizer};
+use kiln_bpe::{BpeError, SpecialTokens, Tokenizer};
 
 /// The tokenizer models Kiln reads.
 const SUPPORTED: &[&str] = &["gpt2", "llama", "gemma4"];
@@ -94,6 +94,13 @@ fn check_vocab(path: &Path) -> Report {
         let back = tok.decode(&got).unwrap();
         if back != *text {
             failures.push(format!("round trip of {text:?} gave {back:?}"));
+        }
+        // Offsets: the same ids, each token's range inside the input, in order.
+        let enc = tok.encode_with_offsets(text.as_bytes(), SpecialTokens::AsText);
+        let ordered = enc.offsets.windows(2).all(|w| w[0].1 <= w[1].0);
+        let inside = enc.offsets.iter().all(|&(s, e)| s <= e && e <= text.len());
+        if enc.ids != got || !ordered || !inside {
+            failures.push(format!("offsets of {text:?}: {:?}", enc.offsets));
         }
     }
     Report {
