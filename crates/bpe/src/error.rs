@@ -26,6 +26,16 @@ pub enum BpeError {
     /// A tokenizer uses a component Kiln does not implement.
     #[error("unsupported tokenizer: {0}")]
     Unsupported(String),
+    /// A GGUF file's tokenizer is of a kind Kiln does not read (e.g. `tokenizer.ggml.model = "bert"`).
+    #[error("unsupported GGUF tokenizer: {key} = {value:?}: {reason}")]
+    UnsupportedGguf {
+        /// The metadata key.
+        key: &'static str,
+        /// Its value in the file.
+        value: String,
+        /// Why it is not supported.
+        reason: &'static str,
+    },
     /// A vocabulary entry is malformed.
     #[error("invalid token {token:?} (id {id}): {reason}")]
     InvalidToken {

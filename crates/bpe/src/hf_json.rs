@@ -280,12 +280,18 @@ fn pre_tokenizer_json(pre: &PreTokenizer) -> Value {
         Split::None => steps.push(byte_level_json(false, pre.add_prefix_space)),
         Split::Gpt2 => steps.push(byte_level_json(true, pre.add_prefix_space)),
         split => {
-            steps.push(json!({
-                "type": "Split",
-                "pattern": {"Regex": split.pattern().unwrap_or_default()},
-                "behavior": "Isolated",
-                "invert": false
-            }));
+            let patterns: Vec<&str> = match split {
+                Split::Llama(l) => l.patterns().collect(),
+                other => other.pattern().into_iter().collect(),
+            };
+            for pattern in patterns {
+                steps.push(json!({
+                    "type": "Split",
+                    "pattern": {"Regex": pattern},
+                    "behavior": "Isolated",
+                    "invert": false
+                }));
+            }
             steps.push(byte_level_json(false, pre.add_prefix_space));
         }
     }

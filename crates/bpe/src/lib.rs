@@ -25,9 +25,12 @@ pub mod corpus;
 mod error;
 mod gguf_tokenizer;
 mod hf_json;
+mod llama_pre;
+mod llama_regex;
 pub mod prepare;
 pub mod pretokenize;
 pub mod shard;
+mod spm;
 mod tokenizer;
 mod trainer;
 
@@ -72,20 +75,30 @@ impl Tokenizer {
         hf_json::from_vocab_merges(vocab.as_ref(), merges.as_ref())
     }
 
-    /// Loads the tokenizer embedded in a GGUF model (`tokenizer.ggml.model == "gpt2"`).
+    /// Loads the tokenizer embedded in a GGUF model as llama.cpp reads it: byte-level BPE
+    /// (`tokenizer.ggml.model == "gpt2"`, with every `tokenizer.ggml.pre` type llama.cpp knows),
+    /// SentencePiece (`"llama"`) or SPM-style BPE (`"gemma4"`). Other models are a
+    /// [`BpeError::UnsupportedGguf`].
     pub fn from_gguf(path: impl AsRef<Path>) -> Result<Self> {
         let file = kiln_gguf::GgufFile::open(path)?;
         gguf_tokenizer::from_gguf(&file)
     }
 
-    /// This tokenizer as an HF `tokenizer.json` document.
-    pub fn to_json(&self) -> String {
-        hf_json::to_json(self)
+    /// This tokenizer as an HF `tokenizer.json` document (byte-level BPE only; a SentencePiece
+    /// vocabulary read from a GGUF file is [`BpeError::Unsupported`]).
+    pub fn to_json(&self) -> Result<String> {
+        if self.is_sentencepiece() {
+            return Err(BpeError::Unsupported(
+                "writing a SentencePiece-style GGUF vocabulary as tokenizer.json".into(),
+            ));
+        }
+        Ok(hf_json::to_json(self))
     }
 
     /// Writes `tokenizer.json` atomically (temp file + rename).
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
-        kiln_gguf::atomic::write(path, self.to_json().as_bytes()).map_err(|e| BpeError::io(path, e))
+        kiln_gguf::atomic::write(path, self.to_json()?.as_bytes())
+            .map_err(|e| BpeError::io(path, e))
     }
 }

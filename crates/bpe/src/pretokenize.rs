@@ -9,6 +9,8 @@ use std::sync::{Arc, OnceLock};
 
 use unicode_general_category::{GeneralCategory, get_general_category};
 
+pub use crate::llama_pre::LlamaSplit;
+
 /// GPT-2's pre-tokenizer regex (HF `ByteLevel { use_regex: true }`).
 pub const GPT2_PATTERN: &str =
     r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
@@ -30,6 +32,9 @@ pub enum Split {
     Cl100k,
     /// Any other regex, applied as an HF `Split { behavior: Isolated }`.
     Regex(Arc<RegexSplit>),
+    /// llama.cpp's pre-tokenizer for one `tokenizer.ggml.pre` type: a list of regexes applied one
+    /// after another, each splitting the pieces of the previous one further.
+    Llama(Arc<LlamaSplit>),
 }
 
 impl Split {
@@ -49,6 +54,7 @@ impl Split {
             Split::Gpt2 => Some(GPT2_PATTERN),
             Split::Cl100k => Some(CL100K_PATTERN),
             Split::Regex(r) => Some(&r.pattern),
+            Split::Llama(_) => None,
         }
     }
 }
@@ -100,7 +106,7 @@ impl PreTokenizer {
     /// Pieces are contiguous and cover `text` exactly.
     pub fn split_into(&self, text: &[u8], ends: &mut Vec<usize>) {
         if self.individual_digits {
-            split_digits_then(&self.split, text, ends);
+            split_digits_then(&self.split, text, 0, ends);
         } else {
             split_with(&self.split, text, 0, ends);
         }
@@ -140,32 +146,35 @@ fn split_with(split: &Split, text: &[u8], base: usize, ends: &mut Vec<usize>) {
         Split::Gpt2 => split_gpt2(text, base, ends),
         Split::Cl100k => split_cl100k(text, base, ends),
         Split::Regex(re) => split_regex(&re.regex, text, base, ends),
+        Split::Llama(l) => l.split(text, base, ends),
     }
 }
 
-fn split_digits_then(split: &Split, text: &[u8], ends: &mut Vec<usize>) {
+/// Isolates every number character (`\p{N}`), splitting the text between them with `split`.
+pub(crate) fn split_digits_then(split: &Split, text: &[u8], base: usize, ends: &mut Vec<usize>) {
     let mut segment_start = 0;
     let mut i = 0;
     while i < text.len() {
         let c = char_at(text, i);
         if c.class == Class::Number {
-            split_with(split, &text[segment_start..i], segment_start, ends);
-            ends.push(i + c.len);
+            split_with(split, &text[segment_start..i], base + segment_start, ends);
+            ends.push(base + i + c.len);
             segment_start = i + c.len;
         }
         i += c.len;
     }
-    split_with(split, &text[segment_start..], segment_start, ends);
+    split_with(split, &text[segment_start..], base + segment_start, ends);
 }
 
-fn split_gpt2(text: &[u8], base: usize, ends: &mut Vec<usize>) {
+/// GPT-2's pattern (`'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`).
+pub(crate) fn split_gpt2(text: &[u8], base: usize, ends: &mut Vec<usize>) {
     let n = text.len();
     let mut i = 0;
     while i < n {
         let c = char_at(text, i);
         let end = 'piece: {
             if c.ch == u32::from(b'\'')
-                && let Some(len) = contraction(&text[i + 1..], false)
+                && let Some(len) = contraction(&text[i + 1..], false, false)
             {
                 break 'piece i + 1 + len;
             }
@@ -191,42 +200,73 @@ fn split_gpt2(text: &[u8], base: usize, ends: &mut Vec<usize>) {
 }
 
 fn split_cl100k(text: &[u8], base: usize, ends: &mut Vec<usize>) {
+    split_cl100k_family(text, base, ends, Cl100kFamily::CL100K);
+}
+
+/// The variants of the cl100k pattern that llama.cpp writes out by hand (`llama3`, `qwen2`, `qwen35`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Cl100kFamily {
+    /// `\p{N}{1,max_digits}`.
+    pub max_digits: usize,
+    /// Combining marks join letters (`[\p{L}\p{M}]+`, Qwen 3.5).
+    pub marks: bool,
+    /// `(?i:'s)` also matches U+017F LATIN SMALL LETTER LONG S (regex case folding, as in HF and
+    /// tiktoken); llama.cpp lowercases ASCII only.
+    pub long_s: bool,
+}
+
+impl Cl100kFamily {
+    /// GPT-4's cl100k with regex case folding.
+    pub const CL100K: Self = Self {
+        max_digits: 3,
+        marks: false,
+        long_s: true,
+    };
+}
+
+/// The cl100k family of patterns:
+/// `(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+`.
+pub(crate) fn split_cl100k_family(
+    text: &[u8],
+    base: usize,
+    ends: &mut Vec<usize>,
+    family: Cl100kFamily,
+) {
     let n = text.len();
+    let letter = |c: Char| c.class == Class::Letter || (family.marks && is_mark(c));
+    let other = |c: Char| c.class == Class::Other && !(family.marks && is_mark(c));
     let mut i = 0;
     while i < n {
         let c = char_at(text, i);
         let end = 'piece: {
             if c.ch == u32::from(b'\'')
-                && let Some(len) = contraction(&text[i + 1..], true)
+                && let Some(len) = contraction(&text[i + 1..], true, family.long_s)
             {
                 break 'piece i + 1 + len;
             }
             // `[^\r\n\p{L}\p{N}]?\p{L}+`
-            if c.class == Class::Letter {
-                break 'piece run_end(text, i, Class::Letter, usize::MAX);
+            if letter(c) {
+                break 'piece run_end_by(text, i, letter, usize::MAX);
             }
             let is_crlf = c.ch == u32::from(b'\r') || c.ch == u32::from(b'\n');
             let next = (i + c.len < n).then(|| char_at(text, i + c.len));
-            if !is_crlf
-                && c.class != Class::Number
-                && next.is_some_and(|x| x.class == Class::Letter)
-            {
-                break 'piece run_end(text, i + c.len, Class::Letter, usize::MAX);
+            if !is_crlf && c.class != Class::Number && next.is_some_and(letter) {
+                break 'piece run_end_by(text, i + c.len, letter, usize::MAX);
             }
             // `\p{N}{1,3}`
             if c.class == Class::Number {
-                break 'piece run_end(text, i, Class::Number, 3);
+                break 'piece run_end(text, i, Class::Number, family.max_digits);
             }
             // ` ?[^\s\p{L}\p{N}]+[\r\n]*`
-            let other_start = if c.class == Class::Other {
+            let other_start = if other(c) {
                 Some(i)
-            } else if c.ch == u32::from(b' ') && next.is_some_and(|x| x.class == Class::Other) {
+            } else if c.ch == u32::from(b' ') && next.is_some_and(other) {
                 Some(i + 1)
             } else {
                 None
             };
             if let Some(start) = other_start {
-                let mut end = run_end(text, start, Class::Other, usize::MAX);
+                let mut end = run_end_by(text, start, other, usize::MAX);
                 while end < n && (text[end] == b'\r' || text[end] == b'\n') {
                     end += 1;
                 }
@@ -240,7 +280,7 @@ fn split_cl100k(text: &[u8], base: usize, ends: &mut Vec<usize>) {
 }
 
 /// Length of the contraction suffix (`s`, `t`, `re`, `ve`, `m`, `ll`, `d`) at the start of `rest`.
-fn contraction(rest: &[u8], ignore_case: bool) -> Option<usize> {
+fn contraction(rest: &[u8], ignore_case: bool, long_s: bool) -> Option<usize> {
     let lower = |i: usize| -> Option<u8> {
         let b = *rest.get(i)?;
         Some(if ignore_case {
@@ -255,18 +295,24 @@ fn contraction(rest: &[u8], ignore_case: bool) -> Option<usize> {
         b'v' if lower(1) == Some(b'e') => Some(2),
         b'l' if lower(1) == Some(b'l') => Some(2),
         // U+017F LATIN SMALL LETTER LONG S case-folds to `s` under `(?i)`.
-        0xC5 if ignore_case && rest.get(1) == Some(&0xBF) => Some(2),
+        0xC5 if ignore_case && long_s && rest.get(1) == Some(&0xBF) => Some(2),
         _ => None,
     }
 }
 
 /// End of the run of `class` characters starting at `start`, at most `max_chars` long.
 fn run_end(text: &[u8], start: usize, class: Class, max_chars: usize) -> usize {
+    run_end_by(text, start, |c| c.class == class, max_chars)
+}
+
+/// End of the run of characters satisfying `keep` starting at `start`, at most `max_chars` long.
+#[inline]
+fn run_end_by(text: &[u8], start: usize, keep: impl Fn(Char) -> bool, max_chars: usize) -> usize {
     let mut j = start;
     let mut count = 0;
     while j < text.len() && count < max_chars {
         let c = char_at(text, j);
-        if c.class != class {
+        if !keep(c) {
             break;
         }
         j += c.len;
@@ -347,7 +393,7 @@ fn split_regex_str(regex: &fancy_regex::Regex, s: &str, base: usize, ends: &mut 
 /// The character classes the split patterns distinguish.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
-enum Class {
+pub(crate) enum Class {
     /// `\p{L}`
     Letter,
     /// `\p{N}`
@@ -358,18 +404,21 @@ enum Class {
     Other,
 }
 
+/// One decoded character: its code point ([`INVALID`] for a byte that is not UTF-8), its length in
+/// bytes and its class.
 #[derive(Clone, Copy, Debug)]
-struct Char {
-    ch: u32,
-    len: usize,
-    class: Class,
+pub(crate) struct Char {
+    pub ch: u32,
+    pub len: usize,
+    pub class: Class,
 }
 
-const INVALID: u32 = u32::MAX;
+/// The code point of a byte that does not start a valid UTF-8 sequence.
+pub(crate) const INVALID: u32 = u32::MAX;
 
 /// Decodes the character at `i` (which must be `< text.len()`); an invalid sequence is one `Other` byte.
 #[inline]
-fn char_at(text: &[u8], i: usize) -> Char {
+pub(crate) fn char_at(text: &[u8], i: usize) -> Char {
     let b0 = text[i];
     if b0 < 0x80 {
         return Char {
@@ -437,6 +486,37 @@ fn class_of(ch: u32) -> Class {
         return table[ch as usize];
     }
     class_of_slow(ch)
+}
+
+/// Whether `c` is a combining mark (`\p{M}`: Mn, Mc, Me).
+pub(crate) fn is_mark(c: Char) -> bool {
+    if c.ch < 0x300 || c.class != Class::Other {
+        return false;
+    }
+    static BMP: OnceLock<Vec<u64>> = OnceLock::new();
+    let mark = |ch: u32| {
+        char::from_u32(ch).is_some_and(|c| {
+            matches!(
+                get_general_category(c),
+                GeneralCategory::NonspacingMark
+                    | GeneralCategory::SpacingMark
+                    | GeneralCategory::EnclosingMark
+            )
+        })
+    };
+    if c.ch < 0x10000 {
+        let bits = BMP.get_or_init(|| {
+            let mut bits = vec![0u64; 0x10000 / 64];
+            for ch in 0..0x10000u32 {
+                if mark(ch) {
+                    bits[(ch / 64) as usize] |= 1 << (ch % 64);
+                }
+            }
+            bits
+        });
+        return bits[(c.ch / 64) as usize] >> (c.ch % 64) & 1 == 1;
+    }
+    mark(c.ch)
 }
 
 fn class_of_slow(ch: u32) -> Class {

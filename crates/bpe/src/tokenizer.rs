@@ -2,6 +2,7 @@
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
+use std::sync::Arc;
 
 use aho_corasick::{AhoCorasick, MatchKind};
 use rayon::prelude::*;
@@ -9,7 +10,8 @@ use rustc_hash::FxHashMap;
 
 use crate::cache::{MAX_CACHED_PIECE, PieceCache};
 use crate::error::{BpeError, Result};
-use crate::pretokenize::PreTokenizer;
+use crate::pretokenize::{PreTokenizer, Split};
+use crate::spm::SentencePiece;
 
 /// A token matched verbatim in the text before BPE runs (e.g. `<|endoftext|>`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -71,7 +73,8 @@ pub struct TokenizerParts {
     pub eos_id: Option<u32>,
 }
 
-/// A byte-level BPE tokenizer. Cheap to share across threads (`&Tokenizer` is `Sync`).
+/// A tokenizer: byte-level BPE, or a SentencePiece-style vocabulary read from a GGUF file. Cheap
+/// to share across threads (`&Tokenizer` is `Sync`).
 pub struct Tokenizer {
     /// Bytes of every id (BPE tokens and added tokens); `None` for ids the files leave unused.
     tokens: Vec<Option<Box<[u8]>>>,
@@ -85,6 +88,8 @@ pub struct Tokenizer {
     /// Matches only the non-special added tokens.
     plain_added: Option<AhoCorasick>,
     cache: PieceCache,
+    /// The SentencePiece-style model, when the vocabulary is not byte-level BPE.
+    spm: Option<Arc<SentencePiece>>,
 }
 
 impl Clone for Tokenizer {
@@ -99,6 +104,7 @@ impl Clone for Tokenizer {
             all_added: self.all_added.clone(),
             plain_added: self.plain_added.clone(),
             cache: PieceCache::new(),
+            spm: self.spm.clone(),
         }
     }
 }
@@ -207,25 +213,9 @@ impl Tokenizer {
                 });
             }
         }
-        let build = |special_too: bool| -> Result<Option<AhoCorasick>> {
-            let patterns: Vec<&str> = parts
-                .added
-                .iter()
-                .filter(|t| special_too || !t.special)
-                .map(|t| t.content.as_str())
-                .collect();
-            if patterns.is_empty() {
-                return Ok(None);
-            }
-            AhoCorasick::builder()
-                .match_kind(MatchKind::LeftmostLongest)
-                .build(patterns)
-                .map(Some)
-                .map_err(|e| BpeError::Unsupported(format!("added tokens: {e}")))
-        };
         Ok(Self {
-            all_added: build(true)?,
-            plain_added: build(false)?,
+            all_added: added_matcher(&parts.added, true)?,
+            plain_added: added_matcher(&parts.added, false)?,
             tokens,
             bpe_ids,
             byte_ids,
@@ -233,10 +223,66 @@ impl Tokenizer {
             merges,
             parts,
             cache: PieceCache::new(),
+            spm: None,
         })
     }
 
-    /// The parts this tokenizer was built from (vocabulary, merges, added tokens, pre-tokenizer).
+    /// Builds a tokenizer around a SentencePiece-style model; `pieces[id]` is what `id` decodes to.
+    pub(crate) fn from_sentencepiece(
+        model: SentencePiece,
+        pieces: Vec<Vec<u8>>,
+        added: Vec<AddedToken>,
+        bos_id: Option<u32>,
+        eos_id: Option<u32>,
+    ) -> Result<Self> {
+        let parts = TokenizerParts {
+            vocab: Vec::new(),
+            merges: Vec::new(),
+            added,
+            pre_tokenizer: PreTokenizer::with_split(Split::None),
+            ignore_merges: false,
+            bos_id,
+            eos_id,
+        };
+        let tokens = pieces
+            .into_iter()
+            .map(|p| Some(p.into_boxed_slice()))
+            .collect();
+        Ok(Self {
+            all_added: added_matcher(&parts.added, true)?,
+            plain_added: added_matcher(&parts.added, false)?,
+            tokens,
+            bpe_ids: FxHashMap::default(),
+            byte_ids: [NO_TOKEN; 256],
+            has_missing_bytes: false,
+            merges: FxHashMap::default(),
+            parts,
+            cache: PieceCache::new(),
+            spm: Some(Arc::new(model)),
+        })
+    }
+
+    /// Adds ids that decode to the given bytes but that encoding never produces (vocabulary
+    /// entries no merge or pre-tokenized word can reach).
+    pub(crate) fn with_decode_only(mut self, tokens: Vec<(u32, Vec<u8>)>) -> Self {
+        for (id, bytes) in tokens {
+            let id = id as usize;
+            if self.tokens.len() <= id {
+                self.tokens.resize(id + 1, None);
+            }
+            self.tokens[id].get_or_insert_with(|| bytes.into_boxed_slice());
+        }
+        self
+    }
+
+    /// Whether this is a SentencePiece-style vocabulary (tokens with `▁`, byte fallback) rather
+    /// than byte-level BPE.
+    pub fn is_sentencepiece(&self) -> bool {
+        self.spm.is_some()
+    }
+
+    /// The parts this tokenizer was built from (vocabulary, merges, added tokens, pre-tokenizer);
+    /// for a SentencePiece-style vocabulary only the added tokens and special ids.
     pub fn parts(&self) -> &TokenizerParts {
         &self.parts
     }
@@ -268,7 +314,10 @@ impl Tokenizer {
             .iter()
             .find(|t| t.content.as_bytes() == bytes)
             .map(|t| t.id)
-            .or_else(|| self.bpe_ids.get(bytes).copied())
+            .or_else(|| match &self.spm {
+                Some(spm) => spm.id_of(&crate::spm::escape(bytes)),
+                None => self.bpe_ids.get(bytes).copied(),
+            })
     }
 
     /// Beginning-of-sequence id, if the tokenizer defines one.
@@ -384,6 +433,22 @@ impl Tokenizer {
         if bytes.is_empty() {
             return;
         }
+        if let Some(spm) = &self.spm {
+            let first = ids.len();
+            spm.encode(bytes, ids);
+            if let Some(offsets) = offsets {
+                // Each token covers as many input bytes as it decodes to (the added space first).
+                let mut pos = 0usize;
+                let shift = usize::from(spm.add_space_prefix);
+                for &id in &ids[first..] {
+                    let len = self.token_bytes(id).map_or(0, <[u8]>::len);
+                    let map = |p: usize| base + p.saturating_sub(shift).min(bytes.len());
+                    offsets.push((map(pos), map(pos + len)));
+                    pos += len;
+                }
+            }
+            return;
+        }
         let pre = &self.parts.pre_tokenizer;
         let prefixed;
         let (text, shift) = if pre.add_prefix_space && bytes[0] != b' ' {
@@ -444,6 +509,9 @@ impl Tokenizer {
     /// Bytes this vocabulary has no token for (dropped when encoding); empty for a complete
     /// byte-level vocabulary, which then round-trips any input exactly.
     pub fn unencodable_bytes(&self) -> Vec<u8> {
+        if let Some(spm) = &self.spm {
+            return (0..=255u8).filter(|&b| !spm.has_byte_token(b)).collect();
+        }
         (0..=255u8)
             .filter(|&b| self.byte_ids[usize::from(b)] == NO_TOKEN)
             .collect()
@@ -592,15 +660,27 @@ impl Tokenizer {
     }
 
     /// The exact bytes the ids stand for (special tokens as their text).
+    /// A SentencePiece vocabulary that adds a space before the text drops the first token's
+    /// leading space again, as llama.cpp's detokenizer does.
     pub fn decode_bytes(&self, ids: &[u32]) -> Result<Vec<u8>> {
         let mut out = Vec::with_capacity(ids.len() * 4);
-        for &id in ids {
-            out.extend_from_slice(self.token_bytes(id).ok_or(BpeError::IdOutOfRange {
-                id: u64::from(id),
-                vocab_size: self.vocab_size(),
-            })?);
+        for (i, &id) in ids.iter().enumerate() {
+            out.extend_from_slice(self.piece(id, i == 0)?);
         }
         Ok(out)
+    }
+
+    /// The bytes of `id` in decoded text; `first` when it is the first token of the text.
+    fn piece(&self, id: u32, first: bool) -> Result<&[u8]> {
+        let bytes = self.token_bytes(id).ok_or(BpeError::IdOutOfRange {
+            id: u64::from(id),
+            vocab_size: self.vocab_size(),
+        })?;
+        let strip = first && self.spm.as_ref().is_some_and(|s| s.add_space_prefix);
+        Ok(match bytes {
+            [b' ', rest @ ..] if strip => rest,
+            _ => bytes,
+        })
     }
 
     /// Decodes to a string; byte sequences that are not valid UTF-8 become U+FFFD, as in HF `tokenizers`.
@@ -614,6 +694,7 @@ impl Tokenizer {
 #[derive(Debug, Default)]
 pub struct StreamDecoder {
     pending: Vec<u8>,
+    started: bool,
 }
 
 impl StreamDecoder {
@@ -625,10 +706,8 @@ impl StreamDecoder {
     /// Adds one token; returns the text that is now complete (possibly empty).
     pub fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> Result<String> {
         self.pending
-            .extend_from_slice(tokenizer.token_bytes(id).ok_or(BpeError::IdOutOfRange {
-                id: u64::from(id),
-                vocab_size: tokenizer.vocab_size(),
-            })?);
+            .extend_from_slice(tokenizer.piece(id, !self.started)?);
+        self.started = true;
         let valid = match std::str::from_utf8(&self.pending) {
             Ok(_) => self.pending.len(),
             // An incomplete character at the end waits; an invalid sequence is flushed lossily.
@@ -646,4 +725,21 @@ impl StreamDecoder {
         self.pending.clear();
         text
     }
+}
+
+/// An Aho-Corasick matcher over the added tokens (only the non-special ones unless `special_too`).
+fn added_matcher(added: &[AddedToken], special_too: bool) -> Result<Option<AhoCorasick>> {
+    let patterns: Vec<&str> = added
+        .iter()
+        .filter(|t| special_too || !t.special)
+        .map(|t| t.content.as_str())
+        .collect();
+    if patterns.is_empty() {
+        return Ok(None);
+    }
+    AhoCorasick::builder()
+        .match_kind(MatchKind::LeftmostLongest)
+        .build(patterns)
+        .map(Some)
+        .map_err(|e| BpeError::Unsupported(format!("added tokens: {e}")))
 }

@@ -33,7 +33,7 @@ fn unreadable_files() {
 
 #[test]
 fn corrupt_tokenizer_json() {
-    let good = tiny_tokenizer().to_json();
+    let good = tiny_tokenizer().to_json().unwrap();
     let cases: Vec<(String, &str)> = vec![
         ("{ not json".into(), "corrupt tokenizer file"),
         ("{}".into(), "no \"model\""),
@@ -129,20 +129,58 @@ fn corrupt_gguf_and_shards() {
     ));
 }
 
-#[test]
-fn gguf_without_a_bpe_tokenizer() {
-    use kiln_gguf::{GgufArray, GgufValue, GgufWriter};
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("spm.gguf");
-    let mut w = GgufWriter::new();
-    w.add_metadata("tokenizer.ggml.model", GgufValue::String("llama".into()))
-        .unwrap();
-    w.add_metadata(
-        "tokenizer.ggml.tokens",
-        GgufValue::Array(GgufArray::String(vec!["a".into()])),
-    )
-    .unwrap();
+/// Writes a GGUF file holding only tokenizer metadata.
+fn tokenizer_gguf(
+    dir: &std::path::Path,
+    entries: &[(&str, kiln_gguf::GgufValue)],
+) -> std::path::PathBuf {
+    let path = dir.join("vocab.gguf");
+    let mut w = kiln_gguf::GgufWriter::new();
+    for (key, value) in entries {
+        w.add_metadata(*key, value.clone()).unwrap();
+    }
     w.write(&path).unwrap();
+    path
+}
+
+#[test]
+fn gguf_tokenizers_kiln_does_not_read() {
+    use kiln_gguf::{GgufArray, GgufValue};
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = || GgufValue::Array(GgufArray::String(vec!["a".into(), "b".into(), "ab".into()]));
+    for model in ["bert", "t5", "rwkv", "something-new"] {
+        let path = tokenizer_gguf(
+            dir.path(),
+            &[
+                ("tokenizer.ggml.model", GgufValue::String(model.into())),
+                ("tokenizer.ggml.tokens", tokens()),
+            ],
+        );
+        let err = Tokenizer::from_file(&path).unwrap_err();
+        assert!(
+            matches!(&err, BpeError::UnsupportedGguf { key: "tokenizer.ggml.model", value, .. } if value == model),
+            "{err}"
+        );
+        assert!(err.to_string().contains(&format!("{model:?}")), "{err}");
+    }
+    let path = tokenizer_gguf(
+        dir.path(),
+        &[
+            ("tokenizer.ggml.model", GgufValue::String("gpt2".into())),
+            (
+                "tokenizer.ggml.pre",
+                GgufValue::String("no-such-pre".into()),
+            ),
+            ("tokenizer.ggml.tokens", tokens()),
+            (
+                "tokenizer.ggml.merges",
+                GgufValue::Array(GgufArray::String(vec!["a b".into()])),
+            ),
+        ],
+    );
     let err = Tokenizer::from_file(&path).unwrap_err();
-    assert!(err.to_string().contains("\"llama\""), "{err}");
+    assert!(
+        matches!(&err, BpeError::UnsupportedGguf { key: "tokenizer.ggml.pre", value, .. } if value == "no-such-pre"),
+        "{err}"
+    );
 }

@@ -20,6 +20,45 @@ pub fn shared(rel: &str) -> Option<PathBuf> {
     None
 }
 
+/// A directory named by environment variable `var` (reference data fetched outside the project).
+///
+/// Unset: the tests that need it skip with a note, unless `KILN_REQUIRE_SHARED=1`, in which case
+/// that is a failure. Set to a path that is not a directory: always a failure.
+pub fn env_dir(var: &str) -> Option<PathBuf> {
+    match std::env::var_os(var) {
+        Some(dir) => {
+            let dir = PathBuf::from(dir);
+            assert!(dir.is_dir(), "{var}={} is not a directory", dir.display());
+            Some(dir)
+        }
+        None => {
+            if std::env::var("KILN_REQUIRE_SHARED").is_ok_and(|v| v == "1") {
+                panic!("{var} is not set and KILN_REQUIRE_SHARED=1");
+            }
+            eprintln!("note: {var} is not set; skipping");
+            None
+        }
+    }
+}
+
+/// llama.cpp's tokenizer test cases: inputs of a `.inp` file (separated by lines
+/// `__ggml_vocab_test__`) with the ids of the matching `.out` line.
+pub fn llama_cases(inp: &str, out: &str) -> Vec<(String, Vec<u32>)> {
+    let inputs: Vec<&str> = inp.split("\n__ggml_vocab_test__\n").collect();
+    let outputs: Vec<&str> = out.split('\n').collect();
+    inputs
+        .iter()
+        .zip(&outputs)
+        .map(|(i, o)| {
+            let ids = o
+                .split_whitespace()
+                .map(|t| t.parse().expect("id"))
+                .collect();
+            ((*i).to_owned(), ids)
+        })
+        .collect()
+}
+
 /// Text samples that stress losslessness and pre-tokenization.
 pub const HARD_STRINGS: &[&str] = &[
     "",
