@@ -41,6 +41,7 @@ pub mod atomic;
 pub mod blocks;
 mod error;
 mod ggml_type;
+pub mod onnx;
 mod reader;
 #[cfg(test)]
 mod tests;
