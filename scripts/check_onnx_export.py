@@ -3,6 +3,7 @@
 
   check_onnx_export.py MODEL.onnx --reference REF.npz [--tol 1e-4]
   check_onnx_export.py MODEL.onnx --numpy-model DIR [--save-reference REF.npz]
+  check_onnx_export.py MODEL.onnx --golden MODEL.golden.json
   check_onnx_export.py MODEL_KV.onnx --bench [--prompt 128 --decode 32 --threads 2]
 
 Always: `onnx.checker.check_model(full_check=True)` (structure, opset, strict shape inference),
@@ -12,7 +13,10 @@ Logits: the file's logits for the reference's `input_ids` (int64 [batch, seq]) m
 `--tol` (absolute) of its `logits` (float [batch, seq, vocab]). The reference is an .npz made by
 Kiln (`input_ids`, `logits`, optionally `greedy_ids` [steps]: Kiln's greedy continuation of
 row 0), or is computed here by an independent NumPy forward pass (float64) of the random model
-that `cargo run --example onnx_random` writes (DIR holds spec.json and weights/NAME.npy).
+that `cargo run --example onnx_random` writes (DIR holds spec.json and weights/NAME.npy), or
+is the golden output of shared/peers/llama_gguf_ref.py for a GGUF model exported by
+`cargo run --example onnx_from_gguf` (`prompt_ids`, `top5_per_position` [[id, logit], ...] per
+prompt position, `greedy_ids`): the logits at those ids are compared, and the greedy tokens.
 
 KV cache (a file with `past_key_values.*` inputs; checked whenever present): greedy decoding of
 row 0 token by token, feeding each step's `present.*` back as `past_key_values.*`, must pick the
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -284,8 +289,10 @@ def bench(runner: Runner, args) -> None:
         decode.append(time.perf_counter() - start)
         nxt = logits[:, -1:].argmax(-1).astype(np.int64)
     p, d = statistics.median(prefill), statistics.median(decode)
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(
-        f"onnxruntime {ort.__version__}, {args.threads} threads, {cpu_name()}:\n"
+        f"onnxruntime {ort.__version__}, {args.threads} threads, {cpu_name()} "
+        f"({os.cpu_count()} CPUs, load average {load} after the run):\n"
         f"  prefill {args.prompt} tokens: {p * 1e3:.1f} ms median of {args.repeats} "
         f"({args.prompt / p:.0f} tokens/s)\n"
         f"  decode with KV cache ({args.decode} tokens after the prompt): {d * 1e3:.2f} ms/token "
@@ -299,6 +306,7 @@ def main() -> int:
     ap.add_argument("--reference", type=Path, help=".npz: input_ids, logits[, greedy_ids]")
     ap.add_argument("--numpy-model", type=Path, help="onnx_random's output directory")
     ap.add_argument("--save-reference", type=Path, help="write the NumPy reference as .npz")
+    ap.add_argument("--golden", type=Path, help="llama_gguf_ref.py's --json output")
     ap.add_argument("--kv-cache", action="store_true", help="require past/present inputs and outputs")
     ap.add_argument("--tol", type=float, default=1e-4)
     ap.add_argument("--steps", type=int, default=16, help="greedy decoding steps")
@@ -337,13 +345,28 @@ def main() -> int:
             seq.append(greedy[-1])
         if args.save_reference:
             np.savez(args.save_reference, input_ids=ids, logits=want.astype(np.float32), greedy_ids=np.array(greedy))
+    elif args.golden:
+        golden = json.loads(args.golden.read_text())
+        ids = np.array([golden["prompt_ids"]], dtype=np.int64)
+        greedy = golden["greedy_ids"]
+        want = None
     else:
-        ap.error("give --reference or --numpy-model (or --bench)")
+        ap.error("give --reference, --numpy-model or --golden (or --bench)")
 
     logits, _ = runner.run(ids)
-    ok = compare(f"logits {tuple(logits.shape)} against the reference", logits, want, args.tol)
+    if want is None:
+        top = golden["top5_per_position"]
+        got = np.array([[logits[0, t, i] for i, _ in row] for t, row in enumerate(top)])
+        ref = np.array([[v for _, v in row] for row in top])
+        ok = compare(f"logits at the golden top-5 ids of {len(top)} positions", got, ref, args.tol)
+        top1 = [int(r[0][0]) for r in top] == [int(x) for x in logits[0].argmax(-1)]
+        ok &= top1
+        print(f"{'ok  ' if top1 else 'FAIL'} argmax at every prompt position equals the golden top-1")
+    else:
+        ok = compare(f"logits {tuple(logits.shape)} against the reference", logits, want, args.tol)
     if runner.kv:
-        ok &= greedy_check(runner, ids[0], args.steps, args.tol, greedy)
+        steps = len(greedy) if args.golden else args.steps
+        ok &= greedy_check(runner, ids[0], steps, args.tol, greedy)
         ok &= padded_batch_check(runner, ids[0], args.tol)
     elif greedy is not None:
         # Without a cache: greedy by full reruns must still give the reference's tokens.
