@@ -15,6 +15,9 @@ pub enum OnnxError {
         #[source]
         source: io::Error,
     },
+    /// Writing to a stream ([`ModelProto::write_to`](super::ModelProto::write_to)) failed.
+    #[error("writing the ONNX model failed: {0}")]
+    Write(#[source] io::Error),
     /// The structure does not fit together (zero sizes, heads that do not divide, ...).
     #[error("invalid ONNX model spec: {0}")]
     InvalidSpec(String),

@@ -16,7 +16,7 @@ use std::collections::HashSet;
 use super::error::OnnxError;
 use super::proto::{
     AttributeProto, DataType, Dim, GraphProto, ModelProto, NodeProto, OperatorSetId, TensorData,
-    TensorProto, ValueInfoProto,
+    TensorProto, ValueInfoProto, check_size,
 };
 use super::spec::{ExportOptions, Mlp, ModelSpec, Norm, Position, RopePairing, Weights};
 
@@ -54,6 +54,20 @@ pub fn build(
     options: &ExportOptions,
 ) -> Result<ModelProto, OnnxError> {
     spec.validate()?;
+    // Refuse a model past the protobuf limit before building anything (the RoPE tables of an
+    // absurd context length included).
+    let rope_bytes = match spec.position {
+        Position::Rope { .. } => (spec.context_length as u64)
+            .saturating_mul(spec.head_dim() as u64 / 2)
+            .saturating_mul(8),
+        Position::Learned => 0,
+    };
+    let weight_bytes = spec
+        .weight_shapes()
+        .iter()
+        .map(|(_, shape)| shape.iter().fold(4u64, |n, &d| n.saturating_mul(d as u64)))
+        .fold(0u64, u64::saturating_add);
+    check_size(weight_bytes.saturating_add(rope_bytes))?;
     let mut b = Builder::default();
     for (name, expected) in spec.weight_shapes() {
         let w = weights

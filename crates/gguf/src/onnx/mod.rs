@@ -54,7 +54,9 @@ pub use graph::{
     present_name,
 };
 pub use proto::ModelProto;
-pub use spec::{ExportOptions, Mlp, ModelSpec, Norm, Position, RopePairing, Weight, Weights};
+pub use spec::{
+    ExportOptions, MAX_DIM, Mlp, ModelSpec, Norm, Position, RopePairing, Weight, Weights,
+};
 
 /// The ONNX file of `spec` with `weights`, as bytes.
 pub fn to_bytes(

@@ -240,10 +240,7 @@ impl ModelProto {
     pub fn write_to(&self, out: &mut dyn Write) -> Result<(), OnnxError> {
         let e = self.encoded();
         check_size(e.len())?;
-        e.write_to(out).map_err(|source| OnnxError::Io {
-            path: "<stream>".into(),
-            source,
-        })
+        e.write_to(out).map_err(OnnxError::Write)
     }
 
     /// Writes the file atomically ([`crate::atomic`]): readers see the old file or the new one.

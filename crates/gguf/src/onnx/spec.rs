@@ -9,6 +9,10 @@ use std::collections::BTreeMap;
 
 use super::error::OnnxError;
 
+/// The largest size [`ModelSpec::validate`] accepts for any dimension (2³² − 1), so products of
+/// two fit in 64 bits.
+pub const MAX_DIM: usize = u32::MAX as usize;
+
 /// How token positions enter the model.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Position {
@@ -120,8 +124,8 @@ impl ModelSpec {
             if v == 0 {
                 return bad(format!("{name} must be positive"));
             }
-            if i64::try_from(v).is_err() {
-                return bad(format!("{name} {v} is too large"));
+            if v > MAX_DIM {
+                return bad(format!("{name} {v} is larger than {MAX_DIM}"));
             }
         }
         if !self.d_model.is_multiple_of(self.n_heads) {

@@ -174,6 +174,37 @@ fn large_tensors_are_streamed_with_correct_lengths() {
 }
 
 #[test]
+fn a_model_past_the_protobuf_limit_is_refused_before_it_is_built() {
+    // 1024 layers of width 4096 need about 200 GB; no weight is read or allocated.
+    let spec = ModelSpec {
+        n_layers: 1024,
+        d_model: 4096,
+        d_ff: 11008,
+        n_heads: 32,
+        n_kv_heads: 32,
+        ..llama_spec()
+    };
+    let err = build(&spec, Weights::new(), &ExportOptions::default()).unwrap_err();
+    assert!(
+        matches!(err, OnnxError::TooLarge { bytes, limit } if bytes > 200_000_000_000 && limit == PROTOBUF_LIMIT),
+        "{err:?}"
+    );
+    // RoPE tables for an absurd context length count too.
+    let spec = ModelSpec {
+        context_length: MAX_DIM,
+        ..llama_spec()
+    };
+    let err = build(&spec, Weights::new(), &ExportOptions::default()).unwrap_err();
+    assert!(matches!(err, OnnxError::TooLarge { .. }), "{err:?}");
+    let spec = ModelSpec {
+        context_length: MAX_DIM + 1,
+        ..llama_spec()
+    };
+    let err = build(&spec, Weights::new(), &ExportOptions::default()).unwrap_err();
+    assert!(matches!(err, OnnxError::InvalidSpec(_)), "{err:?}");
+}
+
+#[test]
 fn the_2gib_protobuf_limit_is_a_typed_error() {
     assert!(check_size(PROTOBUF_LIMIT).is_ok());
     let err = check_size(PROTOBUF_LIMIT + 1).unwrap_err();
