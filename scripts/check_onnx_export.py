@@ -277,26 +277,33 @@ def bench(runner: Runner, args) -> None:
     prompt = rng.integers(0, vocab, size=(1, args.prompt), dtype=np.int64)
     runner.run(prompt)  # warm-up
     prefill = []
+    cpu_start = time.process_time()
     for _ in range(args.repeats):
         start = time.perf_counter()
         logits, past = runner.run(prompt)
         prefill.append(time.perf_counter() - start)
+    prefill_cpu = (time.process_time() - cpu_start) / args.repeats
     decode = []
     nxt = logits[:, -1:].argmax(-1).astype(np.int64)
+    cpu_start = time.process_time()
     for _ in range(args.decode):
         start = time.perf_counter()
         logits, past = runner.run(nxt, past=past)
         decode.append(time.perf_counter() - start)
         nxt = logits[:, -1:].argmax(-1).astype(np.int64)
+    cpu = (time.process_time() - cpu_start) / args.decode
     p, d = statistics.median(prefill), statistics.median(decode)
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(
         f"onnxruntime {ort.__version__}, {args.threads} threads, {cpu_name()} "
         f"({os.cpu_count()} CPUs, load average {load} after the run):\n"
         f"  prefill {args.prompt} tokens: {p * 1e3:.1f} ms median of {args.repeats} "
-        f"({args.prompt / p:.0f} tokens/s)\n"
+        f"({args.prompt / p:.0f} tokens/s); CPU time {prefill_cpu * 1e3:.0f} ms\n"
         f"  decode with KV cache ({args.decode} tokens after the prompt): {d * 1e3:.2f} ms/token "
-        f"median ({1 / d:.1f} tokens/s; mean {statistics.mean(decode) * 1e3:.2f} ms)"
+        f"median ({1 / d:.1f} tokens/s; mean {statistics.mean(decode) * 1e3:.2f} ms); "
+        f"CPU time {cpu * 1e3:.1f} ms/token\n"
+        f"  (CPU time summed over threads: on a busy machine wall time / CPU time shows the share "
+        f"of the {args.threads} threads the process got)"
     )
 
 
