@@ -9,6 +9,8 @@
 //! - PyTorch checkpoints ([`torch`]): the zip files `torch.save` writes (nanoGPT's `ckpt.pt`,
 //!   Hugging Face's `pytorch_model.bin`) and the legacy pre-1.6 format, read with a restricted
 //!   unpickler and written so that `torch.load(weights_only=True)` accepts them.
+//! - ONNX export ([`onnx`]): GPT-2 and Llama-family models as opset-17 ONNX graphs (optionally
+//!   with past/present key-value tensors for incremental decoding), protobuf written by hand.
 //! - The crash-safe file writer every Kiln artifact goes through ([`atomic`]).
 //!
 //! GGUF is a header, typed metadata key/value pairs, tensor descriptors and an aligned tensor data
@@ -41,6 +43,7 @@ pub mod atomic;
 pub mod blocks;
 mod error;
 mod ggml_type;
+pub mod onnx;
 mod reader;
 #[cfg(test)]
 mod tests;
