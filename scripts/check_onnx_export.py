@@ -310,7 +310,7 @@ def bench(runner: Runner, args) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", type=Path)
-    ap.add_argument("--reference", type=Path, help=".npz: input_ids, logits[, greedy_ids]")
+    ap.add_argument("--reference", type=Path, help=".npz or .json: input_ids, logits[, greedy_ids]")
     ap.add_argument("--numpy-model", type=Path, help="onnx_random's output directory")
     ap.add_argument("--save-reference", type=Path, help="write the NumPy reference as .npz")
     ap.add_argument("--golden", type=Path, help="llama_gguf_ref.py's --json output")
@@ -336,7 +336,14 @@ def main() -> int:
         return 0
 
     greedy = None
-    if args.reference:
+    if args.reference and args.reference.suffix == ".json":
+        # Kiln's own logits (tests/export.rs): {"input_ids": [[..]], "logits": [..flat..],
+        # "greedy_ids": [..]}.
+        ref = json.loads(args.reference.read_text())
+        ids = np.array(ref["input_ids"], dtype=np.int64)
+        want = np.array(ref["logits"], dtype=np.float32).reshape(*ids.shape, -1)
+        greedy = np.array(ref["greedy_ids"]) if "greedy_ids" in ref else None
+    elif args.reference:
         ref = np.load(args.reference)
         ids, want = ref["input_ids"].astype(np.int64), ref["logits"]
         greedy = ref["greedy_ids"] if "greedy_ids" in ref else None

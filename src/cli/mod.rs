@@ -2,6 +2,7 @@
 
 mod corpus;
 mod data;
+mod export;
 mod generate;
 mod quickstart;
 mod serve;
@@ -40,6 +41,9 @@ enum Command {
     Generate(generate::Args),
     /// Serve a model over an OpenAI-compatible HTTP API, with continuous batching.
     Serve(serve::Args),
+    /// Write a model in a format other runtimes read (ONNX).
+    #[command(subcommand)]
+    Export(export::Command),
     /// Show the build: version, compiled backend, and a smoke test on its default device.
     Info,
 }
@@ -57,6 +61,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Data(cmd) => data::run(cmd),
         Command::Generate(args) => generate::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::Export(cmd) => export::run(cmd),
         Command::Train(args) => train::run(args),
         Command::Eval(args) => train::eval(args),
         Command::Info => {

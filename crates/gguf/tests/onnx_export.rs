@@ -7,7 +7,7 @@
 //! independent float64 NumPy forward pass (tolerance 1e-4), and decodes greedily through the
 //! KV cache against full reruns and the NumPy tokens, and a left-padded batch against unpadded
 //! rows. It needs a Python with `onnx`, `onnxruntime` and `numpy` (`KILN_ONNX_PYTHON`, or
-//! `python3` if it imports them); without one the test says so on stderr and passes.
+//! `python3` if it imports them); without one the test says so on stderr and passes, unless `KILN_REQUIRE_PYTHON=1` (CI).
 
 use std::path::Path;
 use std::process::Command;
@@ -31,6 +31,10 @@ fn onnx_python() -> Option<String> {
 #[test]
 fn onnxruntime_matches_a_numpy_reference_and_decodes_through_the_cache() {
     let Some(python) = onnx_python() else {
+        assert!(
+            std::env::var("KILN_REQUIRE_PYTHON").as_deref() != Ok("1"),
+            "a Python with onnx and onnxruntime is required (KILN_REQUIRE_PYTHON=1)"
+        );
         eprintln!(
             "onnxruntime_matches_a_numpy_reference: no Python with onnx and onnxruntime (set \
              KILN_ONNX_PYTHON or pip install onnx onnxruntime numpy); not checked"

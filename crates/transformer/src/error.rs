@@ -5,6 +5,9 @@ use std::path::PathBuf;
 /// Everything that can go wrong loading, saving or running a model.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
+    /// The ONNX export failed (a weight that does not fit the structure, a file too large).
+    #[error(transparent)]
+    Onnx(#[from] kiln_gguf::onnx::OnnxError),
     /// A file could not be read or written.
     #[error("{}: {source}", path.display())]
     Io {
