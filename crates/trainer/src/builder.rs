@@ -201,12 +201,7 @@ impl<B: AutodiffBackend> TrainerBuilder<B> {
         max_steps: Option<u64>,
     ) -> Result<Trainer<B>> {
         let run_dir = run_dir.as_ref().to_owned();
-        let (_, dir) = checkpoint::list_checkpoints(&run_dir)
-            .pop()
-            .ok_or_else(|| TrainError::Checkpoint {
-                path: checkpoint::checkpoints_dir(&run_dir),
-                reason: "no completed checkpoint to resume from".into(),
-            })?;
+        let dir = checkpoint::latest_checkpoint(&run_dir)?;
         let mut state = checkpoint::load_state(&dir)?;
         if let Some(m) = max_steps {
             state.config.max_steps = m;

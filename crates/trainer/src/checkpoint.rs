@@ -169,15 +169,20 @@ pub fn save_checkpoint<B: AutodiffBackend>(
     commit(run_dir, &tmp, state.step, keep)
 }
 
-/// The trainer state of a run's newest completed checkpoint (what `--resume` continues from).
-pub fn latest_state(run_dir: &Path) -> Result<TrainerState> {
-    let (_, dir) = list_checkpoints(run_dir)
+/// The directory of a run's newest completed checkpoint (what `--resume` continues from).
+pub fn latest_checkpoint(run_dir: &Path) -> Result<PathBuf> {
+    list_checkpoints(run_dir)
         .pop()
+        .map(|(_, dir)| dir)
         .ok_or_else(|| TrainError::Checkpoint {
             path: checkpoints_dir(run_dir),
             reason: "no completed checkpoint to resume from".into(),
-        })?;
-    load_state(&dir)
+        })
+}
+
+/// The trainer state of a run's newest completed checkpoint.
+pub fn latest_state(run_dir: &Path) -> Result<TrainerState> {
+    load_state(&latest_checkpoint(run_dir)?)
 }
 
 /// Reads a checkpoint's trainer state.
