@@ -65,8 +65,8 @@ pub struct TrainArgs {
     /// float32 matrix-multiply rate, e.g. 3.1e11; an H200: 9.89e14 in BF16).
     #[arg(long, value_name = "FLOPS", value_parser = positive_flops)]
     pub peak_flops: Option<f64>,
-    /// Data-parallel ranks (processes) to start on this machine, each with its share of the
-    /// cores; every rank trains at the config's micro_batch.
+    /// Ranks (processes) to start on this machine, each with its share of the cores: data-parallel
+    /// replicas, each training at the config's micro_batch, or tensor × pipeline shards of them.
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub nproc: usize,
     /// Machines in the run (start `kiln train` on each with its --node-rank).
