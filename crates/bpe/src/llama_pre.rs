@@ -506,14 +506,7 @@ mod tests {
     fn pieces(split: &Stage, text: &str) -> Vec<String> {
         let mut ends = Vec::new();
         split.split(text.as_bytes(), 0, &mut ends);
-        let mut start = 0;
-        ends.iter()
-            .map(|&e| {
-                let p = text[start..e].to_owned();
-                start = e;
-                p
-            })
-            .collect()
+        crate::pretokenize::split_at_ends(text, &ends)
     }
 
     const SAMPLES: &[&str] = &[

@@ -336,14 +336,7 @@ mod tests {
         let re = LlamaRegex::new(pattern).unwrap();
         let mut ends = Vec::new();
         re.split(text.as_bytes(), 0, &mut ends);
-        let mut start = 0;
-        ends.iter()
-            .map(|&e| {
-                let p = text[start..e].to_owned();
-                start = e;
-                p
-            })
-            .collect()
+        crate::pretokenize::split_at_ends(text, &ends)
     }
 
     #[test]

@@ -538,6 +538,19 @@ fn class_of_slow(ch: u32) -> Class {
     }
 }
 
+/// `text` cut at the piece ends a splitter wrote (for the splitters' tests).
+#[cfg(test)]
+pub(crate) fn split_at_ends(text: &str, ends: &[usize]) -> Vec<String> {
+    let mut start = 0;
+    ends.iter()
+        .map(|&e| {
+            let piece = text[start..e].to_owned();
+            start = e;
+            piece
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -553,14 +566,7 @@ mod tests {
         let re = fancy_regex::Regex::new(pattern).unwrap();
         let mut ends = Vec::new();
         split_regex_str(&re, text, 0, &mut ends);
-        let mut start = 0;
-        ends.iter()
-            .map(|&e| {
-                let p = text[start..e].to_owned();
-                start = e;
-                p
-            })
-            .collect()
+        split_at_ends(text, &ends)
     }
 
     const SAMPLES: &[&str] = &[
