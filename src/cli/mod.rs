@@ -2,8 +2,10 @@
 
 mod corpus;
 mod data;
+mod eval;
 mod export;
 mod generate;
+mod quantize;
 mod quickstart;
 mod serve;
 mod stop;
@@ -35,12 +37,14 @@ enum Command {
     Data(data::Command),
     /// Train a model on token shards (or resume a run).
     Train(train::TrainArgs),
-    /// Validation loss and perplexity of a model on DIR/val.bin.
-    Eval(train::EvalArgs),
+    /// Validation loss on DIR/val.bin, or perplexity on a text file (llama.cpp's protocol).
+    Eval(eval::Args),
     /// Generate text with a model (a .gguf file or a model directory).
     Generate(generate::Args),
     /// Serve a model over an OpenAI-compatible HTTP API, with continuous batching.
     Serve(serve::Args),
+    /// Quantize a GGUF model to one of llama.cpp's types (q8_0 … q4_k_m), optionally by GPTQ.
+    Quantize(quantize::Args),
     /// Write a model in a format other runtimes read (ONNX).
     #[command(subcommand)]
     Export(export::Command),
@@ -62,8 +66,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Export(cmd) => export::run(cmd),
+        Command::Quantize(args) => quantize::run(args),
         Command::Train(args) => train::run(args),
-        Command::Eval(args) => train::eval(args),
+        Command::Eval(args) => eval::run(args),
         Command::Info => {
             println!("kiln {}", env!("CARGO_PKG_VERSION"));
             println!("backend: {}", kiln::backend::BACKEND_NAME);
@@ -135,6 +140,19 @@ fn quantize<B: burn::tensor::backend::Backend>(
         );
     }
     Ok(())
+}
+
+/// A progress bar over `len` steps drawn with `template` (indicatif's syntax), hidden when stderr
+/// is not a terminal.
+fn progress_bar(len: u64, template: &str) -> indicatif::ProgressBar {
+    if !interactive() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(template) {
+        bar.set_style(style);
+    }
+    bar
 }
 
 /// Whether progress bars should be drawn (stderr is a terminal).

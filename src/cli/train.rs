@@ -1,4 +1,4 @@
-//! `kiln train` and `kiln eval`.
+//! `kiln train`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -6,15 +6,13 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args as ClapArgs;
-use kiln::backend::{CheckpointedTrainBackend, DefaultBackend, TrainBackend};
-use kiln::bpe::TokenShard;
+use kiln::backend::{CheckpointedTrainBackend, TrainBackend};
 use kiln::distributed::GatherBackend;
 use kiln::distributed::launch::{self, LaunchOutcome, LaunchPlan, ProcessGroupEnv};
 use kiln::distributed::rendezvous::{self, Rendezvous};
 use kiln::distributed::{Communicator, ParallelTrainer, PeerNet, TensorParallelBackend, Transport};
 use kiln::trainer::checkpoint;
-use kiln::trainer::{Precision, TrainConfig, TrainOutcome, Trainer, TrainingRun, evaluate};
-use kiln::transformer::load_model;
+use kiln::trainer::{Precision, TrainConfig, TrainOutcome, Trainer, TrainingRun};
 
 use super::stop::{StopSignals, shell_quote};
 
@@ -93,23 +91,6 @@ fn positive_flops(s: &str) -> Result<f64, String> {
         )),
     }
 }
-
-#[derive(Debug, ClapArgs)]
-pub struct EvalArgs {
-    /// A model directory (e.g. RUN_DIR/checkpoints/step-N/model) or a .gguf file.
-    #[arg(long, short, value_name = "M")]
-    pub model: PathBuf,
-    /// Token shards directory; val.bin is evaluated.
-    #[arg(long, value_name = "DIR")]
-    pub data: PathBuf,
-    /// Tokens per window (default: the model's context, at most 256).
-    #[arg(long, value_name = "T")]
-    pub seq_len: Option<usize>,
-    /// Windows per batch.
-    #[arg(long, default_value_t = 8, value_name = "B")]
-    pub batch: usize,
-}
-
 /// A new run from a config, or the continuation of one.
 enum Start {
     New(Box<TrainConfig>),
@@ -479,21 +460,4 @@ fn train_on<B: GatherBackend>(
     Ok(report_outcome(
         outcome, &trainer, start_step, started, rank0, signals,
     ))
-}
-
-pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
-    let device = Default::default();
-    let loaded = load_model::<DefaultBackend>(&args.model, &device)
-        .with_context(|| format!("loading {}", args.model.display()))?;
-    let val = TokenShard::open(args.data.join("val.bin"))?;
-    let seq = args
-        .seq_len
-        .unwrap_or(loaded.model.config().context_length.min(256));
-    let loss = evaluate(&loaded.model, &val, args.batch.max(1), seq, 0, &device)?;
-    println!(
-        "val_loss {loss:.4} perplexity {:.3} ({} tokens)",
-        loss.exp(),
-        val.len()
-    );
-    Ok(())
 }

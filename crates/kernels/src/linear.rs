@@ -16,6 +16,10 @@ pub enum KernelError {
         /// Values given.
         len: usize,
     },
+    /// The kernel chose not to compute this product (an observer, such as a calibration
+    /// recorder, that only looks at the input); the caller uses the backend's product.
+    #[error("the kernel declined this product")]
+    Declined,
 }
 
 /// One linear layer's product `y = x · Wᵀ` (no bias) computed on the host from weights the kernel
@@ -26,7 +30,8 @@ pub trait LinearKernel: Send + Sync + Debug {
     /// Width of each output row.
     fn out_features(&self) -> usize;
     /// `out[r] = x[r] · Wᵀ` for `rows` rows laid out one after another; an error (the caller then
-    /// uses the backend's product) when the slices do not have those shapes.
+    /// uses the backend's product) when the slices do not have those shapes, or
+    /// [`KernelError::Declined`] from a kernel that only observes its input.
     fn forward(&self, x: &[f32], rows: usize, out: &mut [f32]) -> Result<(), KernelError>;
     /// Bytes the kernel's weights occupy.
     fn weight_bytes(&self) -> usize;

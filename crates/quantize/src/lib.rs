@@ -1,6 +1,15 @@
 //! # kiln-quantize
 //!
-//! Weight quantization for Kiln models. [`quantize_for_decoding`] gives every
+//! Weight quantization for Kiln models.
+//!
+//! - [`quantize_file`]: a GGUF model into another in one of llama.cpp's types or mixes
+//!   ([`Scheme`]: `q8_0` … `q6_k`, `q4_k_m`), each tensor's type chosen as `llama-quantize`
+//!   chooses it ([`scheme`]) and encoded by `kiln-gguf`'s reference quantizers, so the bytes equal
+//!   llama.cpp's; metadata (tokenizer, chat template, architecture) is kept.
+//! - [`gptq`]: GPTQ (Frantar et al., 2022) into the same block layouts, from the calibration
+//!   statistics [`collect_hessians`] gathers by running text through the model.
+//!
+//! Second, [`quantize_for_decoding`] gives every
 //! [`Projection`](kiln_transformer::Projection) of a [`Transformer`](kiln_transformer::Transformer)
 //! (and its output head) an [`Int8Matrix`](kiln_kernels::Int8Matrix) kernel: `Q8_0` weights (one
 //! scale per 32 inputs) that the CPU multiplies by without expanding them, so a decoding step reads
@@ -20,8 +29,15 @@
 
 #![warn(missing_docs)]
 
+pub mod calibrate;
 mod error;
+pub mod file;
+pub mod gptq;
 mod model;
+pub mod scheme;
 
+pub use calibrate::collect_hessians;
 pub use error::QuantizeError;
+pub use file::{FileOptions, FileReport, quantize_file};
 pub use model::{QuantizeReport, quantize_for_decoding};
+pub use scheme::Scheme;

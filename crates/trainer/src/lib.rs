@@ -55,6 +55,7 @@ mod eval;
 pub mod memory;
 pub mod optimizer;
 pub mod parallel;
+pub mod perplexity;
 pub mod precision;
 pub mod run_loop;
 pub mod sampler;
@@ -68,5 +69,6 @@ pub use builder::{
 pub use config::{ModelSpec, Precision, TrainConfig};
 pub use error::{Result, TrainError};
 pub use eval::{evaluate, evaluate_share};
+pub use perplexity::{Perplexity, PerplexitySettings, perplexity};
 pub use run_loop::TrainingRun;
 pub use trainer::{ModelStateBytes, StepReport, TrainOutcome, Trainer, parameter_bytes};

@@ -1,0 +1,49 @@
+#!/usr/bin/env python3
+"""llama.cpp (llama-cpp-python) against Kiln on the same GGUF file: for each prompt of a reference
+written by Kiln, llama.cpp's top-1 token at every prompt position against Kiln's, and its greedy
+continuation of the first prompt against Kiln's.
+
+    python3 scripts/llama_cpp_agreement.py MODEL.gguf REFERENCE.json [--threads 2]
+
+REFERENCE.json: {"prompts": [[ids...], ...], "top1": [[ids...], ...], "greedy": [ids...]}.
+Prints `agreement=A/N greedy_equal=true|false` and both greedy sequences.
+"""
+import argparse
+import json
+
+import numpy as np
+from llama_cpp import Llama
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model")
+    ap.add_argument("reference")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    ref = json.load(open(args.reference))
+    longest = max(len(p) for p in ref["prompts"]) + len(ref["greedy"]) + 1
+    llm = Llama(args.model, n_ctx=max(64, longest), n_threads=args.threads,
+                n_threads_batch=args.threads, logits_all=True, verbose=False)
+    agree = total = 0
+    for prompt, top1 in zip(ref["prompts"], ref["top1"]):
+        llm.reset()
+        llm.eval(prompt)
+        for pos, want in enumerate(top1):
+            total += 1
+            agree += int(np.argmax(np.asarray(llm.scores[pos]))) == want
+    llm.reset()
+    ids = list(ref["prompts"][0])
+    greedy = []
+    llm.eval(ids)
+    for _ in range(len(ref["greedy"])):
+        nxt = int(np.argmax(np.asarray(llm.scores[llm.n_tokens - 1])))
+        greedy.append(nxt)
+        llm.eval([nxt])
+    print(f"agreement={agree}/{total} greedy_equal={'true' if greedy == ref['greedy'] else 'false'}")
+    print(f"llama.cpp greedy: {greedy}")
+    print(f"kiln greedy:      {ref['greedy']}")
+
+
+if __name__ == "__main__":
+    main()

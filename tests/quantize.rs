@@ -1,0 +1,472 @@
+//! `kiln quantize` and `kiln eval --perplexity` on SmolLM2-135M (`../shared`), against llama.cpp
+//! where it is installed.
+//!
+//! The reference is the shared Q4_1 model dequantized to f32 (`kiln quantize --type f32`); every
+//! quantized file is made from it. With llama.cpp (`KILN_LLAMA_PYTHON`, or a `python3` that imports
+//! `llama_cpp`; pip's llama-cpp-python builds it, which is too slow for CI, so these parts are
+//! skipped with a note where it is missing):
+//! - `llama-quantize` on the same reference writes the same tensor types and the same bytes;
+//! - llama.cpp runs Kiln's files with Kiln's greedy tokens and top-1 at ≥ 95% of positions;
+//! - llama.cpp's perplexity of the same file and windows equals `kiln eval --perplexity`'s.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use burn::backend::Flex;
+use burn::tensor::{Int, Tensor, TensorData};
+use kiln::gguf::GgufFile;
+use kiln::transformer::{Transformer, load_model};
+
+type B = Flex;
+
+const MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+const WIKITEXT: &str = "data/wikitext-2/test.txt";
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A Python that imports `llama_cpp`, if there is one (never required: see the module docs).
+fn llama_python() -> Option<String> {
+    let python = std::env::var("KILN_LLAMA_PYTHON").unwrap_or_else(|_| "python3".to_owned());
+    let ok = Command::new(&python)
+        .args(["-c", "import llama_cpp"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!("note: no python with llama_cpp (set KILN_LLAMA_PYTHON); skipping llama.cpp");
+    }
+    ok.then_some(python)
+}
+
+fn kiln(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .output()
+        .expect("kiln runs")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// The f32 reference, made once per test binary.
+fn reference() -> Option<&'static Path> {
+    static REFERENCE: OnceLock<Option<(tempfile::TempDir, PathBuf)>> = OnceLock::new();
+    REFERENCE
+        .get_or_init(|| {
+            let model = common::shared(MODEL)?;
+            let dir = tempfile::tempdir().unwrap();
+            let out = dir.path().join("reference-f32.gguf");
+            common::run_kiln(&[
+                "quantize",
+                "--model",
+                p(&model),
+                "--type",
+                "f32",
+                "--output",
+                p(&out),
+            ]);
+            Some((dir, out))
+        })
+        .as_ref()
+        .map(|(_, path)| path.as_path())
+}
+
+fn quantize(reference: &Path, scheme: &str, out: &Path, extra: &[&str]) {
+    let mut args = vec![
+        "quantize",
+        "--model",
+        p(reference),
+        "--type",
+        scheme,
+        "--output",
+        p(out),
+    ];
+    args.extend_from_slice(extra);
+    common::run_kiln(&args);
+}
+
+/// `kiln eval --perplexity` on the first `chunks` windows of 512 tokens of WikiText-2's test set.
+fn kiln_perplexity(model: &Path, chunks: usize) -> f64 {
+    let wiki = common::shared(WIKITEXT).unwrap();
+    let chunks = chunks.to_string();
+    let out = kiln(&[
+        "eval",
+        "--model",
+        p(model),
+        "--perplexity",
+        p(&wiki),
+        "--chunks",
+        &chunks,
+    ]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    let ppl = t
+        .split_whitespace()
+        .skip_while(|w| *w != "perplexity")
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no perplexity in {t}"));
+    eprintln!("kiln {}: {}", model.display(), t.trim());
+    ppl
+}
+
+#[test]
+fn kiln_quantize_writes_what_llama_quantize_writes() {
+    let Some(reference) = reference() else { return };
+    let Some(python) = llama_python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    for scheme in ["q8_0", "q4_0", "q5_1", "q6_k", "q4_k_m"] {
+        let ours = dir.path().join(format!("kiln-{scheme}.gguf"));
+        let theirs = dir.path().join(format!("llama-{scheme}.gguf"));
+        quantize(reference, scheme, &ours, &[]);
+        let out = Command::new(&python)
+            .arg(root().join("scripts/llama_cpp_quantize.py"))
+            .args([p(reference), p(&theirs), scheme])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        let (a, b) = (
+            GgufFile::open(&ours).unwrap(),
+            GgufFile::open(&theirs).unwrap(),
+        );
+        assert_eq!(a.tensors.len(), b.tensors.len(), "{scheme}");
+        for ta in &a.tensors {
+            let tb = b
+                .tensor(&ta.name)
+                .unwrap_or_else(|| panic!("{scheme}: {}", ta.name));
+            assert_eq!(
+                (ta.ty, &ta.dims),
+                (tb.ty, &tb.dims),
+                "{scheme}: {}",
+                ta.name
+            );
+            assert!(
+                a.tensor_data(ta) == b.tensor_data(tb),
+                "{scheme}: {} ({}) bytes differ from llama-quantize's",
+                ta.name,
+                ta.ty.name()
+            );
+        }
+        assert_eq!(
+            a.get_u32("general.file_type").unwrap(),
+            b.get_u32("general.file_type").unwrap()
+        );
+    }
+}
+
+/// Kiln's top-1 token at every position of each prompt, and its greedy continuation of the first.
+fn kiln_reference(model: &Transformer<B>, prompts: &[Vec<u32>], steps: usize) -> serde_json::Value {
+    let device = Default::default();
+    let argmax = |row: &[f32]| {
+        row.iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i as u32)
+            .unwrap()
+    };
+    let logits = |ids: &[u32]| -> Vec<Vec<f32>> {
+        let data: Vec<i64> = ids.iter().map(|&i| i64::from(i)).collect();
+        let input = Tensor::<B, 2, Int>::from_data(TensorData::new(data, [1, ids.len()]), &device);
+        let flat: Vec<f32> = model
+            .forward(input)
+            .unwrap()
+            .into_data()
+            .convert::<f32>()
+            .into_vec()
+            .unwrap();
+        flat.chunks(model.config().vocab_size)
+            .map(<[f32]>::to_vec)
+            .collect()
+    };
+    let top1: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|ids| logits(ids).iter().map(|r| argmax(r)).collect())
+        .collect();
+    let mut ids = prompts[0].clone();
+    let mut greedy = Vec::new();
+    for _ in 0..steps {
+        let next = argmax(logits(&ids).last().unwrap());
+        greedy.push(next);
+        ids.push(next);
+    }
+    serde_json::json!({"prompts": prompts, "top1": top1, "greedy": greedy})
+}
+
+fn prompts() -> Vec<Vec<u32>> {
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        v["prompt_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let golden = common::shared("models/SmolLM2-135M-Instruct.Q4_1.golden.json").unwrap();
+    let golden: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(golden).unwrap()).unwrap();
+    let mut all = vec![ids(&golden)];
+    let more = std::fs::read_to_string(
+        root().join("crates/transformer/tests/data/smollm2_reference.jsonl"),
+    )
+    .unwrap();
+    all.extend(
+        more.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| ids(&serde_json::from_str(l).unwrap())),
+    );
+    all
+}
+
+/// llama.cpp's top-1 agreement with Kiln and whether its greedy tokens equal Kiln's, on `file`.
+fn llama_cpp_agreement(python: &str, file: &Path, prompts: &[Vec<u32>], dir: &Path) -> (f64, bool) {
+    let model = load_model::<B>(file, &Default::default()).unwrap().model;
+    let reference_json = dir.join("reference.json");
+    std::fs::write(
+        &reference_json,
+        kiln_reference(&model, prompts, 16).to_string(),
+    )
+    .unwrap();
+    let out = Command::new(python)
+        .arg(root().join("scripts/llama_cpp_agreement.py"))
+        .args([p(file), p(&reference_json)])
+        .output()
+        .unwrap();
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    eprintln!("{}: {t}", file.display());
+    let agreement = t
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("agreement="))
+        .and_then(|v| v.split_once('/'))
+        .map(|(a, n)| a.parse::<f64>().unwrap() / n.parse::<f64>().unwrap())
+        .unwrap();
+    (agreement, t.contains("greedy_equal=true"))
+}
+
+/// llama.cpp runs Kiln's files with Kiln's greedy tokens and top-1 at ≥ 95% of the positions of
+/// the golden and reference prompts.
+///
+/// Kiln computes with the weights dequantized to f32; llama.cpp's CPU kernels for the 4- and
+/// 5-bit legacy types also round the *activations* to 8 bits (Q8_0/Q8_1 blocks), which moves
+/// SmolLM2's near-tied logits (q4_0: 42/45 positions, q5_1: 41/45, and the golden prompt's first
+/// token is a 0.09-logit tie). For those types the file itself is checked: llama.cpp given the
+/// same weights in f32 (`kiln quantize -t f32` of Kiln's file) gives Kiln's tokens.
+#[test]
+fn llama_cpp_runs_kilns_files_like_kiln() {
+    let Some(reference) = reference() else { return };
+    let Some(python) = llama_python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = prompts();
+    for scheme in ["q8_0", "q4_k_m", "q4_0", "q5_1"] {
+        let file = dir.path().join(format!("{scheme}.gguf"));
+        quantize(reference, scheme, &file, &[]);
+        let (agreement, greedy_equal) = llama_cpp_agreement(&python, &file, &prompts, dir.path());
+        if matches!(scheme, "q8_0" | "q4_k_m") {
+            assert!(agreement >= 0.95, "{scheme}: top-1 agreement {agreement}");
+            assert!(
+                greedy_equal,
+                "{scheme}: llama.cpp's greedy tokens differ from Kiln's"
+            );
+        } else {
+            let dequantized = dir.path().join(format!("{scheme}-f32.gguf"));
+            quantize(&file, "f32", &dequantized, &[]);
+            let (agreement, greedy_equal) =
+                llama_cpp_agreement(&python, &dequantized, &prompts, dir.path());
+            assert!(
+                agreement >= 0.95,
+                "{scheme} as f32: top-1 agreement {agreement}"
+            );
+            assert!(greedy_equal, "{scheme} as f32: greedy tokens differ");
+        }
+    }
+}
+
+#[test]
+fn perplexity_follows_llama_cpps_protocol() {
+    let Some(reference) = reference() else { return };
+    let wiki = common::shared(WIKITEXT).unwrap();
+    let ours = kiln_perplexity(reference, 2);
+
+    // The protocol written out again: two windows of 512 tokens, each scored on tokens 257..511
+    // from the logits at 256..510, in f64.
+    let loaded = load_model::<B>(reference, &Default::default()).unwrap();
+    let tokens = loaded
+        .tokenizer
+        .as_ref()
+        .unwrap()
+        .encode(&std::fs::read_to_string(&wiki).unwrap());
+    let (mut nll, mut count) = (0.0f64, 0usize);
+    for w in 0..2 {
+        let window = &tokens[w * 512..(w + 1) * 512];
+        let data: Vec<i64> = window.iter().map(|&t| i64::from(t)).collect();
+        let input =
+            Tensor::<B, 2, Int>::from_data(TensorData::new(data, [1, 512]), &Default::default());
+        let logits: Vec<f32> = loaded
+            .model
+            .forward(input)
+            .unwrap()
+            .into_data()
+            .convert::<f32>()
+            .into_vec()
+            .unwrap();
+        let vocab = loaded.model.config().vocab_size;
+        for pos in 256..511 {
+            let row = &logits[pos * vocab..(pos + 1) * vocab];
+            let max = row.iter().copied().fold(f32::MIN, f32::max) as f64;
+            let z: f64 = row
+                .iter()
+                .map(|&l| (l as f64 - max).exp())
+                .sum::<f64>()
+                .ln()
+                + max;
+            nll += z - row[window[pos + 1] as usize] as f64;
+            count += 1;
+        }
+    }
+    let expected = (nll / count as f64).exp();
+    assert!(
+        (ours - expected).abs() < 1e-3,
+        "kiln eval says {ours}, the protocol written out gives {expected}"
+    );
+
+    let Some(python) = llama_python() else { return };
+    let out = Command::new(&python)
+        .arg(root().join("scripts/llama_cpp_perplexity.py"))
+        .args([p(reference), p(&wiki), "--chunks", "2"])
+        .output()
+        .unwrap();
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    let theirs: f64 = t
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("ppl="))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    eprintln!("llama.cpp: {}", t.trim());
+    assert!(
+        (ours - theirs).abs() < 0.02,
+        "kiln {ours} vs llama.cpp {theirs} on the same f32 file and windows"
+    );
+}
+
+/// GPTQ through the CLI: every attention and MLP weight is chosen by GPTQ, and the model stays as
+/// good as round to nearest's within noise (which is better is measured on many more windows by
+/// `examples/quantize_quality.rs`, docs/quantize.md; the layer-level gain is tested in
+/// kiln-quantize's `gptq_real`).
+#[test]
+fn gptq_through_the_cli() {
+    let Some(reference) = reference() else { return };
+    let valid = common::shared("data/wikitext-2/valid.txt").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (rtn, gptq) = (dir.path().join("rtn.gguf"), dir.path().join("gptq.gguf"));
+    quantize(reference, "q4_0", &rtn, &[]);
+    let out = kiln(&[
+        "quantize",
+        "--model",
+        p(reference),
+        "--type",
+        "q4_0",
+        "--output",
+        p(&gptq),
+        "--calibration",
+        p(&valid),
+        "--calibration-tokens",
+        "1024",
+    ]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("210 by GPTQ"), "{t}");
+    let gptq_file = GgufFile::open(&gptq).unwrap();
+    let rtn_file = GgufFile::open(&rtn).unwrap();
+    for info in &gptq_file.tensors {
+        let other = rtn_file.tensor(&info.name).unwrap();
+        assert_eq!(info.ty, other.ty, "{}", info.name);
+        let same = gptq_file.tensor_data(info) == rtn_file.tensor_data(other);
+        let linear = info.name.starts_with("blk.") && info.dims.len() == 2;
+        assert_eq!(
+            same, !linear,
+            "{}: GPTQ changed exactly the linear weights",
+            info.name
+        );
+    }
+    let (rtn_ppl, gptq_ppl) = (kiln_perplexity(&rtn, 2), kiln_perplexity(&gptq, 2));
+    assert!(
+        (gptq_ppl / rtn_ppl - 1.0).abs() < 0.15,
+        "GPTQ q4_0 {gptq_ppl} vs round to nearest {rtn_ppl}"
+    );
+}
+
+#[test]
+fn bad_input_is_refused_and_nothing_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.gguf");
+    let not_gguf = dir.path().join("model.txt");
+    std::fs::write(&not_gguf, "not a model").unwrap();
+
+    let unknown = kiln(&[
+        "quantize",
+        "--model",
+        p(&not_gguf),
+        "--type",
+        "q3_k_xl",
+        "--output",
+        p(&out),
+    ]);
+    assert!(!unknown.status.success());
+    assert!(text(&unknown).contains("q4_k_m"), "{}", text(&unknown));
+
+    let wrong = kiln(&[
+        "quantize",
+        "--model",
+        p(&not_gguf),
+        "--type",
+        "q4_0",
+        "--output",
+        p(&out),
+    ]);
+    assert!(!wrong.status.success());
+    assert!(text(&wrong).contains("not a GGUF file"), "{}", text(&wrong));
+
+    if let Some(reference) = reference() {
+        let short = dir.path().join("short.txt");
+        std::fs::write(&short, "Too short to calibrate on.").unwrap();
+        let too_short = kiln(&[
+            "quantize",
+            "--model",
+            p(reference),
+            "--type",
+            "q4_0",
+            "--output",
+            p(&out),
+            "--calibration",
+            p(&short),
+        ]);
+        assert!(!too_short.status.success());
+        assert!(
+            text(&too_short).contains("at least 512 are needed"),
+            "{}",
+            text(&too_short)
+        );
+        let ppl = kiln(&["eval", "--model", p(reference), "--perplexity", p(&short)]);
+        assert!(!ppl.status.success());
+        assert!(
+            text(&ppl).contains("fewer than one window"),
+            "{}",
+            text(&ppl)
+        );
+    }
+    assert!(!out.exists(), "a failed quantize left {}", out.display());
+}
