@@ -256,6 +256,43 @@ fn train_resume_eval_generate() {
     );
     ok(&out);
 
+    // `kiln distill`: a student from the same config, taught by the trained model; its config
+    // records the teacher, so `--resume` continues the distillation.
+    let student = dir.path().join("student");
+    let out = kiln(
+        &[
+            "distill",
+            "--student-config",
+            &p(&config),
+            "--teacher",
+            &p(&model),
+            "--temperature",
+            "2",
+            "--alpha",
+            "0.5",
+            "--data",
+            &p(&data),
+            "--out",
+            &p(&student),
+            "--max-steps",
+            "10",
+        ],
+        b"",
+    );
+    assert!(String::from_utf8_lossy(ok(&out)).contains("final val_loss"));
+    let saved = std::fs::read_to_string(student.join("config.toml")).unwrap();
+    assert!(
+        saved.contains("[distill]") && saved.contains("alpha = 0.5"),
+        "{saved}"
+    );
+    let out = kiln(
+        &["distill", "--resume", &p(&student), "--max-steps", "12"],
+        b"",
+    );
+    assert!(String::from_utf8_lossy(ok(&out)).contains("final val_loss"));
+    let err = kiln(&["distill", "--config", &p(&config)], b"");
+    assert!(String::from_utf8_lossy(&err.stderr).contains("needs --teacher"));
+
     let err = kiln(
         &["train", "--config", &p(&config), "--peak-flops", "0"],
         b"",

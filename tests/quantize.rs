@@ -384,7 +384,7 @@ fn gptq_through_the_cli() {
         "--calibration",
         p(&valid),
         "--calibration-tokens",
-        "1024",
+        "512",
     ]);
     let t = text(&out);
     assert!(out.status.success(), "{t}");

@@ -37,6 +37,9 @@ enum Command {
     Data(data::Command),
     /// Train a model on token shards (or resume a run).
     Train(train::TrainArgs),
+    /// Knowledge distillation: train a student config on token shards with a teacher model's soft
+    /// targets (`kiln train` with --teacher; checkpoints, resume and metrics as in training).
+    Distill(train::TrainArgs),
     /// Validation loss on DIR/val.bin, or perplexity on a text file (llama.cpp's protocol).
     Eval(eval::Args),
     /// Generate text with a model (a .gguf file or a model directory).
@@ -68,6 +71,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Export(cmd) => export::run(cmd),
         Command::Quantize(args) => quantize::run(args),
         Command::Train(args) => train::run(args),
+        Command::Distill(args) => {
+            if args.teacher.is_none() && args.resume.is_none() {
+                anyhow::bail!("kiln distill needs --teacher M (or --resume RUN_DIR)");
+            }
+            train::run(args)
+        }
         Command::Eval(args) => eval::run(args),
         Command::Info => {
             println!("kiln {}", env!("CARGO_PKG_VERSION"));

@@ -1,9 +1,9 @@
 //! `kiln quantize`: a GGUF model file in one of llama.cpp's quantization types, by round to nearest
 //! or, with calibration text, by GPTQ.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::Args as ClapArgs;
 use kiln::backend::DefaultBackend;
 use kiln::gguf::GgufFile;
@@ -46,15 +46,15 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    if !is_gguf(&args.model) {
-        bail!(
-            "{} is not a GGUF file; kiln quantize reads GGUF models (export others with \
-             `kiln quantize --type f32` from a .gguf, or load them as GGUF first)",
+    // Only GGUF sources for now: Kiln model directories and HF checkpoints need a model-to-GGUF
+    // writer (tensor names, Q/K order, tokenizer metadata) first.
+    let source = GgufFile::open(&args.model).map_err(|e| {
+        anyhow::anyhow!(
+            "{} is not a GGUF file kiln quantize can read ({e}); it reads GGUF models, including \
+             llama.cpp's quantized ones",
             args.model.display()
-        );
-    }
-    let source =
-        GgufFile::open(&args.model).with_context(|| format!("reading {}", args.model.display()))?;
+        )
+    })?;
     let mut options = FileOptions::default();
     options.gptq.damp = args.damp;
     options.gptq.act_order = !args.no_act_order;
@@ -124,12 +124,4 @@ fn calibrate(
         tokens.len() / ctx
     );
     Ok(hessians)
-}
-
-fn is_gguf(path: &Path) -> bool {
-    use std::io::Read;
-    let mut magic = [0u8; 4];
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut magic))
-        .is_ok_and(|()| &magic == b"GGUF")
 }

@@ -12,7 +12,7 @@ use kiln::distributed::launch::{self, LaunchOutcome, LaunchPlan, ProcessGroupEnv
 use kiln::distributed::rendezvous::{self, Rendezvous};
 use kiln::distributed::{Communicator, ParallelTrainer, PeerNet, TensorParallelBackend, Transport};
 use kiln::trainer::checkpoint;
-use kiln::trainer::{Precision, TrainConfig, TrainOutcome, Trainer, TrainingRun};
+use kiln::trainer::{DistillConfig, Precision, TrainConfig, TrainOutcome, Trainer, TrainingRun};
 
 use super::stop::{StopSignals, shell_quote};
 
@@ -32,8 +32,14 @@ use super::stop::{StopSignals, shell_quote};
                   --nproc T×P (×D for D data-parallel replicas). See docs/distributed.md."
 )]
 pub struct TrainArgs {
-    /// Training config (TOML); see examples/configs/tiny.toml.
-    #[arg(long, short, value_name = "FILE", required_unless_present = "resume")]
+    /// Training config (TOML; for `kiln distill`, the student's); see examples/configs/tiny.toml.
+    #[arg(
+        long,
+        short,
+        visible_alias = "student-config",
+        value_name = "FILE",
+        required_unless_present = "resume"
+    )]
     pub config: Option<PathBuf>,
     /// Continue the run in this directory from its newest checkpoint.
     #[arg(long, value_name = "RUN_DIR", conflicts_with = "config")]
@@ -81,6 +87,16 @@ pub struct TrainArgs {
     /// shard the optimizer state, 2 also gradients, 3 also parameters.
     #[arg(long, value_name = "Z", value_parser = clap::value_parser!(u8).range(0..=3))]
     pub zero_stage: Option<u8>,
+    /// Distill from this teacher (a .gguf file or a model directory with the student's tokenizer):
+    /// loss = α·T²·KL(teacher_T ‖ student_T) + (1 − α)·cross-entropy (`kiln distill`).
+    #[arg(long, value_name = "M")]
+    pub teacher: Option<PathBuf>,
+    /// Distillation temperature T.
+    #[arg(long, default_value_t = 2.0, value_name = "T", requires = "teacher")]
+    pub temperature: f64,
+    /// Weight α of the teacher's term in the distillation loss.
+    #[arg(long, default_value_t = 0.5, value_name = "A", requires = "teacher")]
+    pub alpha: f64,
 }
 
 fn positive_flops(s: &str) -> Result<f64, String> {
@@ -153,6 +169,13 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         }
         if let Some(z) = args.zero_stage {
             config.zero_stage = z;
+        }
+        if let Some(teacher) = &args.teacher {
+            config.distill = Some(DistillConfig {
+                teacher: teacher.clone(),
+                temperature: args.temperature,
+                alpha: args.alpha,
+            });
         }
         let checkpointing = config.activation_checkpointing;
         (Start::New(Box::new(config)), checkpointing)

@@ -467,51 +467,31 @@ fn prepare(h: &Hessian, settings: &GptqSettings, batch: usize) -> Result<Prepare
     Err(GptqError::NotPositiveDefinite { damp })
 }
 
-/// `target −= Σₜ coef[t] · panel[t]` over a strip of at most [`LANES`] columns (`f64`).
+/// `target −= Σₜ coef[t] · panel[t]` over a strip of at most [`LANES`] columns (`f64` for the
+/// factorisation, `f32` for the sweep's lazy updates).
 #[inline(always)]
-fn strip_update(target: &mut [f64], coef: &[f64], panel: &[[f64; LANES]]) {
+fn strip_update<T>(target: &mut [T], coef: &[T], panel: &[[T; LANES]])
+where
+    T: Copy + Default + std::ops::SubAssign + std::ops::Mul<Output = T>,
+{
     #[inline(always)]
-    fn kernel(acc: &mut [f64; LANES], coef: &[f64], panel: &[[f64; LANES]]) {
+    fn kernel<T>(acc: &mut [T; LANES], coef: &[T], panel: &[[T; LANES]])
+    where
+        T: Copy + std::ops::SubAssign + std::ops::Mul<Output = T>,
+    {
         for (&x, p) in coef.iter().zip(panel) {
             for (a, &b) in acc.iter_mut().zip(p) {
                 *a -= x * b;
             }
         }
     }
-    if let Ok(full) = <&mut [f64; LANES]>::try_from(&mut *target) {
+    if let Ok(full) = <&mut [T; LANES]>::try_from(&mut *target) {
         // A fixed-size copy stays in registers.
         let mut acc = *full;
         kernel(&mut acc, coef, panel);
         *full = acc;
     } else {
-        let mut acc = [0.0f64; LANES];
-        for (a, &t) in acc.iter_mut().zip(target.iter()) {
-            *a = t;
-        }
-        kernel(&mut acc, coef, panel);
-        for (t, &a) in target.iter_mut().zip(&acc) {
-            *t = a;
-        }
-    }
-}
-
-/// [`strip_update`] in `f32`, for the sweep's lazy updates.
-#[inline(always)]
-fn strip_update_f32(target: &mut [f32], coef: &[f32], panel: &[[f32; LANES]]) {
-    #[inline(always)]
-    fn kernel(acc: &mut [f32; LANES], coef: &[f32], panel: &[[f32; LANES]]) {
-        for (&x, p) in coef.iter().zip(panel) {
-            for (a, &b) in acc.iter_mut().zip(p) {
-                *a -= x * b;
-            }
-        }
-    }
-    if let Ok(full) = <&mut [f32; LANES]>::try_from(&mut *target) {
-        let mut acc = *full;
-        kernel(&mut acc, coef, panel);
-        *full = acc;
-    } else {
-        let mut acc = [0.0f32; LANES];
+        let mut acc = [T::default(); LANES];
         for (a, &t) in acc.iter_mut().zip(target.iter()) {
             *a = t;
         }
@@ -816,7 +796,7 @@ impl Sweep<'_> {
                 let c0 = end + s * LANES;
                 let c1 = (c0 + LANES).min(cols);
                 for (wr, e) in w.chunks_exact_mut(cols).zip(errs.chunks_exact(batch)) {
-                    strip_update_f32(&mut wr[c0..c1], &e[..len], strip);
+                    strip_update(&mut wr[c0..c1], &e[..len], strip);
                 }
             }
         }

@@ -1,4 +1,6 @@
-//! GPTQ on SmolLM2-135M's real weights and calibration statistics (`../shared`): on held-out text,
+//! GPTQ on SmolLM2-135M's real weights and calibration statistics (`../shared`; 1536 calibration
+//! tokens, which pin down the 576-input layers tested here — `ffn_down`'s 1536 inputs want more,
+//! docs/quantize.md): on held-out text,
 //! the layer output error `tr(ΔW·H·ΔWᵀ)` of GPTQ is well below round to nearest's (Q4_0, Q5_0).
 
 use std::path::{Path, PathBuf};
@@ -53,12 +55,11 @@ fn gptq_lowers_held_out_layer_error_on_real_weights() {
     let tokenizer = loaded.tokenizer.clone().unwrap();
     let calibration = tokenizer.encode(&std::fs::read_to_string(valid).unwrap());
     let held_out = tokenizer.encode(&std::fs::read_to_string(test).unwrap());
-    let fit = collect_hessians(&mut loaded.model, &calibration[..2048], 512, |_, _| {}).unwrap();
-    let check = collect_hessians(&mut loaded.model, &held_out[..1024], 512, |_, _| {}).unwrap();
+    let fit = collect_hessians(&mut loaded.model, &calibration[..1536], 512, |_, _| {}).unwrap();
+    let check = collect_hessians(&mut loaded.model, &held_out[..512], 512, |_, _| {}).unwrap();
     let file = GgufFile::open(&model).unwrap();
     for name in [
         "blk.0.attn_q.weight",
-        "blk.3.ffn_down.weight",
         "blk.15.attn_output.weight",
         "blk.29.ffn_up.weight",
     ] {
@@ -66,7 +67,7 @@ fn gptq_lowers_held_out_layer_error_on_real_weights() {
         let (cols, n) = (info.dims[0] as usize, info.n_elements() as usize);
         let w = dequantize_to_vec(info.ty, file.tensor_data(info), n).unwrap();
         let h = check[name].to_dense();
-        assert_eq!(fit[name].rows(), 2048);
+        assert_eq!(fit[name].rows(), 1536);
         // Not Q4_1: the source weights are Q4_1, which round to nearest reproduces exactly.
         for ty in [GgmlType::Q4_0, GgmlType::Q5_0] {
             let rtn = dequantize_to_vec(ty, &quantize(ty, &w).unwrap(), n).unwrap();
@@ -79,9 +80,7 @@ fn gptq_lowers_held_out_layer_error_on_real_weights() {
                 "{name} {}: held-out output error GPTQ / RTN = {ratio:.3}",
                 ty.name()
             );
-            // 2048 calibration rows pin down 576 inputs well, the MLP's 1536 less so.
-            let bound = if cols > 1024 { 0.95 } else { 0.7 };
-            assert!(ratio < bound, "{name} {}: ratio {ratio}", ty.name());
+            assert!(ratio < 0.7, "{name} {}: ratio {ratio}", ty.name());
         }
     }
 }

@@ -10,6 +10,7 @@ use kiln_transformer::{ModelConfig, Transformer};
 
 use crate::checkpoint::{self, TrainerState};
 use crate::config::TrainConfig;
+use crate::distill::Teacher;
 use crate::error::{Result, TrainError};
 use crate::memory;
 use crate::optimizer::{GroupedAdamW, OptimizerStep};
@@ -153,6 +154,7 @@ impl<B: AutodiffBackend> TrainerBuilder<B> {
     ) -> Result<Trainer<B>> {
         let run_dir = run_dir.as_ref().to_owned();
         let (tokenizer, model_config) = prepare_new_run(&mut config)?;
+        let teacher = load_teacher::<B>(&config, &model_config, tokenizer.as_ref(), &self.device)?;
         let backend = B::name(&self.device);
         // CPU backends share the host's memory; elsewhere only an explicit budget is checked.
         let host_memory = backend.contains("flex") || backend.contains("ndarray");
@@ -191,6 +193,7 @@ impl<B: AutodiffBackend> TrainerBuilder<B> {
             device: self.device,
             shards,
             tokenizer,
+            teacher,
         }))
     }
 
@@ -208,6 +211,12 @@ impl<B: AutodiffBackend> TrainerBuilder<B> {
         }
         reshard_batch(&mut state, self.sync.world_size())?;
         let (tokenizer, model_config) = resolve(&state.config)?;
+        let teacher = load_teacher::<B>(
+            &state.config,
+            &model_config,
+            tokenizer.as_ref(),
+            &self.device,
+        )?;
         let shards = open_shards(&state.config)?;
         let model = checkpoint::load_model_state(
             &dir,
@@ -226,6 +235,21 @@ impl<B: AutodiffBackend> TrainerBuilder<B> {
             device: self.device,
             shards,
             tokenizer,
+            teacher,
         }))
     }
+}
+
+/// The run's distillation teacher, if its config names one.
+fn load_teacher<B: AutodiffBackend>(
+    config: &TrainConfig,
+    model_config: &ModelConfig,
+    tokenizer: Option<&Tokenizer>,
+    device: &B::Device,
+) -> Result<Option<Teacher<B>>> {
+    config
+        .distill
+        .as_ref()
+        .map(|d| Teacher::load(d, model_config.vocab_size, tokenizer, device))
+        .transpose()
 }

@@ -151,6 +151,8 @@ pub struct TrainConfig {
     pub pipeline_schedule: String,
     /// Layers per pipeline stage (default: balanced by parameter count).
     pub pipeline_stages: Option<Vec<usize>>,
+    /// Knowledge distillation from a teacher model (`kiln distill`); none by default.
+    pub distill: Option<crate::distill::DistillConfig>,
 }
 
 impl Default for TrainConfig {
@@ -194,6 +196,7 @@ impl Default for TrainConfig {
             pipeline_parallel: 1,
             pipeline_schedule: "1f1b".into(),
             pipeline_stages: None,
+            distill: None,
         }
     }
 }
@@ -267,6 +270,16 @@ impl TrainConfig {
                 "pipeline_schedule must be \"1f1b\" or \"gpipe\", not {:?}",
                 self.pipeline_schedule
             ));
+        }
+        if let Some(distill) = &self.distill {
+            distill.validate()?;
+            if self.model_parallel() {
+                return bad(
+                    "distillation with tensor or pipeline parallelism is not supported: use data \
+                     parallelism (--nproc with tensor_parallel = pipeline_parallel = 1)"
+                        .into(),
+                );
+            }
         }
         if self.model_parallel() {
             if self.zero_stage != 0 {

@@ -50,6 +50,7 @@ mod builder;
 pub mod checkpoint;
 mod config;
 pub mod data;
+pub mod distill;
 mod error;
 mod eval;
 pub mod memory;
@@ -67,6 +68,7 @@ pub use builder::{
     resolve,
 };
 pub use config::{ModelSpec, Precision, TrainConfig};
+pub use distill::DistillConfig;
 pub use error::{Result, TrainError};
 pub use eval::{evaluate, evaluate_share};
 pub use perplexity::{Perplexity, PerplexitySettings, perplexity};

@@ -24,6 +24,7 @@ use crate::builder::{BoxedOptimizer, TrainerBuilder};
 use crate::checkpoint::{self, TrainerState};
 use crate::config::TrainConfig;
 use crate::data::{Prefetcher, to_tensors};
+use crate::distill::Teacher;
 use crate::error::{Result, TrainError};
 use crate::eval::evaluate_share;
 use crate::optimizer::{clip_to, grad_square_sum, scale_grads};
@@ -139,6 +140,7 @@ pub(crate) struct Parts<B: AutodiffBackend> {
     pub device: B::Device,
     pub shards: (Arc<TokenShard>, Arc<TokenShard>),
     pub tokenizer: Option<Tokenizer>,
+    pub teacher: Option<Teacher<B>>,
 }
 
 /// A training run in a run directory.
@@ -154,6 +156,7 @@ pub struct Trainer<B: AutodiffBackend> {
     train: Arc<TokenShard>,
     val: Arc<TokenShard>,
     tokenizer: Option<Tokenizer>,
+    teacher: Option<Teacher<B>>,
     prefetch: Option<Prefetcher>,
     bad_steps: u32,
     poison_next: bool,
@@ -217,6 +220,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             train,
             val,
             tokenizer: parts.tokenizer,
+            teacher: parts.teacher,
             prefetch: None,
             bad_steps: 0,
             poison_next: false,
@@ -367,6 +371,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             let batch = prefetch.next()?;
             debug_assert_eq!(batch.step, step);
             let (inputs, targets) = to_tensors::<B>(&batch.tokens, rows, seq, &self.device);
+            let teacher_inputs = self.teacher.as_ref().map(|_| inputs.clone());
             // Mixed precision: forward and backward on a bf16/f16 copy whose casts lead back to the
             // f32 master weights; the loss itself is computed in f32.
             let forward = |m: &Transformer<B>| match source {
@@ -378,7 +383,11 @@ impl<B: AutodiffBackend> Trainer<B> {
                 Some(dtype) => forward(&compute_copy(model, dtype))?.cast(FloatDType::F32),
             };
             let v = self.model_config.vocab_size;
-            let mut loss = loss_fn.forward(logits.reshape([rows * seq, v]), targets);
+            let hard = loss_fn.forward(logits.clone().reshape([rows * seq, v]), targets);
+            let mut loss = match (&self.teacher, teacher_inputs) {
+                (Some(teacher), Some(inputs)) => teacher.loss(inputs, logits, hard)?,
+                _ => hard,
+            };
             if poison {
                 loss = loss.mul_scalar(f32::NAN);
             }
