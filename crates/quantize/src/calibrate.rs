@@ -10,9 +10,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorData};
 use kiln_kernels::{KERNEL_MAX_ROWS, KernelError, LinearKernel};
-use kiln_transformer::{KvCache, Logits, Transformer};
+use kiln_transformer::{KvCache, Logits, Transformer, token_rows};
 
 use crate::error::QuantizeError;
 use crate::gptq::Hessian;
@@ -167,9 +166,7 @@ fn run_windows<B: Backend>(
         let mut cache = KvCache::new(model.config(), 1, window, &device)?;
         let mut done = 0;
         for chunk in ids.chunks(KERNEL_MAX_ROWS) {
-            let data: Vec<i64> = chunk.iter().map(|&t| i64::from(t)).collect();
-            let input =
-                Tensor::<B, 2, Int>::from_data(TensorData::new(data, [1, chunk.len()]), &device);
+            let input = token_rows::<B>(&[chunk], &device);
             model.forward_cached(input, &mut cache, None, Logits::Last)?;
             done += chunk.len();
             progress(w * window + done, total);
