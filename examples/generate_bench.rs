@@ -2,12 +2,13 @@
 //! a prompt of `--prompt-tokens` tokens, then `--new-tokens` greedy tokens, one sequence.
 //!
 //! ```text
-//! cargo run --release --example generate_bench -- MODEL.gguf [--prompt-tokens 128] [--new-tokens 128] [--runs 3] [--ids-out ids.json] [--int8]
+//! cargo run --release --example generate_bench -- MODEL.gguf [--prompt-tokens 128] [--new-tokens 128] [--runs 3] [--ids-out ids.json] [--int8 | --native]
 //! cargo run --release --example generate_bench -- --help
 //! ```
 //! Prefill is timed as the prompt's forward pass (logits of the last position); decode as the
 //! single-token steps after it. Prints medians over `--runs`, one line per measurement. `--int8`
-//! decodes with int8 weights (`kiln-quantize`); prefill keeps the f32 weights.
+//! decodes with int8 weights (`kiln-quantize`), prefill keeping the f32 weights; `--native` runs
+//! a quantized GGUF file from its own blocks.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -15,7 +16,7 @@ use std::time::Instant;
 use burn::tensor::{Int, Tensor, TensorData};
 use clap::Parser;
 use kiln::backend::DefaultBackend as B;
-use kiln::transformer::{KvCache, Logits, load_model};
+use kiln::transformer::{KvCache, Logits, load_gguf_quantized, load_model};
 
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
@@ -47,8 +48,12 @@ struct Args {
     #[arg(long, value_name = "FILE")]
     ids_out: Option<PathBuf>,
     /// Decode with int8 weights (kiln-quantize); prefill keeps the f32 weights.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "native")]
     int8: bool,
+    /// Run a quantized GGUF file from its own blocks (no f32 weights; 8-bit activations and
+    /// integer kernels for prefill and decode), as `kiln generate` does by default.
+    #[arg(long)]
+    native: bool,
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -64,12 +69,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or(n_prompt + n_new)
         .max(n_prompt + n_new);
     let device = Default::default();
-    let mut loaded = load_model::<B>(&args.model, &device)?;
-    let int8 = args.int8;
-    if int8 {
+    let mut loaded = if args.native {
+        load_gguf_quantized::<B>(&args.model, &device)?
+    } else {
+        load_model::<B>(&args.model, &device)?
+    };
+    if args.int8 {
         kiln::quantize::quantize_for_decoding(&mut loaded.model)?;
     }
-    let peer = if int8 { "kiln-int8" } else { "kiln" };
+    let peer = match (args.int8, args.native) {
+        (true, _) => "kiln-int8",
+        (_, true) => "kiln-native",
+        _ => "kiln",
+    };
     let tok = loaded
         .tokenizer
         .as_ref()

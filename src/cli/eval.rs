@@ -5,19 +5,16 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args as ClapArgs;
-use kiln::backend::DefaultBackend;
 use kiln::bpe::TokenShard;
 use kiln::gguf::GgufFile;
 use kiln::trainer::perplexity::perplexity_windows;
 use kiln::trainer::{PerplexitySettings, evaluate, perplexity};
-use kiln::transformer::load_model;
 
 #[derive(Debug, ClapArgs)]
 #[command(group = clap::ArgGroup::new("what").required(true).args(["data", "perplexity"]))]
 pub struct Args {
-    /// A model directory (e.g. RUN_DIR/checkpoints/step-N/model) or a .gguf file.
-    #[arg(long, short, value_name = "M")]
-    pub model: PathBuf,
+    #[command(flatten)]
+    pub model: crate::cli::ModelArgs,
     /// Token shards directory: the validation loss of DIR/val.bin.
     #[arg(long, value_name = "DIR")]
     pub data: Option<PathBuf>,
@@ -41,8 +38,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let device = Default::default();
-    let loaded = load_model::<DefaultBackend>(&args.model, &device)
-        .with_context(|| format!("loading {}", args.model.display()))?;
+    let loaded = args.model.load()?;
     if let Some(text_path) = &args.perplexity {
         let tokenizer = loaded.require_tokenizer()?;
         let text = std::fs::read_to_string(text_path)
@@ -52,7 +48,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             ctx: args.ctx,
             batch: args.batch.unwrap_or(1).max(1),
             max_windows: args.chunks,
-            bos: if adds_bos(&args.model) {
+            bos: if adds_bos(&args.model.model) {
                 tokenizer.bos_id()
             } else {
                 None

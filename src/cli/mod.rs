@@ -88,41 +88,75 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// Weight format for decoding (`--quantize`).
+/// How the model holds its weights (`--quantize`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Quantize {
+    /// A GGUF file with quantized weights runs from its own blocks (`native`); anything else
+    /// with f32 weights (`none`).
+    Auto,
     /// f32 weights.
     None,
-    /// int8 weights with a scale per block of 32 (kiln-quantize).
+    /// f32 weights, plus int8 copies (a scale per block of 32) for token-by-token decoding.
     Int8,
+    /// The GGUF file's own quantized blocks, memory-mapped, as the only copy of the weights:
+    /// 8-bit activations and integer dot products for prefill and decoding (Q4_0, Q4_1 and Q8_0
+    /// natively; other types converted to Q8_0 once at load).
+    Native,
 }
 
-/// The model `generate` and `serve` run, and its decoding weights.
+/// The model `generate`, `serve` and `eval` run, and how it holds its weights.
 #[derive(Debug, clap::Args)]
 pub struct ModelArgs {
     /// A .gguf model, a Kiln model directory, or a Hugging Face checkpoint directory.
     #[arg(long, short, value_name = "M")]
     pub model: std::path::PathBuf,
-    /// Weights for token-by-token decoding: `int8` reads a quarter of the bytes per token (prefill
-    /// keeps f32).
-    #[arg(long, value_enum, default_value_t = Quantize::None)]
+    /// Weights in memory: `auto` runs a quantized GGUF file from its own blocks (a fraction of
+    /// f32's memory, integer kernels on the CPU) and everything else in f32.
+    #[arg(long, value_enum, default_value_t = Quantize::Auto)]
     pub quantize: Quantize,
 }
 
 impl ModelArgs {
-    /// Loads the model on the default backend, applies `--quantize`, and reports it on stderr.
+    /// Loads the model on the default backend as `--quantize` asks, and reports it on stderr.
     pub fn load(
         &self,
     ) -> anyhow::Result<kiln::transformer::LoadedModel<kiln::backend::DefaultBackend>> {
         use anyhow::Context;
         let (path, how) = (&self.model, self.quantize);
         let started = std::time::Instant::now();
-        let mut loaded = kiln::transformer::load_model(path, &Default::default())
-            .with_context(|| format!("loading {}", path.display()))?;
-        quantize(&mut loaded.model, how)?;
+        let native = match how {
+            Quantize::Native => true,
+            Quantize::Auto => {
+                path.is_file()
+                    && kiln::gguf::GgufFile::open(path)
+                        .is_ok_and(|f| kiln::transformer::gguf_is_quantized(&f))
+            }
+            Quantize::None | Quantize::Int8 => false,
+        };
+        let device = Default::default();
+        let mut loaded = if native {
+            kiln::transformer::load_gguf_quantized(path, &device)
+        } else {
+            kiln::transformer::load_model(path, &device)
+        }
+        .with_context(|| format!("loading {}", path.display()))?;
+        let weights = if native {
+            "quantized blocks from the file"
+        } else if how == Quantize::Int8 {
+            let report = kiln::quantize::quantize_for_decoding(&mut loaded.model)?;
+            eprintln!(
+                "int8 decoding weights: {} layers, {:.0} MB (f32: {:.0} MB)",
+                report.layers,
+                report.int8_bytes as f64 / 1e6,
+                report.f32_bytes as f64 / 1e6
+            );
+            "f32 + int8"
+        } else {
+            "f32"
+        };
         let config = loaded.model.config();
         eprintln!(
-            "loaded {} ({} layers, width {}, {:.1}M parameters) in {:.2}s on {}",
+            "loaded {} ({} layers, width {}, {:.1}M parameters, {weights}) in {:.2}s on {}",
             path.display(),
             config.n_layers,
             config.d_model,
@@ -132,23 +166,6 @@ impl ModelArgs {
         );
         Ok(loaded)
     }
-}
-
-/// Applies `--quantize` to a loaded model.
-fn quantize<B: burn::tensor::backend::Backend>(
-    model: &mut kiln::transformer::Transformer<B>,
-    how: Quantize,
-) -> anyhow::Result<()> {
-    if how == Quantize::Int8 {
-        let report = kiln::quantize::quantize_for_decoding(model)?;
-        eprintln!(
-            "int8 decoding weights: {} layers, {:.0} MB (f32: {:.0} MB)",
-            report.layers,
-            report.int8_bytes as f64 / 1e6,
-            report.f32_bytes as f64 / 1e6
-        );
-    }
-    Ok(())
 }
 
 /// A progress bar over `len` steps drawn with `template` (indicatif's syntax), hidden when stderr

@@ -504,6 +504,14 @@ impl fmt::Debug for GgufFile {
     }
 }
 
+/// The whole file's bytes (tensor offsets in [`TensorInfo`] index them), so that an
+/// `Arc<GgufFile>` can lend its memory-mapped tensor data to kernels without a copy.
+impl AsRef<[u8]> for GgufFile {
+    fn as_ref(&self) -> &[u8] {
+        self.as_bytes()
+    }
+}
+
 impl GgufFile {
     /// Memory-maps and parses the GGUF file at `path`, validating that every
     /// tensor has a known type and is aligned and in bounds.

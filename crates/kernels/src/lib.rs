@@ -10,6 +10,11 @@
 //! - [`LinearKernel`]: a linear layer's product computed on the host from weights in the kernel's
 //!   own format, and [`Int8Matrix`], `Q8_0` weights with AVX-512 / AVX2 / portable kernels chosen
 //!   at run time, for decoding.
+//! - [`QuantLinear`] / [`QuantMatrix`]: weights kept in GGUF's `Q4_0`, `Q4_1` and `Q8_0` blocks
+//!   (memory-mapped from the file where possible), multiplied with 8-bit activations and integer
+//!   dot products (AVX2, portable fallback) for decoding and prefill alike; the only resident copy
+//!   of a quantized model's weights.
+//! - [`runs_host_kernels`]: which backends use the host-side kernels (Flex, without autodiff).
 //!
 //! ```
 //! use burn::backend::{Autodiff, Flex};
@@ -33,8 +38,14 @@
 #[cfg(feature = "flex")]
 pub mod flex;
 pub mod fused;
+mod host;
 mod int8;
 mod linear;
+pub mod quant;
+mod quant_linear;
 
+pub use host::{on_worker, runs_host_kernels};
 pub use int8::{BLOCK, Int8Matrix};
 pub use linear::{KERNEL_MAX_ROWS, KernelError, LinearKernel};
+pub use quant::{Q8Rows, QuantMatrix, SharedBytes};
+pub use quant_linear::QuantLinear;

@@ -20,6 +20,14 @@ pub enum KernelError {
     /// recorder, that only looks at the input); the caller uses the backend's product.
     #[error("the kernel declined this product")]
     Declined,
+    /// A row index past the end of the matrix.
+    #[error("row {index} of a matrix with {rows} rows")]
+    RowOutOfRange {
+        /// The index asked for.
+        index: usize,
+        /// Rows the matrix has.
+        rows: usize,
+    },
 }
 
 /// One linear layer's product `y = x · Wᵀ` (no bias) computed on the host from weights the kernel
@@ -35,6 +43,24 @@ pub trait LinearKernel: Send + Sync + Debug {
     fn forward(&self, x: &[f32], rows: usize, out: &mut [f32]) -> Result<(), KernelError>;
     /// Bytes the kernel's weights occupy.
     fn weight_bytes(&self) -> usize;
+    /// Most input rows worth giving the kernel: [`KERNEL_MAX_ROWS`] for a kernel kept beside the
+    /// layer's f32 weights (larger products are faster in the backend), unbounded for one that
+    /// holds the only resident copy of the weights.
+    fn max_rows(&self) -> usize {
+        KERNEL_MAX_ROWS
+    }
+    /// Weight rows `ids` (row `o` holds output feature `o`'s weights) in f32, one after another:
+    /// embedding lookups from a table held by the kernel. [`KernelError::Declined`] by default.
+    fn dequantize_rows(&self, ids: &[usize], out: &mut [f32]) -> Result<(), KernelError> {
+        let _ = (ids, out);
+        Err(KernelError::Declined)
+    }
+    /// Whether the kernel is called on backends whose tensors live off the host (a GPU): `false`
+    /// by default (those backends multiply by their own copy of the weights); an observer that
+    /// must see every input says `true`.
+    fn on_any_backend(&self) -> bool {
+        false
+    }
 }
 
 /// Most rows a [`LinearKernel`] takes; larger products (prefill, training) use the backend.

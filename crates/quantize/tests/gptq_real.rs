@@ -52,6 +52,9 @@ fn gptq_lowers_held_out_layer_error_on_real_weights() {
         return;
     };
     let mut loaded = kiln_transformer::load_gguf::<Flex>(&model, &Default::default()).unwrap();
+    // The first 16 blocks: a layer's inputs do not depend on the blocks after it, and the
+    // calibration forward pass costs half as much.
+    loaded.model.blocks.truncate(16);
     let tokenizer = loaded.tokenizer.clone().unwrap();
     let calibration = tokenizer.encode(&std::fs::read_to_string(valid).unwrap());
     let held_out = tokenizer.encode(&std::fs::read_to_string(test).unwrap());
@@ -60,8 +63,8 @@ fn gptq_lowers_held_out_layer_error_on_real_weights() {
     let file = GgufFile::open(&model).unwrap();
     for name in [
         "blk.0.attn_q.weight",
-        "blk.15.attn_output.weight",
-        "blk.29.ffn_up.weight",
+        "blk.8.attn_output.weight",
+        "blk.15.ffn_up.weight",
     ] {
         let info = file.tensor(name).unwrap();
         let (cols, n) = (info.dims[0] as usize, info.n_elements() as usize);

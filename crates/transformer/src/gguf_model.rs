@@ -58,15 +58,21 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
     Ok(config)
 }
 
-fn info<'a>(file: &'a GgufFile, name: &str, source: &str) -> Result<&'a TensorInfo> {
+pub(crate) fn info<'a>(file: &'a GgufFile, name: &str, source: &str) -> Result<&'a TensorInfo> {
     file.tensor(name).ok_or_else(|| ModelError::MissingTensor {
         name: name.to_owned(),
         file: source.to_owned(),
     })
 }
 
-/// Dequantizes one tensor; checks it has the `[rows, cols]` shape (row-major) the config implies.
-fn load(file: &GgufFile, name: &str, shape: &[usize], source: &str) -> Result<Vec<f32>> {
+/// Tensor `name`'s description, checked to have the `[rows, cols]` shape (row-major) the config
+/// implies.
+pub(crate) fn shaped<'a>(
+    file: &'a GgufFile,
+    name: &str,
+    shape: &[usize],
+    source: &str,
+) -> Result<&'a TensorInfo> {
     let t = info(file, name, source)?;
     let found = t.shape();
     if found != shape {
@@ -76,6 +82,12 @@ fn load(file: &GgufFile, name: &str, shape: &[usize], source: &str) -> Result<Ve
             found,
         });
     }
+    Ok(t)
+}
+
+/// Dequantizes one tensor; checks it has the `[rows, cols]` shape (row-major) the config implies.
+pub(crate) fn load(file: &GgufFile, name: &str, shape: &[usize], source: &str) -> Result<Vec<f32>> {
+    let t = shaped(file, name, shape, source)?;
     dequantize_to_vec(t.ty, file.tensor_data(t), t.n_elements() as usize).map_err(|source| {
         ModelError::Dequant {
             tensor: name.to_owned(),
@@ -87,10 +99,15 @@ fn load(file: &GgufFile, name: &str, shape: &[usize], source: &str) -> Result<Ve
 /// Reorders the rows of a `[heads·head_dim, d]` Q or K projection from llama.cpp's layout (RoPE
 /// rotates rows `2i` and `2i+1` of each head) to Hugging Face's (rows `i` and `i + head_dim/2`), the
 /// inverse of `convert_hf_to_gguf.py`'s permutation. Attention scores are unchanged (Q and K get the
-/// same permutation); the half-split rotation then runs on whole contiguous halves.
-fn interleaved_to_half_split(rows: Vec<f32>, head_dim: usize, d: usize) -> Vec<f32> {
+/// same permutation); the half-split rotation then runs on whole contiguous halves. A row is `d`
+/// values: f32 weights, or a row's quantized blocks as bytes.
+pub(crate) fn interleaved_to_half_split<T: Copy + Default>(
+    rows: Vec<T>,
+    head_dim: usize,
+    d: usize,
+) -> Vec<T> {
     let half = head_dim / 2;
-    let mut out = vec![0.0f32; rows.len()];
+    let mut out = vec![T::default(); rows.len()];
     for (head, block) in rows.chunks_exact(head_dim * d).enumerate() {
         let base = head * head_dim * d;
         for (r, row) in block.chunks_exact(d).enumerate() {

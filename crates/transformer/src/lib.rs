@@ -35,6 +35,7 @@ mod config;
 mod error;
 mod generate;
 mod gguf_model;
+mod gguf_quantized;
 mod hf;
 mod linear;
 mod load;
@@ -60,6 +61,7 @@ pub use generate::{
     logits_rows, token_rows,
 };
 pub use gguf_model::config_from_gguf;
+pub use gguf_quantized::{gguf_is_quantized, load_gguf_quantized};
 pub use hf::config_from_hf;
 pub use linear::Projection;
 pub use load::{LoadedModel, Prompt, load_gguf, load_model};

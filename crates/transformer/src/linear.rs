@@ -2,12 +2,14 @@
 
 use std::sync::Arc;
 
-use burn::module::{Module, Param};
+use burn::module::{Module, Param, ParamId};
 use burn::nn::{Embedding, Initializer};
 use burn::tensor::backend::Backend;
 use burn::tensor::module::linear;
-use burn::tensor::{Tensor, TensorData};
-use kiln_kernels::{KERNEL_MAX_ROWS, LinearKernel};
+use burn::tensor::{Shape, Tensor, TensorData};
+use kiln_kernels::{LinearKernel, QuantLinear, runs_host_kernels};
+
+use crate::weights::transpose;
 
 /// nanoGPT's weight initialization: N(0, 0.02).
 pub(crate) const INIT_STD: f64 = 0.02;
@@ -21,9 +23,11 @@ fn normal<B: Backend, const D: usize>(
 }
 
 /// A linear layer `y = x·W + b` (`W` is `[d_in, d_out]`) whose weight may also be held in a
-/// quantized format: with a [`LinearKernel`] attached (e.g. `kiln-quantize`'s int8 weights),
-/// products of few rows (token-by-token decoding) run through the kernel, which reads a fraction
-/// of the bytes; larger products (prefill, training) use the backend's matrix product on `W`.
+/// quantized format. With a [`LinearKernel`] attached, products of up to
+/// [`max_rows`](LinearKernel::max_rows) rows run through the kernel on backends that use host
+/// kernels ([`runs_host_kernels`]): `kiln-quantize`'s int8 weights beside `W` serve
+/// token-by-token decoding, and a GGUF model's own blocks ([`Projection::from_quantized`]) serve
+/// every product while `W` is not even made. Everything else uses the backend's product on `W`.
 ///
 /// Its parameters are named `weight` and `bias`, like Burn's `Linear`, so checkpoints and
 /// safetensors files keep the same tensor names.
@@ -48,14 +52,39 @@ impl<B: Backend> Projection<B> {
         }
     }
 
+    /// A layer whose weights live in `kernel` (`[out, in]` rows of quantized blocks) alone: the
+    /// f32 weight `W` (parameter `id`) is dequantized from it on first use, by a backend without
+    /// host kernels (a GPU) or by training, and never before.
+    pub fn from_quantized(kernel: QuantLinear, id: ParamId, device: &B::Device) -> Self {
+        let (d_in, d_out) = (kernel.in_features(), kernel.out_features());
+        let kernel = Arc::new(kernel);
+        let source = Arc::clone(&kernel);
+        let weight = Param::uninitialized(
+            id,
+            move |device: &B::Device, require_grad| {
+                let w = transpose(&source.dequantize(), d_out, d_in);
+                let w = Tensor::from_data(TensorData::new(w, [d_in, d_out]), device);
+                if require_grad { w.require_grad() } else { w }
+            },
+            device.clone(),
+            true,
+            Shape::new([d_in, d_out]),
+        );
+        Self {
+            weight,
+            bias: None,
+            kernel: Some(kernel),
+        }
+    }
+
     /// Input width.
     pub fn in_features(&self) -> usize {
-        self.weight.dims()[0]
+        self.weight.lazy_shape()[0]
     }
 
     /// Output width.
     pub fn out_features(&self) -> usize {
-        self.weight.dims()[1]
+        self.weight.lazy_shape()[1]
     }
 
     /// `[batch, seq, d_in]` → `[batch, seq, d_out]`, as one `[batch·seq, d_in]` matrix product
@@ -73,7 +102,8 @@ impl<B: Backend> Projection<B> {
     pub fn forward_rows(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         let rows = x.dims()[0];
         if let Some(kernel) = &self.kernel
-            && rows <= KERNEL_MAX_ROWS
+            && rows <= kernel.max_rows()
+            && (runs_host_kernels::<B>() || kernel.on_any_backend())
             && kernel.in_features() == x.dims()[1]
             && let Some(y) = run_kernel(kernel.as_ref(), x.clone(), rows)
         {

@@ -6,7 +6,7 @@ use burn::module::{Module, ModuleMapper, Param, ParamId};
 use burn::nn::{Dropout, DropoutConfig, Embedding};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
-use kiln_kernels::{KERNEL_MAX_ROWS, LinearKernel};
+use kiln_kernels::{LinearKernel, on_worker, runs_host_kernels};
 
 use crate::attention::AttentionContext;
 use crate::block::Block;
@@ -50,6 +50,11 @@ pub struct Transformer<B: Backend> {
     /// own format, for decoding (an untied `lm_head` holds its own kernel).
     #[module(skip)]
     pub tied_head_kernel: Option<Arc<dyn LinearKernel>>,
+    /// The token embedding table in a kernel's own format, rows read by
+    /// [`dequantize_rows`](LinearKernel::dequantize_rows): a quantized model's only copy of it
+    /// (`tok_emb` is then made from it only if another path asks).
+    #[module(skip)]
+    pub tok_emb_kernel: Option<Arc<dyn LinearKernel>>,
     /// Megatron's operators when this model is one rank's shard of a tensor-parallel group
     /// (`kiln-distributed` shards a model and sets them).
     #[module(skip)]
@@ -81,6 +86,7 @@ impl<B: Backend> Transformer<B> {
             emb_dropout: DropoutConfig::new(config.dropout).init(),
             config,
             tied_head_kernel: None,
+            tok_emb_kernel: None,
             tensor_parallel: TensorParallelSlot::default(),
         };
         Ok(model.map(&mut PathParamIds::default()))
@@ -167,6 +173,24 @@ impl<B: Backend> Transformer<B> {
     /// of `tokens` continues cache row `rows[i]`, and the other rows are left as they are. This is the
     /// step of continuous batching, where sequences join and leave a running batch.
     pub fn forward_rows(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        cache: &mut KvCache<B>,
+        rows: &[usize],
+        valid: Option<&[usize]>,
+        which: Logits,
+    ) -> Result<Tensor<B, 3>> {
+        if runs_host_kernels::<B>() {
+            // On a worker of the host kernels' thread pool, so that their parallel loops share the
+            // work with this thread instead of waking every worker while it sleeps (decoding
+            // makes ~150 such calls per token).
+            on_worker(|| self.forward_rows_here(tokens, cache, rows, valid, which))
+        } else {
+            self.forward_rows_here(tokens, cache, rows, valid, which)
+        }
+    }
+
+    fn forward_rows_here(
         &self,
         tokens: Tensor<B, 2, Int>,
         cache: &mut KvCache<B>,
@@ -281,11 +305,14 @@ impl<B: Backend> Transformer<B> {
         source: Option<&dyn WeightSource<B>>,
     ) -> Result<Tensor<B, 3>> {
         let device = tokens.device();
-        let mut x = embed(
-            &*resolve(&self.tok_emb, source, None)?,
-            tokens,
-            source.is_some(),
-        );
+        let mut x = match self.tok_emb_rows(&tokens, source) {
+            Some(x) => x,
+            None => embed(
+                &*resolve(&self.tok_emb, source, None)?,
+                tokens,
+                source.is_some(),
+            ),
+        };
         if let Some(pos_emb) = &self.pos_emb {
             let rows = positions.len();
             let t = positions.first().map_or(0, Vec::len);
@@ -302,6 +329,35 @@ impl<B: Backend> Transformer<B> {
         Ok(resolve(&self.norm_f, source, Some(&x))?.forward(x))
     }
 
+    /// The embeddings of `tokens` read from [`tok_emb_kernel`](Self::tok_emb_kernel), when the
+    /// model has one, uses host kernels, and takes its weights from nowhere else.
+    fn tok_emb_rows(
+        &self,
+        tokens: &Tensor<B, 2, Int>,
+        source: Option<&dyn WeightSource<B>>,
+    ) -> Option<Tensor<B, 3>> {
+        let kernel = self.tok_emb_kernel.as_ref()?;
+        if source.is_some() || !runs_host_kernels::<B>() {
+            return None;
+        }
+        let [b, t] = tokens.dims();
+        let ids: Vec<usize> = tokens
+            .to_data()
+            .convert::<i64>()
+            .into_vec::<i64>()
+            .ok()?
+            .into_iter()
+            .map(|id| usize::try_from(id).unwrap_or(usize::MAX))
+            .collect();
+        let d = kernel.in_features();
+        let mut rows = vec![0f32; ids.len() * d];
+        kernel.dequantize_rows(&ids, &mut rows).ok()?;
+        Some(Tensor::from_data(
+            TensorData::new(rows, [b, t, d]),
+            &tokens.device(),
+        ))
+    }
+
     /// Logits from final-norm hidden states; the head's weights from `source` when given.
     fn logits(
         &self,
@@ -312,7 +368,8 @@ impl<B: Backend> Transformer<B> {
         if let Some(kernel) = &self.tied_head_kernel
             && source.is_none()
             && self.lm_head.is_none()
-            && b * t <= KERNEL_MAX_ROWS
+            && b * t <= kernel.max_rows()
+            && (runs_host_kernels::<B>() || kernel.on_any_backend())
             && let Some(y) = run_kernel(kernel.as_ref(), hidden.clone().reshape([b * t, d]), b * t)
         {
             return Ok(y.reshape([b, t, self.config.vocab_size]));

@@ -232,6 +232,7 @@ impl<B: Backend> Transformer<B> {
             emb_dropout,
             config,
             tied_head_kernel: None,
+            tok_emb_kernel: None,
             tensor_parallel,
         })
     }

@@ -10,7 +10,8 @@ use burn::backend::Flex;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use kiln_transformer::{
-    KvCache, Logits, ModelConfig, PositionEncoding, RopePairing, load_model, save_model_dir,
+    KvCache, Logits, ModelConfig, PositionEncoding, RopePairing, load_gguf_quantized, load_model,
+    save_model_dir,
 };
 
 #[cfg(feature = "cuda")]
@@ -132,10 +133,14 @@ fn smollm2_first_token_logits_match_cpu() {
         return;
     }
     let ids = [504i64, 3575, 282, 4649, 314];
-    let run = |gpu: bool| -> Vec<f32> {
-        fn go<B: Backend>(path: &Path, ids: &[i64]) -> Vec<f32> {
+    let run = |gpu: bool, quantized: bool| -> Vec<f32> {
+        fn go<B: Backend>(path: &Path, ids: &[i64], quantized: bool) -> Vec<f32> {
             let device = Default::default();
-            let loaded = load_model::<B>(path, &device).unwrap();
+            let loaded = if quantized {
+                load_gguf_quantized::<B>(path, &device).unwrap()
+            } else {
+                load_model::<B>(path, &device).unwrap()
+            };
             let input = Tensor::<B, 2, Int>::from_data(
                 TensorData::new(ids.to_vec(), [1, ids.len()]),
                 &device,
@@ -148,14 +153,19 @@ fn smollm2_first_token_logits_match_cpu() {
             out.into_data().convert::<f32>().to_vec().unwrap()
         }
         if gpu {
-            go::<Gpu>(&path, &ids)
+            go::<Gpu>(&path, &ids, quantized)
         } else {
-            go::<Flex>(&path, &ids)
+            go::<Flex>(&path, &ids, quantized)
         }
     };
-    let (cpu, gpu) = (run(false), run(true));
+    let (cpu, gpu) = (run(false, false), run(true, false));
     let d = max_diff(&cpu, &gpu);
     assert!(d < 1e-3, "SmolLM2 last-position logits differ by {d}");
+    // Kept in the file's quantized blocks, the model runs on the GPU from weights dequantized to
+    // the backend's float type on first use: the f32 model's logits.
+    let gpu_quantized = run(true, true);
+    let d = max_diff(&cpu, &gpu_quantized);
+    assert!(d < 1e-3, "quantized SmolLM2 on the GPU differs by {d}");
     let argmax = |v: &[f32]| {
         v.iter()
             .enumerate()
@@ -164,4 +174,5 @@ fn smollm2_first_token_logits_match_cpu() {
     };
     assert_eq!(argmax(&cpu), Some(7042), "' Paris'");
     assert_eq!(argmax(&gpu), argmax(&cpu));
+    assert_eq!(argmax(&gpu_quantized), argmax(&cpu));
 }

@@ -1,0 +1,1457 @@
+//! Matrix products on weights kept in llama.cpp's GGUF block layouts (`Q4_0`, `Q4_1`, `Q8_0`),
+//! read in place (a memory-mapped file or an owned buffer), with the input rows quantized to 8 bits
+//! per value in blocks of 32 ([`Q8Rows`], llama.cpp's `Q8_0` / `Q8_1` activations) and integer
+//! dot products, as llama.cpp's ggml does on the CPU.
+//!
+//! The kernels: AVX2 (with FMA and F16C) chosen at run time, and a portable scalar path. Both
+//! compute, for every block of 32 values, `d_w · d_x · Σ q_w q_x` in integers and floats, plus
+//! the offset term `c_w · s_x` of the 4-bit types (`c_w = m` for `Q4_1`, `-8 · d_w` for `Q4_0`,
+//! whose nibbles are multiplied unsigned), where `s_x = d_x · Σ q_x`.
+//!
+//! For several input rows, a tile of input rows is multiplied by one or two weight rows at a time,
+//! so each weight block is loaded and unpacked once per tile, and the weight rows a task works on
+//! are taken in chunks that stay in the L2 cache while every tile of input rows passes over them.
+
+use std::fmt;
+use std::sync::Arc;
+
+use half::f16;
+use kiln_gguf::GgmlType;
+use rayon::prelude::*;
+
+use crate::linear::{KernelError, LinearKernel};
+
+/// Shared bytes that outlive the matrix (a memory-mapped GGUF file or an owned buffer).
+pub type SharedBytes = Arc<dyn AsRef<[u8]> + Send + Sync>;
+
+/// Values per block (`QK` in GGML).
+const QK: usize = 32;
+
+/// Whether [`QuantMatrix`] multiplies weights of type `ty` natively (one of
+/// [`QuantMatrix::SUPPORTED`]); [`QuantMatrix::new`] declines the others.
+pub fn supports(ty: GgmlType) -> bool {
+    QuantMatrix::SUPPORTED.contains(&ty)
+}
+
+/// The weight formats, as const-generic parameters of the kernels.
+const Q4_0: u8 = 0;
+const Q4_1: u8 = 1;
+const Q8_0: u8 = 2;
+
+/// Bytes per block of a weight format.
+const fn block_bytes(kind: u8) -> usize {
+    match kind {
+        Q4_0 => 18,
+        Q4_1 => 20,
+        _ => 34,
+    }
+}
+
+/// Offset of the quantized values in a block.
+const fn qs_offset(kind: u8) -> usize {
+    match kind {
+        Q4_1 => 4,
+        _ => 2,
+    }
+}
+
+fn kind_of(ty: GgmlType) -> Option<u8> {
+    match ty {
+        GgmlType::Q4_0 => Some(Q4_0),
+        GgmlType::Q4_1 => Some(Q4_1),
+        GgmlType::Q8_0 => Some(Q8_0),
+        _ => None,
+    }
+}
+
+/// Fewest output rows a parallel task computes (smaller tasks cost more in wake-ups than they save).
+const MIN_ROWS_PER_TASK: usize = 32;
+
+/// Products with fewer multiply-adds than this run on the calling thread.
+const SERIAL_MACS: usize = 1 << 18;
+
+/// Input blocks quantized per parallel task (below this, [`Q8Rows::quantize`] runs serially).
+const QUANTIZE_BLOCKS_PER_TASK: usize = 4096;
+
+/// Whether an `n × rows × cols` product is worth splitting across threads.
+pub(crate) fn worth_splitting(n: usize, rows: usize, cols: usize) -> bool {
+    n.saturating_mul(rows).saturating_mul(cols) >= SERIAL_MACS && rows >= 2 * MIN_ROWS_PER_TASK
+}
+
+/// Output features per task when `rows` of them are split over `threads` threads.
+pub(crate) fn rows_per_task(rows: usize, threads: usize) -> usize {
+    rows.div_ceil(threads)
+        .max(MIN_ROWS_PER_TASK)
+        .next_multiple_of(4)
+        .min(rows)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Activations.
+
+/// Input rows quantized once to 8 bits per value in blocks of 32 (f32 scale d, i8 values, and
+/// s = d * sum(values) for Q4_1's offset term), reused by every matrix that reads the same input.
+///
+/// Each block is llama.cpp's `quantize_row_q8_1`: `d = max|x| / 127`, `q = round(x · 127 / max|x|)`
+/// (ties to even, as its AVX2 path), with `d` and `s` kept in f32. The values of each row's whole
+/// groups of 8 blocks are stored interleaved (32-bit word `l` of each 32 bytes from block `l`), the
+/// layout the kernels multiply 8 blocks at once in.
+pub struct Q8Rows {
+    rows: usize,
+    cols: usize,
+    /// `rows × cols` values, row-major.
+    qs: Vec<i8>,
+    /// One scale per block, `rows × cols / 32`.
+    d: Vec<f32>,
+    /// `d · Σ q` per block.
+    s: Vec<f32>,
+}
+
+impl fmt::Debug for Q8Rows {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Q8Rows")
+            .field("rows", &self.rows)
+            .field("cols", &self.cols)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Q8Rows {
+    /// Quantizes `n` rows of `cols` values (`x` is `[n, cols]`, row-major); `cols` must be a
+    /// multiple of 32, else [`KernelError::Shape`].
+    pub fn quantize(x: &[f32], n: usize, cols: usize) -> Result<Self, KernelError> {
+        let mut q = Self {
+            rows: 0,
+            cols: 0,
+            qs: Vec::new(),
+            d: Vec::new(),
+            s: Vec::new(),
+        };
+        q.requantize(x, n, cols)?;
+        Ok(q)
+    }
+
+    /// [`quantize`](Self::quantize) into this value's buffers (no allocation once they are large
+    /// enough).
+    pub fn requantize(&mut self, x: &[f32], n: usize, cols: usize) -> Result<(), KernelError> {
+        let shape = KernelError::Shape {
+            rows: n,
+            cols,
+            len: x.len(),
+        };
+        if !cols.is_multiple_of(QK) || n.checked_mul(cols) != Some(x.len()) {
+            return Err(shape);
+        }
+        let blocks = x.len() / QK;
+        self.rows = n;
+        self.cols = cols;
+        self.qs.resize(x.len(), 0);
+        self.d.resize(blocks, 0.0);
+        self.s.resize(blocks, 0.0);
+        if blocks == 0 {
+            return Ok(());
+        }
+        let f = quantize_fn();
+        let nb = cols / QK;
+        let rows_per_task = QUANTIZE_BLOCKS_PER_TASK.div_ceil(nb);
+        if n <= rows_per_task {
+            f(x, &mut self.qs, &mut self.d, &mut self.s, nb);
+        } else {
+            x.par_chunks(rows_per_task * cols)
+                .zip(self.qs.par_chunks_mut(rows_per_task * cols))
+                .zip(self.d.par_chunks_mut(rows_per_task * nb))
+                .zip(self.s.par_chunks_mut(rows_per_task * nb))
+                .for_each(|(((x, q), d), s)| f(x, q, d, s, nb));
+        }
+        Ok(())
+    }
+
+    /// Input rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Values per row.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The quantized rows back in f32 (`d · q`), row-major.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let nb = self.cols / QK;
+        let mut out = vec![0f32; self.qs.len()];
+        for (r, out) in out.chunks_exact_mut(self.cols.max(1)).enumerate() {
+            let q = &self.qs[r * self.cols..(r + 1) * self.cols];
+            for (b, out) in out.chunks_exact_mut(QK).enumerate() {
+                let d = self.d[r * nb + b];
+                for (v, o) in out.iter_mut().enumerate() {
+                    *o = d * f32::from(q[act_index(nb / 8 * 8, b, v)]);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Quantizes whole rows of `nb` blocks: `x.len() == q.len() == 32 · d.len() == 32 · s.len()`,
+/// a multiple of `32 · nb`.
+type QuantizeFn = fn(&[f32], &mut [i8], &mut [f32], &mut [f32], usize);
+
+fn quantize_fn() -> QuantizeFn {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if avx2_available() {
+            // SAFETY: the CPU has AVX2, FMA and F16C.
+            return |x, q, d, s, nb| unsafe { quantize_avx2(x, q, d, s, nb) };
+        }
+    }
+    quantize_portable
+}
+
+fn quantize_portable(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32], nb: usize) {
+    let grouped = nb / 8 * 8;
+    for (((x, q), d), s) in x
+        .chunks_exact(nb * QK)
+        .zip(q.chunks_exact_mut(nb * QK))
+        .zip(d.chunks_exact_mut(nb))
+        .zip(s.chunks_exact_mut(nb))
+    {
+        for (b, ((x, d), s)) in x.chunks_exact(QK).zip(d).zip(s).enumerate() {
+            let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let scale = amax / 127.0;
+            let inv = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+            let mut sum = 0i32;
+            for (v, &x) in x.iter().enumerate() {
+                let r = ((x * inv).round_ties_even() as i32).clamp(-128, 127);
+                q[act_index(grouped, b, v)] = r as i8;
+                sum += r;
+            }
+            *d = scale;
+            *s = scale * sum as f32;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx2_available() -> bool {
+    std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c")
+}
+
+/// [`quantize_portable`] in AVX2 (the same operations, so the same values).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn quantize_avx2(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32], nb: usize) {
+    use std::arch::x86_64::*;
+    let blocks = d.len();
+    assert!(
+        x.len() >= blocks * QK && q.len() >= blocks * QK && s.len() >= blocks && nb > 0,
+        "quantize buffers disagree"
+    );
+    let grouped = nb / 8 * 8;
+    let sign = _mm256_set1_ps(-0.0);
+    let perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for b in 0..blocks {
+        // SAFETY: `(b + 1) · 32 <= x.len(), q.len()` by the assert above; unaligned accesses.
+        unsafe {
+            let xp = x.as_ptr().add(b * QK);
+            let v0 = _mm256_loadu_ps(xp);
+            let v1 = _mm256_loadu_ps(xp.add(8));
+            let v2 = _mm256_loadu_ps(xp.add(16));
+            let v3 = _mm256_loadu_ps(xp.add(24));
+            let m = _mm256_max_ps(
+                _mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+                _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)),
+            );
+            let m4 = _mm_max_ps(_mm256_extractf128_ps(m, 1), _mm256_castps256_ps128(m));
+            let m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            let m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+            let amax = _mm_cvtss_f32(m4);
+            let scale = amax / 127.0;
+            let inv = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
+            const ROUND: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+            let i0 = _mm256_cvtps_epi32(_mm256_round_ps::<ROUND>(_mm256_mul_ps(v0, inv)));
+            let i1 = _mm256_cvtps_epi32(_mm256_round_ps::<ROUND>(_mm256_mul_ps(v1, inv)));
+            let i2 = _mm256_cvtps_epi32(_mm256_round_ps::<ROUND>(_mm256_mul_ps(v2, inv)));
+            let i3 = _mm256_cvtps_epi32(_mm256_round_ps::<ROUND>(_mm256_mul_ps(v3, inv)));
+            let sum = hsum_epi32(_mm256_add_epi32(
+                _mm256_add_epi32(i0, i1),
+                _mm256_add_epi32(i2, i3),
+            ));
+            let p01 = _mm256_packs_epi32(i0, i1);
+            let p23 = _mm256_packs_epi32(i2, i3);
+            let p = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p01, p23), perm);
+            let (row, rb) = (b / nb, b % nb);
+            if rb < grouped {
+                // Interleaved: 32-bit word `k` of the block goes to word `rb % 8` of the group's
+                // `k`-th 32 bytes.
+                let mut words = [0i32; 8];
+                _mm256_storeu_si256(words.as_mut_ptr().cast(), p);
+                let base = q
+                    .as_mut_ptr()
+                    .add(row * nb * QK + (rb / 8) * 256 + (rb % 8) * 4);
+                for (k, &word) in words.iter().enumerate() {
+                    base.add(32 * k).cast::<i32>().write_unaligned(word);
+                }
+            } else {
+                _mm256_storeu_si256(q.as_mut_ptr().add(b * QK).cast(), p);
+            }
+            *d.get_unchecked_mut(b) = scale;
+            *s.get_unchecked_mut(b) = scale * sum as f32;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn hsum_epi32(v: std::arch::x86_64::__m256i) -> i32 {
+    use std::arch::x86_64::*;
+    let x = _mm_add_epi32(_mm256_extracti128_si256(v, 1), _mm256_castsi256_si128(v));
+    let x = _mm_add_epi32(x, _mm_unpackhi_epi64(x, x));
+    let x = _mm_add_epi32(x, _mm_shuffle_epi32(x, 0b01));
+    _mm_cvtsi128_si32(x)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Weights.
+
+/// A `rows × cols` weight matrix (`rows` output features, one row per output) in a GGUF block
+/// layout ([`SUPPORTED`](Self::SUPPORTED)), read in place: each row is `cols / 32` consecutive
+/// blocks.
+#[derive(Clone)]
+pub struct QuantMatrix {
+    ty: GgmlType,
+    kind: u8,
+    rows: usize,
+    cols: usize,
+    data: SharedBytes,
+    offset: usize,
+    len: usize,
+}
+
+impl fmt::Debug for QuantMatrix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QuantMatrix")
+            .field("ty", &self.ty)
+            .field("rows", &self.rows)
+            .field("cols", &self.cols)
+            .field("offset", &self.offset)
+            .field("bytes", &self.len)
+            .finish()
+    }
+}
+
+impl QuantMatrix {
+    /// Types this kernel multiplies natively.
+    pub const SUPPORTED: [GgmlType; 3] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0];
+
+    /// `rows × cols` weights of type `ty` at `bytes[offset..offset + len]` (no copy), `len` being
+    /// the matrix's size in that type. [`KernelError::Declined`] for a type not in
+    /// [`SUPPORTED`](Self::SUPPORTED) (see [`supports`]); [`KernelError::Shape`] when `cols` is not
+    /// a multiple of 32 or the bytes are too short (its `len` is then the number of values the
+    /// bytes hold).
+    pub fn new(
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        bytes: SharedBytes,
+        offset: usize,
+    ) -> Result<Self, KernelError> {
+        let kind = kind_of(ty).ok_or(KernelError::Declined)?;
+        let available = (*bytes).as_ref().len().saturating_sub(offset);
+        let bs = block_bytes(kind);
+        let shape = KernelError::Shape {
+            rows,
+            cols,
+            len: available / bs * QK,
+        };
+        if !cols.is_multiple_of(QK) {
+            return Err(shape);
+        }
+        let len = rows
+            .checked_mul(cols / QK)
+            .and_then(|b| b.checked_mul(bs))
+            .ok_or(shape.clone())?;
+        if offset > (*bytes).as_ref().len() || len > available {
+            return Err(shape);
+        }
+        Ok(Self {
+            ty,
+            kind,
+            rows,
+            cols,
+            data: bytes,
+            offset,
+            len,
+        })
+    }
+
+    /// [`new`](Self::new) owning its bytes (`bytes` holds exactly the matrix, or more after it).
+    pub fn from_vec(
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        bytes: Vec<u8>,
+    ) -> Result<Self, KernelError> {
+        Self::new(ty, rows, cols, Arc::new(bytes), 0)
+    }
+
+    /// The weights' type.
+    pub fn ty(&self) -> GgmlType {
+        self.ty
+    }
+
+    /// Output features.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Input features.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Bytes of weights.
+    pub fn bytes(&self) -> usize {
+        self.len
+    }
+
+    /// The matrix's blocks.
+    fn data(&self) -> &[u8] {
+        &(*self.data).as_ref()[self.offset..self.offset + self.len]
+    }
+
+    /// Bytes per row.
+    fn row_bytes(&self) -> usize {
+        self.cols / QK * block_bytes(self.kind)
+    }
+
+    /// `out[r * out_stride + out_offset + o] = x_r · W_o` for every input row `r` and output `o`
+    /// (so several matrices can write side by side into one output, e.g. fused Q|K|V); the other
+    /// values of `out` are left as they are. [`KernelError::Shape`] unless `x.cols() == cols`,
+    /// `out_offset + rows <= out_stride` and `out.len() == x.rows() * out_stride`.
+    pub fn matmul_q8(
+        &self,
+        x: &Q8Rows,
+        out: &mut [f32],
+        out_stride: usize,
+        out_offset: usize,
+    ) -> Result<(), KernelError> {
+        self.check(x, out, out_stride, out_offset)?;
+        let n = x.rows;
+        if n == 0 || self.rows == 0 {
+            return Ok(());
+        }
+        let out_ptr = OutPtr(out.as_mut_ptr());
+        let threads = rayon::current_num_threads();
+        if threads <= 1 || !worth_splitting(n, self.rows, self.cols) {
+            self.run(x, out_ptr, out_stride, out_offset, 0..self.rows);
+            return Ok(());
+        }
+        // One task per thread: decoding calls this ~200 times per token, and each extra task is a
+        // thread wake-up. (Within a task, the rows are taken in chunks that fit the L2 cache.)
+        let per_task = rows_per_task(self.rows, threads);
+        let tasks = self.rows.div_ceil(per_task);
+        (0..tasks).into_par_iter().for_each(|t| {
+            let first = t * per_task;
+            let rows = first..(first + per_task).min(self.rows);
+            self.run(x, out_ptr, out_stride, out_offset, rows);
+        });
+        Ok(())
+    }
+
+    /// The shape checks of [`matmul_q8`](Self::matmul_q8).
+    fn check(
+        &self,
+        x: &Q8Rows,
+        out: &[f32],
+        out_stride: usize,
+        out_offset: usize,
+    ) -> Result<(), KernelError> {
+        if x.cols != self.cols {
+            return Err(KernelError::Shape {
+                rows: x.rows,
+                cols: self.cols,
+                len: x.qs.len(),
+            });
+        }
+        let n = x.rows;
+        if out_offset
+            .checked_add(self.rows)
+            .is_none_or(|end| end > out_stride)
+            || n.checked_mul(out_stride) != Some(out.len())
+        {
+            return Err(KernelError::Shape {
+                rows: n,
+                cols: out_stride,
+                len: out.len(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Output features `rows` of a checked product, written through `out`.
+    fn run(
+        &self,
+        x: &Q8Rows,
+        out: OutPtr,
+        out_stride: usize,
+        out_offset: usize,
+        rows: std::ops::Range<usize>,
+    ) {
+        let row_bytes = self.row_bytes();
+        rows_fn(self.kind)(&Job {
+            w: &self.data()[rows.start * row_bytes..rows.end * row_bytes],
+            rows: rows.len(),
+            nb: self.cols / QK,
+            x,
+            out,
+            stride: out_stride,
+            col0: out_offset + rows.start,
+        });
+    }
+
+    /// Rows `ids` dequantized to f32, one after another (embedding lookups):
+    /// [`KernelError::Shape`] unless `out.len() == ids.len() * cols`,
+    /// [`KernelError::RowOutOfRange`] for an id not below `rows`.
+    pub fn dequantize_rows(&self, ids: &[usize], out: &mut [f32]) -> Result<(), KernelError> {
+        if ids.len().checked_mul(self.cols) != Some(out.len()) {
+            return Err(KernelError::Shape {
+                rows: ids.len(),
+                cols: self.cols,
+                len: out.len(),
+            });
+        }
+        if let Some(&index) = ids.iter().find(|&&id| id >= self.rows) {
+            return Err(KernelError::RowOutOfRange {
+                index,
+                rows: self.rows,
+            });
+        }
+        let data = self.data();
+        let row_bytes = self.row_bytes();
+        for (&id, out) in ids.iter().zip(out.chunks_exact_mut(self.cols.max(1))) {
+            decode_row(self.kind, &data[id * row_bytes..(id + 1) * row_bytes], out);
+        }
+        Ok(())
+    }
+
+    /// The whole matrix in f32, row-major.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        if out.is_empty() {
+            return out;
+        }
+        let row_bytes = self.row_bytes();
+        out.par_chunks_mut(self.cols)
+            .zip(self.data().par_chunks(row_bytes))
+            .with_min_len(64)
+            .for_each(|(out, w)| decode_row(self.kind, w, out));
+        out
+    }
+}
+
+impl LinearKernel for QuantMatrix {
+    fn in_features(&self) -> usize {
+        self.cols
+    }
+
+    fn out_features(&self) -> usize {
+        self.rows
+    }
+
+    fn forward(&self, x: &[f32], rows: usize, out: &mut [f32]) -> Result<(), KernelError> {
+        let q = Q8Rows::quantize(x, rows, self.cols)?;
+        self.matmul_q8(&q, out, self.rows, 0)
+    }
+
+    fn weight_bytes(&self) -> usize {
+        self.bytes()
+    }
+
+    fn dequantize_rows(&self, ids: &[usize], out: &mut [f32]) -> Result<(), KernelError> {
+        QuantMatrix::dequantize_rows(self, ids, out)
+    }
+}
+
+/// `parts` stacked along their outputs (part 0's first; all of `x`'s width) times every row of
+/// `x`, into `out` (`[x.rows(), Σ rows]`), with one split of the work across threads for all
+/// parts together: fused projections cost one fork-join, not one per part.
+pub(crate) fn matmul_stacked(
+    parts: &[QuantMatrix],
+    x: &Q8Rows,
+    out: &mut [f32],
+) -> Result<(), KernelError> {
+    let total: usize = parts.iter().map(QuantMatrix::rows).sum();
+    let mut offset = 0;
+    for part in parts {
+        part.check(x, out, total, offset)?;
+        offset += part.rows;
+    }
+    let (n, cols) = (x.rows, x.cols);
+    if n == 0 || total == 0 {
+        return Ok(());
+    }
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    // Output features `range` of the stack, part by part.
+    let run = |range: std::ops::Range<usize>| {
+        let mut first = 0;
+        for part in parts {
+            let rows = range.start.max(first)..range.end.min(first + part.rows);
+            if !rows.is_empty() {
+                let local = rows.start - first..rows.end - first;
+                part.run(x, out_ptr, total, first, local);
+            }
+            first += part.rows;
+        }
+    };
+    let threads = rayon::current_num_threads();
+    if threads <= 1 || !worth_splitting(n, total, cols) {
+        run(0..total);
+        return Ok(());
+    }
+    let per_task = rows_per_task(total, threads);
+    (0..total.div_ceil(per_task))
+        .into_par_iter()
+        .for_each(|t| run(t * per_task..((t + 1) * per_task).min(total)));
+    Ok(())
+}
+
+/// Reads a little-endian f16 at `b[0..2]`.
+#[inline(always)]
+fn f16_at(b: &[u8]) -> f32 {
+    f16::from_le_bytes([b[0], b[1]]).to_f32()
+}
+
+/// Decodes one row of blocks (the same operations as `kiln_gguf::blocks`, so the same floats).
+fn decode_row(kind: u8, w: &[u8], out: &mut [f32]) {
+    let bs = block_bytes(kind);
+    for (b, o) in w.chunks_exact(bs).zip(out.chunks_exact_mut(QK)) {
+        let d = f16_at(b);
+        let (lo, hi) = o.split_at_mut(QK / 2);
+        match kind {
+            Q4_0 => {
+                for ((&q, l), h) in b[2..18].iter().zip(lo).zip(hi) {
+                    *l = f32::from((q & 0x0F) as i8 - 8) * d;
+                    *h = f32::from((q >> 4) as i8 - 8) * d;
+                }
+            }
+            Q4_1 => {
+                let m = f16_at(&b[2..]);
+                for ((&q, l), h) in b[4..20].iter().zip(lo).zip(hi) {
+                    *l = f32::from(q & 0x0F) * d + m;
+                    *h = f32::from(q >> 4) * d + m;
+                }
+            }
+            _ => {
+                for (o, &q) in o.iter_mut().zip(&b[2..34]) {
+                    *o = f32::from(q as i8) * d;
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The product.
+
+/// The output pointer, shared by tasks that write disjoint elements.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint output columns (see `Job`), and the borrow of `out` outlives them.
+unsafe impl Send for OutPtr {}
+// SAFETY: as above.
+unsafe impl Sync for OutPtr {}
+
+/// One task: weight rows `w` (`rows` rows of `nb` blocks) times every input row, written to
+/// `out[r · stride + col0 + j]` for input row `r` and weight row `j`. `matmul_q8` checked that
+/// those elements are inside `out` and that no other task writes them.
+struct Job<'a> {
+    w: &'a [u8],
+    rows: usize,
+    nb: usize,
+    x: &'a Q8Rows,
+    out: OutPtr,
+    stride: usize,
+    col0: usize,
+}
+
+type RowsFn = fn(&Job);
+
+/// The fastest version this CPU runs, for weight format `kind`.
+fn rows_fn(kind: u8) -> RowsFn {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if avx2_available() {
+            // SAFETY: the CPU has AVX2, FMA and F16C.
+            return match kind {
+                Q4_0 => |j| unsafe { rows_avx2::<Q4_0>(j) },
+                Q4_1 => |j| unsafe { rows_avx2::<Q4_1>(j) },
+                _ => |j| unsafe { rows_avx2::<Q8_0>(j) },
+            };
+        }
+    }
+    portable_rows_fn(kind)
+}
+
+fn portable_rows_fn(kind: u8) -> RowsFn {
+    match kind {
+        Q4_0 => rows_portable::<Q4_0>,
+        Q4_1 => rows_portable::<Q4_1>,
+        _ => rows_portable::<Q8_0>,
+    }
+}
+
+fn rows_portable<const K: u8>(job: &Job) {
+    drive::<K, false>(job);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn rows_avx2<const K: u8>(job: &Job) {
+    drive::<K, true>(job);
+}
+
+/// Floats of weight scales a task converts ahead of the products (per array, on the stack).
+const SCRATCH: usize = 2048;
+/// Input rows per tile.
+const TILE_M: usize = 4;
+
+/// Pointers and strides of one pass of `RM` input rows over a chunk of weight rows. `tile_*`
+/// read `kb` blocks of `rows` weight rows, their converted scales (at least `kb` rounded up to
+/// 8 each), and `kb` blocks of `RM` input rows (`qs + i · q_stride` and `d`/`s + i · b_stride`).
+struct Tile {
+    w: *const u8,
+    dw: *const f32,
+    cw: *const f32,
+    /// Weight rows (`w + j · w_stride`, `dw`/`cw + j · sc_stride`).
+    rows: usize,
+    w_stride: usize,
+    sc_stride: usize,
+    /// Results: `out + i · out_stride + j`, added to what is there unless `store`.
+    out: *mut f32,
+    out_stride: usize,
+    store: bool,
+    qs: *const i8,
+    q_stride: usize,
+    d: *const f32,
+    s: *const f32,
+    b_stride: usize,
+    kb: usize,
+    /// Whole groups of 8 blocks at the start of the `kb` (their values interleaved, see
+    /// [`Q8Rows`]); the blocks after them are plain.
+    groups: usize,
+}
+
+/// The task's loops: for each chunk of blocks (normally the whole row) and chunk of weight rows
+/// (sized so their scales fit the scratch and their blocks the L2 cache), convert the weight
+/// scales once, then pass every tile of input rows over those weight rows.
+#[inline(always)]
+fn drive<const K: u8, const AVX: bool>(job: &Job) {
+    let bs = block_bytes(K);
+    let nb = job.nb;
+    let row_bytes = nb * bs;
+    let n = job.x.rows;
+    let x = job.x;
+    assert!(
+        job.w.len() >= job.rows * row_bytes
+            && x.qs.len() >= n * nb * QK
+            && x.d.len() >= n * nb
+            && x.s.len() >= n * nb,
+        "operands shorter than their shapes"
+    );
+    // Blocks in whole groups of 8 (interleaved in `x`).
+    let grouped = nb / 8 * 8;
+    let mut dw = [0f32; SCRATCH];
+    let mut cw = [0f32; SCRATCH];
+    // A multiple of 8, so chunks start at a group.
+    let kc = nb.min(SCRATCH);
+    let mut k0 = 0;
+    while k0 < nb {
+        let kb = kc.min(nb - k0);
+        let kbp = kb.next_multiple_of(8);
+        let groups = grouped.saturating_sub(k0).min(kb) / 8;
+        let chunk_rows = (SCRATCH / kbp).max(1);
+        let mut c0 = 0;
+        while c0 < job.rows {
+            let cr = chunk_rows.min(job.rows - c0);
+            for j in 0..cr {
+                let w =
+                    &job.w[(c0 + j) * row_bytes + k0 * bs..(c0 + j) * row_bytes + (k0 + kb) * bs];
+                let (dw, cw) = (
+                    &mut dw[j * kbp..(j + 1) * kbp],
+                    &mut cw[j * kbp..(j + 1) * kbp],
+                );
+                #[cfg(target_arch = "x86_64")]
+                if AVX {
+                    // SAFETY: `drive::<_, true>` only runs where AVX2, FMA and F16C are.
+                    unsafe { scales_avx2::<K>(w, dw, cw) };
+                    continue;
+                }
+                scales_portable::<K>(w, dw, cw);
+            }
+            let mut i0 = 0;
+            while i0 < n {
+                let rm = TILE_M.min(n - i0);
+                let tile = Tile {
+                    w: job.w[c0 * row_bytes + k0 * bs..].as_ptr(),
+                    dw: dw.as_ptr(),
+                    cw: cw.as_ptr(),
+                    rows: cr,
+                    w_stride: row_bytes,
+                    sc_stride: kbp,
+                    // SAFETY: `matmul_q8` checked `out` holds every `(r, col0 + o)` of this task,
+                    // and only this task writes them.
+                    out: unsafe { job.out.0.add(i0 * job.stride + job.col0 + c0) },
+                    out_stride: job.stride,
+                    store: k0 == 0,
+                    qs: x.qs[i0 * nb * QK + k0 * QK..].as_ptr(),
+                    q_stride: nb * QK,
+                    d: x.d[i0 * nb + k0..].as_ptr(),
+                    s: x.s[i0 * nb + k0..].as_ptr(),
+                    b_stride: nb,
+                    kb,
+                    groups,
+                };
+                // SAFETY: the rows, blocks, scales and outputs are in bounds (asserted above, by
+                // the loop bounds and by `matmul_q8`), and `rm <= TILE_M`.
+                unsafe { run_tile::<K, AVX>(rm, &tile) };
+                i0 += rm;
+            }
+            c0 += cr;
+        }
+        k0 += kb;
+    }
+}
+
+/// Runs the tile kernel for `rm` input rows.
+///
+/// # Safety
+/// `t` describes valid operands for `rm` input rows; on x86-64 with `AVX`, the CPU has AVX2,
+/// FMA and F16C.
+#[inline(always)]
+unsafe fn run_tile<const K: u8, const AVX: bool>(rm: usize, t: &Tile) {
+    macro_rules! dispatch {
+        ($($m:literal)*) => {
+            match rm {
+                $($m => {
+                    #[cfg(target_arch = "x86_64")]
+                    if AVX {
+                        // SAFETY: forwarded from the caller.
+                        unsafe { tile_avx2::<K, $m>(t) };
+                        return;
+                    }
+                    // SAFETY: forwarded from the caller.
+                    unsafe { tile_portable::<K, $m>(t) };
+                })*
+                _ => unreachable!("tiles have at most TILE_M rows"),
+            }
+        };
+    }
+    dispatch!(1 2 3 4);
+}
+
+/// Converts a row's block scales to f32: `dw[b] = d`, and the offset coefficient `cw[b]` (`m`
+/// for `Q4_1`, `-8 · d` for `Q4_0`); `dw` and `cw` hold `w`'s blocks rounded up to 8, the
+/// padding set to zero.
+fn scales_portable<const K: u8>(w: &[u8], dw: &mut [f32], cw: &mut [f32]) {
+    dw.fill(0.0);
+    cw.fill(0.0);
+    for ((b, dw), cw) in w.chunks_exact(block_bytes(K)).zip(dw).zip(cw) {
+        *dw = f16_at(b);
+        *cw = match K {
+            Q4_0 => -8.0 * *dw,
+            Q4_1 => f16_at(&b[2..]),
+            _ => 0.0,
+        };
+    }
+}
+
+/// Position in a row of [`Q8Rows`] values of value `v` of block `b`, for a row of blocks whose
+/// first `grouped` blocks are interleaved in groups of 8.
+#[inline(always)]
+fn act_index(grouped: usize, b: usize, v: usize) -> usize {
+    if b < grouped {
+        (b / 8) * 256 + (v / 4) * 32 + (b % 8) * 4 + v % 4
+    } else {
+        b * QK + v
+    }
+}
+
+/// `RM` input rows times each weight row in portable code: integer dot products per block,
+/// scaled and summed in f32.
+///
+/// # Safety
+/// `t` describes valid operands for `RM` input rows.
+unsafe fn tile_portable<const K: u8, const RM: usize>(t: &Tile) {
+    for j in 0..t.rows {
+        // SAFETY: forwarded from the caller, for weight row `j`.
+        let acc = unsafe { row_portable::<K, RM>(t, j) };
+        for (i, &v) in acc.iter().enumerate() {
+            // SAFETY: output `(i, j)` is in bounds (caller).
+            unsafe {
+                let p = t.out.add(i * t.out_stride + j);
+                if t.store { *p = v } else { *p += v }
+            }
+        }
+    }
+}
+
+/// [`tile_portable`] for weight row `j`.
+///
+/// # Safety
+/// As [`tile_portable`], `j < t.rows`.
+unsafe fn row_portable<const K: u8, const RM: usize>(t: &Tile, j: usize) -> [f32; RM] {
+    let bs = block_bytes(K);
+    let mut acc = [0f32; RM];
+    for b in 0..t.kb {
+        // SAFETY: block `b` of the weight row and its scales are in bounds (caller).
+        let (blk, dw, cw) = unsafe {
+            (
+                std::slice::from_raw_parts(t.w.add(j * t.w_stride + b * bs), bs),
+                *t.dw.add(j * t.sc_stride + b),
+                *t.cw.add(j * t.sc_stride + b),
+            )
+        };
+        let mut wq = [0i8; QK];
+        let qs = &blk[qs_offset(K)..];
+        if K == Q8_0 {
+            for (w, &q) in wq.iter_mut().zip(qs) {
+                *w = q as i8;
+            }
+        } else {
+            let (lo, hi) = wq.split_at_mut(QK / 2);
+            for ((&q, l), h) in qs[..QK / 2].iter().zip(lo).zip(hi) {
+                *l = (q & 0x0F) as i8;
+                *h = (q >> 4) as i8;
+            }
+        }
+        for (i, acc) in acc.iter_mut().enumerate() {
+            // SAFETY: the values and scales of block `b` of input row `i` are in bounds
+            // (caller); the block's group starts at `(b / 8) · 256` and spans 256 bytes.
+            let (y, dx, sx) = unsafe {
+                let row = t.qs.add(i * t.q_stride);
+                let mut y = [0i8; QK];
+                for (v, y) in y.iter_mut().enumerate() {
+                    *y = *row.add(act_index(8 * t.groups, b, v));
+                }
+                (
+                    y,
+                    *t.d.add(i * t.b_stride + b),
+                    *t.s.add(i * t.b_stride + b),
+                )
+            };
+            let dot: i32 = wq
+                .iter()
+                .zip(y)
+                .map(|(&w, y)| i32::from(w) * i32::from(y))
+                .sum();
+            *acc += dw * dx * dot as f32 + cw * sx;
+        }
+    }
+    acc
+}
+
+/// [`scales_portable`] in AVX2: the scales of 8 blocks converted at once with F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn scales_avx2<const K: u8>(w: &[u8], dw: &mut [f32], cw: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let bs = block_bytes(K);
+    let kb = w.len() / bs;
+    assert!(
+        dw.len() >= kb.next_multiple_of(8) && cw.len() >= kb.next_multiple_of(8),
+        "scale scratch too short"
+    );
+    let low = _mm256_set1_epi32(0xFFFF);
+    let mut v = 0;
+    while v < kb {
+        // The first 4 bytes of each of 8 blocks (`d`, and `m` for `Q4_1`), zero past the end.
+        let mut h = [0i32; 8];
+        for (l, h) in h.iter_mut().enumerate().take(kb - v) {
+            // SAFETY: block `v + l < kb` is inside `w`, and a block is more than 4 bytes.
+            *h = unsafe { w.as_ptr().add((v + l) * bs).cast::<i32>().read_unaligned() };
+        }
+        // SAFETY: the stores are within `dw`/`cw` (assert above); `h` is 8 values.
+        unsafe {
+            let g = _mm256_loadu_si256(h.as_ptr().cast());
+            let d = half8(_mm256_and_si256(g, low));
+            _mm256_storeu_ps(dw.as_mut_ptr().add(v), d);
+            let c = match K {
+                Q4_0 => _mm256_mul_ps(d, _mm256_set1_ps(-8.0)),
+                Q4_1 => half8(_mm256_srli_epi32::<16>(g)),
+                _ => _mm256_setzero_ps(),
+            };
+            _mm256_storeu_ps(cw.as_mut_ptr().add(v), c);
+        }
+        v += 8;
+    }
+}
+
+/// Eight f16 bit patterns (the low halves of eight 32-bit lanes) to f32.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn half8(v: std::arch::x86_64::__m256i) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let p = _mm256_packus_epi32(v, v);
+    let p = _mm256_permute4x64_epi64::<0b1000>(p);
+    _mm256_cvtph_ps(_mm256_castsi256_si128(p))
+}
+
+/// A tile in AVX2, for `RM` input rows and one weight row.
+///
+/// The blocks go eight at a time (a group): the eight blocks' values are transposed in registers
+/// so that 32-bit lane `l` of vector `k` holds values `4k..4k + 4` of block `l` (the layout
+/// [`Q8Rows`] keeps its groups in). Then each `maddubs` (unsigned × signed bytes to i16 pairs)
+/// works on eight blocks at once, the 4-bit products are summed in i16 over the whole group (at
+/// most 16 · 15 · 128 per lane), and one `madd` with ones, one conversion and one multiply-add
+/// with the eight blocks' combined scales `d_w · d_x` finish the group. `Q8_0` weights use the
+/// sign trick (`|w|` × `sign(x, w)`) and sum in i32. The 4-bit weights are multiplied as
+/// unsigned nibbles, their offset added as `Σ_b c_w · s_x`, eight blocks per multiply-add. The
+/// blocks after the last whole group go one at a time.
+///
+/// # Safety
+/// `t` describes valid operands for `RM` input rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_avx2<const K: u8, const RM: usize>(t: &Tile) {
+    use std::arch::x86_64::*;
+    for j in 0..t.rows {
+        // SAFETY: forwarded from the caller, for weight row `j`.
+        let acc = unsafe { row_avx2::<K, RM>(t, j) };
+        // Four sums per 128-bit lane pair: `hadd` twice, then the two halves added. Every tile
+        // size sums a row's lanes in this same order, so an input row's result does not depend on
+        // how many rows share its tile (a sequence decodes alike alone and in a batch).
+        let a = |i: usize| if i < RM { acc[i] } else { _mm256_setzero_ps() };
+        let h = _mm256_hadd_ps(_mm256_hadd_ps(a(0), a(1)), _mm256_hadd_ps(a(2), a(3)));
+        let sums = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
+        let mut v = [0f32; 4];
+        // SAFETY: `v` holds 4 floats.
+        unsafe { _mm_storeu_ps(v.as_mut_ptr(), sums) };
+        for (i, &v) in v.iter().enumerate().take(RM) {
+            // SAFETY: output `(i, j)` is in bounds (caller).
+            unsafe {
+                let p = t.out.add(i * t.out_stride + j);
+                if t.store { *p = v } else { *p += v }
+            }
+        }
+    }
+}
+
+/// [`tile_avx2`] for weight row `j`: `RM` accumulators whose lanes sum to the products.
+///
+/// # Safety
+/// As [`tile_avx2`], `j < t.rows`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn row_avx2<const K: u8, const RM: usize>(
+    t: &Tile,
+    j: usize,
+) -> [std::arch::x86_64::__m256; RM] {
+    use std::arch::x86_64::*;
+    // SAFETY: weight row `j` and its scales are in bounds (caller).
+    let (w0, dw0, cw0) = unsafe {
+        (
+            t.w.add(j * t.w_stride),
+            t.dw.add(j * t.sc_stride),
+            t.cw.add(j * t.sc_stride),
+        )
+    };
+    let bs = block_bytes(K);
+    let qo = qs_offset(K);
+    let ones = _mm256_set1_epi16(1);
+    let nib = _mm256_set1_epi8(0x0F);
+    let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    let mut acc = [_mm256_setzero_ps(); RM];
+    // SAFETY: every pointer below stays inside the operands `t` describes (caller), and the
+    // masked loads touch only blocks `< kb`.
+    unsafe {
+        for g in 0..t.groups {
+            let b = 8 * g;
+            let w = w0.add(b * bs + qo);
+            let dw = _mm256_loadu_ps(dw0.add(b));
+            if K == Q8_0 {
+                let mut sums = [_mm256_setzero_si256(); RM];
+                for half in 0..2 {
+                    let h = 16 * half;
+                    let r: [__m256i; 4] = std::array::from_fn(|m| {
+                        _mm256_loadu2_m128i(
+                            w.add((m + 4) * bs + h).cast(),
+                            w.add(m * bs + h).cast(),
+                        )
+                    });
+                    let v = transpose4(r);
+                    for (m, &v) in v.iter().enumerate() {
+                        let a = _mm256_sign_epi8(v, v);
+                        for (i, sum) in sums.iter_mut().enumerate() {
+                            let y = _mm256_loadu_si256(
+                                t.qs.add(i * t.q_stride + b * QK + 32 * (4 * half + m))
+                                    .cast(),
+                            );
+                            let p = _mm256_maddubs_epi16(a, _mm256_sign_epi8(y, v));
+                            *sum = _mm256_add_epi32(*sum, _mm256_madd_epi16(p, ones));
+                        }
+                    }
+                }
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let dx = _mm256_loadu_ps(t.d.add(i * t.b_stride + b));
+                    let p = _mm256_cvtepi32_ps(sums[i]);
+                    *acc = _mm256_fmadd_ps(p, _mm256_mul_ps(dx, dw), *acc);
+                }
+            } else {
+                let r: [__m256i; 4] = std::array::from_fn(|m| {
+                    _mm256_loadu2_m128i(w.add((m + 4) * bs).cast(), w.add(m * bs).cast())
+                });
+                let v = transpose4(r);
+                let mut sums = [_mm256_setzero_si256(); RM];
+                for (m, &v) in v.iter().enumerate() {
+                    let lo = _mm256_and_si256(v, nib);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), nib);
+                    for (i, sum) in sums.iter_mut().enumerate() {
+                        let y = t.qs.add(i * t.q_stride + b * QK);
+                        let ylo = _mm256_loadu_si256(y.add(32 * m).cast());
+                        let yhi = _mm256_loadu_si256(y.add(32 * (4 + m)).cast());
+                        *sum = _mm256_add_epi16(*sum, _mm256_maddubs_epi16(lo, ylo));
+                        *sum = _mm256_add_epi16(*sum, _mm256_maddubs_epi16(hi, yhi));
+                    }
+                }
+                let cw = _mm256_loadu_ps(cw0.add(b));
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let dx = _mm256_loadu_ps(t.d.add(i * t.b_stride + b));
+                    let sx = _mm256_loadu_ps(t.s.add(i * t.b_stride + b));
+                    let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(sums[i], ones));
+                    *acc = _mm256_fmadd_ps(p, _mm256_mul_ps(dx, dw), *acc);
+                    *acc = _mm256_fmadd_ps(cw, sx, *acc);
+                }
+            }
+        }
+        // The blocks after the whole groups, one at a time (their values are not interleaved).
+        let first = 8 * t.groups;
+        if first < t.kb {
+            if K != Q8_0 {
+                let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((t.kb - first) as i32), lanes);
+                let cw = _mm256_maskload_ps(cw0.add(first), mask);
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let sx = _mm256_maskload_ps(t.s.add(i * t.b_stride + first), mask);
+                    *acc = _mm256_fmadd_ps(cw, sx, *acc);
+                }
+            }
+            for b in first..t.kb {
+                let p = w0.add(b * bs + qo);
+                let dw = _mm256_broadcast_ss(&*dw0.add(b));
+                let (wv, wa) = if K == Q8_0 {
+                    let v = _mm256_loadu_si256(p.cast());
+                    (v, _mm256_sign_epi8(v, v))
+                } else {
+                    let q = _mm_loadu_si128(p.cast());
+                    let v = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(q), q), nib);
+                    (v, v)
+                };
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let y = _mm256_loadu_si256(t.qs.add(i * t.q_stride + b * QK).cast());
+                    let p = if K == Q8_0 {
+                        _mm256_maddubs_epi16(wa, _mm256_sign_epi8(y, wv))
+                    } else {
+                        _mm256_maddubs_epi16(wv, y)
+                    };
+                    let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
+                    let dx = _mm256_broadcast_ss(&*t.d.add(i * t.b_stride + b));
+                    *acc = _mm256_fmadd_ps(p, _mm256_mul_ps(dx, dw), *acc);
+                }
+            }
+        }
+    }
+    acc
+}
+
+/// Transposes 32-bit lanes within each 128-bit half: from `r[m]` = (lanes 0..4 of block `m`,
+/// lanes 0..4 of block `m + 4`) to `v[k]` = lane `k` of blocks `0..8`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn transpose4(r: [std::arch::x86_64::__m256i; 4]) -> [std::arch::x86_64::__m256i; 4] {
+    use std::arch::x86_64::*;
+    let t0 = _mm256_unpacklo_epi32(r[0], r[1]);
+    let t1 = _mm256_unpackhi_epi32(r[0], r[1]);
+    let t2 = _mm256_unpacklo_epi32(r[2], r[3]);
+    let t3 = _mm256_unpackhi_epi32(r[2], r[3]);
+    [
+        _mm256_unpacklo_epi64(t0, t2),
+        _mm256_unpackhi_epi64(t0, t2),
+        _mm256_unpacklo_epi64(t1, t3),
+        _mm256_unpackhi_epi64(t1, t3),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_gguf::blocks;
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        (0..len)
+            .map(|i| {
+                let v = (i as u32)
+                    .wrapping_mul(2_654_435_761)
+                    .wrapping_add(seed.wrapping_mul(40_503))
+                    >> 8;
+                (v % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn matrix(ty: GgmlType, rows: usize, cols: usize, seed: u32) -> QuantMatrix {
+        let w = values(rows * cols, seed);
+        let bytes = blocks::quantize(ty, &w).unwrap();
+        QuantMatrix::from_vec(ty, rows, cols, bytes).unwrap()
+    }
+
+    /// `Σ w x` in f64 over the dequantized weights and activations, and `Σ |w x|`.
+    fn reference(w: &[f32], x: &[f32], rows: usize, cols: usize, n: usize) -> Vec<(f64, f64)> {
+        let mut out = Vec::with_capacity(n * rows);
+        for r in 0..n {
+            for o in 0..rows {
+                let (mut s, mut a) = (0f64, 0f64);
+                for i in 0..cols {
+                    let p = f64::from(x[r * cols + i]) * f64::from(w[o * cols + i]);
+                    s += p;
+                    a += p.abs();
+                }
+                out.push((s, a));
+            }
+        }
+        out
+    }
+
+    fn close(got: f32, (want, mag): (f64, f64)) -> bool {
+        (f64::from(got) - want).abs() <= 1e-5 * (want.abs() + mag) + 1e-6
+    }
+
+    #[test]
+    fn dequantize_equals_gguf_codec() {
+        for ty in QuantMatrix::SUPPORTED {
+            let (rows, cols) = (7, 96);
+            let w = values(rows * cols, 3);
+            let bytes = blocks::quantize(ty, &w).unwrap();
+            let want = blocks::dequantize_to_vec(ty, &bytes, w.len()).unwrap();
+            let q = QuantMatrix::from_vec(ty, rows, cols, bytes).unwrap();
+            assert_eq!(q.dequantize(), want, "{ty}");
+            let mut two = vec![0f32; 2 * cols];
+            q.dequantize_rows(&[5, 2], &mut two).unwrap();
+            assert_eq!(two[..cols], want[5 * cols..6 * cols]);
+            assert_eq!(two[cols..], want[2 * cols..3 * cols]);
+            assert_eq!(q.bytes(), ty.type_size().unwrap() * rows * cols / 32);
+        }
+    }
+
+    #[test]
+    fn q8_rows_are_llama_q8_blocks() {
+        // 3 rows of 18 blocks: two interleaved groups of 8 and 2 plain blocks each.
+        let (n, cols) = (3, 576);
+        let x = values(n * cols, 7);
+        let q = Q8Rows::quantize(&x, n, cols).unwrap();
+        assert_eq!((q.rows(), q.cols()), (n, cols));
+        let back = q.dequantize();
+        for (b, xb) in x.chunks(32).enumerate() {
+            let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert_eq!(q.d[b], amax / 127.0);
+            let inv = 127.0 / amax;
+            let mut sum = 0;
+            for (i, &v) in xb.iter().enumerate() {
+                let want = (v * inv).round_ties_even();
+                assert_eq!(back[b * 32 + i], q.d[b] * want, "block {b} value {i}");
+                sum += want as i32;
+            }
+            assert_eq!(q.s[b], q.d[b] * sum as f32);
+        }
+        // The portable quantizer gives the same bytes.
+        let blocks = n * cols / 32;
+        let (mut qs, mut d, mut s) = (vec![0i8; x.len()], vec![0f32; blocks], vec![0f32; blocks]);
+        quantize_portable(&x, &mut qs, &mut d, &mut s, cols / 32);
+        assert_eq!((qs, d, s), (q.qs.clone(), q.d.clone(), q.s.clone()));
+        // All zeros; reuse of the buffers.
+        let mut z = Q8Rows::quantize(&[0.0; 32], 1, 32).unwrap();
+        assert_eq!(z.dequantize(), vec![0.0; 32]);
+        z.requantize(&x, n, cols).unwrap();
+        assert_eq!(z.dequantize(), back);
+    }
+
+    #[test]
+    fn matmul_equals_the_dequantized_product() {
+        let shapes = [
+            (1, 32, 1),
+            (130, 576, 1),
+            (200, 96, 16),
+            (65, 1536, 15),
+            (576, 576, 128),
+            (70, 64, 3),
+            (33, 160, 7),
+            (257, 320, 5),
+        ];
+        for ty in QuantMatrix::SUPPORTED {
+            for &(rows, cols, n) in &shapes {
+                let q = matrix(ty, rows, cols, 11);
+                let w = q.dequantize();
+                let x = Q8Rows::quantize(&values(n * cols, 5), n, cols).unwrap();
+                let want = reference(&w, &x.dequantize(), rows, cols, n);
+                let mut out = vec![0f32; n * rows];
+                q.matmul_q8(&x, &mut out, rows, 0).unwrap();
+                for (k, (&got, &want)) in out.iter().zip(&want).enumerate() {
+                    assert!(
+                        close(got, want),
+                        "{ty} {rows}×{cols} n={n} [{}, {}]: {got} vs {want:?}",
+                        k / rows,
+                        k % rows
+                    );
+                }
+                // The portable kernel agrees.
+                let mut portable = vec![0f32; n * rows];
+                portable_rows_fn(q.kind)(&Job {
+                    w: q.data(),
+                    rows,
+                    nb: cols / 32,
+                    x: &x,
+                    out: OutPtr(portable.as_mut_ptr()),
+                    stride: rows,
+                    col0: 0,
+                });
+                for (k, (&got, &want)) in portable.iter().zip(&want).enumerate() {
+                    assert!(close(got, want), "portable {ty} {rows}×{cols} n={n} [{k}]");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_rows_result_does_not_depend_on_the_rows_beside_it() {
+        // Serving batches sequences that decode alone elsewhere: bit-identical results.
+        for ty in QuantMatrix::SUPPORTED {
+            let (rows, cols) = (150, 320);
+            let m = matrix(ty, rows, cols, 5);
+            let x = values(7 * cols, 8);
+            let mut batch = vec![0f32; 7 * rows];
+            m.forward(&x, 7, &mut batch).unwrap();
+            for (r, want) in batch.chunks(rows).enumerate() {
+                let mut alone = vec![0f32; rows];
+                m.forward(&x[r * cols..(r + 1) * cols], 1, &mut alone)
+                    .unwrap();
+                assert_eq!(alone, want, "{ty:?} row {r}");
+            }
+        }
+    }
+
+    #[test]
+    fn strided_output_leaves_other_columns() {
+        for ty in QuantMatrix::SUPPORTED {
+            let (rows, cols, n) = (100, 128, 6);
+            let q = matrix(ty, rows, cols, 2);
+            let x = Q8Rows::quantize(&values(n * cols, 9), n, cols).unwrap();
+            let mut plain = vec![0f32; n * rows];
+            q.matmul_q8(&x, &mut plain, rows, 0).unwrap();
+            let (stride, offset) = (rows + 37, 21);
+            let mut out = vec![7f32; n * stride];
+            q.matmul_q8(&x, &mut out, stride, offset).unwrap();
+            for r in 0..n {
+                for c in 0..stride {
+                    let got = out[r * stride + c];
+                    if (offset..offset + rows).contains(&c) {
+                        assert_eq!(got, plain[r * rows + c - offset]);
+                    } else {
+                        assert_eq!(got, 7.0);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn large_rows_chunk_the_blocks() {
+        // More blocks per row than the scale scratch holds, so the blocks are taken in chunks.
+        let (rows, cols, n) = (3, 32 * (SCRATCH + 40), 2);
+        for ty in QuantMatrix::SUPPORTED {
+            let q = matrix(ty, rows, cols, 4);
+            let x = Q8Rows::quantize(&values(n * cols, 1), n, cols).unwrap();
+            let want = reference(&q.dequantize(), &x.dequantize(), rows, cols, n);
+            let mut out = vec![0f32; n * rows];
+            q.matmul_q8(&x, &mut out, rows, 0).unwrap();
+            for (&got, &want) in out.iter().zip(&want) {
+                assert!(close(got, want), "{ty}: {got} vs {want:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn close_to_the_float_product() {
+        for ty in QuantMatrix::SUPPORTED {
+            let (rows, cols, n) = (64, 256, 4);
+            let w = values(rows * cols, 8);
+            let x = values(n * cols, 6);
+            let q =
+                QuantMatrix::from_vec(ty, rows, cols, blocks::quantize(ty, &w).unwrap()).unwrap();
+            let mut out = vec![0f32; n * rows];
+            q.forward(&x, n, &mut out).unwrap();
+            let want = reference(&w, &x, rows, cols, n);
+            let err: f64 = out
+                .iter()
+                .zip(&want)
+                .map(|(&g, &(w, _))| (f64::from(g) - w).powi(2))
+                .sum::<f64>()
+                .sqrt();
+            let norm: f64 = want.iter().map(|&(w, _)| w * w).sum::<f64>().sqrt();
+            let bound = if ty == GgmlType::Q8_0 { 0.02 } else { 0.1 };
+            assert!(err / norm < bound, "{ty}: relative error {}", err / norm);
+        }
+    }
+
+    #[test]
+    fn errors() {
+        let bytes = blocks::quantize(GgmlType::Q4_1, &values(4 * 64, 1)).unwrap();
+        let shared: SharedBytes = Arc::new(bytes.clone());
+        // Not whole blocks per row.
+        assert!(matches!(
+            QuantMatrix::new(GgmlType::Q4_1, 8, 32 + 16, shared.clone(), 0),
+            Err(KernelError::Shape { .. })
+        ));
+        // Bytes too short, or past the end.
+        assert!(QuantMatrix::new(GgmlType::Q4_1, 5, 64, shared.clone(), 0).is_err());
+        assert!(QuantMatrix::new(GgmlType::Q4_1, 4, 64, shared.clone(), 1).is_err());
+        assert!(QuantMatrix::new(GgmlType::Q4_1, 1, 64, shared.clone(), 1000).is_err());
+        assert!(QuantMatrix::new(GgmlType::Q4_1, usize::MAX, 64, shared.clone(), 0).is_err());
+        // Unsupported types are declined.
+        assert_eq!(
+            QuantMatrix::new(GgmlType::Q4_K, 4, 64, shared.clone(), 0).unwrap_err(),
+            KernelError::Declined
+        );
+        assert!(!supports(GgmlType::F32) && supports(GgmlType::Q8_0));
+        let q = QuantMatrix::new(GgmlType::Q4_1, 4, 64, shared.clone(), 0).unwrap();
+        assert!(QuantMatrix::new(GgmlType::Q4_1, 2, 64, shared, 80).is_ok());
+        assert!(format!("{q:?}").len() < 200);
+        // Input shapes.
+        assert!(Q8Rows::quantize(&[0.0; 48], 1, 48).is_err());
+        assert!(Q8Rows::quantize(&[0.0; 63], 1, 64).is_err());
+        let x = Q8Rows::quantize(&[0.5; 128], 2, 64).unwrap();
+        let x32 = Q8Rows::quantize(&[0.5; 64], 2, 32).unwrap();
+        let mut out = [0f32; 8];
+        assert!(q.matmul_q8(&x32, &mut out, 4, 0).is_err());
+        assert!(q.matmul_q8(&x, &mut out[..7], 4, 0).is_err());
+        assert!(q.matmul_q8(&x, &mut out, 4, 1).is_err());
+        assert!(q.matmul_q8(&x, &mut out, 3, 0).is_err());
+        assert!(q.matmul_q8(&x, &mut out, 4, usize::MAX).is_err());
+        assert!(q.matmul_q8(&x, &mut out, 4, 0).is_ok());
+        let empty = Q8Rows::quantize(&[], 0, 64).unwrap();
+        assert!(q.matmul_q8(&empty, &mut [], 4, 0).is_ok());
+        assert!(q.forward(&[0.0; 64], 1, &mut [0.0; 3]).is_err());
+        assert!(q.forward(&[0.0; 60], 1, &mut [0.0; 4]).is_err());
+        // Embedding lookups.
+        assert_eq!(
+            q.dequantize_rows(&[4], &mut [0.0; 64]),
+            Err(KernelError::RowOutOfRange { index: 4, rows: 4 })
+        );
+        let mut row = [0f32; 64];
+        LinearKernel::dequantize_rows(&q, &[3], &mut row).unwrap();
+        assert_eq!(row[..], q.dequantize()[3 * 64..]);
+        assert!(q.dequantize_rows(&[1], &mut [0.0; 63]).is_err());
+        assert!(q.dequantize_rows(&[], &mut []).is_ok());
+    }
+}

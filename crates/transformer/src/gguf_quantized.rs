@@ -1,0 +1,211 @@
+//! Llama-architecture GGUF files run from their quantized blocks: every projection and the token
+//! embedding keep the file's blocks as [`QuantLinear`] kernels, memory-mapped with no copy where
+//! the kernels read the type (`Q4_0`, `Q4_1`, `Q8_0`); other types are converted to `Q8_0` once at
+//! load. Norms are f32. The f32 weights are made (dequantized) only if a path asks for them: a
+//! backend without host kernels, or training.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use burn::module::Param;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Shape, Tensor, TensorData};
+use kiln_bpe::Tokenizer;
+use kiln_gguf::blocks::{dequantize_to_vec, quantize};
+use kiln_gguf::{GgmlType, GgufFile, TensorInfo};
+use kiln_kernels::quant::supports;
+use kiln_kernels::{QuantLinear, QuantMatrix, SharedBytes};
+
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use crate::gguf_model::{config_from_gguf, interleaved_to_half_split, load, shaped};
+use crate::linear::Projection;
+use crate::load::LoadedModel;
+use crate::model::Transformer;
+use crate::norm::Norm;
+
+/// Whether `file`'s weights are quantized (its first projection is in a block type), so that
+/// [`load_gguf_quantized`] keeps it smaller than f32 weights would.
+pub fn gguf_is_quantized(file: &GgufFile) -> bool {
+    file.tensor("blk.0.attn_q.weight")
+        .is_some_and(|t| !matches!(t.ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16))
+}
+
+/// A Llama GGUF model whose projections and token embedding stay in the file's quantized blocks
+/// (see the module docs). Same model and outputs as [`load_gguf`](crate::load_gguf) up to the
+/// kernels' 8-bit rounding of activations, in a fraction of the memory.
+pub fn load_gguf_quantized<B: Backend>(
+    path: impl AsRef<Path>,
+    device: &B::Device,
+) -> Result<LoadedModel<B>> {
+    let path = path.as_ref();
+    let file = Arc::new(GgufFile::open(path)?);
+    let config = config_from_gguf(&file)?;
+    let source = path.display().to_string();
+    let reader = Reader {
+        file: &file,
+        bytes: Arc::clone(&file) as SharedBytes,
+        source: &source,
+    };
+    // Lazily initialized: the random weights `init` describes are never made.
+    let mut model = config.init::<B>(device)?;
+    reader.fill(&mut model, &config, device)?;
+    let tokenizer = Some(Tokenizer::from_gguf(path)?);
+    let chat_template = file
+        .get("tokenizer.chat_template")
+        .and_then(|v| v.as_str())
+        .map(str::to_owned);
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        chat_template,
+        source: path.to_owned(),
+    })
+}
+
+struct Reader<'a> {
+    file: &'a GgufFile,
+    bytes: SharedBytes,
+    source: &'a str,
+}
+
+impl Reader<'_> {
+    fn fill<B: Backend>(
+        &self,
+        model: &mut Transformer<B>,
+        config: &ModelConfig,
+        device: &B::Device,
+    ) -> Result<()> {
+        let (d, ff, v, hd) = (
+            config.d_model,
+            config.d_ff,
+            config.vocab_size,
+            config.head_dim(),
+        );
+        let (q_out, kv_out) = (config.n_heads * hd, config.n_kv_heads * hd);
+        let embedding = Arc::new(self.linear(&[("token_embd.weight", v, d, None)])?);
+        let table = Arc::clone(&embedding);
+        model.tok_emb.weight = Param::uninitialized(
+            model.tok_emb.weight.id,
+            move |device: &B::Device, require_grad| {
+                let w = Tensor::from_data(TensorData::new(table.dequantize(), [v, d]), device);
+                if require_grad { w.require_grad() } else { w }
+            },
+            device.clone(),
+            true,
+            Shape::new([v, d]),
+        );
+        model.tok_emb_kernel = Some(embedding.clone());
+        match &mut model.lm_head {
+            Some(head) => {
+                let kernel = self.linear(&[("output.weight", v, d, None)])?;
+                *head = Projection::from_quantized(kernel, head.weight.id, device);
+            }
+            None => model.tied_head_kernel = Some(embedding),
+        }
+        self.norm(&mut model.norm_f, "output_norm.weight", d, device)?;
+        for (i, block) in model.blocks.iter_mut().enumerate() {
+            let name = |s: &str| format!("blk.{i}.{s}.weight");
+            self.norm(&mut block.norm1, &name("attn_norm"), d, device)?;
+            self.norm(&mut block.norm2, &name("ffn_norm"), d, device)?;
+            let (q, k, v, o) = (
+                name("attn_q"),
+                name("attn_k"),
+                name("attn_v"),
+                name("attn_output"),
+            );
+            let qkv = self.linear(&[
+                (&q, q_out, d, Some(hd)),
+                (&k, kv_out, d, Some(hd)),
+                (&v, kv_out, d, None),
+            ])?;
+            let attn = &mut block.attn;
+            attn.qkv = Projection::from_quantized(qkv, attn.qkv.weight.id, device);
+            let proj = self.linear(&[(&o, d, q_out, None)])?;
+            attn.proj = Projection::from_quantized(proj, attn.proj.weight.id, device);
+            let mlp = &mut block.mlp;
+            if let Some(gate) = &mut mlp.gate {
+                let kernel = self.linear(&[(&name("ffn_gate"), ff, d, None)])?;
+                *gate = Projection::from_quantized(kernel, gate.weight.id, device);
+            }
+            let up = self.linear(&[(&name("ffn_up"), ff, d, None)])?;
+            mlp.up = Projection::from_quantized(up, mlp.up.weight.id, device);
+            let down = self.linear(&[(&name("ffn_down"), d, ff, None)])?;
+            mlp.down = Projection::from_quantized(down, mlp.down.weight.id, device);
+        }
+        Ok(())
+    }
+
+    /// Norm weight `name` (`[d]`, f32) into `norm`.
+    fn norm<B: Backend>(
+        &self,
+        norm: &mut Norm<B>,
+        name: &str,
+        d: usize,
+        device: &B::Device,
+    ) -> Result<()> {
+        let values = load(self.file, name, &[d], self.source)?;
+        let tensor = Tensor::from_data(TensorData::new(values, [d]), device);
+        norm.weight = Param::initialized(norm.weight.id, tensor.require_grad());
+        Ok(())
+    }
+
+    /// Tensors `(name, rows, cols, rope head_dim)` stacked along their outputs; Q and K (with a
+    /// head size) get their rows reordered for half-split RoPE, as [`load_gguf`](crate::load_gguf)
+    /// does.
+    fn linear(&self, parts: &[(&str, usize, usize, Option<usize>)]) -> Result<QuantLinear> {
+        let matrices = parts
+            .iter()
+            .map(|&(name, rows, cols, head_dim)| self.matrix(name, rows, cols, head_dim))
+            .collect::<Result<Vec<_>>>()?;
+        QuantLinear::new(matrices).map_err(|e| ModelError::BadTensor {
+            name: parts[0].0.to_owned(),
+            reason: e.to_string(),
+        })
+    }
+
+    fn matrix(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        head_dim: Option<usize>,
+    ) -> Result<QuantMatrix> {
+        let info = shaped(self.file, name, &[rows, cols], self.source)?;
+        let bad = |reason: String| ModelError::BadTensor {
+            name: name.to_owned(),
+            reason,
+        };
+        let matrix = if supports(info.ty) && cols.is_multiple_of(32) {
+            match head_dim {
+                None => {
+                    QuantMatrix::new(info.ty, rows, cols, Arc::clone(&self.bytes), offset(info))
+                }
+                Some(hd) => {
+                    let bytes = self.file.tensor_data(info).to_vec();
+                    let row_bytes = bytes.len() / rows.max(1);
+                    let bytes = interleaved_to_half_split(bytes, hd, row_bytes);
+                    QuantMatrix::from_vec(info.ty, rows, cols, bytes)
+                }
+            }
+        } else {
+            // Types the kernels do not read (K-quants, Q5, floats) become Q8_0 once.
+            let mut values = dequantize_to_vec(info.ty, self.file.tensor_data(info), rows * cols)
+                .map_err(|source| ModelError::Dequant {
+                tensor: name.to_owned(),
+                source,
+            })?;
+            if let Some(hd) = head_dim {
+                values = interleaved_to_half_split(values, hd, cols);
+            }
+            let bytes = quantize(GgmlType::Q8_0, &values).map_err(|e| bad(e.to_string()))?;
+            QuantMatrix::from_vec(GgmlType::Q8_0, rows, cols, bytes)
+        };
+        matrix.map_err(|e| bad(e.to_string()))
+    }
+}
+
+/// Where `info`'s bytes start in the file.
+fn offset(info: &TensorInfo) -> usize {
+    info.offset as usize
+}
