@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Serving throughput under load, same session, same GGUF, same requests:
-#   kiln serve (continuous batching, --max-batch-size 16), kiln serve --max-batch-size 1 (one request
-#   at a time), kiln serve --quantize int8, and llama-cpp-python's OpenAI server (--n_threads 2), both
+#   kiln serve with f32 weights (continuous batching, --max-batch-size 16), --max-batch-size 1 (one request
+#   at a time), kiln serve --quantize int8, kiln serve --quantize native (the 4-bit file's own blocks
+#   in memory: what `auto` does with a quantized GGUF), and llama-cpp-python's OpenAI server (--n_threads 2), both
 #   as the issue runs it (its defaults interrupt a running stream when a request arrives) and with
 #   --interrupt_requests False (every request runs to completion, one at a time).
 # For 1, 4 and 16 concurrent streaming clients, each sending REQUESTS requests of MAX_TOKENS new
@@ -41,10 +42,11 @@ run_load() { # name
 }
 
 RESULTS=$(mktemp)
-for variant in "16 none" "1 none" "16 int8"; do
+echo "cpu: $(lscpu | sed -n 's/^Model name: *//p' | head -1)"
+for variant in "16 none" "1 none" "16 int8" "16 native"; do
   read -r batch quantize <<<"$variant"
   name="kiln (batch $batch)"
-  [ "$quantize" = int8 ] && name="kiln int8 (batch $batch)"
+  [ "$quantize" != none ] && name="kiln $quantize (batch $batch)"
   target/release/kiln serve --model "$MODEL" --port "$PORT" --max-batch-size "$batch" \
     --quantize "$quantize" >/dev/null 2>&1 & SERVER_PID=$!
   wait_ready
@@ -77,8 +79,12 @@ base = {c: s["tokens_per_s"] for (n, c), s in rows.items() if n == "kiln (batch 
 peer = {c: s["tokens_per_s"] for (n, c), s in rows.items() if n == "llama-cpp-python"}
 strict = {c: s["tokens_per_s"] for (n, c), s in rows.items() if n == "llama-cpp-python (no interrupts)"}
 for (n, c), s in rows.items():
-    if n in ("kiln (batch 16)", "kiln int8 (batch 16)"):
+    if n in ("kiln (batch 16)", "kiln int8 (batch 16)", "kiln native (batch 16)"):
         print(f"{n}, clients {c}: {s['tokens_per_s'] / base[c]:.2f}x one-at-a-time, "
               f"{s['tokens_per_s'] / peer[c]:.2f}x llama-cpp-python, "
               f"{s['tokens_per_s'] / strict[c]:.2f}x llama-cpp-python without interrupts")
+f32 = {c: s["tokens_per_s"] for (n, c), s in rows.items() if n == "kiln (batch 16)"}
+for (n, c), s in rows.items():
+    if n == "kiln native (batch 16)":
+        print(f"4-bit in memory against f32, clients {c}: {s['tokens_per_s'] / f32[c]:.2f}x")
 PY

@@ -86,6 +86,23 @@ pub(crate) fn rows_per_task(rows: usize, threads: usize) -> usize {
         .min(rows)
 }
 
+/// Weight rows per task of a single input row (decoding) beyond which the work is cut into more
+/// tasks than threads, so that a thread held up elsewhere (or woken late) is made up for by the
+/// others taking its share.
+const DECODE_ROWS_PER_TASK: usize = 4096;
+
+/// [`rows_per_task`] for an `n`-row product: one task per thread, except for one input row
+/// through many weight rows (the output head), cut into tasks of about
+/// [`DECODE_ROWS_PER_TASK`] rows (at most 8 per thread).
+fn task_rows(n: usize, rows: usize, threads: usize) -> usize {
+    let per_thread = if n == 1 {
+        (rows / threads / DECODE_ROWS_PER_TASK).clamp(1, 8)
+    } else {
+        1
+    };
+    rows_per_task(rows, threads * per_thread)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Activations.
 
@@ -451,7 +468,7 @@ impl QuantMatrix {
         }
         // One task per thread: decoding calls this ~200 times per token, and each extra task is a
         // thread wake-up. (Within a task, the rows are taken in chunks that fit the L2 cache.)
-        let per_task = rows_per_task(self.rows, threads);
+        let per_task = task_rows(n, self.rows, threads);
         let tasks = self.rows.div_ceil(per_task);
         (0..tasks).into_par_iter().for_each(|t| {
             let first = t * per_task;
@@ -611,7 +628,7 @@ pub(crate) fn matmul_stacked(
         run(0..total);
         return Ok(());
     }
-    let per_task = rows_per_task(total, threads);
+    let per_task = task_rows(n, total, threads);
     (0..total.div_ceil(per_task))
         .into_par_iter()
         .for_each(|t| run(t * per_task..((t + 1) * per_task).min(total)));
@@ -710,7 +727,264 @@ fn rows_portable<const K: u8>(job: &Job) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn rows_avx2<const K: u8>(job: &Job) {
-    drive::<K, true>(job);
+    if job.x.rows == 1 && job.nb <= SCRATCH {
+        gemv_avx2::<K>(job);
+    } else {
+        drive::<K, true>(job);
+    }
+}
+
+/// Bytes ahead of the weight row being multiplied that [`gemv_avx2`] prefetches.
+const PREFETCH_BYTES: usize = 1024;
+
+/// [`drive`] for one input row in AVX2 (decoding): the same floating-point operations as
+/// [`tile_avx2`] with one input row, so the same results, with the weight scales converted inside
+/// the loop instead of in a pass ahead of it, the weights prefetched ahead of the loop, and four
+/// weight rows' sums reduced and stored together.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn gemv_avx2<const K: u8>(job: &Job) {
+    use std::arch::x86_64::*;
+    let bs = block_bytes(K);
+    let nb = job.nb;
+    let row_bytes = nb * bs;
+    let x = job.x;
+    assert!(
+        x.rows == 1
+            && nb <= SCRATCH
+            && job.w.len() >= job.rows * row_bytes
+            && x.qs.len() >= nb * QK
+            && x.d.len() >= nb
+            && x.s.len() >= nb,
+        "operands shorter than their shapes"
+    );
+    let w = job.w.as_ptr();
+    let end = job.rows * row_bytes;
+    let xs = XRow {
+        qs: x.qs.as_ptr(),
+        d: x.d.as_ptr(),
+        s: x.s.as_ptr(),
+        nb,
+    };
+    // SAFETY: `matmul_q8` checked `out` holds `col0 + j` for every row `j` of this task, which
+    // only this task writes.
+    let out = unsafe { job.out.0.add(job.col0) };
+    let prefetch = |j: usize| {
+        // Rows `j..j + 4` plus the distance, line by line, inside the weights.
+        let from = (j * row_bytes + PREFETCH_BYTES).min(end);
+        let to = ((j + 4) * row_bytes + PREFETCH_BYTES).min(end);
+        let mut a = from & !63;
+        while a < to {
+            // SAFETY: a prefetch of an address inside the weights (no access is made).
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(w.add(a).cast()) };
+            a += 64;
+        }
+    };
+    let mut j = 0;
+    // SAFETY (all calls below): row `j` of `job.w` holds `nb` blocks (assert), and `xs` is one
+    // input row of `nb` blocks.
+    while j + 4 <= job.rows {
+        prefetch(j);
+        let r: [__m256; 4] =
+            std::array::from_fn(|k| unsafe { gemv_row::<K>(w.add((j + k) * row_bytes), &xs) });
+        // The reduction of `tile_avx2`, four weight rows at once (each lane's additions are the
+        // same).
+        let h = _mm256_hadd_ps(_mm256_hadd_ps(r[0], r[1]), _mm256_hadd_ps(r[2], r[3]));
+        let sums = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
+        // SAFETY: outputs `j..j + 4` are this task's (above).
+        unsafe { _mm_storeu_ps(out.add(j), sums) };
+        j += 4;
+    }
+    while j < job.rows {
+        let r = unsafe { gemv_row::<K>(w.add(j * row_bytes), &xs) };
+        let z = _mm256_setzero_ps();
+        let h = _mm256_hadd_ps(_mm256_hadd_ps(r, z), _mm256_hadd_ps(z, z));
+        let sums = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
+        // SAFETY: as above, for output `j`.
+        unsafe { *out.add(j) = _mm_cvtss_f32(sums) };
+        j += 1;
+    }
+}
+
+/// One input row of [`Q8Rows`]: `nb` blocks.
+struct XRow {
+    qs: *const i8,
+    d: *const f32,
+    s: *const f32,
+    nb: usize,
+}
+
+/// The first 4 bytes of each of the 8 blocks at `p`, `p + bs`, … (their `d`, and `m` for
+/// `Q4_1`): blocks `0..4` in the first vector, `4..8` in the second; lanes of blocks past `count`
+/// zero.
+///
+/// # Safety
+/// Blocks `0..count` at `p` are readable, and a block is at least 4 bytes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn block_heads(
+    p: *const u8,
+    bs: usize,
+    count: usize,
+) -> (std::arch::x86_64::__m128i, std::arch::x86_64::__m128i) {
+    use std::arch::x86_64::*;
+    // SAFETY: only blocks `< count` are read (caller).
+    let l = |k: usize| unsafe {
+        if k < count {
+            _mm_cvtsi32_si128(p.add(k * bs).cast::<i32>().read_unaligned())
+        } else {
+            _mm_setzero_si128()
+        }
+    };
+    let a01 = _mm_unpacklo_epi32(l(0), l(1));
+    let a23 = _mm_unpacklo_epi32(l(2), l(3));
+    let a45 = _mm_unpacklo_epi32(l(4), l(5));
+    let a67 = _mm_unpacklo_epi32(l(6), l(7));
+    (_mm_unpacklo_epi64(a01, a23), _mm_unpacklo_epi64(a45, a67))
+}
+
+/// The scales `d` and offset coefficients (as [`scales_avx2`]) of the 8 blocks whose first
+/// 4 bytes [`block_heads`] read.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn head_scales<const K: u8>(
+    (a, b): (std::arch::x86_64::__m128i, std::arch::x86_64::__m128i),
+) -> (std::arch::x86_64::__m256, std::arch::x86_64::__m256) {
+    use std::arch::x86_64::*;
+    // Each vector's four `d`s to its low 8 bytes, its four `m`s to the high 8.
+    let split = _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
+    let (a, b) = (_mm_shuffle_epi8(a, split), _mm_shuffle_epi8(b, split));
+    let d = _mm256_cvtph_ps(_mm_unpacklo_epi64(a, b));
+    let c = match K {
+        Q4_0 => _mm256_mul_ps(d, _mm256_set1_ps(-8.0)),
+        Q4_1 => _mm256_cvtph_ps(_mm_unpackhi_epi64(a, b)),
+        _ => _mm256_setzero_ps(),
+    };
+    (d, c)
+}
+
+/// The 16 bytes at `lo` and at `hi` as the low and high halves of a vector, read as a 32-byte
+/// load blended with a broadcast (not an insert, which only one of Zen 3's vector pipes runs).
+///
+/// # Safety
+/// The 32 bytes at `lo` and 16 at `hi` are readable.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn load_pair(lo: *const u8, hi: *const u8) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        _mm256_blend_epi32::<0xF0>(
+            _mm256_loadu_si256(lo.cast()),
+            _mm256_broadcastsi128_si256(_mm_loadu_si128(hi.cast())),
+        )
+    }
+}
+
+/// [`row_avx2`] with one input row, for the weight row at `w`, converting its scales as it goes.
+///
+/// # Safety
+/// `w` is a row of `x.nb` blocks; `x` an input row of as many.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn gemv_row<const K: u8>(w0: *const u8, x: &XRow) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let bs = block_bytes(K);
+    let qo = qs_offset(K);
+    let ones = _mm256_set1_epi16(1);
+    let nib = _mm256_set1_epi8(0x0F);
+    let groups = x.nb / 8;
+    let mut acc = _mm256_setzero_ps();
+    // SAFETY: every pointer below stays inside the row and the input row (caller).
+    unsafe {
+        for g in 0..groups {
+            let b = 8 * g;
+            let wb = w0.add(b * bs);
+            let w = wb.add(qo);
+            let (dw, cw) = head_scales::<K>(block_heads(wb, bs, 8));
+            let y = x.qs.add(b * QK);
+            let dx = _mm256_loadu_ps(x.d.add(b));
+            if K == Q8_0 {
+                let mut sum = _mm256_setzero_si256();
+                for half in 0..2 {
+                    let h = 16 * half;
+                    // (Blocks `m + 1`, `m + 2` are in the group.)
+                    let r: [__m256i; 4] = std::array::from_fn(|m| {
+                        load_pair(w.add(m * bs + h), w.add((m + 4) * bs + h))
+                    });
+                    let v = transpose4(r);
+                    for (m, &v) in v.iter().enumerate() {
+                        let a = _mm256_sign_epi8(v, v);
+                        let yv = _mm256_loadu_si256(y.add(32 * (4 * half + m)).cast());
+                        let p = _mm256_maddubs_epi16(a, _mm256_sign_epi8(yv, v));
+                        sum = _mm256_add_epi32(sum, _mm256_madd_epi16(p, ones));
+                    }
+                }
+                let p = _mm256_cvtepi32_ps(sum);
+                acc = _mm256_fmadd_ps(p, _mm256_mul_ps(dx, dw), acc);
+            } else {
+                // (Blocks `m + 1`, `m + 2` are in the group.)
+                let r: [__m256i; 4] =
+                    std::array::from_fn(|m| load_pair(w.add(m * bs), w.add((m + 4) * bs)));
+                let v = transpose4(r);
+                let mut sum = _mm256_setzero_si256();
+                for (m, &v) in v.iter().enumerate() {
+                    let lo = _mm256_and_si256(v, nib);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), nib);
+                    let ylo = _mm256_loadu_si256(y.add(32 * m).cast());
+                    let yhi = _mm256_loadu_si256(y.add(32 * (4 + m)).cast());
+                    sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(lo, ylo));
+                    sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(hi, yhi));
+                }
+                let sx = _mm256_loadu_ps(x.s.add(b));
+                let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum, ones));
+                acc = _mm256_fmadd_ps(p, _mm256_mul_ps(dx, dw), acc);
+                acc = _mm256_fmadd_ps(cw, sx, acc);
+            }
+        }
+        // The blocks after the whole groups, as `row_avx2` takes them.
+        let first = 8 * groups;
+        if first < x.nb {
+            let rest = x.nb - first;
+            let wf = w0.add(first * bs);
+            let (dws, cw) = head_scales::<K>(block_heads(wf, bs, rest));
+            if K != Q8_0 {
+                let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+                let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(rest as i32), lanes);
+                let cw = _mm256_and_ps(cw, _mm256_castsi256_ps(mask));
+                let sx = _mm256_maskload_ps(x.s.add(first), mask);
+                acc = _mm256_fmadd_ps(cw, sx, acc);
+            }
+            let mut dw = [0f32; 8];
+            _mm256_storeu_ps(dw.as_mut_ptr(), dws);
+            for (k, &dw) in dw.iter().enumerate().take(rest) {
+                let b = first + k;
+                let p = wf.add(k * bs + qo);
+                let (wv, wa) = if K == Q8_0 {
+                    let v = _mm256_loadu_si256(p.cast());
+                    (v, _mm256_sign_epi8(v, v))
+                } else {
+                    let q = _mm_loadu_si128(p.cast());
+                    let v = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(q), q), nib);
+                    (v, v)
+                };
+                let y = _mm256_loadu_si256(x.qs.add(b * QK).cast());
+                let p = if K == Q8_0 {
+                    _mm256_maddubs_epi16(wa, _mm256_sign_epi8(y, wv))
+                } else {
+                    _mm256_maddubs_epi16(wv, y)
+                };
+                let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
+                let dx = _mm256_broadcast_ss(&*x.d.add(b));
+                acc = _mm256_fmadd_ps(p, _mm256_mul_ps(dx, _mm256_set1_ps(dw)), acc);
+            }
+        }
+    }
+    acc
 }
 
 /// Floats of weight scales a task converts ahead of the products (per array, on the stack).
@@ -1326,8 +1600,12 @@ mod tests {
     #[test]
     fn a_rows_result_does_not_depend_on_the_rows_beside_it() {
         // Serving batches sequences that decode alone elsewhere: bit-identical results.
-        for ty in QuantMatrix::SUPPORTED {
-            let (rows, cols) = (150, 320);
+        // (One input row takes its own kernel: whole groups of 8 blocks and blocks after them,
+        // and weight rows in fours and after them.)
+        for (ty, (rows, cols)) in QuantMatrix::SUPPORTED
+            .into_iter()
+            .flat_map(|ty| [(150, 320), (70, 576), (41, 64), (9, 96)].map(|s| (ty, s)))
+        {
             let m = matrix(ty, rows, cols, 5);
             let x = values(7 * cols, 8);
             let mut batch = vec![0f32; 7 * rows];
@@ -1336,7 +1614,7 @@ mod tests {
                 let mut alone = vec![0f32; rows];
                 m.forward(&x[r * cols..(r + 1) * cols], 1, &mut alone)
                     .unwrap();
-                assert_eq!(alone, want, "{ty:?} row {r}");
+                assert_eq!(alone, want, "{ty:?} {rows}×{cols} row {r}");
             }
         }
     }

@@ -100,6 +100,20 @@ impl<B: Backend> Attention<B> {
             // instead of copying the keys and values once per query head.
             let rep = h / kvh;
             let q = q.reshape([b, kvh, rep, d]);
+            // Rows of different lengths see their own keys: the first `start + 1` (`ragged_mask`).
+            let keys: Option<Vec<usize>> = match (&ctx.mask, &ctx.cache) {
+                (None, _) => None,
+                (Some(_), Some(slots)) => Some(slots.starts.iter().map(|s| s + 1).collect()),
+                (Some(_), None) => Some(Vec::new()),
+            };
+            let fused = match &keys {
+                Some(keys) if keys.is_empty() => None,
+                keys => kiln_kernels::fused::ops::<B>()
+                    .and_then(|f| f.decode_attention(&q, &k, &v, keys.as_deref())),
+            };
+            if let Some(y) = fused {
+                return self.proj.forward(y.reshape([b, t, h * d]));
+            }
             let mask = ctx.mask.clone().map(|m| {
                 let keys = m.dims()[3];
                 m.reshape([b, kvh, rep, keys])

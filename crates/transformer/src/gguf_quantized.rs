@@ -124,11 +124,19 @@ impl Reader<'_> {
             let proj = self.linear(&[(&o, d, q_out, None)])?;
             attn.proj = Projection::from_quantized(proj, attn.proj.weight.id, device);
             let mlp = &mut block.mlp;
+            let up = self.linear(&[(&name("ffn_up"), ff, d, None)])?;
             if let Some(gate) = &mut mlp.gate {
                 let kernel = self.linear(&[(&name("ffn_gate"), ff, d, None)])?;
+                // Gate and up stacked as well: the same blocks, shared, not copied.
+                let parts = [kernel.parts(), up.parts()].concat();
+                mlp.gate_up = Some(Arc::new(QuantLinear::new(parts).map_err(|e| {
+                    ModelError::BadTensor {
+                        name: name("ffn_gate"),
+                        reason: e.to_string(),
+                    }
+                })?));
                 *gate = Projection::from_quantized(kernel, gate.weight.id, device);
             }
-            let up = self.linear(&[(&name("ffn_up"), ff, d, None)])?;
             mlp.up = Projection::from_quantized(up, mlp.up.weight.id, device);
             let down = self.linear(&[(&name("ffn_down"), d, ff, None)])?;
             mlp.down = Projection::from_quantized(down, mlp.down.weight.id, device);

@@ -8,6 +8,9 @@
 //!
 //! On Burn's Flex CPU backend the model runs Kiln's fused kernels (`kiln-kernels`: attention,
 //! LayerNorm, GELU, forward and backward) with no set-up; every other backend runs Burn's ops.
+//! [`load_gguf_quantized`] keeps a quantized GGUF file's weights in its own blocks (memory-mapped)
+//! and multiplies by them with `kiln-kernels`' integer kernels on the CPU; other backends get the
+//! weights dequantized to their float type on first use.
 //!
 //! ```
 //! use burn::backend::Flex;

@@ -1,11 +1,14 @@
 //! The feed-forward block: GELU MLP or SwiGLU.
 
+use std::sync::Arc;
+
 use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig};
-use burn::tensor::Tensor;
 use burn::tensor::activation::{gelu, gelu_approximate, silu};
 use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
 use kiln_kernels::fused::Gelu;
+use kiln_kernels::{LinearKernel, runs_host_kernels};
 
 use crate::config::{MlpKind, ModelConfig};
 use crate::linear::{INIT_STD, Projection};
@@ -24,6 +27,11 @@ pub struct Mlp<B: Backend> {
     /// The activation.
     #[module(skip)]
     pub kind: MlpKind,
+    /// SwiGLU's gate and up weights stacked in one kernel (gate's outputs first), the only copy of
+    /// a quantized model's weights: one product and the activation on the host, in place of two
+    /// products and three tensor operations per token.
+    #[module(skip)]
+    pub gate_up: Option<Arc<dyn LinearKernel>>,
 }
 
 impl<B: Backend> Mlp<B> {
@@ -38,12 +46,16 @@ impl<B: Backend> Mlp<B> {
             down: Projection::new(ff, d, bias, residual_std, device),
             dropout: DropoutConfig::new(config.dropout).init(),
             kind: config.mlp,
+            gate_up: None,
         }
     }
 
     /// `[batch, seq, d_model]` → `[batch, seq, d_model]`, before dropout (a partial sum under
     /// tensor parallelism).
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        if let Some(h) = self.swiglu_on_host(&x) {
+            return self.down.forward(h);
+        }
         // A gate makes the block SwiGLU (`new` and every loader create one exactly for SwiGLU).
         let h = match &self.gate {
             Some(gate) => silu(gate.forward(x.clone())) * self.up.forward(x),
@@ -62,5 +74,37 @@ impl<B: Backend> Mlp<B> {
             }
         };
         self.down.forward(h)
+    }
+
+    /// `silu(gate(x)) · up(x)` through [`gate_up`](Self::gate_up), when the model has it and the
+    /// backend uses host kernels.
+    fn swiglu_on_host(&self, x: &Tensor<B, 3>) -> Option<Tensor<B, 3>> {
+        let kernel = self.gate_up.as_ref()?;
+        if !runs_host_kernels::<B>() || self.gate.is_none() {
+            return None;
+        }
+        let [b, t, d] = x.dims();
+        let ff = kernel.out_features() / 2;
+        if kernel.in_features() != d || self.gate.as_ref()?.bias.is_some() || self.up.bias.is_some()
+        {
+            return None;
+        }
+        let input = x.to_data().convert::<f32>().into_vec::<f32>().ok()?;
+        let rows = b * t;
+        let mut both = vec![0f32; rows * 2 * ff];
+        kernel.forward(&input, rows, &mut both).ok()?;
+        let mut h = Vec::with_capacity(rows * ff);
+        for row in both.chunks_exact(2 * ff) {
+            let (gate, up) = row.split_at(ff);
+            h.extend(
+                gate.iter()
+                    .zip(up)
+                    .map(|(&g, &u)| g / (1.0 + (-g).exp()) * u),
+            );
+        }
+        Some(Tensor::from_data(
+            TensorData::new(h, [b, t, ff]),
+            &x.device(),
+        ))
     }
 }

@@ -121,6 +121,14 @@ impl<B: Backend> Transformer<B> {
     /// Full causal forward pass over `tokens` (`[batch, seq]`, positions from 0): logits
     /// `[batch, seq, vocab]`. This is the training path; dropout is active on autodiff backends.
     pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Result<Tensor<B, 3>> {
+        if runs_host_kernels::<B>() {
+            // See `forward_rows`.
+            return on_worker(|| self.forward_here(tokens));
+        }
+        self.forward_here(tokens)
+    }
+
+    fn forward_here(&self, tokens: Tensor<B, 2, Int>) -> Result<Tensor<B, 3>> {
         let [_, t] = tokens.dims();
         self.check_context(t)?;
         let positions = vec![(0..t).collect::<Vec<_>>()];

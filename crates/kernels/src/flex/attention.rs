@@ -56,6 +56,87 @@ impl Dims {
     }
 }
 
+/// A decoding step's attention (see [`FusedOps::decode_attention`](crate::fused::FusedOps)):
+/// `q` `[b, kvh, group, d]` against `k`, `v` `[b, kvh, len, d]`, every key visible or the first
+/// `keys[r]` of batch row `r`. Each query row's scores, softmax and weighted sum of values in one
+/// pass over the keys, read through their strides (no copy of the cache); (batch, KV head) pairs
+/// in parallel when there are enough keys.
+pub(crate) fn decode(
+    q: &FlexTensor,
+    k: &FlexTensor,
+    v: &FlexTensor,
+    keys: Option<&[usize]>,
+) -> Option<FlexTensor> {
+    let (qv, kv, vv) = (
+        StridedF32::<4>::new(q)?,
+        StridedF32::<4>::new(k)?,
+        StridedF32::<4>::new(v)?,
+    );
+    let ([b, kvh, group, d], [kb, kh, len, kd]) = (qv.shape, kv.shape);
+    if [kb, kh, len, kd] != vv.shape || kb != b || kh != kvh || kd != d || len == 0 || d == 0 {
+        return None;
+    }
+    if let Some(keys) = keys
+        && (keys.len() != b || keys.iter().any(|&n| n == 0 || n > len))
+    {
+        return None;
+    }
+    let scale = 1.0 / (d as f32).sqrt();
+    let mut out = vec![0f32; b * kvh * group * d];
+    let head = |i: usize, out: &mut [f32]| {
+        let (bi, h) = (i / kvh, i % kvh);
+        let len = keys.map_or(len, |keys| keys[bi]);
+        let mut queries = vec![0f32; group * d];
+        for r in 0..group {
+            qv.row([bi, h, r, 0], d, &mut queries[r * d..(r + 1) * d]);
+        }
+        let mut scores = vec![0f32; group * len];
+        let mut row = vec![0f32; d];
+        for j in 0..len {
+            kv.row([bi, h, j, 0], d, &mut row);
+            for r in 0..group {
+                let q = &queries[r * d..(r + 1) * d];
+                scores[r * len + j] = math::dot(q, &row) * scale;
+            }
+        }
+        for r in 0..group {
+            let s = &mut scores[r * len..(r + 1) * len];
+            let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0;
+            for x in s.iter_mut() {
+                *x = (*x - max).exp();
+                sum += *x;
+            }
+            for x in s.iter_mut() {
+                *x /= sum;
+            }
+        }
+        for j in 0..len {
+            vv.row([bi, h, j, 0], d, &mut row);
+            for r in 0..group {
+                let p = scores[r * len + j];
+                for (o, &x) in out[r * d..(r + 1) * d].iter_mut().zip(&row) {
+                    *o += p * x;
+                }
+            }
+        }
+    };
+    // Small steps (one sequence, a short context) are cheaper on this thread than as tasks.
+    if b * kvh * len * d < 1 << 16 {
+        out.chunks_mut(group * d)
+            .enumerate()
+            .for_each(|(i, o)| head(i, o));
+    } else {
+        out.par_chunks_mut(group * d)
+            .enumerate()
+            .for_each(|(i, o)| head(i, o));
+    }
+    Some(FlexTensor::from_data(TensorData::new(
+        out,
+        [b, kvh, group, d],
+    )))
+}
+
 /// A `[b, heads, t, d]` result stored as `[b, t, heads, d]`, so that the caller's
 /// `swap_dims(1, 2)` back to token-major order is free.
 struct TokenMajor {

@@ -99,6 +99,16 @@ impl FusedOps<Flex> for FlexKernels {
     fn gelu(&self, x: &Tensor<Flex, 3>, kind: Gelu) -> Option<Tensor<Flex, 3>> {
         gelu::forward(&primitive(x), kind).map(wrap)
     }
+
+    fn decode_attention(
+        &self,
+        q: &Tensor<Flex, 4>,
+        k: &Tensor<Flex, 4>,
+        v: &Tensor<Flex, 4>,
+        keys: Option<&[usize]>,
+    ) -> Option<Tensor<Flex, 4>> {
+        attention::decode(&primitive(q), &primitive(k), &primitive(v), keys).map(wrap)
+    }
 }
 
 type Ad<C> = Autodiff<Flex, C>;

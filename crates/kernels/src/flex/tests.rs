@@ -153,3 +153,62 @@ fn gelu_matches_burn() {
         assert_close("gelu gradient", x.grad(&gf).unwrap(), x.grad(&gr).unwrap());
     }
 }
+
+#[test]
+fn decode_attention_matches_burns_attention() {
+    // (batch, kv heads, group, keys, head size); the second is large enough to run in parallel.
+    for (b, kvh, group, len, d) in [(1, 3, 3, 17, 64), (2, 2, 4, 300, 64), (1, 1, 1, 1, 8)] {
+        let q = Tensor::<Flex, 4>::random(
+            [b, kvh, group, d],
+            Distribution::Normal(0.0, 1.0),
+            &Default::default(),
+        );
+        // Keys and values read through strides: slices of a longer cache, heads swapped in.
+        let cache = Tensor::<Flex, 4>::random(
+            [b, len + 5, kvh, d],
+            Distribution::Normal(0.0, 1.0),
+            &Default::default(),
+        );
+        let k = cache
+            .clone()
+            .slice([0..b, 0..len, 0..kvh, 0..d])
+            .swap_dims(1, 2);
+        let v = (cache * 0.5)
+            .slice([0..b, 2..len + 2, 0..kvh, 0..d])
+            .swap_dims(1, 2);
+        let options = AttentionModuleOptions {
+            scale: None,
+            softcap: None,
+            is_causal: false,
+        };
+        let want = burn_attention(q.clone(), k.clone(), v.clone(), None, None, options);
+        let got = FlexKernels {
+            keep_attention_probs: false,
+        }
+        .decode_attention(&q, &k, &v, None)
+        .unwrap();
+        assert_close("decode attention", got, want);
+        // Rows of different lengths see a prefix of the keys each.
+        let lens: Vec<usize> = (0..b).map(|r| len - r * len / (b + 1)).collect();
+        let got = FlexKernels {
+            keep_attention_probs: false,
+        }
+        .decode_attention(&q, &k, &v, Some(&lens))
+        .unwrap();
+        for (r, &n) in lens.iter().enumerate() {
+            let row = |x: &Tensor<Flex, 4>, keys: usize| {
+                x.clone().slice([r..r + 1, 0..kvh, 0..keys, 0..d])
+            };
+            let want = burn_attention(
+                q.clone().slice([r..r + 1, 0..kvh, 0..group, 0..d]),
+                row(&k, n),
+                row(&v, n),
+                None,
+                None,
+                options,
+            );
+            let got = got.clone().slice([r..r + 1, 0..kvh, 0..group, 0..d]);
+            assert_close("decode attention, ragged rows", got, want);
+        }
+    }
+}
