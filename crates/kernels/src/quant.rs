@@ -964,14 +964,7 @@ unsafe fn gemv_row<const K: u8>(w0: *const u8, x: &XRow) -> std::arch::x86_64::_
             for (k, &dw) in dw.iter().enumerate().take(rest) {
                 let b = first + k;
                 let p = wf.add(k * bs + qo);
-                let (wv, wa) = if K == Q8_0 {
-                    let v = _mm256_loadu_si256(p.cast());
-                    (v, _mm256_sign_epi8(v, v))
-                } else {
-                    let q = _mm_loadu_si128(p.cast());
-                    let v = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(q), q), nib);
-                    (v, v)
-                };
+                let (wv, wa) = block_operands::<K>(p, nib);
                 let y = _mm256_loadu_si256(x.qs.add(b * QK).cast());
                 let p = if K == Q8_0 {
                     _mm256_maddubs_epi16(wa, _mm256_sign_epi8(y, wv))
@@ -1273,6 +1266,33 @@ fn half8(v: std::arch::x86_64::__m256i) -> std::arch::x86_64::__m256 {
     _mm256_cvtph_ps(_mm256_castsi256_si128(p))
 }
 
+/// One weight block at `p` as `maddubs` operands `(multiplier, unsigned)`: Q8_0's signed bytes
+/// and their absolute values (the sign trick moves the signs onto the activations), or a 4-bit
+/// block's nibbles, low halves first, twice.
+///
+/// # Safety
+/// `p` points at a block's values: 32 readable bytes for Q8_0, 16 for the 4-bit types.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn block_operands<const K: u8>(
+    p: *const u8,
+    nib: std::arch::x86_64::__m256i,
+) -> (std::arch::x86_64::__m256i, std::arch::x86_64::__m256i) {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller guarantees the bytes read here.
+    unsafe {
+        if K == Q8_0 {
+            let v = _mm256_loadu_si256(p.cast());
+            (v, _mm256_sign_epi8(v, v))
+        } else {
+            let q = _mm_loadu_si128(p.cast());
+            let v = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(q), q), nib);
+            (v, v)
+        }
+    }
+}
+
 /// A tile in AVX2, for `RM` input rows and one weight row.
 ///
 /// The blocks go eight at a time (a group): the eight blocks' values are transposed in registers
@@ -1415,14 +1435,7 @@ unsafe fn row_avx2<const K: u8, const RM: usize>(
             for b in first..t.kb {
                 let p = w0.add(b * bs + qo);
                 let dw = _mm256_broadcast_ss(&*dw0.add(b));
-                let (wv, wa) = if K == Q8_0 {
-                    let v = _mm256_loadu_si256(p.cast());
-                    (v, _mm256_sign_epi8(v, v))
-                } else {
-                    let q = _mm_loadu_si128(p.cast());
-                    let v = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(q), q), nib);
-                    (v, v)
-                };
+                let (wv, wa) = block_operands::<K>(p, nib);
                 for (i, acc) in acc.iter_mut().enumerate() {
                     let y = _mm256_loadu_si256(t.qs.add(i * t.q_stride + b * QK).cast());
                     let p = if K == Q8_0 {

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use burn::module::Param;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Shape, Tensor, TensorData};
-use kiln_bpe::Tokenizer;
 use kiln_gguf::blocks::{dequantize_to_vec, quantize};
 use kiln_gguf::{GgmlType, GgufFile, TensorInfo};
 use kiln_kernels::quant::supports;
@@ -20,7 +19,7 @@ use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::gguf_model::{config_from_gguf, interleaved_to_half_split, load, shaped};
 use crate::linear::Projection;
-use crate::load::LoadedModel;
+use crate::load::{LoadedModel, with_gguf_tokenizer};
 use crate::model::Transformer;
 use crate::norm::Norm;
 
@@ -50,17 +49,7 @@ pub fn load_gguf_quantized<B: Backend>(
     // Lazily initialized: the random weights `init` describes are never made.
     let mut model = config.init::<B>(device)?;
     reader.fill(&mut model, &config, device)?;
-    let tokenizer = Some(Tokenizer::from_gguf(path)?);
-    let chat_template = file
-        .get("tokenizer.chat_template")
-        .and_then(|v| v.as_str())
-        .map(str::to_owned);
-    Ok(LoadedModel {
-        model,
-        tokenizer,
-        chat_template,
-        source: path.to_owned(),
-    })
+    with_gguf_tokenizer(model, path, &file)
 }
 
 struct Reader<'a> {

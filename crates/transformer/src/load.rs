@@ -195,6 +195,15 @@ pub fn load_gguf<B: Backend>(path: impl AsRef<Path>, device: &B::Device) -> Resu
     let tensors = tensors_from_gguf(&file, &config, &source)?;
     let mut model = config.init::<B>(device)?;
     apply(&mut model, tensors, &source)?;
+    with_gguf_tokenizer(model, path, &file)
+}
+
+/// `model` with the tokenizer and chat template of the GGUF file at `path`.
+pub(crate) fn with_gguf_tokenizer<B: Backend>(
+    model: Transformer<B>,
+    path: &Path,
+    file: &GgufFile,
+) -> Result<LoadedModel<B>> {
     let tokenizer = Some(Tokenizer::from_gguf(path)?);
     let chat_template = file
         .get("tokenizer.chat_template")
