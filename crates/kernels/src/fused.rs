@@ -47,15 +47,16 @@ pub trait FusedOps<B: Backend>: Send + Sync {
     fn gelu(&self, x: &Tensor<B, 3>, kind: Gelu) -> Option<Tensor<B, 3>>;
 
     /// A decoding step's attention: one new query per head, `q` `[b, kv_heads, group, d]` (each
-    /// KV head's group of query heads), over the keys and values `k`, `v` `[b, kv_heads, len, d]`
-    /// — all of them, or the first `keys[r]` for batch row `r` (rows of different lengths). The
-    /// result has `q`'s shape. `None` (the default) where the backend has no such kernel, or for
-    /// inputs it does not take.
+    /// KV head's group of query heads), over the keys and values `k`, `v`: blocks
+    /// `[b, kv_heads, n, d]` that follow one another along the sequence (a paged KV cache's, read
+    /// in place; or one tensor) — all positions, or the first `keys[r]` for batch row `r` (rows
+    /// of different lengths, or a last block only partly written). The result has `q`'s shape.
+    /// `None` (the default) where the backend has no such kernel, or for inputs it does not take.
     fn decode_attention(
         &self,
         q: &Tensor<B, 4>,
-        k: &Tensor<B, 4>,
-        v: &Tensor<B, 4>,
+        k: &[Tensor<B, 4>],
+        v: &[Tensor<B, 4>],
         keys: Option<&[usize]>,
     ) -> Option<Tensor<B, 4>> {
         let _ = (q, k, v, keys);

@@ -75,7 +75,7 @@ impl<B: Backend> Attention<B> {
         &self,
         x: Tensor<B, 3>,
         ctx: &AttentionContext<B>,
-        kv: Option<&mut LayerKv<B>>,
+        mut kv: Option<&mut LayerKv<B>>,
     ) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
         let (h, kvh, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
@@ -90,6 +90,21 @@ impl<B: Backend> Attention<B> {
         if let Some((angles, pairing)) = &ctx.rope {
             q = angles.apply(q, *pairing);
             k = angles.apply(k, *pairing);
+        }
+        if t == 1
+            && ctx.mask.is_none()
+            && let (Some(layer), Some(slots)) = (kv.as_deref_mut(), &ctx.cache)
+            && let [row] = slots.rows[..]
+            && let Some(fused) = kiln_kernels::fused::ops::<B>()
+        {
+            // One sequence decoding: attention reads the cache's blocks in place.
+            layer.store(k.clone(), v.clone(), slots);
+            let (keys, values) = layer.blocks(row, slots.keys_len);
+            let q1 = q.clone().reshape([b, kvh, h / kvh, d]);
+            let y = fused.decode_attention(&q1, &keys, &values, Some(&[slots.keys_len]));
+            if let Some(y) = y {
+                return self.proj.forward(y.reshape([b, t, h * d]));
+            }
         }
         let (k, v) = match (kv, &ctx.cache) {
             (Some(layer), Some(slots)) => layer.write(k, v, slots),
@@ -108,8 +123,14 @@ impl<B: Backend> Attention<B> {
             };
             let fused = match &keys {
                 Some(keys) if keys.is_empty() => None,
-                keys => kiln_kernels::fused::ops::<B>()
-                    .and_then(|f| f.decode_attention(&q, &k, &v, keys.as_deref())),
+                keys => kiln_kernels::fused::ops::<B>().and_then(|f| {
+                    f.decode_attention(
+                        &q,
+                        std::slice::from_ref(&k),
+                        std::slice::from_ref(&v),
+                        keys.as_deref(),
+                    )
+                }),
             };
             if let Some(y) = fused {
                 return self.proj.forward(y.reshape([b, t, h * d]));

@@ -162,12 +162,41 @@ impl<B: Backend> LayerKv<B> {
         v: Tensor<B, 4>,
         slots: &CacheSlots,
     ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        self.store(k, v, slots);
+        self.gather(slots)
+    }
+
+    /// Writes the new keys/values as [`write`](Self::write) does, returning nothing.
+    pub(crate) fn store(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>, slots: &CacheSlots) {
         let t = k.dims()[2];
         for (i, (&row, &start)) in slots.rows.iter().zip(&slots.starts).enumerate() {
             let (shape, device) = (self.block_shape, &self.device);
             write_row(&mut self.k[row], &k, i, start, t, shape, device);
             write_row(&mut self.v[row], &v, i, start, t, shape, device);
         }
+    }
+
+    /// Cache row `row`'s key and value blocks covering positions `0..len` (`[1, n_kv_heads,
+    /// BLOCK, head_dim]` each, the last one partly written): the cache itself, not a copy.
+    pub(crate) fn blocks(
+        &mut self,
+        row: usize,
+        len: usize,
+    ) -> (Vec<Tensor<B, 4>>, Vec<Tensor<B, 4>>) {
+        let (shape, device) = (self.block_shape, &self.device);
+        let take = |blocks: &mut Blocks<B>| {
+            ensure_blocks(blocks, len, shape, device);
+            blocks[..len.div_ceil(BLOCK)]
+                .iter()
+                .flatten()
+                .cloned()
+                .collect()
+        };
+        (take(&mut self.k[row]), take(&mut self.v[row]))
+    }
+
+    /// Every selected row's keys and values up to `slots.keys_len`, each as one tensor.
+    fn gather(&mut self, slots: &CacheSlots) -> (Tensor<B, 4>, Tensor<B, 4>) {
         let gather = |blocks: &mut Vec<Blocks<B>>| {
             let rows: Vec<Tensor<B, 4>> = slots
                 .rows

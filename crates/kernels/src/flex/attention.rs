@@ -57,32 +57,55 @@ impl Dims {
 }
 
 /// A decoding step's attention (see [`FusedOps::decode_attention`](crate::fused::FusedOps)):
-/// `q` `[b, kvh, group, d]` against `k`, `v` `[b, kvh, len, d]`, every key visible or the first
-/// `keys[r]` of batch row `r`. Each query row's scores, softmax and weighted sum of values in one
-/// pass over the keys, read through their strides (no copy of the cache); (batch, KV head) pairs
-/// in parallel when there are enough keys.
+/// `q` `[b, kvh, group, d]` against keys and values in blocks `[b, kvh, n, d]` that follow one
+/// another along the sequence, every position visible or the first `keys[r]` of batch row `r`.
+/// Each query row's scores, softmax and weighted sum of values in one pass over the keys, read in
+/// place through their strides (no copy of the cache); (batch, KV head) pairs in parallel when
+/// there are enough keys.
 pub(crate) fn decode(
     q: &FlexTensor,
-    k: &FlexTensor,
-    v: &FlexTensor,
+    k: &[FlexTensor],
+    v: &[FlexTensor],
     keys: Option<&[usize]>,
 ) -> Option<FlexTensor> {
-    let (qv, kv, vv) = (
-        StridedF32::<4>::new(q)?,
-        StridedF32::<4>::new(k)?,
-        StridedF32::<4>::new(v)?,
-    );
-    let ([b, kvh, group, d], [kb, kh, len, kd]) = (qv.shape, kv.shape);
-    if [kb, kh, len, kd] != vv.shape || kb != b || kh != kvh || kd != d || len == 0 || d == 0 {
+    let qv = StridedF32::<4>::new(q)?;
+    let [b, kvh, group, d] = qv.shape;
+    let kv: Vec<StridedF32<'_, 4>> = k.iter().map(StridedF32::new).collect::<Option<_>>()?;
+    let vv: Vec<StridedF32<'_, 4>> = v.iter().map(StridedF32::new).collect::<Option<_>>()?;
+    if kv.is_empty() || kv.len() != vv.len() || d == 0 {
         return None;
     }
-    if let Some(keys) = keys
-        && (keys.len() != b || keys.iter().any(|&n| n == 0 || n > len))
+    // Block `i` holds positions `starts[i]..starts[i + 1]`.
+    let mut starts = vec![0];
+    for (kb, vb) in kv.iter().zip(&vv) {
+        let [bb, kh, n, kd] = kb.shape;
+        if kb.shape != vb.shape || bb != b || kh != kvh || kd != d {
+            return None;
+        }
+        starts.push(starts.last()? + n);
+    }
+    let len = *starts.last()?;
+    if len == 0
+        || keys.is_some_and(|keys| keys.len() != b || keys.iter().any(|&n| n == 0 || n > len))
     {
         return None;
     }
     let scale = 1.0 / (d as f32).sqrt();
     let mut out = vec![0f32; b * kvh * group * d];
+    // `f(j, row)` for positions `0..len` of head `h` of batch row `bi`, block by block.
+    let each_row = |views: &[StridedF32<'_, 4>],
+                    bi: usize,
+                    h: usize,
+                    len: usize,
+                    f: &mut dyn FnMut(usize, &[f32])| {
+        let mut scratch = vec![0f32; d];
+        for (block, view) in views.iter().enumerate() {
+            let first = starts[block];
+            for j in first..starts[block + 1].min(len) {
+                f(j, view.row_ref([bi, h, j - first, 0], d, &mut scratch));
+            }
+        }
+    };
     let head = |i: usize, out: &mut [f32]| {
         let (bi, h) = (i / kvh, i % kvh);
         let len = keys.map_or(len, |keys| keys[bi]);
@@ -91,14 +114,12 @@ pub(crate) fn decode(
             qv.row([bi, h, r, 0], d, &mut queries[r * d..(r + 1) * d]);
         }
         let mut scores = vec![0f32; group * len];
-        let mut row = vec![0f32; d];
-        for j in 0..len {
-            kv.row([bi, h, j, 0], d, &mut row);
+        each_row(&kv, bi, h, len, &mut |j, key| {
             for r in 0..group {
                 let q = &queries[r * d..(r + 1) * d];
-                scores[r * len + j] = math::dot(q, &row) * scale;
+                scores[r * len + j] = math::dot(q, key) * scale;
             }
-        }
+        });
         for r in 0..group {
             let s = &mut scores[r * len..(r + 1) * len];
             let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -111,15 +132,14 @@ pub(crate) fn decode(
                 *x /= sum;
             }
         }
-        for j in 0..len {
-            vv.row([bi, h, j, 0], d, &mut row);
+        each_row(&vv, bi, h, len, &mut |j, value| {
             for r in 0..group {
                 let p = scores[r * len + j];
-                for (o, &x) in out[r * d..(r + 1) * d].iter_mut().zip(&row) {
+                for (o, &x) in out[r * d..(r + 1) * d].iter_mut().zip(value) {
                     *o += p * x;
                 }
             }
-        }
+        });
     };
     // Small steps (one sequence, a short context) are cheaper on this thread than as tasks.
     if b * kvh * len * d < 1 << 16 {

@@ -103,11 +103,13 @@ impl FusedOps<Flex> for FlexKernels {
     fn decode_attention(
         &self,
         q: &Tensor<Flex, 4>,
-        k: &Tensor<Flex, 4>,
-        v: &Tensor<Flex, 4>,
+        k: &[Tensor<Flex, 4>],
+        v: &[Tensor<Flex, 4>],
         keys: Option<&[usize]>,
     ) -> Option<Tensor<Flex, 4>> {
-        attention::decode(&primitive(q), &primitive(k), &primitive(v), keys).map(wrap)
+        let k: Vec<FlexTensor> = k.iter().map(primitive).collect();
+        let v: Vec<FlexTensor> = v.iter().map(primitive).collect();
+        attention::decode(&primitive(q), &k, &v, keys).map(wrap)
     }
 }
 

@@ -43,6 +43,23 @@ impl<'a, const D: usize> StridedF32<'a, D> {
                 .sum::<usize>()
     }
 
+    /// The `len` elements along the last dimension starting at `index` (which has 0 there), in
+    /// place when they are contiguous, else copied into `scratch`.
+    pub fn row_ref<'s>(
+        &'s self,
+        index: [usize; D],
+        len: usize,
+        scratch: &'s mut [f32],
+    ) -> &'s [f32] {
+        let start = self.position(index);
+        if self.strides[D - 1] == 1 {
+            &self.data[start..start + len]
+        } else {
+            self.row(index, len, scratch);
+            &scratch[..len]
+        }
+    }
+
     /// The `len` elements along the last dimension starting at `index` (which has 0 there).
     pub fn row(&self, index: [usize; D], len: usize, out: &mut [f32]) {
         let start = self.position(index);

@@ -185,15 +185,33 @@ fn decode_attention_matches_burns_attention() {
         let got = FlexKernels {
             keep_attention_probs: false,
         }
-        .decode_attention(&q, &k, &v, None)
+        .decode_attention(&q, std::slice::from_ref(&k), std::slice::from_ref(&v), None)
         .unwrap();
-        assert_close("decode attention", got, want);
+        assert_close("decode attention", got, want.clone());
+        // The same keys and values in blocks of 8 positions, as a paged cache holds them.
+        let blocks = |x: &Tensor<Flex, 4>| -> Vec<Tensor<Flex, 4>> {
+            (0..len)
+                .step_by(8)
+                .map(|s| x.clone().slice([0..b, 0..kvh, s..(s + 8).min(len), 0..d]))
+                .collect()
+        };
+        let got = FlexKernels {
+            keep_attention_probs: false,
+        }
+        .decode_attention(&q, &blocks(&k), &blocks(&v), None)
+        .unwrap();
+        assert_close("decode attention over blocks", got, want);
         // Rows of different lengths see a prefix of the keys each.
         let lens: Vec<usize> = (0..b).map(|r| len - r * len / (b + 1)).collect();
         let got = FlexKernels {
             keep_attention_probs: false,
         }
-        .decode_attention(&q, &k, &v, Some(&lens))
+        .decode_attention(
+            &q,
+            std::slice::from_ref(&k),
+            std::slice::from_ref(&v),
+            Some(&lens),
+        )
         .unwrap();
         for (r, &n) in lens.iter().enumerate() {
             let row = |x: &Tensor<Flex, 4>, keys: usize| {
