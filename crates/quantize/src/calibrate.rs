@@ -65,6 +65,11 @@ impl LinearKernel for Recorder {
     fn weight_bytes(&self) -> usize {
         0
     }
+
+    /// Calibration must see every input, whatever backend runs the model.
+    fn on_any_backend(&self) -> bool {
+        true
+    }
 }
 
 /// The GGUF tensors a Kiln projection feeds (the fused QKV projection is three GGUF tensors with
