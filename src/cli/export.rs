@@ -1,17 +1,34 @@
-//! `kiln export`: a model in the formats other runtimes read.
+//! `kiln export`: a model in the formats other runtimes read (ONNX, PyTorch).
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args as ClapArgs, Subcommand};
 use kiln::backend::DefaultBackend;
-use kiln::transformer::{load_model, save_onnx};
+use kiln::trainer::checkpoint;
+use kiln::transformer::{TorchMetadata, load_model, save_nanogpt, save_onnx};
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// An ONNX file (opset 17, dynamic batch and sequence axes) for onnxruntime, TensorRT's
     /// ONNX parser (`trtexec --onnx=model.onnx`) and other runtimes; see docs/onnx.md.
     Onnx(OnnxArgs),
+    /// A PyTorch checkpoint in nanoGPT's layout (`model`, `model_args`, `iter_num`,
+    /// `best_val_loss`, `config`), which `torch.load(path, weights_only=True)` reads and nanoGPT's
+    /// `GPT(GPTConfig(**ckpt["model_args"]))` loads strictly; see docs/transformer.md.
+    Pt(PtArgs),
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct PtArgs {
+    /// The model: a training run directory (its newest checkpoint), a checkpoint directory, a
+    /// model directory, a .gguf or .pt file. A checkpoint's step, validation loss and training
+    /// config become the file's `iter_num`, `best_val_loss` and `config`.
+    #[arg(long, short, value_name = "M")]
+    pub model: PathBuf,
+    /// The .pt file to write (atomically; nothing is written on error).
+    #[arg(long, short, value_name = "FILE")]
+    pub output: PathBuf,
 }
 
 #[derive(Debug, ClapArgs)]
@@ -33,7 +50,53 @@ pub struct OnnxArgs {
 pub fn run(cmd: Command) -> anyhow::Result<()> {
     match cmd {
         Command::Onnx(args) => onnx(args),
+        Command::Pt(args) => pt(args),
     }
+}
+
+fn pt(args: PtArgs) -> anyhow::Result<()> {
+    let (model_path, metadata) = training_metadata(&args.model)?;
+    let device = Default::default();
+    let loaded = load_model::<DefaultBackend>(&model_path, &device)
+        .with_context(|| format!("loading {}", model_path.display()))?;
+    save_nanogpt(&loaded.model, &metadata, &args.output)
+        .with_context(|| format!("writing {}", args.output.display()))?;
+    let bytes = std::fs::metadata(&args.output).map_or(0, |m| m.len());
+    eprintln!(
+        "wrote {} ({:.1} MB, nanoGPT layout, iter_num {}{})",
+        args.output.display(),
+        bytes as f64 / 1e6,
+        metadata.iter_num,
+        metadata
+            .best_val_loss
+            .map_or_else(String::new, |l| format!(", val loss {l:.4}"))
+    );
+    Ok(())
+}
+
+/// The model directory `path` stands for and the training metadata of the checkpoint it belongs
+/// to: a run directory gives its newest checkpoint; a checkpoint directory (`trainer_state.json`
+/// beside `model/`) or the `model/` inside one gives that checkpoint; anything else has none.
+fn training_metadata(path: &std::path::Path) -> anyhow::Result<(PathBuf, TorchMetadata)> {
+    let checkpoint_dir = if checkpoint::checkpoints_dir(path).is_dir() {
+        Some(checkpoint::latest_checkpoint(path)?)
+    } else if path.join("trainer_state.json").is_file() {
+        Some(path.to_owned())
+    } else {
+        path.parent()
+            .filter(|p| p.join("trainer_state.json").is_file())
+            .map(ToOwned::to_owned)
+    };
+    let Some(dir) = checkpoint_dir else {
+        return Ok((path.to_owned(), TorchMetadata::default()));
+    };
+    let state = checkpoint::load_state(&dir)?;
+    let metadata = TorchMetadata {
+        iter_num: state.step,
+        best_val_loss: state.val_loss,
+        config: Some(serde_json::to_value(&state.config)?),
+    };
+    Ok((dir.join("model"), metadata))
 }
 
 fn onnx(args: OnnxArgs) -> anyhow::Result<()> {

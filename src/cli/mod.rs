@@ -42,13 +42,13 @@ enum Command {
     Distill(train::TrainArgs),
     /// Validation loss on DIR/val.bin, or perplexity on a text file (llama.cpp's protocol).
     Eval(eval::Args),
-    /// Generate text with a model (a .gguf file or a model directory).
+    /// Generate text with a model (.gguf, .pt, a model directory).
     Generate(generate::Args),
     /// Serve a model over an OpenAI-compatible HTTP API, with continuous batching.
     Serve(serve::Args),
     /// Quantize a GGUF model to one of llama.cpp's types (q8_0 … q4_k_m), optionally by GPTQ.
     Quantize(quantize::Args),
-    /// Write a model in a format other runtimes read (ONNX).
+    /// Write a model in a format other runtimes read (ONNX, PyTorch .pt).
     #[command(subcommand)]
     Export(export::Command),
     /// Show the build: version, compiled backend, and a smoke test on its default device.
@@ -107,9 +107,15 @@ pub enum Quantize {
 /// The model `generate`, `serve` and `eval` run, and how it holds its weights.
 #[derive(Debug, clap::Args)]
 pub struct ModelArgs {
-    /// A .gguf model, a Kiln model directory, or a Hugging Face checkpoint directory.
+    /// A .gguf model, a PyTorch checkpoint (nanoGPT's ckpt.pt, pytorch_model.bin), a Kiln model
+    /// directory, or a Hugging Face checkpoint directory.
     #[arg(long, short, value_name = "M")]
     pub model: std::path::PathBuf,
+    /// The tokenizer, for a model stored without one or to replace its own: tokenizer.json, a
+    /// .gguf, nanoGPT's meta.pkl, or a directory with tokenizer.json or vocab.json + merges.txt
+    /// (nanoGPT's GPT-2 checkpoints need GPT-2's).
+    #[arg(long, value_name = "T")]
+    pub tokenizer: Option<std::path::PathBuf>,
     /// Weights in memory: `auto` runs a quantized GGUF file from its own blocks (a fraction of
     /// f32's memory, integer kernels on the CPU) and everything else in f32.
     #[arg(long, value_enum, default_value_t = Quantize::Auto)]
@@ -154,6 +160,18 @@ impl ModelArgs {
         } else {
             "f32"
         };
+        if let Some(path) = &self.tokenizer {
+            let tokenizer = kiln::bpe::Tokenizer::from_file(path)
+                .with_context(|| format!("loading the tokenizer {}", path.display()))?;
+            let vocab = loaded.model.config().vocab_size;
+            anyhow::ensure!(
+                tokenizer.vocab_size() <= vocab,
+                "{} has {} tokens but the model only {vocab} embeddings",
+                path.display(),
+                tokenizer.vocab_size()
+            );
+            loaded.tokenizer = Some(tokenizer);
+        }
         let config = loaded.model.config();
         eprintln!(
             "loaded {} ({} layers, width {}, {:.1}M parameters, {weights}) in {:.2}s on {}",

@@ -47,6 +47,11 @@ pub struct TrainArgs {
     /// Token shards directory (overrides the config's data_dir).
     #[arg(long, value_name = "DIR")]
     pub data: Option<PathBuf>,
+    /// Start from this model's weights (fine-tuning): a .gguf, nanoGPT's ckpt.pt, a Hugging Face
+    /// or Kiln model directory. Its structure replaces the config's [model]; its tokenizer is
+    /// used when the data has none beside it.
+    #[arg(long, value_name = "M", conflicts_with = "resume")]
+    pub init_from: Option<PathBuf>,
     /// Run directory (checkpoints, metrics.jsonl, config.toml).
     #[arg(long, default_value = "runs/train", value_name = "RUN_DIR")]
     pub out: PathBuf,
@@ -146,6 +151,9 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         let mut config = TrainConfig::load(path)?;
         if let Some(d) = &args.data {
             config.data_dir = d.clone();
+        }
+        if let Some(from) = &args.init_from {
+            config.init_from = Some(from.clone());
         }
         if let Some(m) = args.max_steps {
             config.max_steps = m;

@@ -21,6 +21,7 @@
 
 pub mod byte_level;
 mod cache;
+mod char_vocab;
 pub mod corpus;
 mod error;
 mod gguf_tokenizer;
@@ -45,8 +46,9 @@ pub use tokenizer::{
 pub use trainer::{BpeTrainer, TrainerConfig};
 
 impl Tokenizer {
-    /// Loads a tokenizer from a path: a GGUF model (by its magic bytes), an HF `tokenizer.json`, or a
-    /// directory holding `tokenizer.json` or `vocab.json` + `merges.txt`.
+    /// Loads a tokenizer from a path: a GGUF model (by its magic bytes), an HF `tokenizer.json`, a
+    /// nanoGPT character vocabulary (`meta.pkl`), or a directory holding `tokenizer.json` or
+    /// `vocab.json` + `merges.txt`.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         if path.is_dir() {
@@ -55,6 +57,9 @@ impl Tokenizer {
                 return Self::from_file(json);
             }
             return hf_json::from_vocab_merges(&path.join("vocab.json"), &path.join("merges.txt"));
+        }
+        if path.extension().is_some_and(|e| e == "pkl") {
+            return Self::from_nanogpt_meta(path);
         }
         let mut magic = [0u8; 4];
         let mut file = std::fs::File::open(path).map_err(|e| BpeError::io(path, e))?;

@@ -519,6 +519,12 @@ impl Tokenizer {
 
     /// BPE on one piece, through the cache.
     fn bpe_piece(&self, piece: &[u8], out: &mut Vec<u32>) {
+        if self.parts.ignore_merges
+            && let Some(&id) = self.bpe_ids.get(piece)
+        {
+            out.push(id);
+            return;
+        }
         if self.has_missing_bytes
             && piece
                 .iter()
@@ -536,12 +542,6 @@ impl Tokenizer {
         }
         if let [b] = piece {
             out.push(self.byte_ids[usize::from(*b)]);
-            return;
-        }
-        if self.parts.ignore_merges
-            && let Some(&id) = self.bpe_ids.get(piece)
-        {
-            out.push(id);
             return;
         }
         let cacheable = piece.len() <= MAX_CACHED_PIECE;

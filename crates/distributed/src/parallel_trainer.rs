@@ -23,7 +23,7 @@ use kiln_trainer::run_loop::{self, TrainingRun};
 use kiln_trainer::sampler::{BatchSampler, DataRank};
 use kiln_trainer::schedule::learning_rate;
 use kiln_trainer::{
-    Precision, StepReport, TrainConfig, TrainError, TrainOutcome, init_model, open_shards,
+    Precision, StepReport, TrainConfig, TrainError, TrainOutcome, initial_model, open_shards,
     prepare_new_run, resolve,
 };
 use kiln_transformer::{ModelConfig, load_model_dir, save_model_dir};
@@ -83,7 +83,7 @@ impl<B: TensorParallelBackend> ParallelTrainer<B> {
             kiln_gguf::atomic::write(&path, config.to_toml()?.as_bytes())
                 .map_err(|e| TrainError::io(&path, e))?;
         }
-        let model = init_model::<B>(&model_config, config.seed, &device)?;
+        let model = initial_model::<B>(&config, &model_config, &device)?;
         let rank = ParallelRank::new(
             model,
             net,

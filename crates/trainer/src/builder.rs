@@ -9,7 +9,7 @@ use kiln_bpe::{TokenShard, Tokenizer};
 use kiln_transformer::{ModelConfig, Transformer};
 
 use crate::checkpoint::{self, TrainerState};
-use crate::config::TrainConfig;
+use crate::config::{ModelSpec, TrainConfig};
 use crate::distill::Teacher;
 use crate::error::{Result, TrainError};
 use crate::memory;
@@ -81,13 +81,57 @@ fn reshard_batch(state: &mut TrainerState, world: usize) -> Result<()> {
 /// A new run's config completed and checked: the tokenizer `kiln data prepare` left beside the
 /// shards when none is named; returns the tokenizer and the model structure.
 pub fn prepare_new_run(config: &mut TrainConfig) -> Result<(Option<Tokenizer>, ModelConfig)> {
+    let start = config
+        .init_from
+        .as_ref()
+        .map(|from| {
+            kiln_transformer::inspect_model(from)
+                .map_err(|e| TrainError::Config(format!("init_from {}: {e}", from.display())))
+        })
+        .transpose()?;
+    if let Some(start) = &start {
+        config.model = ModelSpec::Full(start.config.clone());
+    }
     if config.tokenizer.is_none() {
         let beside = config.data_dir.join("tokenizer.json");
-        config.tokenizer = beside.exists().then_some(beside);
+        config.tokenizer = beside
+            .exists()
+            .then_some(beside)
+            .or_else(|| start.and_then(|s| s.tokenizer));
     }
     let (tokenizer, model_config) = resolve(config)?;
     config.validate(&model_config)?;
+    if let Some(tokenizer) = &tokenizer
+        && tokenizer.vocab_size() > model_config.vocab_size
+    {
+        return Err(TrainError::Config(format!(
+            "the tokenizer has {} tokens but the model only {} embeddings",
+            tokenizer.vocab_size(),
+            model_config.vocab_size
+        )));
+    }
     Ok((tokenizer, model_config))
+}
+
+/// A new run's first weights: those of `config.init_from` when it names a model (checked to have
+/// the structure `model_config`), else a random initialization from `config.seed`
+/// ([`init_model`]).
+pub fn initial_model<B: Backend>(
+    config: &TrainConfig,
+    model_config: &ModelConfig,
+    device: &B::Device,
+) -> Result<Transformer<B>> {
+    let Some(from) = &config.init_from else {
+        return init_model(model_config, config.seed, device);
+    };
+    let loaded = kiln_transformer::load_model::<B>(from, device)?;
+    if loaded.model.config() != model_config {
+        return Err(TrainError::Config(format!(
+            "init_from {}: the model's structure changed since the run started",
+            from.display()
+        )));
+    }
+    Ok(loaded.model)
 }
 
 /// A new model with the initial weights `seed` gives, drawn now (Burn initializes parameters
@@ -167,8 +211,8 @@ impl<B: AutodiffBackend> TrainerBuilder<B> {
             kiln_gguf::atomic::write(&path, config.to_toml()?.as_bytes())
                 .map_err(|e| TrainError::io(&path, e))?;
         }
-        // Every rank draws the same initial weights from `seed`.
-        let model = init_model::<B>(&model_config, config.seed, &self.device)?;
+        // Every rank draws the same initial weights from `seed` (or reads the same file).
+        let model = initial_model::<B>(&config, &model_config, &self.device)?;
         let model = self.sync.broadcast_parameters(model)?;
         let optimizer = self.make_optimizer(&model, &config)?;
         let state = TrainerState {

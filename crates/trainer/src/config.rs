@@ -71,6 +71,11 @@ impl ModelSpec {
 pub struct TrainConfig {
     /// The model.
     pub model: ModelSpec,
+    /// Start from the weights of this model instead of a random initialization (fine-tuning):
+    /// any model Kiln loads (`.gguf`, nanoGPT's `ckpt.pt`, a Hugging Face or Kiln model
+    /// directory). Its structure replaces `[model]`, and its tokenizer is used when none is
+    /// given or prepared beside the data.
+    pub init_from: Option<PathBuf>,
     /// Directory with `train.bin` and `val.bin` (from `kiln data prepare`).
     pub data_dir: PathBuf,
     /// Tokenizer saved with every checkpoint (default: `data_dir/tokenizer.json`, which
@@ -163,6 +168,7 @@ impl Default for TrainConfig {
                 vocab_size: None,
                 dropout: None,
             },
+            init_from: None,
             data_dir: PathBuf::from("data"),
             tokenizer: None,
             micro_batch: 12,
@@ -212,8 +218,12 @@ impl TrainConfig {
         if config.data_dir.is_relative() {
             config.data_dir = base.join(&config.data_dir);
         }
-        if let Some(t) = config.tokenizer.as_mut().filter(|t| t.is_relative()) {
-            *t = base.join(&*t);
+        for path in [config.tokenizer.as_mut(), config.init_from.as_mut()]
+            .into_iter()
+            .flatten()
+            .filter(|p| p.is_relative())
+        {
+            *path = base.join(&*path);
         }
         Ok(config)
     }

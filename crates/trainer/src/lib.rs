@@ -64,8 +64,8 @@ pub mod schedule;
 mod trainer;
 
 pub use builder::{
-    BoxedOptimizer, OptimizerFactory, TrainerBuilder, init_model, open_shards, prepare_new_run,
-    resolve,
+    BoxedOptimizer, OptimizerFactory, TrainerBuilder, init_model, initial_model, open_shards,
+    prepare_new_run, resolve,
 };
 pub use config::{ModelSpec, Precision, TrainConfig};
 pub use distill::DistillConfig;

@@ -78,6 +78,18 @@ pub enum ModelError {
         /// What went wrong.
         reason: String,
     },
+    /// A PyTorch checkpoint (`.pt`, `.bin`) could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Torch {
+        /// The file.
+        path: PathBuf,
+        /// What the reader or writer found.
+        #[source]
+        source: kiln_gguf::torch::TorchError,
+    },
+    /// The model cannot be written in the format asked for.
+    #[error("cannot export: {0}")]
+    Unsupported(String),
     /// The tokenizer could not be loaded or used.
     #[error(transparent)]
     Tokenizer(#[from] kiln_bpe::BpeError),

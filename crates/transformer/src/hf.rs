@@ -1,5 +1,7 @@
-//! Hugging Face checkpoints: `config.json` + `model.safetensors` for GPT-2 (`model_type: "gpt2"`)
-//! and Llama (`model_type: "llama"`, also SmolLM2), mapped onto Kiln's parameters.
+//! Hugging Face checkpoints: `config.json` and the weights (`model.safetensors`, shards listed by
+//! `model.safetensors.index.json`, `pytorch_model.bin` or its shards) for GPT-2
+//! (`model_type: "gpt2"`) and Llama (`model_type: "llama"`, also SmolLM2), mapped onto Kiln's
+//! parameters.
 //!
 //! GPT-2's `Conv1D` weights are already `[in, out]`; Llama's `nn.Linear` weights are `[out, in]` and
 //! are transposed. HF Llama checkpoints rotate half-split pairs, so they run with
@@ -7,19 +9,12 @@
 
 use std::path::Path;
 
-use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
 use crate::config::{MlpKind, ModelConfig, NormKind, PositionEncoding, RopePairing};
 use crate::error::{ModelError, Result};
+use crate::tensor_files::TensorFiles;
 use crate::weights::{LlamaBlock, NamedTensor, Source, llama_block, transpose};
-
-fn st_error(path: &Path, reason: impl ToString) -> ModelError {
-    ModelError::Safetensors {
-        path: path.to_owned(),
-        reason: reason.to_string(),
-    }
-}
 
 /// Whether `dir/config.json` is a Hugging Face config (it names a `model_type`).
 pub(crate) fn is_hf_dir(dir: &Path) -> bool {
@@ -72,6 +67,7 @@ pub fn config_from_hf(json: &Value) -> Result<ModelConfig> {
         }
         "llama" => {
             let heads = int("num_attention_heads")?;
+            check_llama_options(json, heads)?;
             ModelConfig {
                 architecture: "llama".into(),
                 vocab_size: int("vocab_size")?,
@@ -82,7 +78,7 @@ pub fn config_from_hf(json: &Value) -> Result<ModelConfig> {
                 d_model: int("hidden_size")?,
                 d_ff: int("intermediate_size")?,
                 position: PositionEncoding::Rope {
-                    theta: float("rope_theta", 10_000.0) as f32,
+                    theta: rope_theta(json) as f32,
                     pairing: RopePairing::HalfSplit,
                 },
                 norm: NormKind::RmsNorm {
@@ -103,73 +99,80 @@ pub fn config_from_hf(json: &Value) -> Result<ModelConfig> {
     Ok(config)
 }
 
-/// A safetensors file read into memory.
+/// RoPE's base: `rope_theta` (transformers 4) or `rope_parameters.rope_theta` (transformers 5);
+/// Llama's 10,000 when neither is given.
+fn rope_theta(json: &Value) -> f64 {
+    json.get("rope_theta")
+        .or_else(|| json.get("rope_parameters")?.get("rope_theta"))
+        .and_then(Value::as_f64)
+        .unwrap_or(10_000.0)
+}
+
+/// Refuses Llama options Kiln's model does not implement, rather than running them wrongly:
+/// RoPE scaling (Llama 3.1's `llama3`, YaRN, ...), biases, a head width other than
+/// `hidden_size / num_attention_heads`.
+fn check_llama_options(json: &Value, heads: usize) -> Result<()> {
+    let unsupported = |what: String| {
+        ModelError::InvalidConfig(format!(
+            "config.json: {what} is not supported by Kiln's Llama"
+        ))
+    };
+    for key in ["rope_scaling", "rope_parameters"] {
+        let kind = json
+            .get(key)
+            .and_then(|v| v.get("rope_type").or_else(|| v.get("type")))
+            .and_then(Value::as_str);
+        if let Some(kind) = kind.filter(|k| *k != "default") {
+            return Err(unsupported(format!("RoPE scaling {kind:?} ({key})")));
+        }
+    }
+    for key in ["attention_bias", "mlp_bias"] {
+        if json.get(key).and_then(Value::as_bool) == Some(true) {
+            return Err(unsupported(format!("`{key}: true`")));
+        }
+    }
+    let hidden = json.get("hidden_size").and_then(Value::as_u64).unwrap_or(0) as usize;
+    if let Some(head_dim) = json.get("head_dim").and_then(Value::as_u64)
+        && heads > 0
+        && head_dim as usize != hidden / heads
+    {
+        return Err(unsupported(format!(
+            "head_dim {head_dim} apart from hidden_size / num_attention_heads = {}",
+            hidden / heads
+        )));
+    }
+    Ok(())
+}
+
+/// A checkpoint's tensors under a name prefix (GPT-2's `transformer.`, present in
+/// `GPT2LMHeadModel` checkpoints and absent in `GPT2Model` ones).
 struct Checkpoint<'a> {
-    st: SafeTensors<'a>,
-    path: &'a Path,
+    files: &'a TensorFiles,
     prefix: &'static str,
 }
 
 impl Checkpoint<'_> {
-    /// The tensor `name` (tried with and without the checkpoint's prefix) as f32, shape-checked.
+    /// The tensor `name` (with the checkpoint's prefix) as f32, shape-checked.
     fn get(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        let full = format!("{}{name}", self.prefix);
-        let view = self
-            .st
-            .tensor(&full)
-            .or_else(|_| self.st.tensor(name))
-            .map_err(|_| ModelError::MissingTensor {
-                name: full.clone(),
-                file: self.path.display().to_string(),
-            })?;
-        if view.shape() != shape {
-            return Err(ModelError::ShapeMismatch {
-                name: full,
-                expected: shape.to_vec(),
-                found: view.shape().to_vec(),
-            });
-        }
-        let bytes = view.data();
-        let bad = |reason: String| ModelError::BadTensor {
-            name: full.clone(),
-            reason,
-        };
-        match view.dtype() {
-            Dtype::F32 => Ok(bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect()),
-            Dtype::F16 => Ok(bytes
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect()),
-            Dtype::BF16 => Ok(bytes
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect()),
-            other => Err(bad(format!(
-                "unsupported dtype {other:?} (F32, F16, BF16 are)"
-            ))),
-        }
+        self.files.get(&format!("{}{name}", self.prefix), shape)
     }
 }
 
-/// Every Kiln parameter of `config`, read from an HF `model.safetensors`.
-pub(crate) fn tensors_from_hf(file: &Path, config: &ModelConfig) -> Result<Vec<NamedTensor>> {
-    let bytes = std::fs::read(file).map_err(|e| ModelError::io(file, e))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| st_error(file, e))?;
-    let has = |n: &str| st.names().contains(&n);
+/// Every Kiln parameter of `config`, read from a Hugging Face checkpoint's tensors.
+pub(crate) fn tensors_from_hf(
+    files: &TensorFiles,
+    config: &ModelConfig,
+) -> Result<Vec<NamedTensor>> {
     let (d, ff, v) = (config.d_model, config.d_ff, config.vocab_size);
     let mut out = Vec::new();
     if config.architecture == "gpt2" {
         let ck = Checkpoint {
-            prefix: if has("transformer.wte.weight") {
+            prefix: if files.contains("transformer.wte.weight") {
                 "transformer."
             } else {
                 ""
             },
-            st,
-            path: file,
+            files,
         };
         out.push(NamedTensor::new(
             "tok_emb.weight",
@@ -223,11 +226,7 @@ pub(crate) fn tensors_from_hf(file: &Path, config: &ModelConfig) -> Result<Vec<N
         }
         return Ok(out);
     }
-    let ck = Checkpoint {
-        prefix: "",
-        st,
-        path: file,
-    };
+    let ck = Checkpoint { prefix: "", files };
     let (q_out, kv_out) = (
         config.n_heads * config.head_dim(),
         config.n_kv_heads * config.head_dim(),

@@ -84,6 +84,14 @@ pub fn load_mmap(path: impl AsRef<Path>) -> Result<Value, TorchError> {
     read::read(Arc::new(Buffer::Mapped(map))).map_err(|e| e.in_file(path))
 }
 
+/// Reads a plain pickle file holding no tensors, such as nanoGPT's `meta.pkl` (its character
+/// vocabulary), with the checkpoint reader's allow-list: nothing is imported or called.
+pub fn load_pickle(path: impl AsRef<Path>) -> Result<Value, TorchError> {
+    let path = path.as_ref();
+    let bytes = std::fs::read(path).map_err(|e| TorchError::Io(e).in_file(path))?;
+    read::read_plain(&bytes).map_err(|e| e.in_file(path))
+}
+
 /// Parses a checkpoint held in memory (zip or legacy format).
 pub fn from_bytes(bytes: Vec<u8>) -> Result<Value, TorchError> {
     read::read(Arc::new(Buffer::Owned(bytes)))

@@ -118,6 +118,14 @@ fn read_zip(buf: &Arc<Buffer>) -> Result<Value, TorchError> {
     up.arena.to_value(&obj, budget(pkl.len))
 }
 
+/// Parses a plain pickle of values without tensors (nanoGPT's `meta.pkl`, for instance), with
+/// the same allow-list of globals as a checkpoint.
+pub(crate) fn read_plain(data: &[u8]) -> Result<Value, TorchError> {
+    let mut up = Unpickler::new(data);
+    let obj = up.load(&mut no_persistent_ids)?;
+    up.arena.to_value(&obj, budget(data.len()))
+}
+
 fn check_size(pid: &Pid, found: usize) -> Result<(), TorchError> {
     let expected = pid.numel.checked_mul(pid.dtype.size());
     if expected == Some(found) {

@@ -833,3 +833,33 @@ fn torch_loads_archives_with_zip64_fields() {
         "torch sees the same contents in every file"
     );
 }
+
+#[test]
+fn plain_pickles_read_without_a_checkpoint_around_them() {
+    // Python's `pickle.dumps({'vocab_size': 2, 'itos': {0: 'a', 1: '\n'}, 'stoi': {'a': 0,
+    // '\n': 1}}, protocol=4)`: nanoGPT's meta.pkl, in small.
+    let bytes: [u8; 73] = [
+        128, 4, 149, 62, 0, 0, 0, 0, 0, 0, 0, 125, 148, 40, 140, 10, 118, 111, 99, 97, 98, 95, 115,
+        105, 122, 101, 148, 75, 2, 140, 4, 105, 116, 111, 115, 148, 125, 148, 40, 75, 0, 140, 1,
+        97, 148, 75, 1, 140, 1, 10, 148, 117, 140, 4, 115, 116, 111, 105, 148, 125, 148, 40, 104,
+        4, 75, 0, 104, 5, 75, 1, 117, 117, 46,
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("meta.pkl");
+    std::fs::write(&path, bytes).unwrap();
+    let meta = load_pickle(&path).unwrap();
+    assert_eq!(meta.get("vocab_size").and_then(Value::as_int), Some(2));
+    let itos = meta.get("itos").unwrap();
+    assert_eq!(itos.get(0i64).and_then(Value::as_str), Some("a"));
+    assert_eq!(itos.get(1i64).and_then(Value::as_str), Some("\n"));
+    assert_eq!(
+        meta.get("stoi")
+            .and_then(|s| s.get("\n"))
+            .and_then(Value::as_int),
+        Some(1)
+    );
+    // A truncated pickle is an error naming the file.
+    std::fs::write(&path, &bytes[..40]).unwrap();
+    let err = load_pickle(&path).unwrap_err().to_string();
+    assert!(err.contains("meta.pkl"), "{err}");
+}
