@@ -17,6 +17,9 @@ Writes under crates/transformer/tests/data/pt/ (read by crates/transformer/tests
                          tokenizer_config.json with a chat template; expected.json.
   hf-llama/              LlamaForCausalLM (grouped-query attention) saved as sharded safetensors:
                          model-0000k-of-0000n.safetensors + model.safetensors.index.json; expected.json.
+  hf-qwen2/, hf-phi3/,   Qwen2 (Q/K/V biases, tied head), Phi-3 (fused qkv_proj / gate_up_proj, a
+  hf-mistral/            12-token sliding window), Mistral (a 16-token window): model.safetensors,
+                         config.json, expected.json.
 
 Weights are seeded and scaled up from the initializers' tiny values so the logits are far from
 uniform. Usage:
@@ -147,6 +150,35 @@ def hf_llama() -> None:
     save_expected(out / "expected.json", ids, logits)
 
 
+def hf_family(name: str) -> None:
+    """Qwen2 (Q/K/V biases, tied head), Phi-3 (fused qkv_proj and gate_up_proj, a sliding window)
+    and Mistral (a sliding window) as transformers saves them, with its logits."""
+    import transformers
+
+    common = dict(vocab_size=48, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                  rms_norm_eps=1e-6)
+    config = {
+        "qwen2": lambda: transformers.Qwen2Config(**common, tie_word_embeddings=True,
+                                                  rope_theta=1e6),
+        "phi3": lambda: transformers.Phi3Config(**common, sliding_window=12, pad_token_id=0,
+                                                bos_token_id=1, eos_token_id=2),
+        "mistral": lambda: transformers.MistralConfig(**common, sliding_window=16),
+    }[name]()
+    out = OUT / f"hf-{name}"
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(3)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    perturb(model, 17)
+    model.eval()
+    model.save_pretrained(out, safe_serialization=True)
+    (out / "generation_config.json").unlink(missing_ok=True)
+    ids = [1, 40, 7, 7, 19, 46, 2, 30, 11, 0]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits
+    save_expected(out / "expected.json", ids, logits)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--nanogpt", default=os.environ.get("NANOGPT_DIR", "/tmp/nanogpt"),
@@ -155,6 +187,8 @@ def main() -> None:
     nanogpt(args.nanogpt)
     hf_gpt2()
     hf_llama()
+    for name in ("qwen2", "phi3", "mistral"):
+        hf_family(name)
     for path in sorted(OUT.rglob("*")):
         if path.is_file():
             print(f"{path.relative_to(OUT)}: {path.stat().st_size} bytes")

@@ -1,7 +1,7 @@
 //! `kiln export onnx`: onnxruntime runs the file and gives Kiln's logits (within 1e-4 of the
 //! largest logit) for a
-//! GPT-2-style and a Llama-style model (grouped-query attention, RoPE, SwiGLU) and for
-//! SmolLM2-135M, and with `--kv-cache` its greedy decoding through past/present key-values gives
+//! GPT-2-style and a Llama-style model (grouped-query attention, RoPE, SwiGLU), a Qwen2 GGUF (Q/K/V
+//! biases) and SmolLM2-135M, and with `--kv-cache` its greedy decoding through past/present key-values gives
 //! Kiln's tokens (`scripts/check_onnx_export.py`, which also runs `onnx.checker`).
 //!
 //! Needs a Python with `onnx`, `onnxruntime` and `numpy` (`KILN_ONNX_PYTHON`, or `python3` if it
@@ -137,6 +137,7 @@ fn onnxruntime_gives_kilns_logits_and_greedy_tokens() {
         norm: NormKind::LayerNorm { eps: 1e-5 },
         mlp: MlpKind::GeluTanh,
         bias: true,
+        qkv_bias: false,
         tied_embeddings: true,
         dropout: 0.0,
     };
@@ -161,6 +162,13 @@ fn onnxruntime_gives_kilns_logits_and_greedy_tokens() {
         let model = random_model(config, &model_dir);
         check(&python, &model_dir, &model, &dir);
     }
+    // Qwen2's Q/K/V biases (a GGUF fixture checked against llama.cpp).
+    let qwen2 =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("crates/transformer/tests/data/gguf/qwen2.gguf");
+    let model = load_model::<B>(&qwen2, &Default::default()).unwrap().model;
+    let dir = tmp.path().join("qwen2");
+    std::fs::create_dir_all(&dir).unwrap();
+    check(&python, &qwen2, &model, &dir);
     if let Some(gguf) = common::shared("models/SmolLM2-135M-Instruct.Q4_1.gguf") {
         let model = load_model::<B>(&gguf, &Default::default()).unwrap().model;
         let dir = tmp.path().join("smollm2");

@@ -414,6 +414,31 @@ impl QuantMatrix {
         Self::new(ty, rows, cols, Arc::new(bytes), 0)
     }
 
+    /// The matrix cut into consecutive row ranges of `rows[j]` rows each: views of the same bytes
+    /// (no copy). [`KernelError::Shape`] unless the counts add up to the matrix's rows.
+    pub fn split_rows<const N: usize>(&self, rows: [usize; N]) -> Result<[Self; N], KernelError> {
+        if rows.iter().sum::<usize>() != self.rows {
+            return Err(KernelError::Shape {
+                rows: rows.iter().sum(),
+                cols: self.cols,
+                len: self.rows * self.cols,
+            });
+        }
+        let row_bytes = self.len / self.rows.max(1);
+        let mut start = 0;
+        Ok(rows.map(|n| {
+            let part = Self {
+                rows: n,
+                offset: self.offset + start * row_bytes,
+                len: n * row_bytes,
+                data: Arc::clone(&self.data),
+                ..*self
+            };
+            start += n;
+            part
+        }))
+    }
+
     /// The weights' type.
     pub fn ty(&self) -> GgmlType {
         self.ty
@@ -1513,6 +1538,19 @@ mod tests {
 
     fn close(got: f32, (want, mag): (f64, f64)) -> bool {
         (f64::from(got) - want).abs() <= 1e-5 * (want.abs() + mag) + 1e-6
+    }
+
+    #[test]
+    fn split_rows_are_views_of_the_whole() {
+        for ty in QuantMatrix::SUPPORTED {
+            let whole = matrix(ty, 9, 64, 4);
+            let all = whole.dequantize();
+            let [a, b, c] = whole.split_rows([2, 4, 3]).unwrap();
+            assert_eq!(a.dequantize(), all[..2 * 64], "{ty}");
+            assert_eq!(b.dequantize(), all[2 * 64..6 * 64], "{ty}");
+            assert_eq!(c.dequantize(), all[6 * 64..], "{ty}");
+            assert!(whole.split_rows([2, 2]).is_err());
+        }
     }
 
     #[test]

@@ -54,7 +54,13 @@ impl<B: Backend> Attention<B> {
         let width = (config.n_heads + 2 * config.n_kv_heads) * h;
         let residual_std = INIT_STD / (2.0 * config.n_layers as f64).sqrt();
         Self {
-            qkv: Projection::new(config.d_model, width, config.bias, INIT_STD, device),
+            qkv: Projection::new(
+                config.d_model,
+                width,
+                config.bias || config.qkv_bias,
+                INIT_STD,
+                device,
+            ),
             proj: Projection::new(
                 config.n_heads * h,
                 config.d_model,

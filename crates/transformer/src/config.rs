@@ -85,6 +85,9 @@ pub struct ModelConfig {
     pub mlp: MlpKind,
     /// Whether linear layers (and LayerNorm) carry biases.
     pub bias: bool,
+    /// Whether the query, key and value projections carry biases when the others do not (Qwen2).
+    #[serde(default)]
+    pub qkv_bias: bool,
     /// Whether the output projection reuses the token embedding.
     pub tied_embeddings: bool,
     /// Dropout probability during training.
@@ -155,7 +158,7 @@ impl ModelConfig {
         let (d, h) = (self.d_model, self.head_dim());
         let b = usize::from(self.bias);
         let qkv = d * (self.n_heads + 2 * self.n_kv_heads) * h
-            + b * (self.n_heads + 2 * self.n_kv_heads) * h;
+            + usize::from(self.bias || self.qkv_bias) * (self.n_heads + 2 * self.n_kv_heads) * h;
         let proj = self.n_heads * h * d + b * d;
         let mlp = match self.mlp {
             MlpKind::SwiGlu => 3 * d * self.d_ff + b * (2 * self.d_ff + d),
@@ -199,6 +202,7 @@ impl ModelConfig {
             norm: NormKind::LayerNorm { eps: 1e-5 },
             mlp: MlpKind::Gelu,
             bias: false,
+            qkv_bias: false,
             tied_embeddings: true,
             dropout: 0.2,
         }
@@ -233,6 +237,7 @@ impl ModelConfig {
             norm: NormKind::LayerNorm { eps: 1e-5 },
             mlp: MlpKind::GeluTanh,
             bias: true,
+            qkv_bias: false,
             tied_embeddings: true,
             dropout: 0.0,
         }
@@ -268,6 +273,7 @@ impl ModelConfig {
             norm: NormKind::RmsNorm { eps: 1e-5 },
             mlp: MlpKind::SwiGlu,
             bias: false,
+            qkv_bias: false,
             tied_embeddings: true,
             dropout: 0.0,
         }

@@ -30,8 +30,13 @@ pub enum ModelError {
     #[error("invalid model config: {0}")]
     InvalidConfig(String),
     /// The file describes a model family Kiln does not implement.
-    #[error("unsupported architecture {0:?} (supported: llama, gpt2)")]
-    UnknownArchitecture(String),
+    #[error("unsupported architecture {name:?} (Kiln runs {supported})")]
+    UnknownArchitecture {
+        /// The architecture the file names.
+        name: String,
+        /// The ones Kiln runs from this kind of file.
+        supported: &'static str,
+    },
     /// A weight the model needs is not in the file.
     #[error("missing tensor {name:?} in {file}")]
     MissingTensor {

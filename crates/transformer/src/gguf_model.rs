@@ -1,9 +1,12 @@
-//! Llama-architecture GGUF files (llama.cpp's format): config from metadata, weights dequantized to
+//! GGUF files (llama.cpp's format) of the Llama family: `llama` (also Mistral's files, which
+//! llama.cpp writes as `llama`), `qwen2` and `phi3`. Config from metadata, weights dequantized to
 //! f32 and mapped onto Kiln's parameters.
 //!
 //! GGUF stores each linear weight as `[out, in]` (ggml dims `[in, out]`); Kiln's layout is `[in, out]`,
-//! with Q, K and V fused. llama.cpp permutes Q and K so that RoPE rotates adjacent pairs; the loader
-//! undoes that permutation, so GGUF models run with [`RopePairing::HalfSplit`] like HF checkpoints.
+//! with Q, K and V fused. For `llama`, llama.cpp's converter permutes Q and K so that RoPE rotates
+//! adjacent pairs; the loader undoes that permutation, so every GGUF model runs with
+//! [`RopePairing::HalfSplit`] like HF checkpoints (`qwen2` and `phi3` use llama.cpp's NEOX rotation,
+//! which is half-split already).
 
 use kiln_gguf::blocks::dequantize_to_vec;
 use kiln_gguf::{GgufFile, TensorInfo};
@@ -11,31 +14,119 @@ use rayon::prelude::*;
 
 use crate::config::{MlpKind, ModelConfig, NormKind, PositionEncoding, RopePairing};
 use crate::error::{ModelError, Result};
-use crate::weights::{LlamaBlock, NamedTensor, Source, llama_block, transpose};
+use crate::weights::{LlamaBlock, NamedTensor, Source, llama_block, split_rows, transpose};
 
-/// The model structure a GGUF file describes (`general.architecture == "llama"`).
-pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
-    let arch = file.get_str("general.architecture")?;
-    if arch != "llama" {
-        return Err(ModelError::UnknownArchitecture(arch.to_owned()));
+/// How one architecture's GGUF tensors map onto Kiln's Llama block.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct GgufLayout {
+    /// Q and K rows are in llama.cpp's interleaved RoPE order (`llama`).
+    pub permuted_qk: bool,
+    /// Q, K and V in one `attn_qkv` tensor (`phi3`).
+    pub fused_qkv: bool,
+    /// Gate and up in one `ffn_up` tensor, gate first (`phi3`).
+    pub fused_gate_up: bool,
+    /// `attn_q.bias`, `attn_k.bias`, `attn_v.bias` (`qwen2`).
+    pub qkv_bias: bool,
+}
+
+/// The architectures Kiln runs from GGUF files.
+pub(crate) const GGUF_ARCHITECTURES: &str =
+    "llama (Llama 2/3, Mistral, SmolLM2, TinyLlama), qwen2, phi3";
+
+impl GgufLayout {
+    /// The layout of `arch`, or `None` for an architecture Kiln does not run.
+    pub(crate) fn of(arch: &str) -> Option<Self> {
+        let plain = Self::default();
+        match arch {
+            "llama" => Some(Self {
+                permuted_qk: true,
+                ..plain
+            }),
+            "qwen2" => Some(Self {
+                qkv_bias: true,
+                ..plain
+            }),
+            "phi3" => Some(Self {
+                fused_qkv: true,
+                fused_gate_up: true,
+                ..plain
+            }),
+            _ => None,
+        }
     }
+
+    /// The layout of `file`'s architecture.
+    pub(crate) fn of_file(file: &GgufFile) -> Result<(&str, Self)> {
+        let arch = file.get_str("general.architecture")?;
+        let layout = Self::of(arch).ok_or_else(|| ModelError::UnknownArchitecture {
+            name: arch.to_owned(),
+            supported: GGUF_ARCHITECTURES,
+        })?;
+        Ok((arch, layout))
+    }
+}
+
+/// The model structure a GGUF file describes (one of [`GGUF_ARCHITECTURES`]).
+pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
+    let (arch, layout) = GgufLayout::of_file(file)?;
     let key = |k: &str| format!("{arch}.{k}");
+    let optional_u64 = |k: &str| -> Result<Option<u64>> {
+        match file.get(&key(k)) {
+            Some(_) => Ok(Some(file.get_u64(&key(k))?)),
+            None => Ok(None),
+        }
+    };
     let n_heads = file.get_u64(&key("attention.head_count"))? as usize;
     let d_model = file.get_u64(&key("embedding_length"))? as usize;
     let vocab_size = match file.get("tokenizer.ggml.tokens") {
         Some(_) => file.get_string_array("tokenizer.ggml.tokens")?.len(),
         None => file.get_u64(&key("vocab_size"))? as usize,
     };
+    let unsupported = |what: String| {
+        ModelError::InvalidConfig(format!("{arch} GGUF: {what} is not supported by Kiln"))
+    };
+    // RoPE variants Kiln does not implement are refused rather than run wrongly.
+    if let Some(kind) = file.get(&key("rope.scaling.type")).and_then(|v| v.as_str())
+        && kind != "none"
+    {
+        return Err(unsupported(format!("RoPE scaling {kind:?}")));
+    }
+    if file.tensor("rope_factors_long.weight").is_some()
+        || file.tensor("rope_freqs.weight").is_some()
+    {
+        return Err(unsupported(
+            "RoPE frequency factors (long-context RoPE)".into(),
+        ));
+    }
+    let head_dim = d_model / n_heads.max(1);
+    if let Some(rot) = optional_u64("rope.dimension_count")?
+        && rot as usize != head_dim
+    {
+        return Err(unsupported(format!(
+            "rotating {rot} of each head's {head_dim} dimensions"
+        )));
+    }
+    for k in ["attention.key_length", "attention.value_length"] {
+        if let Some(len) = optional_u64(k)?
+            && len as usize != head_dim
+        {
+            return Err(unsupported(format!(
+                "{k} {len} apart from embedding_length / head_count = {head_dim}"
+            )));
+        }
+    }
+    let mut context_length = file.get_u64(&key("context_length"))? as usize;
+    // Sliding-window attention equals full attention over a context no longer than the window.
+    if let Some(window) = optional_u64("attention.sliding_window")?.filter(|&w| w > 0) {
+        context_length = context_length.min(window as usize);
+    }
     let config = ModelConfig {
         architecture: arch.to_owned(),
         vocab_size,
-        context_length: file.get_u64(&key("context_length"))? as usize,
+        context_length,
         n_layers: file.get_u64(&key("block_count"))? as usize,
         n_heads,
-        n_kv_heads: match file.get(&key("attention.head_count_kv")) {
-            Some(_) => file.get_u64(&key("attention.head_count_kv"))? as usize,
-            None => n_heads,
-        },
+        n_kv_heads: optional_u64("attention.head_count_kv")?.map_or(n_heads, |n| n as usize),
         d_model,
         d_ff: file.get_u64(&key("feed_forward_length"))? as usize,
         position: PositionEncoding::Rope {
@@ -43,7 +134,7 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
                 Some(_) => file.get_f32(&key("rope.freq_base"))?,
                 None => 10_000.0,
             },
-            // The loader reorders Q and K rows so that RoPE rotates half-split pairs (see below).
+            // The loader reorders `llama`'s Q and K rows so that RoPE rotates half-split pairs.
             pairing: RopePairing::HalfSplit,
         },
         norm: NormKind::RmsNorm {
@@ -51,6 +142,7 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
         },
         mlp: MlpKind::SwiGlu,
         bias: false,
+        qkv_bias: layout.qkv_bias,
         tied_embeddings: file.tensor("output.weight").is_none(),
         dropout: 0.0,
     };
@@ -124,6 +216,7 @@ pub(crate) fn tensors_from_gguf(
     config: &ModelConfig,
     source: &str,
 ) -> Result<Vec<NamedTensor>> {
+    let (_, layout) = GgufLayout::of_file(file)?;
     let (d, ff, v) = (config.d_model, config.d_ff, config.vocab_size);
     let (q_out, kv_out) = (
         config.n_heads * config.head_dim(),
@@ -156,27 +249,58 @@ pub(crate) fn tensors_from_gguf(
     let layers: Vec<Result<Vec<NamedTensor>>> = (0..config.n_layers)
         .into_par_iter()
         .map(|i| {
+            let name = |s: &str, kind: &str| format!("blk.{i}.{s}.{kind}");
             let get = |s: &str, shape: &[usize]| -> Result<Source> {
-                let name = format!("blk.{i}.{s}.weight");
+                let name = name(s, "weight");
                 let data = load(file, &name, shape, source)?;
                 Ok(Source { name, data })
             };
-            let mut q = get("attn_q", &[q_out, d])?;
-            q.data = interleaved_to_half_split(q.data, hd, d);
-            let mut k = get("attn_k", &[kv_out, d])?;
-            k.data = interleaved_to_half_split(k.data, hd, d);
+            let (mut q, mut k, v) = if layout.fused_qkv {
+                let qkv = get("attn_qkv", &[q_out + 2 * kv_out, d])?;
+                let [q, k, v] = split_rows(qkv, [q_out, kv_out, kv_out], d);
+                (q, k, v)
+            } else {
+                (
+                    get("attn_q", &[q_out, d])?,
+                    get("attn_k", &[kv_out, d])?,
+                    get("attn_v", &[kv_out, d])?,
+                )
+            };
+            if layout.permuted_qk {
+                q.data = interleaved_to_half_split(q.data, hd, d);
+                k.data = interleaved_to_half_split(k.data, hd, d);
+            }
+            let (gate, up) = if layout.fused_gate_up {
+                let [gate, up] = split_rows(get("ffn_up", &[2 * ff, d])?, [ff, ff], d);
+                (gate, up)
+            } else {
+                (get("ffn_gate", &[ff, d])?, get("ffn_up", &[ff, d])?)
+            };
             let block = LlamaBlock {
                 attn_norm: get("attn_norm", &[d])?,
                 q,
                 k,
-                v: get("attn_v", &[kv_out, d])?,
+                v,
                 o: get("attn_output", &[d, q_out])?,
                 ffn_norm: get("ffn_norm", &[d])?,
-                gate: get("ffn_gate", &[ff, d])?,
-                up: get("ffn_up", &[ff, d])?,
+                gate,
+                up,
                 down: get("ffn_down", &[d, ff])?,
             };
-            Ok(llama_block(i, block, config))
+            let mut tensors = llama_block(i, block, config);
+            if layout.qkv_bias {
+                let mut bias = Vec::with_capacity(q_out + 2 * kv_out);
+                for (s, n) in [("attn_q", q_out), ("attn_k", kv_out), ("attn_v", kv_out)] {
+                    bias.extend(load(file, &name(s, "bias"), &[n], source)?);
+                }
+                tensors.push(NamedTensor::new(
+                    format!("blocks.{i}.attn.qkv.bias"),
+                    &name("attn_q", "bias"),
+                    vec![q_out + 2 * kv_out],
+                    bias,
+                ));
+            }
+            Ok(tensors)
         })
         .collect();
     for layer in layers {

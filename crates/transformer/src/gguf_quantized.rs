@@ -1,4 +1,4 @@
-//! Llama-architecture GGUF files run from their quantized blocks: every projection and the token
+//! GGUF files of the Llama family run from their quantized blocks: every projection and the token
 //! embedding keep the file's blocks as [`QuantLinear`] kernels, memory-mapped with no copy where
 //! the kernels read the type (`Q4_0`, `Q4_1`, `Q8_0`); other types are converted to `Q8_0` once at
 //! load. Norms are f32. The f32 weights are made (dequantized) only if a path asks for them: a
@@ -17,16 +17,16 @@ use kiln_kernels::{QuantLinear, QuantMatrix, SharedBytes};
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
-use crate::gguf_model::{config_from_gguf, interleaved_to_half_split, load, shaped};
+use crate::gguf_model::{GgufLayout, config_from_gguf, interleaved_to_half_split, load, shaped};
 use crate::linear::Projection;
 use crate::load::{LoadedModel, with_gguf_tokenizer};
 use crate::model::Transformer;
 use crate::norm::Norm;
 
-/// Whether `file`'s weights are quantized (its first projection is in a block type), so that
+/// Whether `file`'s weights are quantized (its first down projection is in a block type), so that
 /// [`load_gguf_quantized`] keeps it smaller than f32 weights would.
 pub fn gguf_is_quantized(file: &GgufFile) -> bool {
-    file.tensor("blk.0.attn_q.weight")
+    file.tensor("blk.0.ffn_down.weight")
         .is_some_and(|t| !matches!(t.ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16))
 }
 
@@ -72,6 +72,7 @@ impl Reader<'_> {
             config.head_dim(),
         );
         let (q_out, kv_out) = (config.n_heads * hd, config.n_kv_heads * hd);
+        let (_, layout) = GgufLayout::of_file(self.file)?;
         let embedding = Arc::new(self.linear(&[("token_embd.weight", v, d, None)])?);
         let table = Arc::clone(&embedding);
         model.tok_emb.weight = Param::uninitialized(
@@ -97,25 +98,58 @@ impl Reader<'_> {
             let name = |s: &str| format!("blk.{i}.{s}.weight");
             self.norm(&mut block.norm1, &name("attn_norm"), d, device)?;
             self.norm(&mut block.norm2, &name("ffn_norm"), d, device)?;
-            let (q, k, v, o) = (
-                name("attn_q"),
-                name("attn_k"),
-                name("attn_v"),
-                name("attn_output"),
-            );
-            let qkv = self.linear(&[
-                (&q, q_out, d, Some(hd)),
-                (&k, kv_out, d, Some(hd)),
-                (&v, kv_out, d, None),
-            ])?;
+            let qkv = if layout.fused_qkv {
+                self.linear(&[(&name("attn_qkv"), q_out + 2 * kv_out, d, None)])?
+            } else {
+                // Q and K rows reordered for half-split RoPE where llama.cpp permuted them.
+                let rope = layout.permuted_qk.then_some(hd);
+                self.linear(&[
+                    (&name("attn_q"), q_out, d, rope),
+                    (&name("attn_k"), kv_out, d, rope),
+                    (&name("attn_v"), kv_out, d, None),
+                ])?
+            };
             let attn = &mut block.attn;
+            let qkv_bias = attn.qkv.bias.take();
             attn.qkv = Projection::from_quantized(qkv, attn.qkv.weight.id, device);
-            let proj = self.linear(&[(&o, d, q_out, None)])?;
+            if let Some(bias) = qkv_bias {
+                let mut values = Vec::with_capacity(q_out + 2 * kv_out);
+                for (s, n) in [("attn_q", q_out), ("attn_k", kv_out), ("attn_v", kv_out)] {
+                    values.extend(load(
+                        self.file,
+                        &format!("blk.{i}.{s}.bias"),
+                        &[n],
+                        self.source,
+                    )?);
+                }
+                let tensor =
+                    Tensor::from_data(TensorData::new(values, [q_out + 2 * kv_out]), device);
+                attn.qkv.bias = Some(Param::initialized(bias.id, tensor.require_grad()));
+            }
+            let proj = self.linear(&[(&name("attn_output"), d, q_out, None)])?;
             attn.proj = Projection::from_quantized(proj, attn.proj.weight.id, device);
             let mlp = &mut block.mlp;
-            let up = self.linear(&[(&name("ffn_up"), ff, d, None)])?;
+            let (gate_kernel, up) = if layout.fused_gate_up {
+                // One `[2·ff, d]` tensor, gate rows first: two views of the same blocks.
+                let both = self.matrix(&name("ffn_up"), 2 * ff, d, None)?;
+                let [gate, up] = both
+                    .split_rows([ff, ff])
+                    .map_err(|e| ModelError::BadTensor {
+                        name: name("ffn_up"),
+                        reason: e.to_string(),
+                    })?;
+                (
+                    Some(self.stack(vec![gate], &name("ffn_up"))?),
+                    self.stack(vec![up], &name("ffn_up"))?,
+                )
+            } else {
+                (None, self.linear(&[(&name("ffn_up"), ff, d, None)])?)
+            };
             if let Some(gate) = &mut mlp.gate {
-                let kernel = self.linear(&[(&name("ffn_gate"), ff, d, None)])?;
+                let kernel = match gate_kernel {
+                    Some(kernel) => kernel,
+                    None => self.linear(&[(&name("ffn_gate"), ff, d, None)])?,
+                };
                 // Gate and up stacked as well: the same blocks, shared, not copied.
                 let parts = [kernel.parts(), up.parts()].concat();
                 mlp.gate_up = Some(Arc::new(QuantLinear::new(parts).map_err(|e| {
@@ -155,8 +189,13 @@ impl Reader<'_> {
             .iter()
             .map(|&(name, rows, cols, head_dim)| self.matrix(name, rows, cols, head_dim))
             .collect::<Result<Vec<_>>>()?;
+        self.stack(matrices, parts[0].0)
+    }
+
+    /// `matrices` stacked along their outputs, errors naming tensor `name`.
+    fn stack(&self, matrices: Vec<QuantMatrix>, name: &str) -> Result<QuantLinear> {
         QuantLinear::new(matrices).map_err(|e| ModelError::BadTensor {
-            name: parts[0].0.to_owned(),
+            name: name.to_owned(),
             reason: e.to_string(),
         })
     }

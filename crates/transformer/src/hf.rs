@@ -1,7 +1,7 @@
 //! Hugging Face checkpoints: `config.json` and the weights (`model.safetensors`, shards listed by
 //! `model.safetensors.index.json`, `pytorch_model.bin` or its shards) for GPT-2
-//! (`model_type: "gpt2"`) and Llama (`model_type: "llama"`, also SmolLM2), mapped onto Kiln's
-//! parameters.
+//! (`model_type: "gpt2"`) and the Llama family (`llama`, also SmolLM2; `mistral`; `qwen2`, with
+//! its Q/K/V biases; `phi3`, with its fused projections), mapped onto Kiln's parameters.
 //!
 //! GPT-2's `Conv1D` weights are already `[in, out]`; Llama's `nn.Linear` weights are `[out, in]` and
 //! are transposed. HF Llama checkpoints rotate half-split pairs, so they run with
@@ -14,7 +14,7 @@ use serde_json::Value;
 use crate::config::{MlpKind, ModelConfig, NormKind, PositionEncoding, RopePairing};
 use crate::error::{ModelError, Result};
 use crate::tensor_files::TensorFiles;
-use crate::weights::{LlamaBlock, NamedTensor, Source, llama_block, transpose};
+use crate::weights::{LlamaBlock, NamedTensor, Source, llama_block, split_rows, transpose};
 
 /// Whether `dir/config.json` is a Hugging Face config (it names a `model_type`).
 pub(crate) fn is_hf_dir(dir: &Path) -> bool {
@@ -61,17 +61,29 @@ pub fn config_from_hf(json: &Value) -> Result<ModelConfig> {
                     _ => MlpKind::GeluTanh,
                 },
                 bias: true,
+                qkv_bias: false,
                 tied_embeddings: true,
                 dropout: 0.0,
             }
         }
-        "llama" => {
+        "llama" | "mistral" | "qwen2" | "phi3" => {
             let heads = int("num_attention_heads")?;
             check_llama_options(json, heads)?;
+            let mut context_length = int("max_position_embeddings")?;
+            // Sliding-window attention equals full attention over a context no longer than the
+            // window (Qwen2 applies its window only with `use_sliding_window`).
+            let windowed = model_type != "qwen2"
+                || json.get("use_sliding_window").and_then(Value::as_bool) == Some(true);
+            if let Some(window) = json.get("sliding_window").and_then(Value::as_u64)
+                && windowed
+                && window > 0
+            {
+                context_length = context_length.min(window as usize);
+            }
             ModelConfig {
-                architecture: "llama".into(),
+                architecture: model_type.into(),
                 vocab_size: int("vocab_size")?,
-                context_length: int("max_position_embeddings")?,
+                context_length,
                 n_layers: int("num_hidden_layers")?,
                 n_heads: heads,
                 n_kv_heads: int("num_key_value_heads").unwrap_or(heads),
@@ -86,6 +98,7 @@ pub fn config_from_hf(json: &Value) -> Result<ModelConfig> {
                 },
                 mlp: MlpKind::SwiGlu,
                 bias: false,
+                qkv_bias: model_type == "qwen2",
                 tied_embeddings: json
                     .get("tie_word_embeddings")
                     .and_then(Value::as_bool)
@@ -93,7 +106,12 @@ pub fn config_from_hf(json: &Value) -> Result<ModelConfig> {
                 dropout: 0.0,
             }
         }
-        other => return Err(ModelError::UnknownArchitecture(other.to_owned())),
+        other => {
+            return Err(ModelError::UnknownArchitecture {
+                name: other.to_owned(),
+                supported: "gpt2, llama, mistral, qwen2, phi3 Hugging Face checkpoints",
+            });
+        }
     };
     config.validate()?;
     Ok(config)
@@ -125,6 +143,11 @@ fn check_llama_options(json: &Value, heads: usize) -> Result<()> {
         if let Some(kind) = kind.filter(|k| *k != "default") {
             return Err(unsupported(format!("RoPE scaling {kind:?} ({key})")));
         }
+    }
+    if let Some(factor) = json.get("partial_rotary_factor").and_then(Value::as_f64)
+        && factor != 1.0
+    {
+        return Err(unsupported(format!("partial_rotary_factor {factor}")));
     }
     for key in ["attention_bias", "mlp_bias"] {
         if json.get(key).and_then(Value::as_bool) == Some(true) {
@@ -252,24 +275,60 @@ pub(crate) fn tensors_from_hf(
             transpose(&w, v, d),
         ));
     }
+    // Phi-3 fuses Q, K, V in `qkv_proj` and gate, up in `gate_up_proj` (gate first).
+    let fused = config.architecture == "phi3";
     for i in 0..config.n_layers {
+        let name = |s: &str, kind: &str| format!("model.layers.{i}.{s}.{kind}");
         let get = |s: &str, shape: &[usize]| -> Result<Source> {
-            let name = format!("model.layers.{i}.{s}.weight");
+            let name = name(s, "weight");
             let data = ck.get(&name, shape)?;
             Ok(Source { name, data })
         };
+        let [q, k, v] = if fused {
+            split_rows(
+                get("self_attn.qkv_proj", &[q_out + 2 * kv_out, d])?,
+                [q_out, kv_out, kv_out],
+                d,
+            )
+        } else {
+            [
+                get("self_attn.q_proj", &[q_out, d])?,
+                get("self_attn.k_proj", &[kv_out, d])?,
+                get("self_attn.v_proj", &[kv_out, d])?,
+            ]
+        };
+        let [gate, up] = if fused {
+            split_rows(get("mlp.gate_up_proj", &[2 * ff, d])?, [ff, ff], d)
+        } else {
+            [
+                get("mlp.gate_proj", &[ff, d])?,
+                get("mlp.up_proj", &[ff, d])?,
+            ]
+        };
         let block = LlamaBlock {
             attn_norm: get("input_layernorm", &[d])?,
-            q: get("self_attn.q_proj", &[q_out, d])?,
-            k: get("self_attn.k_proj", &[kv_out, d])?,
-            v: get("self_attn.v_proj", &[kv_out, d])?,
+            q,
+            k,
+            v,
             o: get("self_attn.o_proj", &[d, q_out])?,
             ffn_norm: get("post_attention_layernorm", &[d])?,
-            gate: get("mlp.gate_proj", &[ff, d])?,
-            up: get("mlp.up_proj", &[ff, d])?,
+            gate,
+            up,
             down: get("mlp.down_proj", &[d, ff])?,
         };
         out.extend(llama_block(i, block, config));
+        if config.qkv_bias {
+            let mut bias = Vec::with_capacity(q_out + 2 * kv_out);
+            for (s, n) in [("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out)] {
+                bias.extend(ck.get(&name(&format!("self_attn.{s}"), "bias"), &[n])?);
+            }
+            out.push(NamedTensor::new(
+                format!("blocks.{i}.attn.qkv.bias"),
+                &name("self_attn.q_proj", "bias"),
+                vec![q_out + 2 * kv_out],
+                bias,
+            ));
+        }
     }
     Ok(out)
 }

@@ -60,6 +60,7 @@ pub(crate) fn config_from_model_args(args: &Value, path: &Path) -> Result<ModelC
         norm: NormKind::LayerNorm { eps: 1e-5 },
         mlp: MlpKind::Gelu,
         bias,
+        qkv_bias: false,
         tied_embeddings: true,
         dropout: args.get("dropout").and_then(Value::as_float).unwrap_or(0.0),
     };

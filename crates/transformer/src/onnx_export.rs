@@ -43,7 +43,7 @@ pub fn onnx_spec(config: &ModelConfig) -> ModelSpec {
             MlpKind::SwiGlu => Mlp::SwiGlu,
         },
         bias: config.bias,
-        qkv_bias: false,
+        qkv_bias: config.qkv_bias,
         tied_embeddings: config.tied_embeddings,
     }
 }

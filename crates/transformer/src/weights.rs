@@ -61,6 +61,23 @@ pub(crate) struct LlamaBlock {
     pub down: Source,
 }
 
+/// A fused `[Σ rows, cols]` tensor cut into its parts of `rows[j]` rows each.
+pub(crate) fn split_rows<const N: usize>(
+    fused: Source,
+    rows: [usize; N],
+    cols: usize,
+) -> [Source; N] {
+    let mut start = 0;
+    rows.map(|n| {
+        let part = fused.data[start * cols..(start + n) * cols].to_vec();
+        start += n;
+        Source {
+            name: fused.name.clone(),
+            data: part,
+        }
+    })
+}
+
 /// Block `i`'s Kiln parameters: Q, K and V fused, every linear weight transposed to `[in, out]`.
 pub(crate) fn llama_block(i: usize, b: LlamaBlock, config: &ModelConfig) -> Vec<NamedTensor> {
     let (d, ff) = (config.d_model, config.d_ff);

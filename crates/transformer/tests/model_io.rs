@@ -254,7 +254,7 @@ fn bad_files_give_clear_errors() {
     let arch = dir.path().join("neox.gguf");
     write_gguf(&model, &arch, None, "gptneox");
     assert!(
-        matches!(load_model::<B>(&arch, &device), Err(ModelError::UnknownArchitecture(a)) if a == "gptneox")
+        matches!(load_model::<B>(&arch, &device), Err(ModelError::UnknownArchitecture { name, .. }) if name == "gptneox")
     );
 
     let truncated = dir.path().join("truncated.gguf");

@@ -106,6 +106,24 @@ fn sharded_hugging_face_checkpoints_give_their_logits() {
 }
 
 #[test]
+fn qwen2_phi3_and_mistral_checkpoints_give_their_logits() {
+    // (directory, context after the sliding window, Q/K/V biases, tied head)
+    for (name, context, qkv_bias, tied) in [
+        ("hf-qwen2", 32, true, true),
+        ("hf-phi3", 12, false, false),
+        ("hf-mistral", 16, false, false),
+    ] {
+        let loaded = matches_reference(&fixture(name), &fixture(name));
+        let c = loaded.model.config();
+        assert_eq!(
+            (c.context_length, c.qkv_bias, c.tied_embeddings),
+            (context, qkv_bias, tied),
+            "{name}"
+        );
+    }
+}
+
+#[test]
 fn a_state_dict_file_loads_with_the_config_beside_it() {
     let dir = tempfile::tempdir().unwrap();
     let src = fixture("hf-gpt2");
