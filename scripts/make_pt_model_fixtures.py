@@ -18,8 +18,9 @@ Writes under crates/transformer/tests/data/pt/ (read by crates/transformer/tests
   hf-llama/              LlamaForCausalLM (grouped-query attention) saved as sharded safetensors:
                          model-0000k-of-0000n.safetensors + model.safetensors.index.json; expected.json.
   hf-qwen2/, hf-phi3/,   Qwen2 (Q/K/V biases, tied head), Phi-3 (fused qkv_proj / gate_up_proj, a
-  hf-mistral/            12-token sliding window), Mistral (a 16-token window): model.safetensors,
-                         config.json, expected.json.
+  hf-mistral/,           12-token sliding window), Mistral (a 16-token window), Gemma (GeGLU, `1 +
+  hf-gemma/              weight` norms, √d-scaled embeddings): model.safetensors, config.json,
+                         expected.json.
 
 Weights are seeded and scaled up from the initializers' tiny values so the logits are far from
 uniform. Usage:
@@ -151,8 +152,8 @@ def hf_llama() -> None:
 
 
 def hf_family(name: str) -> None:
-    """Qwen2 (Q/K/V biases, tied head), Phi-3 (fused qkv_proj and gate_up_proj, a sliding window)
-    and Mistral (a sliding window) as transformers saves them, with its logits."""
+    """Qwen2 (Q/K/V biases, tied head), Phi-3 (fused qkv_proj and gate_up_proj, a sliding window),
+    Mistral (a sliding window) and Gemma as transformers saves them, with its logits."""
     import transformers
 
     common = dict(vocab_size=48, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
@@ -164,6 +165,8 @@ def hf_family(name: str) -> None:
         "phi3": lambda: transformers.Phi3Config(**common, sliding_window=12, pad_token_id=0,
                                                 bos_token_id=1, eos_token_id=2),
         "mistral": lambda: transformers.MistralConfig(**common, sliding_window=16),
+        "gemma": lambda: transformers.GemmaConfig(**common, head_dim=4,
+                                                  hidden_activation="gelu_pytorch_tanh"),
     }[name]()
     out = OUT / f"hf-{name}"
     out.mkdir(parents=True, exist_ok=True)
@@ -187,7 +190,7 @@ def main() -> None:
     nanogpt(args.nanogpt)
     hf_gpt2()
     hf_llama()
-    for name in ("qwen2", "phi3", "mistral"):
+    for name in ("qwen2", "phi3", "mistral", "gemma"):
         hf_family(name)
     for path in sorted(OUT.rglob("*")):
         if path.is_file():

@@ -139,6 +139,7 @@ fn onnxruntime_gives_kilns_logits_and_greedy_tokens() {
         bias: true,
         qkv_bias: false,
         tied_embeddings: true,
+        scale_embeddings: false,
         dropout: 0.0,
     };
     let llama = ModelConfig {

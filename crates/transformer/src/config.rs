@@ -56,6 +56,8 @@ pub enum MlpKind {
     Gelu,
     /// `down(silu(gate(x)) * up(x))` (Llama).
     SwiGlu,
+    /// `down(gelu_tanh(gate(x)) * up(x))` (Gemma's GeGLU).
+    GeGlu,
 }
 
 /// The structure of a decoder-only Transformer.
@@ -90,8 +92,18 @@ pub struct ModelConfig {
     pub qkv_bias: bool,
     /// Whether the output projection reuses the token embedding.
     pub tied_embeddings: bool,
+    /// Multiply the token embeddings by √d_model before the first block (Gemma).
+    #[serde(default)]
+    pub scale_embeddings: bool,
     /// Dropout probability during training.
     pub dropout: f64,
+}
+
+impl MlpKind {
+    /// Whether the block has a gate (`act(gate(x)) · up(x)`).
+    pub fn gated(self) -> bool {
+        matches!(self, MlpKind::SwiGlu | MlpKind::GeGlu)
+    }
 }
 
 impl ModelConfig {
@@ -161,7 +173,7 @@ impl ModelConfig {
             + usize::from(self.bias || self.qkv_bias) * (self.n_heads + 2 * self.n_kv_heads) * h;
         let proj = self.n_heads * h * d + b * d;
         let mlp = match self.mlp {
-            MlpKind::SwiGlu => 3 * d * self.d_ff + b * (2 * self.d_ff + d),
+            MlpKind::SwiGlu | MlpKind::GeGlu => 3 * d * self.d_ff + b * (2 * self.d_ff + d),
             _ => 2 * d * self.d_ff + b * (self.d_ff + d),
         };
         let norm = match self.norm {
@@ -204,6 +216,7 @@ impl ModelConfig {
             bias: false,
             qkv_bias: false,
             tied_embeddings: true,
+            scale_embeddings: false,
             dropout: 0.2,
         }
     }
@@ -239,6 +252,7 @@ impl ModelConfig {
             bias: true,
             qkv_bias: false,
             tied_embeddings: true,
+            scale_embeddings: false,
             dropout: 0.0,
         }
     }
@@ -275,6 +289,7 @@ impl ModelConfig {
             bias: false,
             qkv_bias: false,
             tied_embeddings: true,
+            scale_embeddings: false,
             dropout: 0.0,
         }
     }

@@ -1,12 +1,12 @@
 //! GGUF files (llama.cpp's format) of the Llama family: `llama` (also Mistral's files, which
-//! llama.cpp writes as `llama`), `qwen2` and `phi3`. Config from metadata, weights dequantized to
+//! llama.cpp writes as `llama`), `qwen2`, `phi3` and `gemma`. Config from metadata, weights dequantized to
 //! f32 and mapped onto Kiln's parameters.
 //!
 //! GGUF stores each linear weight as `[out, in]` (ggml dims `[in, out]`); Kiln's layout is `[in, out]`,
 //! with Q, K and V fused. For `llama`, llama.cpp's converter permutes Q and K so that RoPE rotates
 //! adjacent pairs; the loader undoes that permutation, so every GGUF model runs with
-//! [`RopePairing::HalfSplit`] like HF checkpoints (`qwen2` and `phi3` use llama.cpp's NEOX rotation,
-//! which is half-split already).
+//! [`RopePairing::HalfSplit`] like HF checkpoints (`qwen2`, `phi3` and `gemma` use llama.cpp's NEOX
+//! rotation, which is half-split already).
 
 use kiln_gguf::blocks::dequantize_to_vec;
 use kiln_gguf::{GgufFile, TensorInfo};
@@ -17,8 +17,12 @@ use crate::error::{ModelError, Result};
 use crate::weights::{LlamaBlock, NamedTensor, Source, llama_block, split_rows, transpose};
 
 /// How one architecture's GGUF tensors map onto Kiln's Llama block.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub(crate) struct GgufLayout {
+    /// The MLP (GeGLU for `gemma`, else SwiGLU).
+    pub mlp: MlpKind,
+    /// Token embeddings scaled by √d_model (`gemma`).
+    pub scale_embeddings: bool,
     /// Q and K rows are in llama.cpp's interleaved RoPE order (`llama`).
     pub permuted_qk: bool,
     /// Q, K and V in one `attn_qkv` tensor (`phi3`).
@@ -31,12 +35,19 @@ pub(crate) struct GgufLayout {
 
 /// The architectures Kiln runs from GGUF files.
 pub(crate) const GGUF_ARCHITECTURES: &str =
-    "llama (Llama 2/3, Mistral, SmolLM2, TinyLlama), qwen2, phi3";
+    "llama (Llama 2/3, Mistral, SmolLM2, TinyLlama), qwen2, phi3, gemma";
 
 impl GgufLayout {
     /// The layout of `arch`, or `None` for an architecture Kiln does not run.
     pub(crate) fn of(arch: &str) -> Option<Self> {
-        let plain = Self::default();
+        let plain = Self {
+            mlp: MlpKind::SwiGlu,
+            scale_embeddings: false,
+            permuted_qk: false,
+            fused_qkv: false,
+            fused_gate_up: false,
+            qkv_bias: false,
+        };
         match arch {
             "llama" => Some(Self {
                 permuted_qk: true,
@@ -49,6 +60,12 @@ impl GgufLayout {
             "phi3" => Some(Self {
                 fused_qkv: true,
                 fused_gate_up: true,
+                ..plain
+            }),
+            // llama.cpp's converter stores Gemma's norm weights with its `1 +` added.
+            "gemma" => Some(Self {
+                mlp: MlpKind::GeGlu,
+                scale_embeddings: true,
                 ..plain
             }),
             _ => None,
@@ -140,10 +157,11 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
         norm: NormKind::RmsNorm {
             eps: f64::from(file.get_f32(&key("attention.layer_norm_rms_epsilon"))?),
         },
-        mlp: MlpKind::SwiGlu,
+        mlp: layout.mlp,
         bias: false,
         qkv_bias: layout.qkv_bias,
         tied_embeddings: file.tensor("output.weight").is_none(),
+        scale_embeddings: layout.scale_embeddings,
         dropout: 0.0,
     };
     config.validate()?;

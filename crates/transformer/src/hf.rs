@@ -63,12 +63,27 @@ pub fn config_from_hf(json: &Value) -> Result<ModelConfig> {
                 bias: true,
                 qkv_bias: false,
                 tied_embeddings: true,
+                scale_embeddings: false,
                 dropout: 0.0,
             }
         }
-        "llama" | "mistral" | "qwen2" | "phi3" => {
+        "llama" | "mistral" | "qwen2" | "phi3" | "gemma" => {
             let heads = int("num_attention_heads")?;
             check_llama_options(json, heads)?;
+            let gemma = model_type == "gemma";
+            if gemma {
+                let act = json
+                    .get("hidden_activation")
+                    .or_else(|| json.get("hidden_act"))
+                    .and_then(Value::as_str)
+                    .unwrap_or("gelu_pytorch_tanh");
+                // Gemma's `gelu` has always run as the tanh approximation in transformers.
+                if !matches!(act, "gelu_pytorch_tanh" | "gelu") {
+                    return Err(ModelError::InvalidConfig(format!(
+                        "config.json: Gemma activation {act:?} is not supported by Kiln"
+                    )));
+                }
+            }
             let mut context_length = int("max_position_embeddings")?;
             // Sliding-window attention equals full attention over a context no longer than the
             // window (Qwen2 applies its window only with `use_sliding_window`).
@@ -96,20 +111,25 @@ pub fn config_from_hf(json: &Value) -> Result<ModelConfig> {
                 norm: NormKind::RmsNorm {
                     eps: float("rms_norm_eps", 1e-6),
                 },
-                mlp: MlpKind::SwiGlu,
+                mlp: if gemma {
+                    MlpKind::GeGlu
+                } else {
+                    MlpKind::SwiGlu
+                },
                 bias: false,
                 qkv_bias: model_type == "qwen2",
                 tied_embeddings: json
                     .get("tie_word_embeddings")
                     .and_then(Value::as_bool)
-                    .unwrap_or(false),
+                    .unwrap_or(gemma),
+                scale_embeddings: gemma,
                 dropout: 0.0,
             }
         }
         other => {
             return Err(ModelError::UnknownArchitecture {
                 name: other.to_owned(),
-                supported: "gpt2, llama, mistral, qwen2, phi3 Hugging Face checkpoints",
+                supported: "gpt2, llama, mistral, qwen2, phi3, gemma Hugging Face checkpoints",
             });
         }
     };
@@ -260,11 +280,23 @@ pub(crate) fn tensors_from_hf(
         vec![v, d],
         ck.get("model.embed_tokens.weight", &[v, d])?,
     ));
+    // Gemma's RMSNorm multiplies by `1 + weight`; Kiln's (like llama.cpp's files) by the weight.
+    let one_plus = config.architecture == "gemma";
+    let norm = |mut source: Source| {
+        if one_plus {
+            source.data.iter_mut().for_each(|w| *w += 1.0);
+        }
+        source
+    };
+    let final_norm = norm(Source {
+        name: "model.norm.weight".into(),
+        data: ck.get("model.norm.weight", &[d])?,
+    });
     out.push(NamedTensor::new(
         "norm_f.weight",
-        "model.norm.weight",
+        &final_norm.name,
         vec![d],
-        ck.get("model.norm.weight", &[d])?,
+        final_norm.data,
     ));
     if !config.tied_embeddings {
         let w = ck.get("lm_head.weight", &[v, d])?;
@@ -306,12 +338,12 @@ pub(crate) fn tensors_from_hf(
             ]
         };
         let block = LlamaBlock {
-            attn_norm: get("input_layernorm", &[d])?,
+            attn_norm: norm(get("input_layernorm", &[d])?),
             q,
             k,
             v,
             o: get("self_attn.o_proj", &[d, q_out])?,
-            ffn_norm: get("post_attention_layernorm", &[d])?,
+            ffn_norm: norm(get("post_attention_layernorm", &[d])?),
             gate,
             up,
             down: get("mlp.down_proj", &[d, ff])?,

@@ -1,4 +1,4 @@
-//! The feed-forward block: GELU MLP or SwiGLU.
+//! The feed-forward block: GELU MLP, or gated (SwiGLU, GeGLU).
 
 use std::sync::Arc;
 
@@ -13,10 +13,10 @@ use kiln_kernels::{LinearKernel, runs_host_kernels};
 use crate::config::{MlpKind, ModelConfig};
 use crate::linear::{INIT_STD, Projection};
 
-/// `down(act(up(x)))`, or for SwiGLU `down(silu(gate(x)) · up(x))`.
+/// `down(act(up(x)))`, or gated `down(act(gate(x)) · up(x))` (SwiGLU: silu; GeGLU: tanh GELU).
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
-    /// `[d_model, d_ff]` gate projection (SwiGLU only).
+    /// `[d_model, d_ff]` gate projection (gated blocks only).
     pub gate: Option<Projection<B>>,
     /// `[d_model, d_ff]`.
     pub up: Projection<B>,
@@ -40,7 +40,9 @@ impl<B: Backend> Mlp<B> {
         let residual_std = INIT_STD / (2.0 * config.n_layers as f64).sqrt();
         let (d, ff, bias) = (config.d_model, config.d_ff, config.bias);
         Self {
-            gate: (config.mlp == MlpKind::SwiGlu)
+            gate: config
+                .mlp
+                .gated()
                 .then(|| Projection::new(d, ff, bias, INIT_STD, device)),
             up: Projection::new(d, ff, bias, INIT_STD, device),
             down: Projection::new(ff, d, bias, residual_std, device),
@@ -56,8 +58,11 @@ impl<B: Backend> Mlp<B> {
         if let Some(h) = self.swiglu_on_host(&x) {
             return self.down.forward(h);
         }
-        // A gate makes the block SwiGLU (`new` and every loader create one exactly for SwiGLU).
+        // `new` and every loader create a gate exactly for the gated kinds.
         let h = match &self.gate {
+            Some(gate) if self.kind == MlpKind::GeGlu => {
+                gelu_approximate(gate.forward(x.clone())) * self.up.forward(x)
+            }
             Some(gate) => silu(gate.forward(x.clone())) * self.up.forward(x),
             None => {
                 let h = self.up.forward(x);
@@ -76,7 +81,7 @@ impl<B: Backend> Mlp<B> {
         self.down.forward(h)
     }
 
-    /// `silu(gate(x)) · up(x)` through [`gate_up`](Self::gate_up), when the model has it and the
+    /// `act(gate(x)) · up(x)` through [`gate_up`](Self::gate_up), when the model has it and the
     /// backend uses host kernels.
     fn swiglu_on_host(&self, x: &Tensor<B, 3>) -> Option<Tensor<B, 3>> {
         let kernel = self.gate_up.as_ref()?;
@@ -96,15 +101,25 @@ impl<B: Backend> Mlp<B> {
         let mut h = Vec::with_capacity(rows * ff);
         for row in both.chunks_exact(2 * ff) {
             let (gate, up) = row.split_at(ff);
-            h.extend(
-                gate.iter()
-                    .zip(up)
-                    .map(|(&g, &u)| g / (1.0 + (-g).exp()) * u),
-            );
+            if self.kind == MlpKind::GeGlu {
+                h.extend(gate.iter().zip(up).map(|(&g, &u)| gelu_tanh(g) * u));
+            } else {
+                h.extend(
+                    gate.iter()
+                        .zip(up)
+                        .map(|(&g, &u)| g / (1.0 + (-g).exp()) * u),
+                );
+            }
         }
         Some(Tensor::from_data(
             TensorData::new(h, [b, t, ff]),
             &x.device(),
         ))
     }
+}
+
+/// GELU's tanh approximation, `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`.
+fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)).tanh())
 }

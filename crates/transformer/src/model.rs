@@ -321,6 +321,9 @@ impl<B: Backend> Transformer<B> {
                 source.is_some(),
             ),
         };
+        if self.config.scale_embeddings {
+            x = x.mul_scalar((self.config.d_model as f64).sqrt());
+        }
         if let Some(pos_emb) = &self.pos_emb {
             let rows = positions.len();
             let t = positions.first().map_or(0, Vec::len);

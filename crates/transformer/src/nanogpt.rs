@@ -62,6 +62,7 @@ pub(crate) fn config_from_model_args(args: &Value, path: &Path) -> Result<ModelC
         bias,
         qkv_bias: false,
         tied_embeddings: true,
+        scale_embeddings: false,
         dropout: args.get("dropout").and_then(Value::as_float).unwrap_or(0.0),
     };
     config.validate()?;
@@ -223,7 +224,7 @@ fn nanogpt_mismatch(config: &ModelConfig) -> Option<String> {
             "the tanh GELU (GPT-2's gelu_new; nanoGPT's nn.GELU() is exact, so logits would differ)"
                 .into(),
         ),
-        MlpKind::SwiGlu => why.push("a SwiGLU MLP".into()),
+        MlpKind::SwiGlu | MlpKind::GeGlu => why.push("a gated MLP".into()),
     }
     if config.d_ff != 4 * d {
         why.push(format!(
@@ -233,6 +234,9 @@ fn nanogpt_mismatch(config: &ModelConfig) -> Option<String> {
     }
     if config.n_kv_heads != config.n_heads {
         why.push("grouped-query attention".into());
+    }
+    if config.qkv_bias || config.scale_embeddings {
+        why.push("Q/K/V biases or scaled embeddings".into());
     }
     if !config.tied_embeddings {
         why.push("an LM head apart from the token embedding (nanoGPT ties them)".into());

@@ -40,7 +40,8 @@ pub fn onnx_spec(config: &ModelConfig) -> ModelSpec {
         mlp: match config.mlp {
             MlpKind::GeluTanh => Mlp::GeluTanh,
             MlpKind::Gelu => Mlp::Gelu,
-            MlpKind::SwiGlu => Mlp::SwiGlu,
+            // `save_onnx` refuses GeGLU models before they get here.
+            MlpKind::SwiGlu | MlpKind::GeGlu => Mlp::SwiGlu,
         },
         bias: config.bias,
         qkv_bias: config.qkv_bias,
@@ -69,6 +70,13 @@ pub fn onnx_weights<B: Backend>(model: &Transformer<B>) -> Result<Weights> {
 /// Writes `model` as an ONNX file at `path` (opset 17, dynamic batch and sequence axes; with
 /// `kv_cache`, past/present key-value inputs and outputs named as Hugging Face Optimum does).
 pub fn save_onnx<B: Backend>(model: &Transformer<B>, path: &Path, kv_cache: bool) -> Result<()> {
+    let config = model.config();
+    if config.mlp == MlpKind::GeGlu || config.scale_embeddings {
+        return Err(ModelError::Unsupported(format!(
+            "the ONNX graph has no GeGLU MLP or embedding scaling ({} model)",
+            config.architecture
+        )));
+    }
     let options = ExportOptions {
         kv_cache,
         producer_version: env!("CARGO_PKG_VERSION").into(),

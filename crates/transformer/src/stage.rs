@@ -75,6 +75,9 @@ impl<B: Backend> Stage<B> {
                 self.check_context(t)?;
                 let device = tokens.device();
                 let mut x = embed(tok_emb, tokens, false);
+                if self.config.scale_embeddings {
+                    x = x.mul_scalar((self.config.d_model as f64).sqrt());
+                }
                 if let Some(pos_emb) = &self.pos_emb {
                     let ids: Vec<i64> = (0..rows).flat_map(|_| 0..t as i64).collect();
                     let ids =

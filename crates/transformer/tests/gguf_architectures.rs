@@ -1,7 +1,9 @@
 //! The Llama family's other GGUF layouts — `qwen2` (Q/K/V biases), `phi3` (fused projections, a
-//! sliding window) and Mistral (written as `llama`, SentencePiece vocabulary) — made by the `gguf`
-//! Python package with random weights (`scripts/make_gguf_arch_fixtures.py`), against a numpy
-//! forward pass that llama.cpp itself agreed with to 4e-6 when the fixtures were made.
+//! sliding window), Mistral (written as `llama`, SentencePiece vocabulary) and `gemma` (GeGLU,
+//! scaled embeddings) — made by the `gguf` Python package with random weights
+//! (`scripts/make_gguf_arch_fixtures.py`), against a numpy forward pass that llama.cpp itself
+//! agreed with when the fixtures were made (to 4e-6; Gemma to 1.3e-3, ggml's GELU being an f16
+//! table).
 
 use std::path::{Path, PathBuf};
 
@@ -15,7 +17,7 @@ use kiln_transformer::{
 
 type B = Flex;
 
-const ARCHITECTURES: [&str; 3] = ["qwen2", "phi3", "mistral"];
+const ARCHITECTURES: [&str; 4] = ["qwen2", "phi3", "mistral", "gemma"];
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -161,6 +163,13 @@ fn qwen2_exports_to_onnx_with_its_biases_and_unknown_architectures_are_named() {
             > 80_000
     );
 
+    // Gemma's GeGLU has no ONNX graph here: refused, not written wrong.
+    let gemma = load_model::<B>(fixture("gemma.gguf"), &device).unwrap();
+    let path = dir.path().join("gemma.onnx");
+    let err = save_onnx(&gemma.model, &path, false).unwrap_err();
+    assert!(matches!(err, ModelError::Unsupported(_)), "{err}");
+    assert!(!path.exists());
+
     // The same file claiming an architecture Kiln does not run.
     let file = GgufFile::open(fixture("qwen2.gguf")).unwrap();
     let mut w = GgufWriter::new();
@@ -183,5 +192,5 @@ fn qwen2_exports_to_onnx_with_its_biases_and_unknown_architectures_are_named() {
         matches!(&err, ModelError::UnknownArchitecture { name, .. } if name == "gemma2"),
         "{err}"
     );
-    assert!(err.to_string().contains("qwen2, phi3"), "{err}");
+    assert!(err.to_string().contains("qwen2, phi3, gemma"), "{err}");
 }

@@ -106,12 +106,13 @@ fn sharded_hugging_face_checkpoints_give_their_logits() {
 }
 
 #[test]
-fn qwen2_phi3_and_mistral_checkpoints_give_their_logits() {
+fn qwen2_phi3_mistral_and_gemma_checkpoints_give_their_logits() {
     // (directory, context after the sliding window, Q/K/V biases, tied head)
     for (name, context, qkv_bias, tied) in [
         ("hf-qwen2", 32, true, true),
         ("hf-phi3", 12, false, false),
         ("hf-mistral", 16, false, false),
+        ("hf-gemma", 32, false, true),
     ] {
         let loaded = matches_reference(&fixture(name), &fixture(name));
         let c = loaded.model.config();
