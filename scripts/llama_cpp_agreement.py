@@ -6,7 +6,8 @@ continuation of the first prompt against Kiln's.
     python3 scripts/llama_cpp_agreement.py MODEL.gguf REFERENCE.json [--threads 2]
 
 REFERENCE.json: {"prompts": [[ids...], ...], "top1": [[ids...], ...], "greedy": [ids...]}.
-Prints `agreement=A/N greedy_equal=true|false` and both greedy sequences.
+Prints `agreement=A/N greedy_equal=true|false`, each position where the top-1 differs with the
+gap between the two choices in llama.cpp's logits, and both greedy sequences.
 """
 import argparse
 import json
@@ -26,12 +27,19 @@ def main():
     llm = Llama(args.model, n_ctx=max(64, longest), n_threads=args.threads,
                 n_threads_batch=args.threads, logits_all=True, verbose=False)
     agree = total = 0
-    for prompt, top1 in zip(ref["prompts"], ref["top1"]):
+    misses = []
+    for p, (prompt, top1) in enumerate(zip(ref["prompts"], ref["top1"])):
         llm.reset()
         llm.eval(prompt)
         for pos, want in enumerate(top1):
             total += 1
-            agree += int(np.argmax(np.asarray(llm.scores[pos]))) == want
+            row = np.asarray(llm.scores[pos])
+            ours = int(np.argmax(row))
+            agree += ours == want
+            if ours != want:
+                # How far Kiln's choice is below llama.cpp's in llama.cpp's own logits.
+                misses.append(f"prompt {p} position {pos}: llama.cpp {ours}, kiln {want}, "
+                              f"gap {row[ours] - row[want]:.3f}")
     llm.reset()
     ids = list(ref["prompts"][0])
     greedy = []
@@ -41,6 +49,8 @@ def main():
         greedy.append(nxt)
         llm.eval([nxt])
     print(f"agreement={agree}/{total} greedy_equal={'true' if greedy == ref['greedy'] else 'false'}")
+    for miss in misses:
+        print(f"  differs at {miss}")
     print(f"llama.cpp greedy: {greedy}")
     print(f"kiln greedy:      {ref['greedy']}")
 

@@ -1,4 +1,4 @@
-//! `kiln export`: a model in the formats other runtimes read (ONNX, PyTorch).
+//! `kiln export`: a model in the formats other runtimes read (ONNX, PyTorch, GGUF).
 
 use std::path::PathBuf;
 
@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::{Args as ClapArgs, Subcommand};
 use kiln::backend::DefaultBackend;
 use kiln::trainer::checkpoint;
-use kiln::transformer::{TorchMetadata, load_model, save_nanogpt, save_onnx};
+use kiln::transformer::{TorchMetadata, load_model, save_gguf, save_nanogpt, save_onnx};
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -17,6 +17,20 @@ pub enum Command {
     /// `best_val_loss`, `config`), which `torch.load(path, weights_only=True)` reads and nanoGPT's
     /// `GPT(GPTConfig(**ckpt["model_args"]))` loads strictly; see docs/transformer.md.
     Pt(PtArgs),
+    /// An f32 GGUF file llama.cpp runs (architectures llama, qwen2, gemma), with the tokenizer
+    /// and chat template; `kiln quantize` makes the quantized types.
+    Gguf(GgufArgs),
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct GgufArgs {
+    /// The model: a Kiln or Hugging Face model directory, a .pt or .gguf file, with a byte-level
+    /// BPE tokenizer.
+    #[arg(long, short, value_name = "M")]
+    pub model: PathBuf,
+    /// The .gguf file to write (atomically).
+    #[arg(long, short, value_name = "FILE")]
+    pub output: PathBuf,
 }
 
 #[derive(Debug, ClapArgs)]
@@ -51,7 +65,29 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
     match cmd {
         Command::Onnx(args) => onnx(args),
         Command::Pt(args) => pt(args),
+        Command::Gguf(args) => gguf(args),
     }
+}
+
+fn gguf(args: GgufArgs) -> anyhow::Result<()> {
+    let device = Default::default();
+    let loaded = load_model::<DefaultBackend>(&args.model, &device)
+        .with_context(|| format!("loading {}", args.model.display()))?;
+    save_gguf(
+        &loaded.model,
+        loaded.require_tokenizer()?,
+        loaded.chat_template.as_deref(),
+        &args.output,
+    )
+    .with_context(|| format!("writing {}", args.output.display()))?;
+    let bytes = std::fs::metadata(&args.output).map_or(0, |m| m.len());
+    eprintln!(
+        "wrote {} ({:.1} MB, f32, {})",
+        args.output.display(),
+        bytes as f64 / 1e6,
+        loaded.model.config().architecture
+    );
+    Ok(())
 }
 
 fn pt(args: PtArgs) -> anyhow::Result<()> {

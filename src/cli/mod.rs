@@ -46,9 +46,9 @@ enum Command {
     Generate(generate::Args),
     /// Serve a model over an OpenAI-compatible HTTP API, with continuous batching.
     Serve(serve::Args),
-    /// Quantize a GGUF model to one of llama.cpp's types (q8_0 … q4_k_m), optionally by GPTQ.
+    /// Quantize a model to one of llama.cpp's GGUF types (q8_0 … q4_k_m), optionally by GPTQ.
     Quantize(quantize::Args),
-    /// Write a model in a format other runtimes read (ONNX, PyTorch .pt).
+    /// Write a model in a format other runtimes read (ONNX, PyTorch .pt, GGUF).
     #[command(subcommand)]
     Export(export::Command),
     /// Show the build: version, compiled backend, and a smoke test on its default device.

@@ -1,5 +1,6 @@
-//! `kiln quantize`: a GGUF model file in one of llama.cpp's quantization types, by round to nearest
-//! or, with calibration text, by GPTQ.
+//! `kiln quantize`: a model as a GGUF file in one of llama.cpp's quantization types, by round to
+//! nearest or, with calibration text, by GPTQ. Sources other than GGUF files go through
+//! `kiln_transformer::gguf_writer` first.
 
 use std::path::PathBuf;
 
@@ -8,7 +9,7 @@ use clap::Args as ClapArgs;
 use kiln::backend::DefaultBackend;
 use kiln::gguf::GgufFile;
 use kiln::quantize::{FileOptions, Scheme, collect_hessians, quantize_file};
-use kiln::transformer::load_gguf;
+use kiln::transformer::{gguf_writer, load_model};
 
 #[derive(Debug, ClapArgs)]
 #[command(
@@ -18,7 +19,9 @@ use kiln::transformer::load_gguf;
     MLP weights are quantized by GPTQ on that text instead of round to nearest."
 )]
 pub struct Args {
-    /// The model: a .gguf file (any type Kiln reads, including llama.cpp's quantized ones).
+    /// The model: a .gguf file (any type Kiln reads, including llama.cpp's quantized ones), or a
+    /// Llama-family model in any other form Kiln loads (Kiln or Hugging Face directory, .pt),
+    /// written as an f32 GGUF file first.
     #[arg(long, short, value_name = "M")]
     pub model: PathBuf,
     /// The quantization type or mix.
@@ -46,26 +49,56 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    // Only GGUF sources for now: Kiln model directories and HF checkpoints need a model-to-GGUF
-    // writer (tensor names, Q/K order, tokenizer metadata) first.
-    let source = GgufFile::open(&args.model).map_err(|e| {
-        anyhow::anyhow!(
-            "{} is not a GGUF file kiln quantize can read ({e}); it reads GGUF models, including \
-             llama.cpp's quantized ones",
-            args.model.display()
-        )
-    })?;
+    if is_gguf(&args.model) {
+        let source = GgufFile::open(&args.model)
+            .with_context(|| format!("reading {}", args.model.display()))?;
+        return quantize(&args, &source);
+    }
+    // Any other model Kiln loads becomes an f32 GGUF file first (beside the output, removed after).
+    let device = Default::default();
+    let loaded = load_model::<DefaultBackend>(&args.model, &device)
+        .with_context(|| format!("loading {}", args.model.display()))?;
+    let tokenizer = loaded.require_tokenizer()?;
+    let staging = args.output.with_extension("f32.gguf.partial");
+    let name = args
+        .model
+        .file_name()
+        .map_or_else(|| "model".to_owned(), |n| n.to_string_lossy().into_owned());
+    let result = gguf_writer(
+        &loaded.model,
+        tokenizer,
+        loaded.chat_template.as_deref(),
+        &name,
+    )
+    .map_err(anyhow::Error::from)
+    .and_then(|w| Ok(w.write(&staging)?))
+    .and_then(|()| Ok(GgufFile::open(&staging)?))
+    .and_then(|source| quantize(&args, &source));
+    let _ = std::fs::remove_file(&staging);
+    result
+}
+
+/// Whether `path` is a GGUF file (by its magic bytes).
+fn is_gguf(path: &std::path::Path) -> bool {
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+        .is_ok_and(|()| &magic == b"GGUF")
+}
+
+/// Quantizes `source` (a GGUF file) as `args` ask and writes the output.
+fn quantize(args: &Args, source: &GgufFile) -> anyhow::Result<()> {
     let mut options = FileOptions::default();
     options.gptq.damp = args.damp;
     options.gptq.act_order = !args.no_act_order;
     if !args.calibration.is_empty() {
-        options.hessians = calibrate(&args)?;
+        options.hessians = calibrate(args)?;
     }
     let bar = super::progress_bar(
         source.tensors.len() as u64,
         "quantizing {bar:30} {pos}/{len} tensors {msg} [{elapsed} < {eta}]",
     );
-    let (writer, report) = quantize_file(&source, args.scheme, &options, |done, _, name| {
+    let (writer, report) = quantize_file(source, args.scheme, &options, |done, _, name| {
         bar.set_position(done as u64);
         bar.set_message(name.to_owned());
     })?;
@@ -95,7 +128,7 @@ fn calibrate(
     args: &Args,
 ) -> anyhow::Result<std::collections::HashMap<String, kiln::quantize::gptq::Hessian>> {
     let device = Default::default();
-    let mut loaded = load_gguf::<DefaultBackend>(&args.model, &device)
+    let mut loaded = load_model::<DefaultBackend>(&args.model, &device)
         .with_context(|| format!("loading {}", args.model.display()))?;
     let tokenizer = loaded.require_tokenizer()?.clone();
     let mut tokens = Vec::new();

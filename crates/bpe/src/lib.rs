@@ -24,6 +24,7 @@ mod cache;
 mod char_vocab;
 pub mod corpus;
 mod error;
+mod gguf_metadata;
 mod gguf_tokenizer;
 mod hf_json;
 mod llama_pre;

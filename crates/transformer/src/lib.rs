@@ -37,6 +37,7 @@ pub mod chat;
 mod config;
 mod error;
 mod generate;
+mod gguf_export;
 mod gguf_model;
 mod gguf_quantized;
 mod hf;
@@ -65,6 +66,7 @@ pub use generate::{
     FinishReason, GenerateParams, Generation, GenerationStats, Generator, Piece, Sequence,
     logits_rows, token_rows,
 };
+pub use gguf_export::{gguf_writer, save_gguf};
 pub use gguf_model::config_from_gguf;
 pub use gguf_quantized::{gguf_is_quantized, load_gguf_quantized};
 pub use hf::config_from_hf;

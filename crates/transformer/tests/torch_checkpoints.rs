@@ -288,3 +288,45 @@ fn bad_torch_files_are_clear_errors() {
         "{err}"
     );
 }
+
+#[test]
+fn bad_shard_indexes_are_clear_errors() {
+    let device = Default::default();
+    let src = fixture("hf-llama");
+    let copy = |dir: &Path| {
+        for entry in std::fs::read_dir(&src).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+        }
+    };
+    let index = "model.safetensors.index.json";
+    // A shard named outside the directory is refused, not read.
+    let dir = tempfile::tempdir().unwrap();
+    copy(dir.path());
+    let text = std::fs::read_to_string(dir.path().join(index)).unwrap();
+    let escaped = text.replacen(
+        "model-00001-of-00003.safetensors",
+        "../secret.safetensors",
+        1,
+    );
+    std::fs::write(dir.path().join(index), escaped).unwrap();
+    let err = load_model::<B>(dir.path(), &device).unwrap_err();
+    assert!(
+        err.to_string().contains("not a file beside the index"),
+        "{err}"
+    );
+    // A missing shard names the file.
+    let dir = tempfile::tempdir().unwrap();
+    copy(dir.path());
+    std::fs::remove_file(dir.path().join("model-00002-of-00003.safetensors")).unwrap();
+    let err = load_model::<B>(dir.path(), &device).unwrap_err();
+    assert!(err.to_string().contains("model-00002-of-00003"), "{err}");
+    // A truncated shard is a safetensors error naming it, not a panic.
+    let dir = tempfile::tempdir().unwrap();
+    copy(dir.path());
+    let shard = dir.path().join("model-00003-of-00003.safetensors");
+    let bytes = std::fs::read(&shard).unwrap();
+    std::fs::write(&shard, &bytes[..bytes.len() / 2]).unwrap();
+    let err = load_model::<B>(dir.path(), &device).unwrap_err();
+    assert!(err.to_string().contains("model-00003-of-00003"), "{err}");
+}

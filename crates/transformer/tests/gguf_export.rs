@@ -1,0 +1,180 @@
+//! Kiln models written as GGUF files (`gguf_writer`, `save_gguf`) read back to the same logits and
+//! the same tokenizer: the `llama` layout from models rotating either pair order, `qwen2` with its
+//! biases, and SmolLM2 itself; models no llama.cpp architecture holds are refused.
+
+use std::path::Path;
+
+use burn::backend::Flex;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+use kiln_bpe::{BpeTrainer, PreTokenizer, Tokenizer, TrainerConfig};
+use kiln_gguf::GgufFile;
+use kiln_transformer::{
+    ModelConfig, ModelError, PositionEncoding, RopePairing, Transformer, load_gguf,
+    load_gguf_quantized, save_gguf,
+};
+
+type B = Flex;
+
+const TEXT: &str = "The quick brown fox jumps over the lazy dog. 12345 café ünïcödé <tags>\n";
+
+fn tokenizer(vocab: usize) -> Tokenizer {
+    let mut trainer = BpeTrainer::new(TrainerConfig {
+        vocab_size: vocab,
+        min_frequency: 1,
+        special_tokens: vec!["<|endoftext|>".into()],
+        pre_tokenizer: PreTokenizer::gpt2(),
+        show_progress: false,
+    })
+    .unwrap();
+    trainer.feed(TEXT.repeat(50).as_bytes());
+    trainer.finish().unwrap()
+}
+
+fn logits(model: &Transformer<B>, ids: &[i64]) -> Vec<f32> {
+    let input = Tensor::<B, 2, Int>::from_data(
+        TensorData::new(ids.to_vec(), [1, ids.len()]),
+        &Default::default(),
+    );
+    model.forward(input).unwrap().into_data().to_vec().unwrap()
+}
+
+fn worst(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Writes `model` with `tok` and reads it back: the same logits, the same encodings.
+fn round_trip(model: &Transformer<B>, tok: &Tokenizer, dir: &Path, name: &str) -> Transformer<B> {
+    let path = dir.join(format!("{name}.gguf"));
+    save_gguf(model, tok, Some("{{ messages }}"), &path).unwrap();
+    let back = load_gguf::<B>(&path, &Default::default()).unwrap();
+    let ids: Vec<i64> = tok
+        .encode(TEXT)
+        .into_iter()
+        .take(24)
+        .map(i64::from)
+        .collect();
+    let diff = worst(&logits(&back.model, &ids), &logits(model, &ids));
+    assert!(diff < 1e-5, "{name}: logits differ by {diff}");
+    let again = back.tokenizer.unwrap();
+    for text in [TEXT, "  spaces\tand\ttabs 2024 ", "<|endoftext|> fox"] {
+        assert_eq!(again.encode(text), tok.encode(text), "{name}: {text:?}");
+    }
+    assert_eq!(back.chat_template.as_deref(), Some("{{ messages }}"));
+    back.model
+}
+
+fn random(config: ModelConfig) -> Transformer<B> {
+    B::seed(&Default::default(), 11);
+    Transformer::<B>::new(config, &Default::default()).unwrap()
+}
+
+#[test]
+fn llama_models_of_either_rope_order_read_back_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = tokenizer(320);
+    for pairing in [RopePairing::HalfSplit, RopePairing::Interleaved] {
+        let config = ModelConfig {
+            vocab_size: tok.vocab_size(),
+            context_length: 64,
+            n_layers: 2,
+            n_heads: 4,
+            n_kv_heads: 2,
+            d_model: 64,
+            d_ff: 96,
+            position: PositionEncoding::Rope {
+                theta: 10_000.0,
+                pairing,
+            },
+            ..ModelConfig::smollm2_135m()
+        };
+        let model = random(config);
+        round_trip(&model, &tok, dir.path(), &format!("{pairing:?}"));
+        // llama.cpp's names and types: Q and K apart, f32, the pre-tokenizer by name.
+        let file = GgufFile::open(dir.path().join(format!("{pairing:?}.gguf"))).unwrap();
+        assert_eq!(file.get_str("general.architecture").unwrap(), "llama");
+        assert_eq!(file.get_str("tokenizer.ggml.pre").unwrap(), "gpt-2");
+        assert!(file.tensor("blk.1.attn_k.weight").is_some());
+        assert!(file.tensor("output.weight").is_none(), "tied");
+    }
+}
+
+#[test]
+fn qwen2_and_smollm2_read_back_the_same_and_quantize_natively() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/gguf/qwen2.gguf");
+    let mut sources = vec![fixture];
+    let smollm2 = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if smollm2.exists() {
+        sources.push(smollm2);
+    }
+    for source in sources {
+        let loaded = load_gguf::<B>(&source, &Default::default()).unwrap();
+        let tok = loaded.tokenizer.unwrap();
+        let name = source.file_stem().unwrap().to_string_lossy().into_owned();
+        round_trip(&loaded.model, &tok, dir.path(), &name);
+        let file = GgufFile::open(dir.path().join(format!("{name}.gguf"))).unwrap();
+        let arch = file.get_str("general.architecture").unwrap().to_owned();
+        assert_eq!(arch, loaded.model.config().architecture);
+        if arch == "qwen2" {
+            assert_eq!(file.get_str("tokenizer.ggml.pre").unwrap(), "qwen2");
+            assert!(file.tensor("blk.0.attn_v.bias").is_some());
+        } else {
+            assert_eq!(file.get_str("tokenizer.ggml.pre").unwrap(), "smollm");
+        }
+        // The f32 file runs from its blocks after quantization too (loader sanity).
+        let _ =
+            load_gguf_quantized::<B>(dir.path().join(format!("{name}.gguf")), &Default::default())
+                .unwrap();
+    }
+}
+
+#[test]
+fn models_without_a_llama_cpp_architecture_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = tokenizer(300);
+    let gpt2 = random(ModelConfig {
+        vocab_size: tok.vocab_size(),
+        context_length: 32,
+        n_layers: 1,
+        n_heads: 2,
+        n_kv_heads: 2,
+        d_model: 32,
+        d_ff: 64,
+        ..ModelConfig::gpt2_124m()
+    });
+    let path = dir.path().join("gpt2.gguf");
+    let err = save_gguf(&gpt2, &tok, None, &path).unwrap_err();
+    assert!(matches!(err, ModelError::Unsupported(_)), "{err}");
+    assert!(!path.exists());
+    // A vocabulary that does not match the embeddings.
+    let llama = random(ModelConfig {
+        vocab_size: tok.vocab_size() + 4,
+        context_length: 32,
+        n_layers: 1,
+        n_heads: 2,
+        n_kv_heads: 2,
+        d_model: 32,
+        d_ff: 64,
+        ..ModelConfig::smollm2_135m()
+    });
+    let err = save_gguf(&llama, &tok, None, &path).unwrap_err();
+    assert!(err.to_string().contains("embeddings"), "{err}");
+    // A SentencePiece vocabulary (Mistral's) is not written.
+    let mistral = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/gguf/mistral.gguf");
+    let loaded = load_gguf::<B>(&mistral, &Default::default()).unwrap();
+    let err = save_gguf(
+        &loaded.model,
+        loaded.tokenizer.as_ref().unwrap(),
+        None,
+        &path,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("SentencePiece"), "{err}");
+    assert!(!path.exists());
+}
