@@ -1,4 +1,5 @@
-//! Hugging Face `tokenizer.json` (byte-level BPE) and GPT-2 `vocab.json` + `merges.txt`, both ways.
+//! Hugging Face `tokenizer.json` (byte-level BPE both ways; SentencePiece-style BPE read) and GPT-2
+//! `vocab.json` + `merges.txt`, both ways.
 
 use std::path::Path;
 
@@ -7,6 +8,7 @@ use serde_json::{Map, Value, json};
 use crate::byte_level;
 use crate::error::{BpeError, Result};
 use crate::pretokenize::{PreTokenizer, Split};
+use crate::spm::{self, Merging, SentencePiece};
 use crate::tokenizer::{AddedToken, Tokenizer, TokenizerParts};
 
 fn unsupported(what: impl Into<String>) -> BpeError {
@@ -50,9 +52,6 @@ pub fn from_json(text: &str, path: &Path) -> Result<Tokenizer> {
             return Err(unsupported(format!("BPE {key}")));
         }
     }
-    if model.get("byte_fallback").and_then(Value::as_bool) == Some(true) {
-        return Err(unsupported("byte_fallback (SentencePiece-style BPE)"));
-    }
     if model
         .get("dropout")
         .and_then(Value::as_f64)
@@ -60,35 +59,14 @@ pub fn from_json(text: &str, path: &Path) -> Result<Tokenizer> {
     {
         return Err(unsupported("BPE dropout"));
     }
+    let added = added_tokens(&root, path)?;
+    if model.get("byte_fallback").and_then(Value::as_bool) == Some(true) {
+        return sentencepiece_bpe(&root, model, added, path);
+    }
     if let Some(n) = root.get("normalizer").filter(|n| !n.is_null()) {
         return Err(unsupported(format!("normalizer {}", type_name(n))));
     }
     let pre_tokenizer = parse_pre_tokenizer(root.get("pre_tokenizer").unwrap_or(&Value::Null))?;
-
-    let added: Vec<AddedToken> = match root.get("added_tokens") {
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|t| {
-                let id = t
-                    .get("id")
-                    .and_then(Value::as_u64)
-                    .and_then(|i| u32::try_from(i).ok());
-                let content = t.get("content").and_then(Value::as_str);
-                match (id, content) {
-                    (Some(id), Some(content)) => Ok(AddedToken {
-                        id,
-                        content: content.to_owned(),
-                        special: t.get("special").and_then(Value::as_bool).unwrap_or(false),
-                    }),
-                    _ => Err(shape_error(
-                        path,
-                        "an added token lacks \"id\" or \"content\"",
-                    )),
-                }
-            })
-            .collect::<Result<_>>()?,
-        _ => Vec::new(),
-    };
 
     let vocab_obj = model
         .get("vocab")
@@ -152,6 +130,190 @@ pub fn from_json(text: &str, path: &Path) -> Result<Tokenizer> {
             .and_then(Value::as_bool)
             .unwrap_or(false),
         bos_id: None,
+    })
+}
+
+/// A SentencePiece-style BPE `tokenizer.json` (Llama 2, Mistral, Phi-3, Gemma as `transformers`
+/// converts them): `byte_fallback`, tokens in raw UTF-8 with `▁` for spaces, a normalizer that
+/// prepends `▁` and writes spaces as `▁` (or a `Metaspace` pre-tokenizer that does both without
+/// splitting), merges applied by rank over each stretch of text between added tokens.
+fn sentencepiece_bpe(
+    root: &Value,
+    model: &Value,
+    added: Vec<AddedToken>,
+    path: &Path,
+) -> Result<Tokenizer> {
+    let (add_space_prefix, escape_whitespace) = metaspace_rules(root)?;
+    let vocab_obj = model
+        .get("vocab")
+        .and_then(Value::as_object)
+        .ok_or_else(|| shape_error(path, "model.vocab is not an object"))?;
+    let size = vocab_obj
+        .values()
+        .filter_map(Value::as_u64)
+        .chain(added.iter().map(|t| u64::from(t.id)))
+        .max()
+        .map_or(0, |m| m as usize + 1);
+    let mut tokens = vec![String::new(); size];
+    for (token, id) in vocab_obj {
+        let id = id
+            .as_u64()
+            .filter(|&i| (i as usize) < size)
+            .ok_or_else(|| shape_error(path, &format!("vocab entry {token:?} has no valid id")))?;
+        tokens[id as usize] = token.clone();
+    }
+    for t in &added {
+        tokens[t.id as usize] = t.content.clone();
+    }
+    // What each id decodes to: a byte token its byte, an added token its text, others with `▁`
+    // turned back into spaces.
+    let pieces = tokens
+        .iter()
+        .enumerate()
+        .map(|(id, t)| {
+            if added.iter().any(|a| a.id as usize == id) {
+                t.as_bytes().to_vec()
+            } else if let Some(b) = spm::byte_token_value(t) {
+                vec![b]
+            } else {
+                spm::unescape(t)
+            }
+        })
+        .collect();
+    let merges_json = model
+        .get("merges")
+        .and_then(Value::as_array)
+        .ok_or_else(|| shape_error(path, "model.merges is not an array"))?;
+    let mut merges = Vec::with_capacity(merges_json.len());
+    for (index, m) in merges_json.iter().enumerate() {
+        let pair = match m {
+            Value::String(s) => s
+                .split_once(' ')
+                .map(|(a, b)| (a.as_bytes().to_vec(), b.as_bytes().to_vec())),
+            Value::Array(pair) if pair.len() == 2 => match (pair[0].as_str(), pair[1].as_str()) {
+                (Some(a), Some(b)) => Some((a.as_bytes().to_vec(), b.as_bytes().to_vec())),
+                _ => None,
+            },
+            _ => None,
+        };
+        merges.push(pair.ok_or_else(|| BpeError::BadMerge {
+            index,
+            merge: m.to_string(),
+            reason: "expected \"left right\" or [\"left\", \"right\"]",
+        })?);
+    }
+    let (pieces_table, merge_table) = spm::intern_merges(&merges);
+    let sp = SentencePiece::new(
+        &tokens,
+        Merging::Ranks {
+            merges: merge_table,
+            pieces: pieces_table,
+            split: PreTokenizer::with_split(Split::None),
+            ignore_merges: model
+                .get("ignore_merges")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            newline_words: false,
+        },
+        add_space_prefix,
+        escape_whitespace,
+    );
+    let id_of = |text: &str| added.iter().find(|t| t.content == text).map(|t| t.id);
+    let (bos, eos) = (
+        id_of("<s>").or(id_of("<bos>")),
+        id_of("</s>").or(id_of("<eos>")),
+    );
+    Tokenizer::from_sentencepiece(sp, pieces, added, bos, eos)
+}
+
+/// `(add_space_prefix, escape_whitespace)` of a SentencePiece-style tokenizer: a normalizer of
+/// `Prepend("▁")` and `Replace(" ", "▁")`, or a non-splitting `Metaspace` pre-tokenizer.
+fn metaspace_rules(root: &Value) -> Result<(bool, bool)> {
+    let steps = |v: Option<&Value>, list: &str| -> Vec<Value> {
+        match v.filter(|v| !v.is_null()) {
+            Some(v) if v.get("type").and_then(Value::as_str) == Some("Sequence") => v
+                .get(list)
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default(),
+            Some(v) => vec![v.clone()],
+            None => Vec::new(),
+        }
+    };
+    let (mut prepend, mut escape) = (false, false);
+    for step in steps(root.get("normalizer"), "normalizers") {
+        match step.get("type").and_then(Value::as_str) {
+            Some("Prepend") if step.get("prepend").and_then(Value::as_str) == Some("▁") => {
+                prepend = true;
+            }
+            Some("Replace")
+                if step.get("content").and_then(Value::as_str) == Some("▁")
+                    && step
+                        .get("pattern")
+                        .and_then(|p| p.get("String"))
+                        .and_then(Value::as_str)
+                        == Some(" ") =>
+            {
+                escape = true;
+            }
+            _ => {
+                return Err(unsupported(format!(
+                    "normalizer step {} in a byte_fallback (SentencePiece-style) tokenizer",
+                    type_name(&step)
+                )));
+            }
+        }
+    }
+    for step in steps(root.get("pre_tokenizer"), "pretokenizers") {
+        match step.get("type").and_then(Value::as_str) {
+            Some("Metaspace") if step.get("split").and_then(Value::as_bool) == Some(false) => {
+                escape = true;
+                prepend |= step
+                    .get("prepend_scheme")
+                    .and_then(Value::as_str)
+                    .is_some_and(|s| s != "never");
+            }
+            _ => {
+                return Err(unsupported(format!(
+                    "pre-tokenizer {} in a byte_fallback (SentencePiece-style) tokenizer",
+                    type_name(&step)
+                )));
+            }
+        }
+    }
+    if !escape {
+        return Err(unsupported(
+            "a byte_fallback BPE without SentencePiece's `▁` for spaces",
+        ));
+    }
+    Ok((prepend, escape))
+}
+
+/// The `added_tokens` of a `tokenizer.json`.
+fn added_tokens(root: &Value, path: &Path) -> Result<Vec<AddedToken>> {
+    Ok(match root.get("added_tokens") {
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|t| {
+                let id = t
+                    .get("id")
+                    .and_then(Value::as_u64)
+                    .and_then(|i| u32::try_from(i).ok());
+                let content = t.get("content").and_then(Value::as_str);
+                match (id, content) {
+                    (Some(id), Some(content)) => Ok(AddedToken {
+                        id,
+                        content: content.to_owned(),
+                        special: t.get("special").and_then(Value::as_bool).unwrap_or(false),
+                    }),
+                    _ => Err(shape_error(
+                        path,
+                        "an added token lacks \"id\" or \"content\"",
+                    )),
+                }
+            })
+            .collect::<Result<_>>()?,
+        _ => Vec::new(),
     })
 }
 
