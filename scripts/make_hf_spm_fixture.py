@@ -18,7 +18,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, trainers
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "crates" / "bpe" / "tests" / "data" / "hf_spm"
-CASES = ["Hello world", "  two  spaces", "First Citizen:\nBefore we proceed, hear me speak.",
+CASES = ["Hello world", "  two  spaces", "Quick note:\nBefore we begin, listen closely.",
          "café ünïcödé 🦀 中文", "<s> a </s> b", "x", "", "tab\there\n\nnewlines  ",
          "<0x41> stays text"]
 

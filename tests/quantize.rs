@@ -470,8 +470,8 @@ fn bad_input_is_refused_and_nothing_is_written() {
         text(&wrong)
     );
 
-    // A model llama.cpp has no layout for here (GPT-2's): refused with the reason, no partial
-    // file left beside the output.
+    // A model llama.cpp has no layout for (learned positions with a SwiGLU MLP): refused with
+    // the reason, no partial file left beside the output.
     let gpt2 = dir.path().join("gpt2");
     let config = kiln::transformer::ModelConfig {
         vocab_size: 512,
@@ -481,6 +481,7 @@ fn bad_input_is_refused_and_nothing_is_written() {
         n_kv_heads: 2,
         d_model: 32,
         d_ff: 64,
+        mlp: kiln::transformer::MlpKind::SwiGlu,
         ..kiln::transformer::ModelConfig::gpt2_124m()
     };
     let model = Transformer::<B>::new(config, &Default::default()).unwrap();
@@ -590,4 +591,43 @@ fn quantize_from_a_model_directory_equals_quantize_from_gguf() {
     assert_eq!(names.len(), 4, "{names:?}");
     let f32_file = GgufFile::open(&exported).unwrap();
     assert_eq!(f32_file.tensors.len(), a.tensors.len());
+}
+
+/// A GPT-2-style model trained by `kiln train` (no biases: written as zeros, llama.cpp needs
+/// them), quantized by `kiln quantize` from its checkpoint directory: llama.cpp runs the file with
+/// Kiln's greedy tokens and top-1.
+#[test]
+fn llama_cpp_runs_kilns_gpt2_files_like_kiln() {
+    let Some(python) = llama_python() else { return };
+    let (dir, data, run) = common::tokenizer_and_shards();
+    let config = root().join("examples/configs/tiny.toml");
+    common::run_kiln(&[
+        "train",
+        "--config",
+        p(&config),
+        "--data",
+        p(&data),
+        "--out",
+        p(&run),
+        "--max-steps",
+        "20",
+    ]);
+    let file = dir.path().join("tiny.q8_0.gguf");
+    quantize(&run.join("checkpoints/step-20/model"), "q8_0", &file, &[]);
+    let tok = kiln::bpe::Tokenizer::from_file(dir.path().join("tokenizer.json")).unwrap();
+    let prompts: Vec<Vec<u32>> = [
+        "Byte-level BPE: ",
+        "emoji 🦀, e\u{301}, tabs",
+        "<|endoftext|> stays",
+    ]
+    .iter()
+    .map(|t| tok.encode(t))
+    .collect();
+    let (agreement, greedy_equal) =
+        llama_cpp_agreement(&python, &file, false, &prompts, dir.path());
+    assert!(agreement >= 0.95, "gpt2 q8_0: top-1 agreement {agreement}");
+    assert!(
+        greedy_equal,
+        "gpt2 q8_0: llama.cpp's greedy tokens differ from Kiln's"
+    );
 }

@@ -17,15 +17,15 @@ pub enum Command {
     /// `best_val_loss`, `config`), which `torch.load(path, weights_only=True)` reads and nanoGPT's
     /// `GPT(GPTConfig(**ckpt["model_args"]))` loads strictly; see docs/transformer.md.
     Pt(PtArgs),
-    /// An f32 GGUF file llama.cpp runs (architectures llama, qwen2, gemma), with the tokenizer
-    /// and chat template; `kiln quantize` makes the quantized types.
+    /// An f32 GGUF file llama.cpp runs (architectures llama, qwen2, gemma, gpt2), with the
+    /// tokenizer and chat template; `kiln quantize` makes the quantized types.
     Gguf(GgufArgs),
 }
 
 #[derive(Debug, ClapArgs)]
 pub struct GgufArgs {
-    /// The model: a Kiln or Hugging Face model directory, a .pt or .gguf file, with a byte-level
-    /// BPE tokenizer.
+    /// The model: a training run or checkpoint directory (its model), a Kiln or Hugging Face model
+    /// directory, a .pt or .gguf file, with a byte-level BPE tokenizer.
     #[arg(long, short, value_name = "M")]
     pub model: PathBuf,
     /// The .gguf file to write (atomically).
@@ -70,9 +70,11 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
 }
 
 fn gguf(args: GgufArgs) -> anyhow::Result<()> {
+    // A run or checkpoint directory stands for its (newest) checkpoint's model.
+    let (model_path, _) = training_metadata(&args.model)?;
     let device = Default::default();
-    let loaded = load_model::<DefaultBackend>(&args.model, &device)
-        .with_context(|| format!("loading {}", args.model.display()))?;
+    let loaded = load_model::<DefaultBackend>(&model_path, &device)
+        .with_context(|| format!("loading {}", model_path.display()))?;
     save_gguf(
         &loaded.model,
         loaded.require_tokenizer()?,

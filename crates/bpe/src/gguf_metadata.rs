@@ -59,11 +59,20 @@ impl Tokenizer {
         }
     }
 
-    /// This tokenizer as GGUF metadata: `tokenizer.ggml.model = "gpt2"`, the pre-tokenizer's
-    /// name, every token's text (GPT-2's byte-to-character mapping) and type, the merges, the
-    /// special ids. Byte-level BPE only; [`BpeError::Unsupported`] for SentencePiece vocabularies
-    /// and for splits llama.cpp has no name for.
-    pub fn gguf_metadata(&self) -> Result<Vec<(String, GgufValue)>> {
+    /// This tokenizer as GGUF metadata for a model of `vocab_size` embeddings:
+    /// `tokenizer.ggml.model = "gpt2"`, the pre-tokenizer's name, every token's text (GPT-2's
+    /// byte-to-character mapping) and type, the merges, the special ids. Ids past the tokenizer's
+    /// own (a model padded to a round vocabulary, as nanoGPT pads GPT-2's 50,257 to 50,304) are
+    /// unused placeholder tokens, since llama.cpp needs one token per embedding. Byte-level BPE
+    /// only; [`BpeError::Unsupported`] for SentencePiece vocabularies and for splits llama.cpp has
+    /// no name for, [`BpeError::InvalidArgument`] for more tokens than embeddings.
+    pub fn gguf_metadata(&self, vocab_size: usize) -> Result<Vec<(String, GgufValue)>> {
+        if self.vocab_size() > vocab_size {
+            return Err(BpeError::InvalidArgument(format!(
+                "the tokenizer has {} tokens but the model only {vocab_size} embeddings",
+                self.vocab_size()
+            )));
+        }
         if self.is_sentencepiece() {
             return Err(BpeError::Unsupported(
                 "writing a SentencePiece vocabulary to GGUF".into(),
@@ -75,7 +84,7 @@ impl Tokenizer {
                 self.pre_tokenizer().split
             ))
         })?;
-        let size = self.vocab_size();
+        let size = vocab_size;
         let mut tokens = vec![String::new(); size];
         let mut types = vec![UNUSED; size];
         for (bytes, id) in &self.parts().vocab {

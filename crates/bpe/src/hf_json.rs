@@ -94,27 +94,11 @@ pub fn from_json(text: &str, path: &Path) -> Result<Tokenizer> {
         }
     }
 
-    let merges_json = model
-        .get("merges")
-        .and_then(Value::as_array)
-        .ok_or_else(|| shape_error(path, "model.merges is not an array"))?;
-    let mut merges = Vec::with_capacity(merges_json.len());
-    for (index, m) in merges_json.iter().enumerate() {
-        let (left, right) = match m {
-            Value::String(s) => s.split_once(' ').map(|(a, b)| (a.to_owned(), b.to_owned())),
-            Value::Array(pair) if pair.len() == 2 => match (pair[0].as_str(), pair[1].as_str()) {
-                (Some(a), Some(b)) => Some((a.to_owned(), b.to_owned())),
-                _ => None,
-            },
-            _ => None,
-        }
-        .ok_or_else(|| BpeError::BadMerge {
-            index,
-            merge: m.to_string(),
-            reason: "expected \"left right\" or [\"left\", \"right\"]",
-        })?;
-        merges.push(decode_merge(index, &left, &right)?);
-    }
+    let merges = merge_pairs(model, path)?
+        .iter()
+        .enumerate()
+        .map(|(index, (left, right))| decode_merge(index, left, right))
+        .collect::<Result<Vec<_>>>()?;
 
     Tokenizer::from_parts(TokenizerParts {
         vocab,
@@ -180,28 +164,10 @@ fn sentencepiece_bpe(
             }
         })
         .collect();
-    let merges_json = model
-        .get("merges")
-        .and_then(Value::as_array)
-        .ok_or_else(|| shape_error(path, "model.merges is not an array"))?;
-    let mut merges = Vec::with_capacity(merges_json.len());
-    for (index, m) in merges_json.iter().enumerate() {
-        let pair = match m {
-            Value::String(s) => s
-                .split_once(' ')
-                .map(|(a, b)| (a.as_bytes().to_vec(), b.as_bytes().to_vec())),
-            Value::Array(pair) if pair.len() == 2 => match (pair[0].as_str(), pair[1].as_str()) {
-                (Some(a), Some(b)) => Some((a.as_bytes().to_vec(), b.as_bytes().to_vec())),
-                _ => None,
-            },
-            _ => None,
-        };
-        merges.push(pair.ok_or_else(|| BpeError::BadMerge {
-            index,
-            merge: m.to_string(),
-            reason: "expected \"left right\" or [\"left\", \"right\"]",
-        })?);
-    }
+    let merges: Vec<(Vec<u8>, Vec<u8>)> = merge_pairs(model, path)?
+        .into_iter()
+        .map(|(a, b)| (a.into_bytes(), b.into_bytes()))
+        .collect();
     let (pieces_table, merge_table) = spm::intern_merges(&merges);
     let sp = SentencePiece::new(
         &tokens,
@@ -224,6 +190,35 @@ fn sentencepiece_bpe(
         id_of("</s>").or(id_of("<eos>")),
     );
     Tokenizer::from_sentencepiece(sp, pieces, added, bos, eos)
+}
+
+/// `model.merges` as `(left, right)` strings, written `"left right"` or `["left", "right"]`.
+fn merge_pairs(model: &Value, path: &Path) -> Result<Vec<(String, String)>> {
+    let merges = model
+        .get("merges")
+        .and_then(Value::as_array)
+        .ok_or_else(|| shape_error(path, "model.merges is not an array"))?;
+    merges
+        .iter()
+        .enumerate()
+        .map(|(index, m)| {
+            match m {
+                Value::String(s) => s.split_once(' ').map(|(a, b)| (a.to_owned(), b.to_owned())),
+                Value::Array(pair) if pair.len() == 2 => {
+                    match (pair[0].as_str(), pair[1].as_str()) {
+                        (Some(a), Some(b)) => Some((a.to_owned(), b.to_owned())),
+                        _ => None,
+                    }
+                }
+                _ => None,
+            }
+            .ok_or_else(|| BpeError::BadMerge {
+                index,
+                merge: m.to_string(),
+                reason: "expected \"left right\" or [\"left\", \"right\"]",
+            })
+        })
+        .collect()
 }
 
 /// `(add_space_prefix, escape_whitespace)` of a SentencePiece-style tokenizer: a normalizer of

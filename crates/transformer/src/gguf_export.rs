@@ -1,6 +1,6 @@
 //! Kiln models as GGUF files llama.cpp runs: the Llama family's architectures (`llama`, `qwen2`
-//! for Q/K/V biases, `gemma` for GeGLU with scaled embeddings) in llama.cpp's tensor names and
-//! layouts, f32 weights, the hyperparameters, the tokenizer and the chat template. The file is
+//! for Q/K/V biases, `gemma` for GeGLU with scaled embeddings) and `gpt2` (`gguf_gpt2`) in
+//! llama.cpp's tensor names and layouts, f32 weights, the hyperparameters, the tokenizer and the chat template. The file is
 //! what `kiln quantize` starts from for models that are not GGUF files already.
 //!
 //! The inverse of [`load_gguf`](crate::load_gguf): `llama`'s Q and K rows are permuted back to
@@ -15,6 +15,7 @@ use kiln_gguf::{GgmlType, GgufValue, GgufWriter};
 
 use crate::config::{MlpKind, ModelConfig, NormKind, PositionEncoding, RopePairing};
 use crate::error::{ModelError, Result};
+use crate::gguf_gpt2::write_gpt2;
 use crate::model::Transformer;
 use crate::onnx_export::onnx_weights;
 use crate::weights::transpose;
@@ -28,7 +29,16 @@ fn architecture(config: &ModelConfig) -> Result<&'static str> {
         )))
     };
     let PositionEncoding::Rope { pairing, .. } = config.position else {
-        return unsupported("learned positions (GPT-2's architecture) are not written yet");
+        let gpt2_like = matches!(config.norm, NormKind::LayerNorm { .. })
+            && matches!(config.mlp, MlpKind::Gelu | MlpKind::GeluTanh)
+            && config.n_kv_heads == config.n_heads
+            && !config.qkv_bias
+            && !config.scale_embeddings;
+        return if gpt2_like {
+            Ok("gpt2")
+        } else {
+            unsupported("learned positions without GPT-2's LayerNorm, GELU and full heads")
+        };
     };
     if !matches!(config.norm, NormKind::RmsNorm { .. }) || config.bias {
         return unsupported("only RMSNorm models without biases (the Llama family) are written");
@@ -68,26 +78,9 @@ pub fn gguf_writer<B: Backend>(
 ) -> Result<GgufWriter> {
     let config = model.config();
     let arch = architecture(config)?;
-    let PositionEncoding::Rope { theta, pairing } = config.position else {
-        unreachable!("architecture() accepts rotary models only");
-    };
-    let NormKind::RmsNorm { eps } = config.norm else {
-        unreachable!("architecture() accepts RMSNorm models only");
-    };
     let vocab = config.vocab_size;
-    if tokenizer.vocab_size() != vocab {
-        return Err(ModelError::InvalidArgument(format!(
-            "the tokenizer has {} tokens and the model {vocab} embeddings; llama.cpp needs one \
-             token per embedding",
-            tokenizer.vocab_size()
-        )));
-    }
-    let (d, ff, hd) = (config.d_model, config.d_ff, config.head_dim());
-    let (q_out, kv_out) = (config.n_heads * hd, config.n_kv_heads * hd);
     let gguf_error = |e: kiln_gguf::GgufError| ModelError::Gguf(e);
     let mut w = GgufWriter::new();
-    let key = |k: &str| format!("{arch}.{k}");
-    let u32_of = |v: usize| GgufValue::U32(v as u32);
     let mut metadata = vec![
         (
             "general.architecture".to_owned(),
@@ -95,6 +88,34 @@ pub fn gguf_writer<B: Backend>(
         ),
         ("general.name".to_owned(), GgufValue::String(name.into())),
         ("general.file_type".to_owned(), GgufValue::U32(0)),
+    ];
+    metadata.extend(tokenizer.gguf_metadata(vocab)?);
+    if let Some(template) = chat_template {
+        metadata.push((
+            "tokenizer.chat_template".into(),
+            GgufValue::String(template.into()),
+        ));
+    }
+    for (k, v) in metadata {
+        w.add_metadata(k, v).map_err(gguf_error)?;
+    }
+    let weights = onnx_weights(model)?;
+    if arch == "gpt2" {
+        write_gpt2(&mut w, config, &|name| {
+            weights.get(name).map(|w| w.data.as_slice())
+        })?;
+        return Ok(w);
+    }
+    let (PositionEncoding::Rope { theta, pairing }, NormKind::RmsNorm { eps }) =
+        (config.position, config.norm)
+    else {
+        unreachable!("architecture() accepts only rotary RMSNorm models besides gpt2");
+    };
+    let (d, ff, hd) = (config.d_model, config.d_ff, config.head_dim());
+    let (q_out, kv_out) = (config.n_heads * hd, config.n_kv_heads * hd);
+    let key = |k: &str| format!("{arch}.{k}");
+    let u32_of = |v: usize| GgufValue::U32(v as u32);
+    let hyperparameters = vec![
         (key("context_length"), u32_of(config.context_length)),
         (key("embedding_length"), u32_of(d)),
         (key("block_count"), u32_of(config.n_layers)),
@@ -109,18 +130,9 @@ pub fn gguf_writer<B: Backend>(
         (key("rope.dimension_count"), u32_of(hd)),
         (key("vocab_size"), u32_of(vocab)),
     ];
-    metadata.extend(tokenizer.gguf_metadata()?);
-    if let Some(template) = chat_template {
-        metadata.push((
-            "tokenizer.chat_template".into(),
-            GgufValue::String(template.into()),
-        ));
-    }
-    for (k, v) in metadata {
+    for (k, v) in hyperparameters {
         w.add_metadata(k, v).map_err(gguf_error)?;
     }
-
-    let weights = onnx_weights(model)?;
     let get = |name: &str| -> Result<&[f32]> {
         weights
             .get(name)

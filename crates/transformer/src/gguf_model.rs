@@ -1,5 +1,5 @@
 //! GGUF files (llama.cpp's format) of the Llama family: `llama` (also Mistral's files, which
-//! llama.cpp writes as `llama`), `qwen2`, `phi3` and `gemma`. Config from metadata, weights dequantized to
+//! llama.cpp writes as `llama`), `qwen2`, `phi3` and `gemma`; and `gpt2` (`gguf_gpt2`). Config from metadata, weights dequantized to
 //! f32 and mapped onto Kiln's parameters.
 //!
 //! GGUF stores each linear weight as `[out, in]` (ggml dims `[in, out]`); Kiln's layout is `[in, out]`,
@@ -14,6 +14,7 @@ use rayon::prelude::*;
 
 use crate::config::{MlpKind, ModelConfig, NormKind, PositionEncoding, RopePairing};
 use crate::error::{ModelError, Result};
+use crate::gguf_gpt2::{config_from_gpt2, tensors_from_gpt2};
 use crate::weights::{LlamaBlock, NamedTensor, Source, llama_block, split_rows, transpose};
 
 /// How one architecture's GGUF tensors map onto Kiln's Llama block.
@@ -35,7 +36,7 @@ pub(crate) struct GgufLayout {
 
 /// The architectures Kiln runs from GGUF files.
 pub(crate) const GGUF_ARCHITECTURES: &str =
-    "llama (Llama 2/3, Mistral, SmolLM2, TinyLlama), qwen2, phi3, gemma";
+    "llama (Llama 2/3, Mistral, SmolLM2, TinyLlama), qwen2, phi3, gemma, gpt2";
 
 impl GgufLayout {
     /// The layout of `arch`, or `None` for an architecture Kiln does not run.
@@ -85,6 +86,9 @@ impl GgufLayout {
 
 /// The model structure a GGUF file describes (one of [`GGUF_ARCHITECTURES`]).
 pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
+    if file.get_str("general.architecture")? == "gpt2" {
+        return config_from_gpt2(file);
+    }
     let (arch, layout) = GgufLayout::of_file(file)?;
     let key = |k: &str| format!("{arch}.{k}");
     let optional_u64 = |k: &str| -> Result<Option<u64>> {
@@ -234,6 +238,9 @@ pub(crate) fn tensors_from_gguf(
     config: &ModelConfig,
     source: &str,
 ) -> Result<Vec<NamedTensor>> {
+    if config.architecture == "gpt2" {
+        return tensors_from_gpt2(file, config, source);
+    }
     let (_, layout) = GgufLayout::of_file(file)?;
     let (d, ff, v) = (config.d_model, config.d_ff, config.vocab_size);
     let (q_out, kv_out) = (

@@ -23,11 +23,17 @@ use crate::load::{LoadedModel, with_gguf_tokenizer};
 use crate::model::Transformer;
 use crate::norm::Norm;
 
-/// Whether `file`'s weights are quantized (its first down projection is in a block type), so that
-/// [`load_gguf_quantized`] keeps it smaller than f32 weights would.
+/// Whether `file` is a Llama-family model whose weights are quantized (its first down projection
+/// is in a block type), so that [`load_gguf_quantized`] keeps it smaller than f32 weights would.
 pub fn gguf_is_quantized(file: &GgufFile) -> bool {
-    file.tensor("blk.0.ffn_down.weight")
-        .is_some_and(|t| !matches!(t.ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16))
+    // `gpt2` files run in f32: the block kernels are wired for the Llama family.
+    let llama_family = file
+        .get_str("general.architecture")
+        .is_ok_and(|a| GgufLayout::of(a).is_some());
+    llama_family
+        && file
+            .tensor("blk.0.ffn_down.weight")
+            .is_some_and(|t| !matches!(t.ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16))
 }
 
 /// A Llama GGUF model whose projections and token embedding stay in the file's quantized blocks
@@ -39,6 +45,13 @@ pub fn load_gguf_quantized<B: Backend>(
 ) -> Result<LoadedModel<B>> {
     let path = path.as_ref();
     let file = Arc::new(GgufFile::open(path)?);
+    if file.get_str("general.architecture")? == "gpt2" {
+        return Err(ModelError::InvalidArgument(format!(
+            "{}: gpt2 GGUF files run with f32 weights (load_gguf, `--quantize none`); the \
+             quantized kernels are wired for the Llama family",
+            path.display()
+        )));
+    }
     let config = config_from_gguf(&file)?;
     let source = path.display().to_string();
     let reader = Reader {

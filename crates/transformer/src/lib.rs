@@ -38,6 +38,7 @@ mod config;
 mod error;
 mod generate;
 mod gguf_export;
+mod gguf_gpt2;
 mod gguf_model;
 mod gguf_quantized;
 mod hf;

@@ -1,6 +1,7 @@
 //! Kiln models written as GGUF files (`gguf_writer`, `save_gguf`) read back to the same logits and
 //! the same tokenizer: the `llama` layout from models rotating either pair order, `qwen2` with its
-//! biases, and SmolLM2 itself; models no llama.cpp architecture holds are refused.
+//! biases, SmolLM2 itself, `gpt2` with and without biases; models no llama.cpp architecture holds
+//! are refused.
 
 use std::path::Path;
 
@@ -135,26 +136,64 @@ fn qwen2_and_smollm2_read_back_the_same_and_quantize_natively() {
 }
 
 #[test]
+fn gpt2_models_read_back_the_same_with_or_without_biases() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = tokenizer(320);
+    // Hugging Face's GPT-2 (tanh GELU, biases) and nanoGPT's Shakespeare model (exact GELU, no
+    // biases: written as zero biases, read back as such).
+    let small = |base: ModelConfig| ModelConfig {
+        vocab_size: tok.vocab_size(),
+        context_length: 48,
+        n_layers: 2,
+        n_heads: 4,
+        n_kv_heads: 4,
+        d_model: 64,
+        d_ff: 256,
+        ..base
+    };
+    for (name, config) in [
+        ("hf-gpt2", small(ModelConfig::gpt2_124m())),
+        ("nanogpt", small(ModelConfig::shakespeare_char(300))),
+    ] {
+        let model = random(config);
+        let back = round_trip(&model, &tok, dir.path(), name);
+        assert_eq!(
+            back.config().mlp,
+            model.config().mlp,
+            "{name}: the GELU kept"
+        );
+        let file = GgufFile::open(dir.path().join(format!("{name}.gguf"))).unwrap();
+        assert_eq!(file.get_str("general.architecture").unwrap(), "gpt2");
+        assert!(
+            file.tensor("blk.1.ffn_up.bias").is_some(),
+            "llama.cpp needs every bias"
+        );
+        // Quantized gpt2 files run in f32: the block kernels are the Llama family's.
+        assert!(!kiln_transformer::gguf_is_quantized(&file));
+    }
+}
+
+#[test]
 fn models_without_a_llama_cpp_architecture_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let tok = tokenizer(300);
-    let gpt2 = random(ModelConfig {
+    let odd = random(ModelConfig {
         vocab_size: tok.vocab_size(),
         context_length: 32,
         n_layers: 1,
         n_heads: 2,
-        n_kv_heads: 2,
+        n_kv_heads: 1,
         d_model: 32,
         d_ff: 64,
         ..ModelConfig::gpt2_124m()
     });
-    let path = dir.path().join("gpt2.gguf");
-    let err = save_gguf(&gpt2, &tok, None, &path).unwrap_err();
+    let path = dir.path().join("odd.gguf");
+    let err = save_gguf(&odd, &tok, None, &path).unwrap_err();
     assert!(matches!(err, ModelError::Unsupported(_)), "{err}");
     assert!(!path.exists());
-    // A vocabulary that does not match the embeddings.
+    // More tokens than embeddings.
     let llama = random(ModelConfig {
-        vocab_size: tok.vocab_size() + 4,
+        vocab_size: tok.vocab_size() - 4,
         context_length: 32,
         n_layers: 1,
         n_heads: 2,
