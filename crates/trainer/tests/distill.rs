@@ -3,6 +3,7 @@
 //! vocabulary is refused before anything is written.
 
 use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
 
 use burn::backend::{Autodiff, Flex};
 use kiln_bpe::prepare::{PrepareConfig, prepare_bytes};
@@ -70,8 +71,17 @@ fn teacher(dir: &Path, name: &str, config: &ModelConfig, seed: u64) -> std::path
     path
 }
 
+/// One test at a time: Burn's CPU generator is process-wide, so a test drawing weights while
+/// another trains would move the other's dropout and data order, and exact resume is compared
+/// bit for bit.
+fn serial() -> MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[test]
 fn the_loss_is_the_weighted_sum_of_kl_and_cross_entropy() {
+    let _serial = serial();
     let dir = setup();
     let plain = losses(
         &mut Trainer::<B>::new(
@@ -128,6 +138,7 @@ fn the_loss_is_the_weighted_sum_of_kl_and_cross_entropy() {
 
 #[test]
 fn distillation_pulls_the_student_towards_the_teacher_and_resumes_exactly() {
+    let _serial = serial();
     let dir = setup();
     let target = teacher(
         dir.path(),
@@ -170,6 +181,7 @@ fn distillation_pulls_the_student_towards_the_teacher_and_resumes_exactly() {
 
 #[test]
 fn a_teacher_with_another_vocabulary_is_refused_before_anything_is_written() {
+    let _serial = serial();
     let dir = setup();
     let wrong = teacher(
         dir.path(),
