@@ -17,6 +17,19 @@ use crate::weights::{NamedTensor, transpose};
 /// The key recording a Kiln model's exact-GELU MLP.
 const MLP_KEY: &str = "kiln.mlp";
 
+/// Each block's norms: (Kiln's name, llama.cpp's).
+const NORMS: [(&str, &str); 2] = [("norm1", "attn_norm"), ("norm2", "ffn_norm")];
+
+/// Each block's projections: (Kiln's name, llama.cpp's, inputs, outputs) for width `d`, MLP `ff`.
+fn projections(d: usize, ff: usize) -> [(&'static str, &'static str, usize, usize); 4] {
+    [
+        ("attn.qkv", "attn_qkv", d, 3 * d),
+        ("attn.proj", "attn_output", d, d),
+        ("mlp.up", "ffn_up", d, ff),
+        ("mlp.down", "ffn_down", ff, d),
+    ]
+}
+
 /// The model structure of a `gpt2` GGUF file.
 pub(crate) fn config_from_gpt2(file: &GgufFile) -> Result<ModelConfig> {
     let key = |k: &str| format!("gpt2.{k}");
@@ -102,7 +115,7 @@ pub(crate) fn tensors_from_gpt2(
     for i in 0..config.n_layers {
         let ours = |s: &str| format!("blocks.{i}.{s}");
         let theirs = |s: &str| format!("blk.{i}.{s}");
-        for (norm, name) in [("norm1", "attn_norm"), ("norm2", "ffn_norm")] {
+        for (norm, name) in NORMS {
             for kind in ["weight", "bias"] {
                 tensors.push(plain(
                     ours(&format!("{norm}.{kind}")),
@@ -111,12 +124,7 @@ pub(crate) fn tensors_from_gpt2(
                 )?);
             }
         }
-        for (kiln, gguf, inp, out) in [
-            ("attn.qkv", "attn_qkv", d, 3 * d),
-            ("attn.proj", "attn_output", d, d),
-            ("mlp.up", "ffn_up", d, ff),
-            ("mlp.down", "ffn_down", ff, d),
-        ] {
+        for (kiln, gguf, inp, out) in projections(d, ff) {
             tensors.push(linear(
                 ours(&format!("{kiln}.weight")),
                 theirs(&format!("{gguf}.weight")),
@@ -211,7 +219,7 @@ pub(crate) fn write_gpt2<'a>(
     for i in 0..config.n_layers {
         let ours = |s: &str| format!("blocks.{i}.{s}");
         let theirs = |s: &str| format!("blk.{i}.{s}");
-        for (norm, name) in [("norm1", "attn_norm"), ("norm2", "ffn_norm")] {
+        for (norm, name) in NORMS {
             add(
                 theirs(&format!("{name}.weight")),
                 &[d],
@@ -223,12 +231,7 @@ pub(crate) fn write_gpt2<'a>(
                 bias(&ours(&format!("{norm}.bias")), d),
             )?;
         }
-        for (kiln, gguf, inp, out) in [
-            ("attn.qkv", "attn_qkv", d, 3 * d),
-            ("attn.proj", "attn_output", d, d),
-            ("mlp.up", "ffn_up", d, ff),
-            ("mlp.down", "ffn_down", ff, d),
-        ] {
+        for (kiln, gguf, inp, out) in projections(d, ff) {
             let weight = need(&ours(&format!("{kiln}.weight")))?;
             add(
                 theirs(&format!("{gguf}.weight")),
