@@ -337,7 +337,7 @@ def main() -> int:
 
     greedy = None
     if args.reference and args.reference.suffix == ".json":
-        # Kiln's own logits (tests/export.rs): {"input_ids": [[..]], "logits": [..flat..],
+        # Kiln's own logits (tests/kiln/export.rs): {"input_ids": [[..]], "logits": [..flat..],
         # "greedy_ids": [..]}.
         ref = json.loads(args.reference.read_text())
         ids = np.array(ref["input_ids"], dtype=np.int64)

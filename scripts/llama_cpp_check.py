@@ -1,5 +1,5 @@
 """Sanity check against llama.cpp: its logits for the reference prompts against the f32 reference
-that Kiln's tests match (`crates/transformer/tests/smollm2_parity.rs`: within 1e-4).
+that Kiln's tests match (`crates/transformer/tests/transformer/smollm2_parity.rs`: within 1e-4).
 
     pip install llama-cpp-python
     python scripts/llama_cpp_check.py [MODEL.gguf]

@@ -4,7 +4,7 @@ the `gguf` Python package in llama.cpp's layouts, each with the logits of an ind
 forward pass written from the Hugging Face modeling code's equations, cross-checked against
 llama.cpp itself (llama-cpp-python) when it is importable.
 
-Writes under crates/transformer/tests/data/gguf/ (read by crates/transformer/tests/gguf_architectures.rs):
+Writes under crates/transformer/tests/data/gguf/ (read by crates/transformer/tests/transformer/gguf_architectures.rs):
 
   qwen2.gguf    `qwen2`: Q/K/V biases, grouped-query attention, RoPE θ = 1e6, tied output, a
                 byte-level BPE tokenizer with pre-tokenizer `qwen2`.

@@ -2,7 +2,7 @@
 """Generates the PyTorch model fixtures of kiln-transformer's tests with real PyTorch, nanoGPT
 and Hugging Face transformers, each with the logits its own code computes.
 
-Writes under crates/transformer/tests/data/pt/ (read by crates/transformer/tests/torch_checkpoints.rs):
+Writes under crates/transformer/tests/data/pt/ (read by crates/transformer/tests/transformer/torch_checkpoints.rs):
 
   nanogpt/ckpt.pt        nanoGPT's train.py checkpoint of its own `GPT` (model.py from --nanogpt):
                          `model` (state dict of the torch.compile'd model: keys prefixed

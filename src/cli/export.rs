@@ -5,8 +5,9 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args as ClapArgs, Subcommand};
 use kiln::backend::DefaultBackend;
-use kiln::trainer::checkpoint;
-use kiln::transformer::{TorchMetadata, load_model, save_gguf, save_nanogpt, save_onnx};
+use kiln::transformer::{load_model, save_gguf, save_nanogpt, save_onnx};
+
+use super::run_dir::{model_path, training_metadata};
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -112,35 +113,11 @@ fn pt(args: PtArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The model directory `path` stands for and the training metadata of the checkpoint it belongs
-/// to: a run directory gives its newest checkpoint; a checkpoint directory (`trainer_state.json`
-/// beside `model/`) or the `model/` inside one gives that checkpoint; anything else has none.
-fn training_metadata(path: &std::path::Path) -> anyhow::Result<(PathBuf, TorchMetadata)> {
-    let checkpoint_dir = if checkpoint::checkpoints_dir(path).is_dir() {
-        Some(checkpoint::latest_checkpoint(path)?)
-    } else if path.join("trainer_state.json").is_file() {
-        Some(path.to_owned())
-    } else {
-        path.parent()
-            .filter(|p| p.join("trainer_state.json").is_file())
-            .map(ToOwned::to_owned)
-    };
-    let Some(dir) = checkpoint_dir else {
-        return Ok((path.to_owned(), TorchMetadata::default()));
-    };
-    let state = checkpoint::load_state(&dir)?;
-    let metadata = TorchMetadata {
-        iter_num: state.step,
-        best_val_loss: state.val_loss,
-        config: Some(serde_json::to_value(&state.config)?),
-    };
-    Ok((dir.join("model"), metadata))
-}
-
 fn onnx(args: OnnxArgs) -> anyhow::Result<()> {
+    let path = model_path(&args.model)?;
     let device = Default::default();
-    let loaded = load_model::<DefaultBackend>(&args.model, &device)
-        .with_context(|| format!("loading {}", args.model.display()))?;
+    let loaded = load_model::<DefaultBackend>(&path, &device)
+        .with_context(|| format!("loading {}", path.display()))?;
     save_onnx(&loaded.model, &args.output, args.kv_cache)
         .with_context(|| format!("writing {}", args.output.display()))?;
     let bytes = std::fs::metadata(&args.output).map_or(0, |m| m.len());

@@ -7,6 +7,7 @@ mod export;
 mod generate;
 mod quantize;
 mod quickstart;
+mod run_dir;
 mod serve;
 mod stop;
 mod tokenizer;
@@ -108,7 +109,8 @@ pub enum Quantize {
 #[derive(Debug, clap::Args)]
 pub struct ModelArgs {
     /// A .gguf model, a PyTorch checkpoint (nanoGPT's ckpt.pt, pytorch_model.bin), a Kiln model
-    /// directory, or a Hugging Face checkpoint directory.
+    /// directory, a `kiln train` run or checkpoint directory (its newest checkpoint's model), or a
+    /// Hugging Face checkpoint directory.
     #[arg(long, short, value_name = "M")]
     pub model: std::path::PathBuf,
     /// The tokenizer, for a model stored without one or to replace its own: tokenizer.json, a
@@ -128,7 +130,7 @@ impl ModelArgs {
         &self,
     ) -> anyhow::Result<kiln::transformer::LoadedModel<kiln::backend::DefaultBackend>> {
         use anyhow::Context;
-        let (path, how) = (&self.model, self.quantize);
+        let (path, how) = (&run_dir::model_path(&self.model)?, self.quantize);
         let started = std::time::Instant::now();
         let native = match how {
             Quantize::Native => true,

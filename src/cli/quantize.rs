@@ -20,8 +20,9 @@ use kiln::transformer::{gguf_writer, load_model};
 )]
 pub struct Args {
     /// The model: a .gguf file (any type Kiln reads, including llama.cpp's quantized ones), or a
-    /// Llama-family model in any other form Kiln loads (Kiln or Hugging Face directory, .pt),
-    /// written as an f32 GGUF file first.
+    /// Llama-family or GPT-2-style model in any other form Kiln loads (a `kiln train` run or
+    /// checkpoint directory, a Kiln or Hugging Face model directory, .pt), written as an f32 GGUF
+    /// file first.
     #[arg(long, short, value_name = "M")]
     pub model: PathBuf,
     /// The quantization type or mix.
@@ -49,6 +50,11 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    // A run or checkpoint directory stands for its (newest) checkpoint's model.
+    let args = Args {
+        model: super::run_dir::model_path(&args.model)?,
+        ..args
+    };
     if is_gguf(&args.model) {
         let source = GgufFile::open(&args.model)
             .with_context(|| format!("reading {}", args.model.display()))?;
@@ -93,6 +99,10 @@ fn quantize(args: &Args, source: &GgufFile) -> anyhow::Result<()> {
     options.gptq.act_order = !args.no_act_order;
     if !args.calibration.is_empty() {
         options.hessians = calibrate(args)?;
+        // Calibration names every tensor layout a projection may have; keep the file's.
+        options
+            .hessians
+            .retain(|name, _| source.tensor(name).is_some());
     }
     let bar = super::progress_bar(
         source.tensors.len() as u64,

@@ -72,8 +72,9 @@ impl LinearKernel for Recorder {
     }
 }
 
-/// The GGUF tensors a Kiln projection feeds (the fused QKV projection is three GGUF tensors with
-/// one input).
+/// The GGUF tensors a Kiln projection feeds. The fused QKV projection is Llama's three tensors or
+/// the one `attn_qkv` of GPT-2 and Phi-3, all with the same input; Phi-3's `ffn_up` holds gate and
+/// up, which read the same input too. A file uses the names it has.
 fn gguf_names(projection: &str) -> Vec<String> {
     if projection == "lm_head" {
         return vec!["output.weight".to_owned()];
@@ -85,7 +86,7 @@ fn gguf_names(projection: &str) -> Vec<String> {
         return Vec::new();
     };
     let names: &[&str] = match part {
-        "attn.qkv" => &["attn_q", "attn_k", "attn_v"],
+        "attn.qkv" => &["attn_q", "attn_k", "attn_v", "attn_qkv"],
         "attn.proj" => &["attn_output"],
         "mlp.gate" => &["ffn_gate"],
         "mlp.up" => &["ffn_up"],
@@ -191,7 +192,8 @@ mod tests {
             [
                 "blk.3.attn_q.weight",
                 "blk.3.attn_k.weight",
-                "blk.3.attn_v.weight"
+                "blk.3.attn_v.weight",
+                "blk.3.attn_qkv.weight"
             ]
         );
         assert_eq!(gguf_names("blocks.0.mlp.down"), ["blk.0.ffn_down.weight"]);

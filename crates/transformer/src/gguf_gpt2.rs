@@ -75,34 +75,54 @@ pub(crate) fn tensors_from_gpt2(
     config: &ModelConfig,
     source: &str,
 ) -> Result<Vec<NamedTensor>> {
+    tensors_from_gpt2_except(file, config, source, &|_| false)
+}
+
+/// How one of a `gpt2` file's tensors becomes a Kiln parameter.
+pub(crate) struct Gpt2Tensor {
+    /// Kiln's parameter path.
+    pub ours: String,
+    /// llama.cpp's tensor name.
+    pub theirs: String,
+    /// Kiln's shape.
+    pub shape: Vec<usize>,
+    /// A projection (`[out, in]` in the file, `[in, out]` in Kiln): its `(in, out)`.
+    pub linear: Option<(usize, usize)>,
+}
+
+/// Every tensor of a `gpt2` file of `config`'s shape, in order.
+pub(crate) fn gpt2_tensors(config: &ModelConfig) -> Vec<Gpt2Tensor> {
     let (d, ff, v, ctx) = (
         config.d_model,
         config.d_ff,
         config.vocab_size,
         config.context_length,
     );
-    let plain = |ours: String, theirs: String, shape: Vec<usize>| -> Result<NamedTensor> {
-        let data = load(file, &theirs, &shape, source)?;
-        Ok(NamedTensor::new(ours, &theirs, shape, data))
+    let plain = |ours: String, theirs: String, shape: Vec<usize>| Gpt2Tensor {
+        ours,
+        theirs,
+        shape,
+        linear: None,
     };
-    // `[out, in]` in the file, `[in, out]` in Kiln.
-    let linear = |ours: String, theirs: String, inp: usize, out: usize| -> Result<NamedTensor> {
-        let data = transpose(&load(file, &theirs, &[out, inp], source)?, out, inp);
-        Ok(NamedTensor::new(ours, &theirs, vec![inp, out], data))
+    let linear = |ours: String, theirs: String, inp: usize, out: usize| Gpt2Tensor {
+        ours,
+        theirs,
+        shape: vec![inp, out],
+        linear: Some((inp, out)),
     };
     let mut tensors = vec![
         plain(
             "tok_emb.weight".into(),
             "token_embd.weight".into(),
             vec![v, d],
-        )?,
+        ),
         plain(
             "pos_emb.weight".into(),
             "position_embd.weight".into(),
             vec![ctx, d],
-        )?,
-        plain("norm_f.weight".into(), "output_norm.weight".into(), vec![d])?,
-        plain("norm_f.bias".into(), "output_norm.bias".into(), vec![d])?,
+        ),
+        plain("norm_f.weight".into(), "output_norm.weight".into(), vec![d]),
+        plain("norm_f.bias".into(), "output_norm.bias".into(), vec![d]),
     ];
     if !config.tied_embeddings {
         tensors.push(linear(
@@ -110,7 +130,7 @@ pub(crate) fn tensors_from_gpt2(
             "output.weight".into(),
             d,
             v,
-        )?);
+        ));
     }
     for i in 0..config.n_layers {
         let ours = |s: &str| format!("blocks.{i}.{s}");
@@ -121,7 +141,7 @@ pub(crate) fn tensors_from_gpt2(
                     ours(&format!("{norm}.{kind}")),
                     theirs(&format!("{name}.{kind}")),
                     vec![d],
-                )?);
+                ));
             }
         }
         for (kiln, gguf, inp, out) in projections(d, ff) {
@@ -130,15 +150,38 @@ pub(crate) fn tensors_from_gpt2(
                 theirs(&format!("{gguf}.weight")),
                 inp,
                 out,
-            )?);
+            ));
             tensors.push(plain(
                 ours(&format!("{kiln}.bias")),
                 theirs(&format!("{gguf}.bias")),
                 vec![out],
-            )?);
+            ));
         }
     }
-    Ok(tensors)
+    tensors
+}
+
+/// The Kiln parameters of a `gpt2` file's model but those whose llama.cpp name `skip` names.
+pub(crate) fn tensors_from_gpt2_except(
+    file: &GgufFile,
+    config: &ModelConfig,
+    source: &str,
+    skip: &dyn Fn(&str) -> bool,
+) -> Result<Vec<NamedTensor>> {
+    gpt2_tensors(config)
+        .into_iter()
+        .filter(|t| !skip(&t.theirs))
+        .map(|t| {
+            let data = match t.linear {
+                // `[out, in]` in the file, `[in, out]` in Kiln.
+                Some((inp, out)) => {
+                    transpose(&load(file, &t.theirs, &[out, inp], source)?, out, inp)
+                }
+                None => load(file, &t.theirs, &t.shape, source)?,
+            };
+            Ok(NamedTensor::new(t.ours, &t.theirs, t.shape, data))
+        })
+        .collect()
 }
 
 /// Writes the hyperparameters and tensors of a GPT-2-style `config` (its weights by Kiln name

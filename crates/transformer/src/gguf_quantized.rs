@@ -1,9 +1,11 @@
-//! GGUF files of the Llama family run from their quantized blocks: every projection and the token
-//! embedding keep the file's blocks as [`QuantLinear`] kernels, memory-mapped with no copy where
-//! the kernels read the type (`Q4_0`, `Q4_1`, `Q8_0`); other types are converted to `Q8_0` once at
-//! load. Norms are f32. The f32 weights are made (dequantized) only if a path asks for them: a
-//! backend without host kernels, or training.
+//! Quantized GGUF files run from their blocks: every projection and the token embedding (also the
+//! tied output head) keep the file's blocks as [`QuantLinear`] kernels, memory-mapped with no copy
+//! where the kernels read the type (`Q4_0`, `Q4_1`, `Q8_0`); other types are converted to `Q8_0`
+//! once at load. Norms, biases and learned positions are f32. The f32 weights are made
+//! (dequantized) only if a path asks for them: a backend without host kernels, or training. The
+//! Llama family and llama.cpp's `gpt2` both.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -17,27 +19,33 @@ use kiln_kernels::{QuantLinear, QuantMatrix, SharedBytes};
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
+use crate::gguf_gpt2::{gpt2_tensors, tensors_from_gpt2_except};
 use crate::gguf_model::{GgufLayout, config_from_gguf, interleaved_to_half_split, load, shaped};
 use crate::linear::Projection;
 use crate::load::{LoadedModel, with_gguf_tokenizer};
 use crate::model::Transformer;
 use crate::norm::Norm;
+use crate::weights::apply_except;
 
-/// Whether `file` is a Llama-family model whose weights are quantized (its first down projection
-/// is in a block type), so that [`load_gguf_quantized`] keeps it smaller than f32 weights would.
+/// Whether `file` is a model whose weights are quantized (its first down projection is in a block
+/// type), so that [`load_gguf_quantized`] keeps it smaller than f32 weights would.
 pub fn gguf_is_quantized(file: &GgufFile) -> bool {
-    // `gpt2` files run in f32: the block kernels are wired for the Llama family.
-    let llama_family = file
+    let known = file
         .get_str("general.architecture")
-        .is_ok_and(|a| GgufLayout::of(a).is_some());
-    llama_family
+        .is_ok_and(|a| a == "gpt2" || GgufLayout::of(a).is_some());
+    known
         && file
             .tensor("blk.0.ffn_down.weight")
-            .is_some_and(|t| !matches!(t.ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16))
+            .is_some_and(|t| in_blocks(t.ty))
 }
 
-/// A Llama GGUF model whose projections and token embedding stay in the file's quantized blocks
-/// (see the module docs). Same model and outputs as [`load_gguf`](crate::load_gguf) up to the
+/// Whether `ty` is a block type (not a float one).
+fn in_blocks(ty: GgmlType) -> bool {
+    !matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)
+}
+
+/// A GGUF model whose projections and token embedding stay in the file's quantized blocks (see
+/// the module docs). Same model and outputs as [`load_gguf`](crate::load_gguf) up to the
 /// kernels' 8-bit rounding of activations, in a fraction of the memory.
 pub fn load_gguf_quantized<B: Backend>(
     path: impl AsRef<Path>,
@@ -45,13 +53,6 @@ pub fn load_gguf_quantized<B: Backend>(
 ) -> Result<LoadedModel<B>> {
     let path = path.as_ref();
     let file = Arc::new(GgufFile::open(path)?);
-    if file.get_str("general.architecture")? == "gpt2" {
-        return Err(ModelError::InvalidArgument(format!(
-            "{}: gpt2 GGUF files run with f32 weights (load_gguf, `--quantize none`); the \
-             quantized kernels are wired for the Llama family",
-            path.display()
-        )));
-    }
     let config = config_from_gguf(&file)?;
     let source = path.display().to_string();
     let reader = Reader {
@@ -59,9 +60,14 @@ pub fn load_gguf_quantized<B: Backend>(
         bytes: Arc::clone(&file) as SharedBytes,
         source: &source,
     };
-    // Lazily initialized: the random weights `init` describes are never made.
-    let mut model = config.init::<B>(device)?;
-    reader.fill(&mut model, &config, device)?;
+    let model = if config.architecture == "gpt2" {
+        reader.gpt2::<B>(&config, device)?
+    } else {
+        // Lazily initialized: the random weights `init` describes are never made.
+        let mut model = config.init::<B>(device)?;
+        reader.fill(&mut model, &config, device)?;
+        model
+    };
     with_gguf_tokenizer(model, path, &file)
 }
 
@@ -86,26 +92,7 @@ impl Reader<'_> {
         );
         let (q_out, kv_out) = (config.n_heads * hd, config.n_kv_heads * hd);
         let (_, layout) = GgufLayout::of_file(self.file)?;
-        let embedding = Arc::new(self.linear(&[("token_embd.weight", v, d, None)])?);
-        let table = Arc::clone(&embedding);
-        model.tok_emb.weight = Param::uninitialized(
-            model.tok_emb.weight.id,
-            move |device: &B::Device, require_grad| {
-                let w = Tensor::from_data(TensorData::new(table.dequantize(), [v, d]), device);
-                if require_grad { w.require_grad() } else { w }
-            },
-            device.clone(),
-            true,
-            Shape::new([v, d]),
-        );
-        model.tok_emb_kernel = Some(embedding.clone());
-        match &mut model.lm_head {
-            Some(head) => {
-                let kernel = self.linear(&[("output.weight", v, d, None)])?;
-                *head = Projection::from_quantized(kernel, head.weight.id, device);
-            }
-            None => model.tied_head_kernel = Some(embedding),
-        }
+        self.embedding_and_head(model, v, d, device)?;
         self.norm(&mut model.norm_f, "output_norm.weight", d, device)?;
         for (i, block) in model.blocks.iter_mut().enumerate() {
             let name = |s: &str| format!("blk.{i}.{s}.weight");
@@ -176,6 +163,88 @@ impl Reader<'_> {
             mlp.up = Projection::from_quantized(up, mlp.up.weight.id, device);
             let down = self.linear(&[(&name("ffn_down"), d, ff, None)])?;
             mlp.down = Projection::from_quantized(down, mlp.down.weight.id, device);
+        }
+        Ok(())
+    }
+
+    /// A `gpt2` model: projections, the token embedding and an untied head from their blocks
+    /// (those the file stores in a block type), positions, norms and biases in f32.
+    fn gpt2<B: Backend>(&self, config: &ModelConfig, device: &B::Device) -> Result<Transformer<B>> {
+        let (d, v) = (config.d_model, config.vocab_size);
+        let blocks = |name: &str| self.file.tensor(name).is_some_and(|t| in_blocks(t.ty));
+        let matrices: Vec<_> = gpt2_tensors(config)
+            .into_iter()
+            .filter(|t| {
+                (t.linear.is_some() || t.theirs == "token_embd.weight") && blocks(&t.theirs)
+            })
+            .collect();
+        let theirs: HashSet<&str> = matrices.iter().map(|t| t.theirs.as_str()).collect();
+        let ours: HashSet<&str> = matrices.iter().map(|t| t.ours.as_str()).collect();
+        let tensors = tensors_from_gpt2_except(self.file, config, self.source, &|name| {
+            theirs.contains(name)
+        })?;
+        let mut model = config.init::<B>(device)?;
+        apply_except(&mut model, tensors, self.source, &|path| {
+            ours.contains(path)
+        })?;
+        if theirs.contains("token_embd.weight") {
+            self.embedding_and_head(&mut model, v, d, device)?;
+        } else if let Some(head) = &mut model.lm_head
+            && theirs.contains("output.weight")
+        {
+            let kernel = self.linear(&[("output.weight", v, d, None)])?;
+            *head = Projection::from_quantized(kernel, head.weight.id, device);
+        }
+        for (i, block) in model.blocks.iter_mut().enumerate() {
+            let projections = [
+                (&mut block.attn.qkv, "attn_qkv"),
+                (&mut block.attn.proj, "attn_output"),
+                (&mut block.mlp.up, "ffn_up"),
+                (&mut block.mlp.down, "ffn_down"),
+            ];
+            for (projection, name) in projections {
+                let name = format!("blk.{i}.{name}.weight");
+                if !theirs.contains(name.as_str()) {
+                    continue;
+                }
+                let (inp, out) = (projection.in_features(), projection.out_features());
+                let kernel = self.linear(&[(&name, out, inp, None)])?;
+                let bias = projection.bias.take();
+                *projection = Projection::from_quantized(kernel, projection.weight.id, device);
+                projection.bias = bias;
+            }
+        }
+        Ok(model)
+    }
+
+    /// The token embedding from its blocks (`[v, d]`), and the output head: its own blocks, or
+    /// the embedding's when tied.
+    fn embedding_and_head<B: Backend>(
+        &self,
+        model: &mut Transformer<B>,
+        v: usize,
+        d: usize,
+        device: &B::Device,
+    ) -> Result<()> {
+        let embedding = Arc::new(self.linear(&[("token_embd.weight", v, d, None)])?);
+        let table = Arc::clone(&embedding);
+        model.tok_emb.weight = Param::uninitialized(
+            model.tok_emb.weight.id,
+            move |device: &B::Device, require_grad| {
+                let w = Tensor::from_data(TensorData::new(table.dequantize(), [v, d]), device);
+                if require_grad { w.require_grad() } else { w }
+            },
+            device.clone(),
+            true,
+            Shape::new([v, d]),
+        );
+        model.tok_emb_kernel = Some(embedding.clone());
+        match &mut model.lm_head {
+            Some(head) => {
+                let kernel = self.linear(&[("output.weight", v, d, None)])?;
+                *head = Projection::from_quantized(kernel, head.weight.id, device);
+            }
+            None => model.tied_head_kernel = Some(embedding),
         }
         Ok(())
     }

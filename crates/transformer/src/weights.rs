@@ -126,6 +126,17 @@ pub(crate) fn apply<B: Backend>(
     tensors: Vec<NamedTensor>,
     file: &str,
 ) -> Result<()> {
+    apply_except(model, tensors, file, &|_| false)
+}
+
+/// [`apply`], where the parameters `filled_elsewhere` names (Kiln paths) may be absent from
+/// `tensors`: the caller sets them another way (quantized kernels).
+pub(crate) fn apply_except<B: Backend>(
+    model: &mut Transformer<B>,
+    tensors: Vec<NamedTensor>,
+    file: &str,
+    filled_elsewhere: &dyn Fn(&str) -> bool,
+) -> Result<()> {
     let names: Vec<(String, String)> = tensors
         .iter()
         .map(|t| (t.path.clone(), t.source_name.clone()))
@@ -166,7 +177,11 @@ pub(crate) fn apply<B: Backend>(
             },
         });
     }
-    if let Some((path, _)) = result.missing.first() {
+    if let Some((path, _)) = result
+        .missing
+        .iter()
+        .find(|(path, _)| !filled_elsewhere(path))
+    {
         return Err(ModelError::MissingTensor {
             name: path.clone(),
             file: file.to_owned(),

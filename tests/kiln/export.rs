@@ -7,7 +7,7 @@
 //! Needs a Python with `onnx`, `onnxruntime` and `numpy` (`KILN_ONNX_PYTHON`, or `python3` if it
 //! imports them; required when `KILN_REQUIRE_PYTHON=1`).
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;

@@ -7,7 +7,7 @@
 //! /tmp/nanogpt) strictly, and its logits checked against Kiln's within 1e-4
 //! (`scripts/check_nanogpt_export.py`).
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -104,6 +104,24 @@ fn export_pt_carries_weights_and_metadata_and_init_from_resumes_them() {
     let ids: Vec<i64> = (0..24).map(|i| (i * 37 + 11) % 512).collect();
     let trained = logits_of(&run.join("checkpoints/step-6/model"), &ids);
     assert!(max_difference(&logits_of(&pt, &ids), &trained) < 1e-6);
+
+    // A run directory stands for its newest checkpoint's model wherever a model is read:
+    // `kiln quantize` makes a GPT-2 GGUF file of it with the trained logits (up to 8-bit
+    // weights), and `kiln eval` scores it.
+    let q8 = dir.path().join("model.q8_0.gguf");
+    run_kiln(&[
+        "quantize",
+        "--model",
+        &p(&run),
+        "-t",
+        "q8_0",
+        "--output",
+        &p(&q8),
+    ]);
+    let scale = trained.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    let gap = max_difference(&logits_of(&q8, &ids), &trained);
+    assert!(gap < 0.02 * scale, "q8_0 of the run: {gap} of {scale}");
+    run_kiln(&["eval", "--model", &p(&run), "--data", &p(&data)]);
 
     if let Ok(python) = std::env::var("KILN_TORCH_PYTHON") {
         let reference = dir.path().join("reference.json");

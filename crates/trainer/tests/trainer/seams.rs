@@ -3,7 +3,7 @@
 //! simulated data-parallel ranks train like one process with their combined batch, and the stop
 //! flag ends a run cleanly with a checkpoint that resumes exactly.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -23,13 +23,7 @@ use kiln_transformer::Transformer;
 type B = Autodiff<Flex>;
 type Inner = <B as AutodiffBackend>::InnerBackend;
 
-/// Burn's CPU random generator is process-wide: tests that depend on seeded initialization run
-/// one at a time.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
+use common::serial;
 
 const TEXT: &str = "Now is the winter of our discontent\nMade glorious summer by this sun of York;\n\
 And all the clouds that lour'd upon our house\nIn the deep bosom of the ocean buried.\n";

@@ -1,6 +1,6 @@
 //! The `kiln` command line as other tools use it: the contract in its `--help`.
 
-mod common;
+use crate::common;
 
 use common::{TEXT, shared, tokenizer_and_shards};
 use std::io::Write;

@@ -4,7 +4,7 @@
 //! Needs `../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf` and `python3` with `openai`; skipped with
 //! a note when missing, unless `KILN_REQUIRE_SHARED=1` / `KILN_REQUIRE_PYTHON=1` (set by `.ci/run`).
 
-mod common;
+use crate::common;
 
 use common::{python_has, shared};
 

@@ -2,8 +2,8 @@
 //! term moves the student towards the teacher, resume is exact, and a teacher with another
 //! vocabulary is refused before anything is written.
 
+use crate::common::serial;
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
 
 use burn::backend::{Autodiff, Flex};
 use kiln_bpe::prepare::{PrepareConfig, prepare_bytes};
@@ -69,14 +69,6 @@ fn teacher(dir: &Path, name: &str, config: &ModelConfig, seed: u64) -> std::path
     let path = dir.join(name);
     save_model_dir(&model, None, None, &path).unwrap();
     path
-}
-
-/// One test at a time: Burn's CPU generator is process-wide, so a test drawing weights while
-/// another trains would move the other's dropout and data order, and exact resume is compared
-/// bit for bit.
-fn serial() -> MutexGuard<'static, ()> {
-    static SERIAL: Mutex<()> = Mutex::new(());
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[test]

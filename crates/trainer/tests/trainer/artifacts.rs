@@ -30,6 +30,7 @@ fn files(root: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
 
 #[test]
 fn identical_runs_write_byte_identical_checkpoints() {
+    let _serial = crate::common::serial();
     let dir = tempfile::tempdir().unwrap();
     let corpus = dir.path().join("corpus.txt");
     std::fs::write(

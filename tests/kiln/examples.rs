@@ -1,12 +1,12 @@
 //! The examples as a user runs them: their flags (clap: `--help`, misspelled flags are errors)
 //! and the `quantize` and `serve --once` examples on SmolLM2-135M.
 //!
-//! `cargo test` builds the examples before it runs tests; run alone (`cargo test --test
-//! examples`), these tests skip with a note when an example binary is missing. The model tests
+//! `cargo test` builds the examples before it runs tests; run alone (`cargo test --test kiln
+//! examples::`), these tests skip with a note when an example binary is missing. The model tests
 //! need `../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf` (skipped with a note when it is
 //! missing, unless `KILN_REQUIRE_SHARED=1`).
 
-mod common;
+use crate::common;
 
 use common::shared;
 use std::path::PathBuf;

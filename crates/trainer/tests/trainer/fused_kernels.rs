@@ -20,14 +20,9 @@ use kiln_transformer::{
     MlpKind, ModelConfig, NormKind, PositionEncoding, RopePairing, Transformer,
 };
 
-/// Burn's Flex backend has one process-wide random generator: initial weights and dropout masks
-/// are the same from run to run only while no other test draws from it, so the tests that draw
-/// take turns. (The kernels themselves need no lock: the composed-ops scope is per thread.)
-static BACKEND_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn rng_turn() -> std::sync::MutexGuard<'static, ()> {
-    BACKEND_RNG.lock().unwrap_or_else(|e| e.into_inner())
-}
+// Tests that draw from Burn's process-wide generator take turns (`common::serial`); the kernels
+// themselves need no lock: the composed-ops scope is per thread.
+use crate::common::serial as rng_turn;
 
 fn gpt() -> ModelConfig {
     ModelConfig {

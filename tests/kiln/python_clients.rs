@@ -4,7 +4,7 @@
 //! Skipped with a note when `python3` or the package is missing, unless `KILN_REQUIRE_PYTHON=1`
 //! (set by `.ci/run`, which installs it).
 
-mod common;
+use crate::common;
 
 use common::python_has;
 

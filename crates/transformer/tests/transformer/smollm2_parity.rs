@@ -118,7 +118,7 @@ fn model_and_cases() -> Option<(PathBuf, Vec<serde_json::Value>)> {
     let golden = shared("models/SmolLM2-135M-Instruct.Q4_1.golden.json")?;
     let mut cases = vec![serde_json::from_str(&std::fs::read_to_string(golden).unwrap()).unwrap()];
     cases.extend(
-        include_str!("data/smollm2_reference.jsonl")
+        include_str!("../data/smollm2_reference.jsonl")
             .lines()
             .filter(|l| !l.trim().is_empty())
             .map(|l| serde_json::from_str(l).unwrap()),

@@ -2,6 +2,7 @@
 //! GPT to train on it.
 
 use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
 
 use kiln_bpe::prepare::{PrepareConfig, prepare_bytes};
 use kiln_trainer::{ModelSpec, TrainConfig};
@@ -41,4 +42,12 @@ pub fn tiny_run(dir: &Path, text: &str, dropout: f64) -> TrainConfig {
         log_interval: 5,
         ..TrainConfig::default()
     }
+}
+
+/// One test at a time among those that take this: Burn's CPU random generator is process-wide,
+/// so a test drawing weights while another trains would move the other's initialization, dropout
+/// and data order, and exact resume is compared bit for bit.
+pub fn serial() -> MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -1,7 +1,7 @@
 //! Training end to end on a tiny model: the loss falls, resume is exact, a NaN step is skipped and
 //! recovered from, checkpoints rotate, clipping uses the global norm.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 
@@ -18,13 +18,7 @@ use kiln_transformer::{ModelConfig, PositionEncoding, RopePairing, Transformer};
 
 type B = Autodiff<Flex>;
 
-/// Burn's CPU random generator is process-wide: tests that depend on seeded initialization and
-/// dropout run one at a time.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
+use common::serial;
 
 const TEXT: &str = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n\
 The slings and arrows of outrageous fortune,\nOr to take arms against a sea of troubles\nAnd by opposing end them.\n";

@@ -1,7 +1,7 @@
 //! Helpers shared by the integration tests: reference data from `../shared` and Python clients,
 //! both optional locally and required in CI.
 
-#![allow(dead_code)] // each test binary uses its own subset
+#![allow(dead_code)] // not every helper is used in every configuration
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -3,7 +3,7 @@
 //! others with an error naming it; a port in use, an unreachable master and mismatched configs are
 //! clear errors before training.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
