@@ -3,7 +3,7 @@
 written by Kiln, llama.cpp's top-1 token at every prompt position against Kiln's, and its greedy
 continuation of the first prompt against Kiln's.
 
-    python3 scripts/llama_cpp_agreement.py MODEL.gguf REFERENCE.json [--threads 2]
+    python3 scripts/llama_cpp_agreement.py MODEL.gguf REFERENCE.json [--threads 2] [--kv-type f32]
 
 REFERENCE.json: {"prompts": [[ids...], ...], "top1": [[ids...], ...], "greedy": [ids...]}.
 Prints `agreement=A/N greedy_equal=true|false`, each position where the top-1 differs with the
@@ -21,11 +21,16 @@ def main():
     ap.add_argument("model")
     ap.add_argument("reference")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--kv-type", choices=["f16", "f32"],
+                    default="f16",
+                    help="llama.cpp's KV cache type (its default: f16)")
     args = ap.parse_args()
     ref = json.load(open(args.reference))
     longest = max(len(p) for p in ref["prompts"]) + len(ref["greedy"]) + 1
+    kv = {"f16": 1, "f32": 0}[args.kv_type]  # ggml_type
     llm = Llama(args.model, n_ctx=max(64, longest), n_threads=args.threads,
-                n_threads_batch=args.threads, logits_all=True, verbose=False)
+                n_threads_batch=args.threads, logits_all=True, verbose=False,
+                type_k=kv, type_v=kv)
     agree = total = 0
     misses = []
     for p, (prompt, top1) in enumerate(zip(ref["prompts"], ref["top1"])):

@@ -273,9 +273,10 @@ fn llama_cpp_agreement(
 ///
 /// Kiln's f32 path computes with the weights dequantized to f32; llama.cpp's CPU kernels for the 4- and
 /// 5-bit legacy types also round the *activations* to 8 bits (Q8_0/Q8_1 blocks), which moves
-/// SmolLM2's near-tied logits (q4_0: 42/45 positions, q5_1: 41/45, and the golden prompt's first
-/// token is a 0.09-logit tie). For those types the file itself is checked: llama.cpp given the
-/// same weights in f32 (`kiln quantize -t f32` of Kiln's file) gives Kiln's tokens.
+/// SmolLM2's near-tied logits (against Kiln's f32 path: q4_0 42/45 positions, q5_1 41/45, and the
+/// golden prompt's first token is a 0.09-logit tie). For those types the file itself is checked:
+/// llama.cpp given the same weights in f32 (`kiln quantize -t f32` of Kiln's file) gives Kiln's
+/// tokens; and q4_0 run from its blocks, with 8-bit activations as llama.cpp's, agrees at ≥ 95%.
 #[test]
 fn llama_cpp_runs_kilns_files_like_kiln() {
     let Some(reference) = reference() else { return };
@@ -288,16 +289,19 @@ fn llama_cpp_runs_kilns_files_like_kiln() {
         let (agreement, greedy_equal) =
             llama_cpp_agreement(&python, &file, false, &prompts, dir.path());
         if scheme == "q4_0" {
-            // Run from its blocks with 8-bit activations, as llama.cpp runs it. Measured 43/45 on
-            // 2026-12-02 and 42/45 the next session with the same kernels: the misses are
-            // near-ties whose order rounding decides (llama.cpp's own gaps 0.17, 0.01, 0.58;
-            // its f16 KV cache versus Kiln's f32 moves q8_0 and q4_k_m by a position too), so
-            // the bound is the measured 42/45 rather than the 95% the exact f32 check below
-            // meets.
-            let (native, _) = llama_cpp_agreement(&python, &file, true, &prompts, dir.path());
+            // Run from its blocks with 8-bit activations (f16 block scales), as llama.cpp runs
+            // it: 43/45 positions and the same greedy tokens (2026-12-02; 42/45 while the
+            // activation scales were f32). The misses are near-ties (llama.cpp's gaps 0.07 and
+            // 0.55; its f16 KV cache against Kiln's f32 moves q8_0 and q4_k_m by a position too).
+            let (native, greedy_equal) =
+                llama_cpp_agreement(&python, &file, true, &prompts, dir.path());
             assert!(
-                native >= 42.0 / 45.0,
+                native >= 0.95,
                 "{scheme} from its blocks: top-1 agreement {native}"
+            );
+            assert!(
+                greedy_equal,
+                "{scheme} from its blocks: greedy tokens differ"
             );
         }
         if matches!(scheme, "q8_0" | "q4_k_m") {

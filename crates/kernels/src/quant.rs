@@ -243,10 +243,16 @@ fn quantize_portable(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32], nb: 
                 q[act_index(grouped, b, v)] = r as i8;
                 sum += r;
             }
-            *d = scale;
-            *s = scale * sum as f32;
+            (*d, *s) = stored_scales(scale, sum);
         }
     }
+}
+
+/// A block's scale rounded to f16 as llama.cpp stores it in its `Q8_0`/`Q8_1` blocks, so that the
+/// products see the activations llama.cpp's kernels see, and `scale · Σq` of those activations.
+fn stored_scales(scale: f32, sum: i32) -> (f32, f32) {
+    let d = f16::from_f32(scale).to_f32();
+    (d, d * sum as f32)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -314,8 +320,12 @@ fn quantize_avx2(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32], nb: usiz
             } else {
                 _mm256_storeu_si256(q.as_mut_ptr().add(b * QK).cast(), p);
             }
-            *d.get_unchecked_mut(b) = scale;
-            *s.get_unchecked_mut(b) = scale * sum as f32;
+            // `stored_scales` with F16C's conversions (the same rounding, to nearest even).
+            let rounded =
+                _mm_cvtph_ps(_mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set_ss(scale)));
+            let d16 = _mm_cvtss_f32(rounded);
+            *d.get_unchecked_mut(b) = d16;
+            *s.get_unchecked_mut(b) = d16 * sum as f32;
         }
     }
 }
@@ -1580,7 +1590,7 @@ mod tests {
         let back = q.dequantize();
         for (b, xb) in x.chunks(32).enumerate() {
             let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
-            assert_eq!(q.d[b], amax / 127.0);
+            assert_eq!(q.d[b], f16::from_f32(amax / 127.0).to_f32());
             let inv = 127.0 / amax;
             let mut sum = 0;
             for (i, &v) in xb.iter().enumerate() {

@@ -146,9 +146,12 @@ fn smollm2_matches_reference_logits_and_greedy_text() {
 /// path does; the f32 numpy reference continues `... 2988, 314, 42` (" answer is:") instead.
 const LLAMA_CPP_GREEDY: [u32; 8] = [7042, 30, 198, 198, 504, 1797, 1918, 553];
 
-/// Kept in the file's blocks ([`load_gguf_quantized`]): the numpy reference's top-1 token at ≥ 95%
-/// of the prompt positions, logits close to it, llama.cpp's greedy tokens on the same file, and no
-/// f32 copy of any projection or of the embedding made on the way.
+/// Kept in the file's blocks ([`load_gguf_quantized`]): the numpy reference's top-1 token at ≥ 90%
+/// of the prompt positions and, where not, one of the reference's near-ties (within 0.6, the most
+/// 8-bit activations move a top logit here); logits close to it, llama.cpp's greedy tokens on the
+/// same file, and no f32 copy of any projection or of the embedding made on the way. Measured
+/// 42/45 with activation scales rounded to f16 as llama.cpp stores them (reference gaps at the
+/// misses 0.08–0.23), 45/45 while they were f32.
 #[test]
 fn smollm2_from_its_quantized_blocks() {
     let Some((model_path, cases)) = model_and_cases() else {
@@ -187,7 +190,23 @@ fn smollm2_from_its_quantized_blocks() {
                 top[0].as_u64().unwrap() as u32,
                 top[1].as_f64().unwrap() as f32,
             );
-            agree += usize::from(argmax(row) == id);
+            let ours = argmax(row);
+            if ours == id {
+                agree += 1;
+            } else {
+                // A miss must be a near-tie of the reference: our choice among its top 5,
+                // within 0.6 of its top logit.
+                let theirs = want
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|e| e[0].as_u64() == Some(u64::from(ours)))
+                    .and_then(|e| e[1].as_f64());
+                assert!(
+                    theirs.is_some_and(|l| logit as f64 - l <= 0.6),
+                    "case {index} position {pos}: {ours} is no near-tie of the reference's {id}"
+                );
+            }
             positions += 1;
             worst = worst.max((row[id as usize] - logit).abs());
         }
@@ -215,7 +234,7 @@ fn smollm2_from_its_quantized_blocks() {
         "from its blocks: top-1 {agree}/{positions}, largest top-1 logit difference {worst:.3}"
     );
     assert!(
-        agree * 100 >= positions * 95,
+        agree * 100 >= positions * 90,
         "top-1 agreement {agree}/{positions}"
     );
     // 8-bit activations move the top logit (typically 10–20) by up to 0.58 here.
