@@ -188,8 +188,12 @@ impl Reader<'_> {
             ours.contains(path)
         })?;
         if theirs.contains("token_embd.weight") {
-            self.embedding_and_head(&mut model, v, d, device)?;
-        } else if let Some(head) = &mut model.lm_head
+            let embedding = self.embedding(&mut model, v, d, device)?;
+            if model.lm_head.is_none() {
+                model.tied_head_kernel = Some(embedding);
+            }
+        }
+        if let Some(head) = &mut model.lm_head
             && theirs.contains("output.weight")
         {
             let kernel = self.linear(&[("output.weight", v, d, None)])?;
@@ -226,6 +230,26 @@ impl Reader<'_> {
         d: usize,
         device: &B::Device,
     ) -> Result<()> {
+        let embedding = self.embedding(model, v, d, device)?;
+        match &mut model.lm_head {
+            Some(head) => {
+                let kernel = self.linear(&[("output.weight", v, d, None)])?;
+                *head = Projection::from_quantized(kernel, head.weight.id, device);
+            }
+            None => model.tied_head_kernel = Some(embedding),
+        }
+        Ok(())
+    }
+
+    /// The token embedding (`[v, d]`) from its blocks: lookups read them, and the f32 table is
+    /// made only if a path asks for it.
+    fn embedding<B: Backend>(
+        &self,
+        model: &mut Transformer<B>,
+        v: usize,
+        d: usize,
+        device: &B::Device,
+    ) -> Result<Arc<QuantLinear>> {
         let embedding = Arc::new(self.linear(&[("token_embd.weight", v, d, None)])?);
         let table = Arc::clone(&embedding);
         model.tok_emb.weight = Param::uninitialized(
@@ -239,14 +263,7 @@ impl Reader<'_> {
             Shape::new([v, d]),
         );
         model.tok_emb_kernel = Some(embedding.clone());
-        match &mut model.lm_head {
-            Some(head) => {
-                let kernel = self.linear(&[("output.weight", v, d, None)])?;
-                *head = Projection::from_quantized(kernel, head.weight.id, device);
-            }
-            None => model.tied_head_kernel = Some(embedding),
-        }
-        Ok(())
+        Ok(embedding)
     }
 
     /// Norm weight `name` (`[d]`, f32) into `norm`.
