@@ -3,29 +3,55 @@
 //! per-iteration time (CPU recipe 4×4×128, context 64, batch 12; GPU model 6×6×384, context 256,
 //! batch 8 on CPU).
 //!
+//! On CPUs with AVX512_BF16 it also times the step in bf16 mixed precision (`fused_bf16`).
+//!
 //! `cargo bench --bench train_step`
 
 use burn::optim::GradientsParams;
 use burn::tensor::{Int, Tensor, TensorData};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use kiln::backend::TrainBackend as B;
+use kiln::kernels::fused::{LinearProducts, Products};
 use kiln::trainer::optimizer::GroupedAdamW;
 use kiln::transformer::{ModelConfig, Transformer};
 
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: kiln::Allocator = kiln::Allocator;
 
 fn bench_model(c: &mut Criterion, name: &str, config: ModelConfig, batch: usize, seq: usize) {
     // Burn's composed ops, then Kiln's fused kernels, in the same run.
     for fused in [false, true] {
         let _composed = (!fused).then(kiln::kernels::fused::ComposedOps::enter);
         let label = if fused { "fused" } else { "burn_ops" };
-        bench_step(c, &format!("{name}/{label}"), config.clone(), batch, seq);
+        bench_step(
+            c,
+            &format!("{name}/{label}"),
+            config.clone(),
+            batch,
+            seq,
+            None,
+        );
+    }
+    // Mixed precision as `precision = "bf16"` trains on CPUs with AVX512_BF16: the fused
+    // kernels with the linear layers' products in bf16.
+    if kiln::trainer::Precision::Bf16
+        .linear_products::<B>()
+        .is_some()
+    {
+        let label = format!("{name}/fused_bf16");
+        bench_step(c, &label, config, batch, seq, Some(Products::Bf16));
     }
 }
 
-fn bench_step(c: &mut Criterion, name: &str, config: ModelConfig, batch: usize, seq: usize) {
+fn bench_step(
+    c: &mut Criterion,
+    name: &str,
+    config: ModelConfig,
+    batch: usize,
+    seq: usize,
+    products: Option<Products>,
+) {
     let device = Default::default();
     let mut model: Option<Transformer<B>> = Some(config.init(&device).expect("model"));
     let mut optim = GroupedAdamW::new(model.as_ref().expect("model"), 0.9, 0.99, 1e-8, 0.1);
@@ -53,7 +79,10 @@ fn bench_step(c: &mut Criterion, name: &str, config: ModelConfig, batch: usize, 
                 TensorData::new(targets.clone(), [batch * seq]),
                 &device,
             );
-            let logits = m.forward(x).expect("forward");
+            let logits = {
+                let _scope = products.map(LinearProducts::enter);
+                m.forward(x).expect("forward")
+            };
             let loss = loss_fn.forward(logits.reshape([batch * seq, config.vocab_size]), y);
             let mut grads = GradientsParams::from_grads(loss.backward(), &m);
             GroupedAdamW::<B, Transformer<B>>::clip(&m, &mut grads, 1.0);

@@ -19,7 +19,7 @@ use kiln::distributed::{Communicator, Transport};
 
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: kiln::Allocator = kiln::Allocator;
 
 /// All-reduce bandwidth over loopback against memcpy.
 #[derive(Debug, Parser)]

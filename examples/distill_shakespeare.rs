@@ -21,7 +21,7 @@ use kiln::transformer::ModelConfig;
 
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: kiln::Allocator = kiln::Allocator;
 
 /// Distill a 6×384 Shakespeare teacher into a 4×128 student; compare with training from scratch.
 #[derive(Debug, Parser)]

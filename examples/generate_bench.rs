@@ -20,7 +20,7 @@ use kiln::transformer::{KvCache, Logits, load_gguf_quantized, load_model};
 
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: kiln::Allocator = kiln::Allocator;
 
 const TEXT: &str = "The history of natural language processing generally started in the 1950s, although work can be \
 found from earlier periods. In 1950, Alan Turing published an article titled Computing Machinery and Intelligence \

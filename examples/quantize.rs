@@ -19,7 +19,7 @@ use kiln::transformer::{GenerateParams, Generation, Generator, Transformer, load
 
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: kiln::Allocator = kiln::Allocator;
 
 /// Quantize a model's weights to int8 for decoding; compare text and speed before and after.
 #[derive(Debug, Parser)]

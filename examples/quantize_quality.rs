@@ -21,7 +21,7 @@ use kiln::transformer::load_model;
 
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: kiln::Allocator = kiln::Allocator;
 
 /// Round to nearest against GPTQ, by perplexity.
 #[derive(Debug, Parser)]

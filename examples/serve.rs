@@ -36,7 +36,7 @@ use kiln::transformer::load_model;
 
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: kiln::Allocator = kiln::Allocator;
 
 /// Serve a model over an OpenAI-compatible HTTP API on 127.0.0.1.
 #[derive(Debug, Parser)]

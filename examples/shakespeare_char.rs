@@ -5,6 +5,7 @@
 //!
 //! ```text
 //! cargo run --release --example shakespeare_char [-- CORPUS] [--max-steps N] [--out DIR] [--gpu-recipe]
+//!                                                [--precision f32|bf16]
 //!                                                [--no-embedding-decay] [--seed S] [--peak-flops F]
 //! cargo run --release --example shakespeare_char -- --help
 //! ```
@@ -21,12 +22,12 @@ use std::time::Instant;
 use clap::Parser;
 use kiln::backend::TrainBackend;
 use kiln::bpe::prepare::{PrepareConfig, prepare_bytes};
-use kiln::trainer::{ModelSpec, TrainConfig, Trainer};
+use kiln::trainer::{ModelSpec, Precision, TrainConfig, Trainer};
 use kiln::transformer::ModelConfig;
 
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: kiln::Allocator = kiln::Allocator;
 
 /// nanoGPT's Shakespeare-char recipe: a character-level GPT trained on tinyshakespeare.
 #[derive(Debug, Parser)]
@@ -55,6 +56,10 @@ struct Args {
     /// the log.
     #[arg(long, value_name = "F")]
     peak_flops: Option<f64>,
+    /// Compute precision: `f32`, or `bf16` mixed precision (f32 master weights; on CPUs with
+    /// AVX512_BF16 the linear layers multiply in bf16 and everything else stays f32).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    precision: String,
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -111,6 +116,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         log_interval: 50,
         peak_flops: args.peak_flops,
         seed: args.seed,
+        precision: if args.precision == "bf16" {
+            Precision::Bf16
+        } else {
+            Precision::F32
+        },
         ..TrainConfig::default()
     };
     let flops_per_token = model_flops_per_token(&config, seq_len)?;

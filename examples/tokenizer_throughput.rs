@@ -17,7 +17,7 @@ use kiln::bpe::{BpeTrainer, SpecialTokens, Tokenizer, TrainerConfig};
 
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: kiln::Allocator = kiln::Allocator;
 
 /// Tokenizer speed, measured as `../shared/peers/tokenizer_peer.py` measures its peers.
 #[derive(Debug, Parser)]

@@ -3,8 +3,11 @@
 #   1. nanoGPT's CPU Shakespeare-char recipe, whole run (4x4x128, ctx 64, batch 12, 2000 iters) and
 #      Kiln's `shakespeare_char` example of the same recipe: wall time, ms/iter, val loss;
 #   2. the 6x6x384 model (ctx 256, batch 8, no dropout): nanoGPT's median ms/iter over 24 iterations;
-#   3. Kiln's criterion bench of one optimizer step on both models, Burn's composed ops vs Kiln's
-#      fused kernels (criterion's medians).
+#   3. the same 6x384 step timed around nanoGPT's model in f32 and under PyTorch's CPU bf16 autocast
+#      (scripts/nanogpt_step.py; train.py ignores --dtype on the CPU);
+#   4. Kiln's criterion bench of one optimizer step on both models, Burn's composed ops vs Kiln's
+#      fused kernels, and on CPUs with AVX512_BF16 the fused step in bf16 (criterion's medians).
+# Every figure is printed with the CPU model (`lscpu`).
 #
 #   scripts/bench_train.sh        # needs `pip install torch numpy` and ../shared/data/tinyshakespeare.txt
 #
@@ -47,12 +50,21 @@ echo "== nanoGPT 6x6x384, ctx 256, batch 8"
    --out_dir="$LOG/nano_big") > "$LOG/nano_big.log" 2>&1
 nano_big_ms=$(grep -oP 'time \K[0-9.]+(?=ms)' "$LOG/nano_big.log" | tail -n +3 | median)
 
-echo "== Kiln train_step bench (burn_ops vs fused)"
+echo "== nanoGPT 6x384 step, f32 and bf16 autocast (scripts/nanogpt_step.py)"
+python3 scripts/nanogpt_step.py --nanogpt "$NANO" --model 6x384 | tee "$LOG/nano_step.log"
+nano_step_f32=$(grep -oP 'f32: \K[0-9.]+' "$LOG/nano_step.log")
+nano_step_bf16=$(grep -oP 'bf16: \K[0-9.]+' "$LOG/nano_step.log")
+
+echo "== Kiln train_step bench (burn_ops vs fused vs fused_bf16)"
 cargo bench --bench train_step --quiet -- --noplot 2>&1 | tee "$LOG/bench.log" | grep -E 'train_step$|time:' || true
 
-python3 - "$nano_ms" "$nano_big_ms" "$nano_wall" "$kiln_wall" "$kiln_ms" "$nano_val" "$kiln_val" <<'PY'
-import json, sys
-nano_ms, nano_big, nano_wall, kiln_wall, kiln_ms, nano_val, kiln_val = sys.argv[1:]
+echo
+echo "CPU: $(lscpu | sed -n 's/^Model name: *//p') ($(nproc) cores)"
+python3 - "$nano_ms" "$nano_big_ms" "$nano_wall" "$kiln_wall" "$kiln_ms" "$nano_val" "$kiln_val" \
+  "$nano_step_f32" "$nano_step_bf16" <<'PY'
+import json, os, sys
+(nano_ms, nano_big, nano_wall, kiln_wall, kiln_ms, nano_val, kiln_val, nano_f32,
+ nano_bf16) = sys.argv[1:]
 def get(model, variant):
     """Criterion's median step time in ms (the group name's '/' becomes '_' on disk)."""
     path = f"target/criterion/shakespeare_char_{model}_{variant}/train_step/new/estimates.json"
@@ -66,4 +78,11 @@ print(f"  tokens/s ratio Kiln/nanoGPT: {float(nano_ms)/get(small, 'fused'):.2f}x
       f"{float(nano_ms)/float(kiln_ms):.2f}x (recipe)")
 print(f"6x384 ms/iter (medians): nanoGPT {float(nano_big):.0f}, Kiln fused {get(big, 'fused'):.0f}, "
       f"burn_ops {get(big, 'burn_ops'):.0f}: Kiln/nanoGPT tokens/s {float(nano_big)/get(big, 'fused'):.2f}x")
+print(f"6x384 step, model timed directly: nanoGPT f32 {float(nano_f32):.0f} ms, bf16 autocast "
+      f"{float(nano_bf16):.0f} ms; Kiln f32 {get(big, 'fused'):.0f} ms: "
+      f"{float(nano_f32)/get(big, 'fused'):.2f}x")
+if os.path.exists(f"target/criterion/shakespeare_char_{big}_fused_bf16"):
+    bf16 = get(big, "fused_bf16")
+    print(f"6x384 bf16: Kiln {bf16:.0f} ms against PyTorch autocast {float(nano_bf16):.0f} ms: "
+          f"{float(nano_bf16)/bf16:.2f}x; against Kiln's own f32: {get(big, 'fused')/bf16:.2f}x")
 PY

@@ -25,4 +25,9 @@ pub use kiln_serve as serve;
 pub use kiln_trainer as trainer;
 pub use kiln_transformer as transformer;
 
+#[cfg(feature = "mimalloc")]
+pub use allocator::{Allocator, PURGE_DELAY_MS};
+
+#[cfg(feature = "mimalloc")]
+mod allocator;
 pub mod backend;

@@ -4,10 +4,10 @@ mod cli;
 
 use clap::Parser;
 
-/// mimalloc (feature `mimalloc`, on by default): see the feature's note in Cargo.toml.
+/// mimalloc, tuned for training (feature `mimalloc`, on by default): see `kiln::Allocator`.
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: kiln::Allocator = kiln::Allocator;
 
 fn main() {
     let args = cli::Cli::parse();

@@ -21,6 +21,8 @@ use std::sync::{Arc, RwLock};
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 
+pub use crate::gemm::Products;
+
 /// A backend's fused operations. Each returns `None` when it does not handle the input (its
 /// dtype, layout or shape), and the model then uses Burn's composed ops.
 pub trait FusedOps<B: Backend>: Send + Sync {
@@ -62,6 +64,27 @@ pub trait FusedOps<B: Backend>: Send + Sync {
         let _ = (q, k, v, keys);
         None
     }
+
+    /// A linear layer, `x · w + bias` for `x` `[rows, d_in]`, `w` `[d_in, d_out]`, `bias`
+    /// `[d_out]`, with its multiplications (forward and backward) taken in `products`' precision
+    /// and summed in f32. `None` (the default) where the backend has no such kernel or this
+    /// machine cannot run it ([`multiplies_in`](Self::multiplies_in)).
+    fn linear(
+        &self,
+        x: &Tensor<B, 2>,
+        w: &Tensor<B, 2>,
+        bias: Option<&Tensor<B, 1>>,
+        products: Products,
+    ) -> Option<Tensor<B, 2>> {
+        let _ = (x, w, bias, products);
+        None
+    }
+
+    /// Whether [`linear`](Self::linear) runs on this machine with `products`.
+    fn multiplies_in(&self, products: Products) -> bool {
+        let _ = products;
+        false
+    }
 }
 
 /// Which GELU.
@@ -83,6 +106,7 @@ static ANY_REGISTERED: AtomicBool = AtomicBool::new(false);
 
 thread_local! {
     static COMPOSED_ONLY: Cell<bool> = const { Cell::new(false) };
+    static LINEAR_PRODUCTS: Cell<Option<Products>> = const { Cell::new(None) };
 }
 
 /// Looks `B` up in a type-erased table.
@@ -178,4 +202,47 @@ impl Drop for ComposedOps {
 pub fn with_composed_ops<R>(f: impl FnOnce() -> R) -> R {
     let _scope = ComposedOps::enter();
     f()
+}
+
+/// While alive, linear layers built on the current thread take their products through the
+/// backend's [`FusedOps::linear`] with the given precision (where it has one; elsewhere they use
+/// the backend's own product): mixed precision in the manner of PyTorch's CPU autocast, with f32
+/// tensors, f32 master weights and bf16 multiplications. The backward pass of a product uses the
+/// precision its forward pass had. Dropping the guard restores the previous setting.
+///
+/// ```
+/// use kiln_kernels::fused::{LinearProducts, Products, linear_products};
+///
+/// assert_eq!(linear_products(), None);
+/// {
+///     let _bf16 = LinearProducts::enter(Products::Bf16);
+///     assert_eq!(linear_products(), Some(Products::Bf16));
+/// }
+/// assert_eq!(linear_products(), None);
+/// ```
+#[derive(Debug)]
+#[must_use = "the linear-products scope ends when this guard is dropped"]
+pub struct LinearProducts {
+    previous: Option<Products>,
+}
+
+impl LinearProducts {
+    /// Starts a scope on the current thread in which linear layers multiply in `products`.
+    pub fn enter(products: Products) -> Self {
+        Self {
+            previous: LINEAR_PRODUCTS.with(|c| c.replace(Some(products))),
+        }
+    }
+}
+
+impl Drop for LinearProducts {
+    fn drop(&mut self) {
+        LINEAR_PRODUCTS.with(|c| c.set(self.previous));
+    }
+}
+
+/// The precision linear layers on the current thread multiply in: `Some` inside a
+/// [`LinearProducts`] scope.
+pub fn linear_products() -> Option<Products> {
+    LINEAR_PRODUCTS.with(Cell::get)
 }

@@ -38,6 +38,7 @@
 #[cfg(feature = "flex")]
 pub mod flex;
 pub mod fused;
+pub mod gemm;
 mod host;
 mod int8;
 mod linear;

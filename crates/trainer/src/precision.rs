@@ -15,6 +15,7 @@
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{FloatDType, Tensor};
+use kiln_kernels::fused::Products;
 use serde::{Deserialize, Serialize};
 
 use crate::config::Precision;
@@ -36,6 +37,21 @@ impl Precision {
             Precision::Bf16 => Some(FloatDType::BF16),
             Precision::F16 => Some(FloatDType::F16),
         }
+    }
+
+    /// How backend `B` runs this precision's matrix products without a compute copy: bf16 on a
+    /// backend whose linear-layer kernel multiplies in bf16 on this machine (Flex on CPUs with
+    /// AVX512_BF16) keeps every tensor in f32 and rounds only the operands of the linear layers'
+    /// products, forward and backward, to bf16, summing in f32, like PyTorch's CPU autocast.
+    /// `None` elsewhere: f32, or a [`compute_copy`] in [`compute_dtype`](Self::compute_dtype).
+    pub fn linear_products<B: Backend>(self) -> Option<Products> {
+        let products = match self {
+            Precision::Bf16 => Products::Bf16,
+            Precision::F32 | Precision::F16 => return None,
+        };
+        kiln_kernels::fused::ops::<B>()
+            .is_some_and(|ops| ops.multiplies_in(products))
+            .then_some(products)
     }
 }
 

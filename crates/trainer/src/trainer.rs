@@ -17,6 +17,7 @@ use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, FloatDType};
 use kiln_bpe::{TokenShard, Tokenizer};
+use kiln_kernels::fused::LinearProducts;
 use kiln_transformer::{ModelConfig, Transformer};
 use serde_json::json;
 
@@ -365,6 +366,11 @@ impl<B: AutodiffBackend> Trainer<B> {
         let loss_fn = CrossEntropyLossConfig::new().init(&self.device);
         let compute = c.precision.compute_dtype();
         let source = self.optimizer.weight_source();
+        // A sharded optimizer's weight source hands out its own low-precision working copy.
+        let products = c
+            .precision
+            .linear_products::<B>()
+            .filter(|_| source.is_none());
         let mut accumulator = GradientsAccumulator::<Transformer<B>>::new();
         let mut loss_sum = 0.0;
         for _ in 0..accum {
@@ -373,14 +379,20 @@ impl<B: AutodiffBackend> Trainer<B> {
             let (inputs, targets) = to_tensors::<B>(&batch.tokens, rows, seq, &self.device);
             let teacher_inputs = self.teacher.as_ref().map(|_| inputs.clone());
             // Mixed precision: forward and backward on a bf16/f16 copy whose casts lead back to the
-            // f32 master weights; the loss itself is computed in f32.
+            // f32 master weights, or (bf16 where the backend multiplies in bf16) f32 tensors with
+            // bf16 products; the loss itself is computed in f32.
             let forward = |m: &Transformer<B>| match source {
                 Some(source) => m.forward_with(inputs, source),
                 None => m.forward(inputs),
             };
-            let logits = match compute {
-                None => forward(model)?,
-                Some(dtype) => forward(&compute_copy(model, dtype))?.cast(FloatDType::F32),
+            let logits = match (products, compute) {
+                // bf16 products inside f32 tensors (the backward products keep the precision).
+                (Some(products), _) => {
+                    let _scope = LinearProducts::enter(products);
+                    forward(model)?
+                }
+                (None, None) => forward(model)?,
+                (None, Some(dtype)) => forward(&compute_copy(model, dtype))?.cast(FloatDType::F32),
             };
             let v = self.model_config.vocab_size;
             let hard = loss_fn.forward(logits.clone().reshape([rows * seq, v]), targets);

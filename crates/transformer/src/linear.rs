@@ -112,7 +112,16 @@ impl<B: Backend> Projection<B> {
                 None => y,
             };
         }
-        linear(x, self.weight.val(), self.bias.as_ref().map(Param::val))
+        let bias = self.bias.as_ref().map(Param::val);
+        // Mixed precision (a `LinearProducts` scope): the backend's own kernel multiplies in the
+        // scope's precision, forward and backward.
+        if let Some(products) = kiln_kernels::fused::linear_products()
+            && let Some(fused) = kiln_kernels::fused::ops::<B>()
+            && let Some(y) = fused.linear(&x, &self.weight.val(), bias.as_ref(), products)
+        {
+            return y;
+        }
+        linear(x, self.weight.val(), bias)
     }
 }
 

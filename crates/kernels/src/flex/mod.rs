@@ -10,6 +10,7 @@
 mod attention;
 mod gelu;
 mod layer_norm;
+mod linear;
 mod math;
 mod strided;
 #[cfg(test)]
@@ -30,6 +31,7 @@ use burn::tensor::{Tensor, TensorPrimitive};
 use burn_flex::{Flex, FlexTensor};
 
 use crate::fused::{Entry, FusedOps, Gelu, entry, find};
+use crate::gemm::{self, Products};
 
 /// The built-in kernels of backend `B`, if it is Flex or Flex under autodiff.
 pub(crate) fn builtin<B: Backend>() -> Option<Arc<dyn FusedOps<B>>> {
@@ -110,6 +112,21 @@ impl FusedOps<Flex> for FlexKernels {
         let k: Vec<FlexTensor> = k.iter().map(primitive).collect();
         let v: Vec<FlexTensor> = v.iter().map(primitive).collect();
         attention::decode(&primitive(q), &k, &v, keys).map(wrap)
+    }
+
+    fn linear(
+        &self,
+        x: &Tensor<Flex, 2>,
+        w: &Tensor<Flex, 2>,
+        bias: Option<&Tensor<Flex, 1>>,
+        products: Products,
+    ) -> Option<Tensor<Flex, 2>> {
+        let bias = bias.map(primitive);
+        linear::forward(&primitive(x), &primitive(w), bias.as_ref(), products).map(wrap)
+    }
+
+    fn multiplies_in(&self, products: Products) -> bool {
+        gemm::available(products)
     }
 }
 
@@ -209,6 +226,50 @@ impl RetroForward for RetroLayerNorm {
         let y =
             layer_norm::forward(&x, &weight, bias.as_ref(), self.eps).expect(CHECKED_IN_FORWARD);
         states.save(out_node, y)
+    }
+}
+
+#[derive(Debug)]
+struct LinearBackward;
+
+/// A linear layer's input and weight, and the precision of its products.
+#[derive(Clone, Debug)]
+struct LinearState {
+    x: FlexTensor,
+    w: FlexTensor,
+    products: Products,
+}
+
+impl LinearBackward {
+    fn run<const N: usize>(ops: Ops<LinearState, N>, grads: &mut Gradients) {
+        let grad = grads.consume::<Flex>(&ops.node);
+        let s = ops.state;
+        let mut want = [false; 3];
+        for (want, parent) in want.iter_mut().zip(&ops.parents) {
+            *want = parent.is_some();
+        }
+        let out = linear::backward(&s.x, &s.w, &grad, s.products, want).expect(CHECKED_IN_FORWARD);
+        for (parent, grad) in ops.parents.into_iter().zip(out) {
+            if let (Some(node), Some(grad)) = (parent, grad) {
+                grads.register::<Flex>(node.id, grad);
+            }
+        }
+    }
+}
+
+impl Backward<Flex, 2> for LinearBackward {
+    type State = LinearState;
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        Self::run(ops, grads)
+    }
+}
+
+impl Backward<Flex, 3> for LinearBackward {
+    type State = LinearState;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        Self::run(ops, grads)
     }
 }
 
@@ -353,5 +414,55 @@ impl<C: CheckpointStrategy> FusedOps<Ad<C>> for FlexKernels {
             OpsKind::UnTracked(prep) => prep.finish(y),
         };
         Some(wrap(output))
+    }
+
+    fn linear(
+        &self,
+        x: &Tensor<Ad<C>, 2>,
+        w: &Tensor<Ad<C>, 2>,
+        bias: Option<&Tensor<Ad<C>, 1>>,
+        products: Products,
+    ) -> Option<Tensor<Ad<C>, 2>> {
+        let (x, w) = (primitive(x), primitive(w));
+        let bias = bias.map(primitive);
+        let y = linear::forward(
+            &x.primitive,
+            &w.primitive,
+            bias.as_ref().map(|b| &b.primitive),
+            products,
+        )?;
+        let state = || LinearState {
+            x: x.primitive.clone(),
+            w: w.primitive.clone(),
+            products,
+        };
+        // Compute-bound, like Burn's matrix product: its inputs are kept, not recomputed.
+        let output = match &bias {
+            Some(bias) => match <LinearBackward as Backward<Flex, 3>>::prepare::<C>(
+                LinearBackward,
+                [x.node.clone(), w.node.clone(), bias.node.clone()],
+            )
+            .compute_bound()
+            .stateful()
+            {
+                OpsKind::Tracked(prep) => prep.finish(state(), y),
+                OpsKind::UnTracked(prep) => prep.finish(y),
+            },
+            None => match <LinearBackward as Backward<Flex, 2>>::prepare::<C>(
+                LinearBackward,
+                [x.node.clone(), w.node.clone()],
+            )
+            .compute_bound()
+            .stateful()
+            {
+                OpsKind::Tracked(prep) => prep.finish(state(), y),
+                OpsKind::UnTracked(prep) => prep.finish(y),
+            },
+        };
+        Some(wrap(output))
+    }
+
+    fn multiplies_in(&self, products: Products) -> bool {
+        gemm::available(products)
     }
 }

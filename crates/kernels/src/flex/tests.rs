@@ -230,3 +230,92 @@ fn decode_attention_matches_burns_attention() {
         }
     }
 }
+
+/// The fused linear layer against Burn's `linear` (`x·w + b`): output and the gradients of `x`,
+/// `w` and `b`, with f32 products (as close as the attention checks) and with bf16 products
+/// (against the same product on operands rounded to bf16).
+#[test]
+fn linear_matches_burn() {
+    use crate::fused::Products;
+    use burn::tensor::module::linear as burn_linear;
+
+    let kernels = FlexKernels::default();
+    // A strided input (a transposed view) as well as a contiguous one.
+    let (rows, d_in, d_out) = (37, 70, 45);
+    let x0 = random([rows, d_in]).inner();
+    let xt = random([d_in, rows]).inner();
+    let w0 = random([d_in, d_out]).inner();
+    let b0 = random([d_out]).inner();
+    let weights = random([rows, d_out]).inner();
+    let round = |t: Tensor<Flex, 2>| {
+        t.cast(burn::tensor::FloatDType::BF16)
+            .cast(burn::tensor::FloatDType::F32)
+    };
+    for products in [Products::F32, Products::Bf16] {
+        if !FusedOps::<Ad>::multiplies_in(&kernels, products) {
+            continue;
+        }
+        for (transposed, with_bias) in [(false, true), (true, false)] {
+            let input = if transposed {
+                xt.clone().transpose()
+            } else {
+                x0.clone()
+            };
+            let run = |fused: bool| {
+                let x = Tensor::<Ad, 2>::from_inner(input.clone()).require_grad();
+                let w = Tensor::<Ad, 2>::from_inner(w0.clone()).require_grad();
+                let b = Tensor::<Ad, 1>::from_inner(b0.clone()).require_grad();
+                let bias = with_bias.then_some(&b);
+                let y = if fused {
+                    kernels.linear(&x, &w, bias, products).expect("fused")
+                } else if products == Products::Bf16 {
+                    // Burn's product on the rounded operands; the gradients then flow through
+                    // the rounding as through the identity.
+                    let xr = x.clone()
+                        + Tensor::from_inner(round(x.clone().inner()) - x.clone().inner());
+                    let wr = w.clone()
+                        + Tensor::from_inner(round(w.clone().inner()) - w.clone().inner());
+                    burn_linear(xr, wr, bias.cloned())
+                } else {
+                    burn_linear(x.clone(), w.clone(), bias.cloned())
+                };
+                let grads = (y.clone() * Tensor::from_inner(weights.clone()))
+                    .sum()
+                    .backward();
+                (
+                    y.inner(),
+                    x.grad(&grads).expect("x gradient"),
+                    w.grad(&grads).expect("w gradient"),
+                    b.grad(&grads),
+                )
+            };
+            let (y, dx, dw, db) = run(true);
+            let (want_y, want_dx, want_dw, want_db) = run(false);
+            assert_close("linear output", y, want_y);
+            if products == Products::F32 {
+                assert_close("linear input gradient", dx, want_dx);
+                assert_close("linear weight gradient", dw, want_dw);
+            } else {
+                // The backward products round the output gradient too.
+                let close = |what: &str, got: Tensor<Flex, 2>, want: Tensor<Flex, 2>| {
+                    let scale = want.clone().abs().max().into_scalar();
+                    let err = (got - want).abs().max().into_scalar();
+                    assert!(
+                        err <= 1e-2 * scale,
+                        "{what}: max error {err} (scale {scale})"
+                    );
+                };
+                close("bf16 linear input gradient", dx, want_dx);
+                close("bf16 linear weight gradient", dw, want_dw);
+            }
+            assert_eq!(db.is_some(), with_bias);
+            if let (Some(db), Some(want_db)) = (db, want_db) {
+                assert_close(
+                    "linear bias gradient",
+                    db.unsqueeze::<2>(),
+                    want_db.unsqueeze(),
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! GFLOP/s of Kiln's host products (`kiln_kernels::gemm`, f32 and bf16 multiplications) beside the
+//! `gemm` crate's f32 product (what Burn's Flex backend calls), on the shapes of one training step
+//! of the 6×384 and 4×128 Shakespeare models: each linear layer's forward product `X·W` and its
+//! two backward products `dY·Wᵀ` and `Xᵀ·dY`.
+//!
+//! ```text
+//! cargo run --release -p kiln-kernels --features flex --example matmul_speed
+//! ```
+
+use std::time::Instant;
+
+use kiln_kernels::gemm::{MatRef, Products, available, matmul};
+
+fn values(len: usize) -> Vec<f32> {
+    (0..len)
+        .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+        .collect()
+}
+
+/// Median seconds of `f` over enough runs to fill ~0.3 s.
+fn time(mut f: impl FnMut()) -> f64 {
+    f();
+    let start = Instant::now();
+    f();
+    let once = start.elapsed().as_secs_f64().max(1e-6);
+    let runs = ((0.3 / once) as usize).clamp(3, 200);
+    let mut t: Vec<f64> = (0..runs)
+        .map(|_| {
+            let s = Instant::now();
+            f();
+            s.elapsed().as_secs_f64()
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    t[runs / 2]
+}
+
+/// The `gemm` crate's `C = A·B` on row-major operands (A `m×k` with strides `a_rs`, `a_cs`).
+#[allow(clippy::too_many_arguments)]
+fn crate_gemm(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &[f32],
+    a_rs: isize,
+    a_cs: isize,
+    b: &[f32],
+    b_rs: isize,
+    b_cs: isize,
+    c: &mut [f32],
+) {
+    // SAFETY: the strides describe `m×k`, `k×n` and `m×n` matrices inside the slices.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            a_cs,
+            a_rs,
+            b.as_ptr(),
+            b_cs,
+            b_rs,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(0),
+        )
+    }
+}
+
+fn main() {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    println!(
+        "CPU: {cpu}, {} threads; bf16 products: {}",
+        rayon::current_num_threads(),
+        available(Products::Bf16)
+    );
+    println!(
+        "{:<28} {:>10} {:>10} {:>10} {:>8} {:>8}",
+        "product (m×k×n)", "gemm f32", "kiln f32", "kiln bf16", "f32/gemm", "bf16/gemm"
+    );
+    // (rows = batch·context, d_in, d_out) of each linear layer.
+    let layers = [
+        ("6x384 qkv", 2048, 384, 1152),
+        ("6x384 proj", 2048, 384, 384),
+        ("6x384 fc", 2048, 384, 1536),
+        ("6x384 fc-proj", 2048, 1536, 384),
+        ("4x128 qkv", 768, 128, 384),
+        ("4x128 fc", 768, 128, 512),
+        ("4x128 fc-proj", 768, 512, 128),
+    ];
+    let mut totals = [0.0f64; 3];
+    for (name, rows, d_in, d_out) in layers {
+        let x = values(rows * d_in);
+        let w = values(d_in * d_out);
+        let dy = values(rows * d_out);
+        // (label, m, k, n, A, A strides, B, B strides)
+        let products: [(
+            &str,
+            usize,
+            usize,
+            usize,
+            &[f32],
+            (usize, usize),
+            &[f32],
+            (usize, usize),
+        ); 3] = [
+            ("X·W", rows, d_in, d_out, &x, (d_in, 1), &w, (d_out, 1)),
+            ("dY·Wᵀ", rows, d_out, d_in, &dy, (d_out, 1), &w, (1, d_out)),
+            ("Xᵀ·dY", d_in, rows, d_out, &x, (1, d_in), &dy, (d_out, 1)),
+        ];
+        for (label, m, k, n, a, (ars, acs), b, (brs, bcs)) in products {
+            let flops = 2.0 * (m * k * n) as f64;
+            let mut c = vec![0f32; m * n];
+            let t_crate = time(|| {
+                crate_gemm(
+                    m,
+                    k,
+                    n,
+                    a,
+                    ars as isize,
+                    acs as isize,
+                    b,
+                    brs as isize,
+                    bcs as isize,
+                    &mut c,
+                )
+            });
+            let am = MatRef::new(a, 0, m, k, ars, acs).expect("shape");
+            let bm = MatRef::new(b, 0, k, n, brs, bcs).expect("shape");
+            let mut run = |p: Products| {
+                if available(p) {
+                    time(|| matmul(am, bm, &mut c, false, p).expect("matmul"))
+                } else {
+                    f64::NAN
+                }
+            };
+            let (t32, t16) = (run(Products::F32), run(Products::Bf16));
+            totals[0] += t_crate;
+            totals[1] += t32;
+            totals[2] += t16;
+            println!(
+                "{:<28} {:>10.1} {:>10.1} {:>10.1} {:>7.2}x {:>7.2}x",
+                format!("{name} {label} {m}×{k}×{n}"),
+                flops / t_crate / 1e9,
+                flops / t32 / 1e9,
+                flops / t16 / 1e9,
+                t_crate / t32,
+                t_crate / t16
+            );
+        }
+    }
+    println!(
+        "all products: gemm {:.1} ms, kiln f32 {:.1} ms ({:.2}x), kiln bf16 {:.1} ms ({:.2}x)",
+        totals[0] * 1e3,
+        totals[1] * 1e3,
+        totals[0] / totals[1],
+        totals[2] * 1e3,
+        totals[0] / totals[2]
+    );
+}
