@@ -3,17 +3,23 @@
 //! per value in blocks of 32 ([`Q8Rows`], llama.cpp's `Q8_0` / `Q8_1` activations) and integer
 //! dot products, as llama.cpp's ggml does on the CPU.
 //!
-//! The kernels: AVX2 (with FMA and F16C) chosen at run time, and a portable scalar path. Both
-//! compute, for every block of 32 values, `d_w · d_x · Σ q_w q_x` in integers and floats, plus
-//! the offset term `c_w · s_x` of the 4-bit types (`c_w = m` for `Q4_1`, `-8 · d_w` for `Q4_0`,
-//! whose nibbles are multiplied unsigned), where `s_x = d_x · Σ q_x`.
+//! The kernels, chosen at run time: AVX2 (with FMA and F16C); the same with AVX-512 VNNI's
+//! `vpdpbusd` for the integer dot products where the CPU has it (with AVX-512 VL and BW), which
+//! gives the AVX2 kernel's results bit for bit; and a portable scalar path. All compute, for every
+//! block of 32 values, `d_w · d_x · Σ q_w q_x` in integers and floats, plus the offset term
+//! `c_w · s_x` of the 4-bit types (`c_w = m` for `Q4_1`, `-8 · d_w` for `Q4_0`, whose nibbles are
+//! multiplied unsigned), where `s_x = d_x · Σ q_x`.
+//!
+//! The environment variable `KILN_QUANT_KERNEL` (`portable`, `avx2` or `vnni`), read once per
+//! process, caps the choice for benchmarks and tests: the named kernel, or the best below it that
+//! the CPU runs.
 //!
 //! For several input rows, a tile of input rows is multiplied by one or two weight rows at a time,
 //! so each weight block is loaded and unpacked once per tile, and the weight rows a task works on
 //! are taken in chunks that stay in the L2 cache while every tile of input rows passes over them.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use half::f16;
 use kiln_gguf::GgmlType;
@@ -215,14 +221,12 @@ impl Q8Rows {
 type QuantizeFn = fn(&[f32], &mut [i8], &mut [f32], &mut [f32], usize);
 
 fn quantize_fn() -> QuantizeFn {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if avx2_available() {
-            // SAFETY: the CPU has AVX2, FMA and F16C.
-            return |x, q, d, s, nb| unsafe { quantize_avx2(x, q, d, s, nb) };
-        }
+    match kernel() {
+        // SAFETY: `kernel` picks these only where the CPU has AVX2, FMA and F16C.
+        #[cfg(target_arch = "x86_64")]
+        AVX2 | VNNI => |x, q, d, s, nb| unsafe { quantize_avx2(x, q, d, s, nb) },
+        _ => quantize_portable,
     }
-    quantize_portable
 }
 
 fn quantize_portable(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32], nb: usize) {
@@ -255,11 +259,43 @@ fn stored_scales(scale: f32, sum: i32) -> (f32, f32) {
     (d, d * sum as f32)
 }
 
-#[cfg(target_arch = "x86_64")]
-fn avx2_available() -> bool {
-    std::arch::is_x86_feature_detected!("avx2")
-        && std::arch::is_x86_feature_detected!("fma")
-        && std::arch::is_x86_feature_detected!("f16c")
+/// The kernels' instruction sets, as const-generic parameters and as [`kernel`]'s choice:
+/// portable code.
+const PORTABLE: u8 = 0;
+/// AVX2 with FMA and F16C.
+const AVX2: u8 = 1;
+/// [`AVX2`] plus AVX-512 VNNI, VL and BW (`vpdpbusd` for the integer dot products).
+const VNNI: u8 = 2;
+
+/// The instruction set the quantizer and the products use, chosen once per process: the best this
+/// CPU runs, capped by `KILN_QUANT_KERNEL` (`portable`, `avx2`, `vnni`; other values are ignored).
+fn kernel() -> u8 {
+    static KERNEL: OnceLock<u8> = OnceLock::new();
+    *KERNEL.get_or_init(|| {
+        let best = best_kernel();
+        match std::env::var("KILN_QUANT_KERNEL").as_deref() {
+            Ok("portable") => PORTABLE,
+            Ok("avx2") => best.min(AVX2),
+            Ok("vnni") => best.min(VNNI),
+            _ => best,
+        }
+    })
+}
+
+/// The best instruction set this CPU runs.
+fn best_kernel() -> u8 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx2") && has!("fma") && has!("f16c") {
+            return if has!("avx512vnni") && has!("avx512vl") && has!("avx512bw") {
+                VNNI
+            } else {
+                AVX2
+            };
+        }
+    }
+    PORTABLE
 }
 
 /// [`quantize_portable`] in AVX2 (the same operations, so the same values).
@@ -731,20 +767,25 @@ struct Job<'a> {
 
 type RowsFn = fn(&Job);
 
-/// The fastest version this CPU runs, for weight format `kind`.
+/// The version [`kernel`] chose, for weight format `kind`.
 fn rows_fn(kind: u8) -> RowsFn {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if avx2_available() {
-            // SAFETY: the CPU has AVX2, FMA and F16C.
-            return match kind {
-                Q4_0 => |j| unsafe { rows_avx2::<Q4_0>(j) },
-                Q4_1 => |j| unsafe { rows_avx2::<Q4_1>(j) },
-                _ => |j| unsafe { rows_avx2::<Q8_0>(j) },
-            };
-        }
+    match kernel() {
+        // SAFETY: `kernel` picks VNNI only where the CPU has its features and AVX2's.
+        #[cfg(target_arch = "x86_64")]
+        VNNI => match kind {
+            Q4_0 => |j| unsafe { rows_vnni::<Q4_0>(j) },
+            Q4_1 => |j| unsafe { rows_vnni::<Q4_1>(j) },
+            _ => |j| unsafe { rows_vnni::<Q8_0>(j) },
+        },
+        // SAFETY: `kernel` picks AVX2 only where the CPU has AVX2, FMA and F16C.
+        #[cfg(target_arch = "x86_64")]
+        AVX2 => match kind {
+            Q4_0 => |j| unsafe { rows_avx2::<Q4_0>(j) },
+            Q4_1 => |j| unsafe { rows_avx2::<Q4_1>(j) },
+            _ => |j| unsafe { rows_avx2::<Q8_0>(j) },
+        },
+        _ => portable_rows_fn(kind),
     }
-    portable_rows_fn(kind)
 }
 
 fn portable_rows_fn(kind: u8) -> RowsFn {
@@ -756,29 +797,46 @@ fn portable_rows_fn(kind: u8) -> RowsFn {
 }
 
 fn rows_portable<const K: u8>(job: &Job) {
-    drive::<K, false>(job);
+    drive::<K, PORTABLE>(job);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn rows_avx2<const K: u8>(job: &Job) {
     if job.x.rows == 1 && job.nb <= SCRATCH {
-        gemv_avx2::<K>(job);
+        // SAFETY: this function runs with AVX2, FMA and F16C.
+        unsafe { gemv_x86::<K, AVX2>(job) };
     } else {
-        drive::<K, true>(job);
+        drive::<K, AVX2>(job);
     }
 }
 
-/// Bytes ahead of the weight row being multiplied that [`gemv_avx2`] prefetches.
+/// [`rows_avx2`] with VNNI's dot products.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn rows_vnni<const K: u8>(job: &Job) {
+    if job.x.rows == 1 && job.nb <= SCRATCH {
+        // SAFETY: this function runs with VNNI's features and AVX2's.
+        unsafe { gemv_x86::<K, VNNI>(job) };
+    } else {
+        drive::<K, VNNI>(job);
+    }
+}
+
+/// Bytes ahead of the weight row being multiplied that [`gemv_x86`] prefetches.
 const PREFETCH_BYTES: usize = 1024;
 
-/// [`drive`] for one input row in AVX2 (decoding): the same floating-point operations as
-/// [`tile_avx2`] with one input row, so the same results, with the weight scales converted inside
-/// the loop instead of in a pass ahead of it, the weights prefetched ahead of the loop, and four
-/// weight rows' sums reduced and stored together.
+/// [`drive`] for one input row in AVX2 or VNNI (`I`) (decoding): the same floating-point
+/// operations as [`tile_x86`] with one input row, so the same results, with the weight scales
+/// converted inside the loop instead of in a pass ahead of it, the weights prefetched ahead of the
+/// loop, and four weight rows' sums reduced and stored together.
+///
+/// # Safety
+/// The CPU has the features of `I` ([`AVX2`] or [`VNNI`]); inlined into a function that enables
+/// them.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn gemv_avx2<const K: u8>(job: &Job) {
+#[inline(always)]
+unsafe fn gemv_x86<const K: u8, const I: u8>(job: &Job) {
     use std::arch::x86_64::*;
     let bs = block_bytes(K);
     let nb = job.nb;
@@ -816,29 +874,58 @@ fn gemv_avx2<const K: u8>(job: &Job) {
         }
     };
     let mut j = 0;
-    // SAFETY (all calls below): row `j` of `job.w` holds `nb` blocks (assert), and `xs` is one
-    // input row of `nb` blocks.
-    while j + 4 <= job.rows {
-        prefetch(j);
-        let r: [__m256; 4] =
-            std::array::from_fn(|k| unsafe { gemv_row::<K>(w.add((j + k) * row_bytes), &xs) });
-        // The reduction of `tile_avx2`, four weight rows at once (each lane's additions are the
-        // same).
-        let h = _mm256_hadd_ps(_mm256_hadd_ps(r[0], r[1]), _mm256_hadd_ps(r[2], r[3]));
-        let sums = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
-        // SAFETY: outputs `j..j + 4` are this task's (above).
-        unsafe { _mm_storeu_ps(out.add(j), sums) };
-        j += 4;
+    // SAFETY: the CPU has the features of `I` (caller); row `j` of `job.w` holds `nb` blocks
+    // (assert), `xs` is one input row of `nb` blocks, and outputs `j..job.rows` are this task's
+    // (above).
+    unsafe {
+        while j + 4 <= job.rows {
+            prefetch(j);
+            let r: [__m256; 4] = if I == VNNI {
+                // Four copies of the row kernel inlined (faster than calls to one on Zen 5).
+                let row = |k: usize| w.add((j + k) * row_bytes);
+                [
+                    gemv_row::<K, I>(row(0), &xs),
+                    gemv_row::<K, I>(row(1), &xs),
+                    gemv_row::<K, I>(row(2), &xs),
+                    gemv_row::<K, I>(row(3), &xs),
+                ]
+            } else {
+                // One copy of the row kernel, called four times (the AVX2 kernel as it was tuned).
+                std::array::from_fn(|k| gemv_row_avx2::<K>(w.add((j + k) * row_bytes), &xs))
+            };
+            // The reduction of `tile_x86`, four weight rows at once (each lane's additions are the
+            // same).
+            let h = _mm256_hadd_ps(_mm256_hadd_ps(r[0], r[1]), _mm256_hadd_ps(r[2], r[3]));
+            let sums = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
+            _mm_storeu_ps(out.add(j), sums);
+            j += 4;
+        }
+        while j < job.rows {
+            let r = if I == VNNI {
+                gemv_row::<K, I>(w.add(j * row_bytes), &xs)
+            } else {
+                gemv_row_avx2::<K>(w.add(j * row_bytes), &xs)
+            };
+            let z = _mm256_setzero_ps();
+            let h = _mm256_hadd_ps(_mm256_hadd_ps(r, z), _mm256_hadd_ps(z, z));
+            let sums = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
+            *out.add(j) = _mm_cvtss_f32(sums);
+            j += 1;
+        }
     }
-    while j < job.rows {
-        let r = unsafe { gemv_row::<K>(w.add(j * row_bytes), &xs) };
-        let z = _mm256_setzero_ps();
-        let h = _mm256_hadd_ps(_mm256_hadd_ps(r, z), _mm256_hadd_ps(z, z));
-        let sums = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
-        // SAFETY: as above, for output `j`.
-        unsafe { *out.add(j) = _mm_cvtss_f32(sums) };
-        j += 1;
-    }
+}
+
+/// [`gemv_row`] in AVX2, as a function with AVX2's target features (so that a closure, which does
+/// not get its caller's, can call it).
+///
+/// # Safety
+/// As [`gemv_row`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn gemv_row_avx2<const K: u8>(w: *const u8, x: &XRow) -> std::arch::x86_64::__m256 {
+    // SAFETY: forwarded from the caller; this function runs with AVX2, FMA and F16C.
+    unsafe { gemv_row::<K, AVX2>(w, x) }
 }
 
 /// One input row of [`Q8Rows`]: `nb` blocks.
@@ -919,23 +1006,23 @@ unsafe fn load_pair(lo: *const u8, hi: *const u8) -> std::arch::x86_64::__m256i 
     }
 }
 
-/// [`row_avx2`] with one input row, for the weight row at `w`, converting its scales as it goes.
+/// [`row_x86`] with one input row, for the weight row at `w`, converting its scales as it goes.
 ///
 /// # Safety
-/// `w` is a row of `x.nb` blocks; `x` an input row of as many.
+/// `w` is a row of `x.nb` blocks; `x` an input row of as many; the CPU has the features of `I`.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn gemv_row<const K: u8>(w0: *const u8, x: &XRow) -> std::arch::x86_64::__m256 {
+#[inline(always)]
+unsafe fn gemv_row<const K: u8, const I: u8>(w0: *const u8, x: &XRow) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
     let bs = block_bytes(K);
     let qo = qs_offset(K);
-    let ones = _mm256_set1_epi16(1);
-    let nib = _mm256_set1_epi8(0x0F);
     let groups = x.nb / 8;
-    let mut acc = _mm256_setzero_ps();
-    // SAFETY: every pointer below stays inside the row and the input row (caller).
+    // SAFETY: every pointer below stays inside the row and the input row, and the CPU has the
+    // features of `I` (caller).
     unsafe {
+        let ones = _mm256_set1_epi16(1);
+        let nib = _mm256_set1_epi8(0x0F);
+        let mut acc = _mm256_setzero_ps();
         for g in 0..groups {
             let b = 8 * g;
             let wb = w0.add(b * bs);
@@ -943,15 +1030,20 @@ unsafe fn gemv_row<const K: u8>(w0: *const u8, x: &XRow) -> std::arch::x86_64::_
             let (dw, cw) = head_scales::<K>(block_heads(wb, bs, 8));
             let y = x.qs.add(b * QK);
             let dx = _mm256_loadu_ps(x.d.add(b));
-            if K == Q8_0 {
+            if I == VNNI {
+                // (The group's blocks follow its first four.)
+                let (wv, neg) = group_operands_vnni::<K, true>(w, bs);
+                let p = _mm256_cvtepi32_ps(group_dot_vnni(wv, neg, y));
+                acc = _mm256_fmadd_ps(p, _mm256_mul_ps(dx, dw), acc);
+                if K != Q8_0 {
+                    acc = _mm256_fmadd_ps(cw, _mm256_loadu_ps(x.s.add(b)), acc);
+                }
+            } else if K == Q8_0 {
                 let mut sum = _mm256_setzero_si256();
                 for half in 0..2 {
                     let h = 16 * half;
                     // (Blocks `m + 1`, `m + 2` are in the group.)
-                    let r: [__m256i; 4] = std::array::from_fn(|m| {
-                        load_pair(w.add(m * bs + h), w.add((m + 4) * bs + h))
-                    });
-                    let v = transpose4(r);
+                    let v = group_words::<true>(w.add(h), bs);
                     for (m, &v) in v.iter().enumerate() {
                         let a = _mm256_sign_epi8(v, v);
                         let yv = _mm256_loadu_si256(y.add(32 * (4 * half + m)).cast());
@@ -963,9 +1055,7 @@ unsafe fn gemv_row<const K: u8>(w0: *const u8, x: &XRow) -> std::arch::x86_64::_
                 acc = _mm256_fmadd_ps(p, _mm256_mul_ps(dx, dw), acc);
             } else {
                 // (Blocks `m + 1`, `m + 2` are in the group.)
-                let r: [__m256i; 4] =
-                    std::array::from_fn(|m| load_pair(w.add(m * bs), w.add((m + 4) * bs)));
-                let v = transpose4(r);
+                let v = group_words::<true>(w, bs);
                 let mut sum = _mm256_setzero_si256();
                 for (m, &v) in v.iter().enumerate() {
                     let lo = _mm256_and_si256(v, nib);
@@ -981,7 +1071,7 @@ unsafe fn gemv_row<const K: u8>(w0: *const u8, x: &XRow) -> std::arch::x86_64::_
                 acc = _mm256_fmadd_ps(cw, sx, acc);
             }
         }
-        // The blocks after the whole groups, as `row_avx2` takes them.
+        // The blocks after the whole groups, as `row_x86` takes them.
         let first = 8 * groups;
         if first < x.nb {
             let rest = x.nb - first;
@@ -1002,17 +1092,141 @@ unsafe fn gemv_row<const K: u8>(w0: *const u8, x: &XRow) -> std::arch::x86_64::_
                 let (wv, wa) = block_operands::<K>(p, nib);
                 let y = _mm256_loadu_si256(x.qs.add(b * QK).cast());
                 let p = if K == Q8_0 {
-                    _mm256_maddubs_epi16(wa, _mm256_sign_epi8(y, wv))
+                    block_dot::<I>(wa, _mm256_sign_epi8(y, wv), ones)
                 } else {
-                    _mm256_maddubs_epi16(wv, y)
+                    block_dot::<I>(wv, y, ones)
                 };
-                let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
+                let p = _mm256_cvtepi32_ps(p);
                 let dx = _mm256_broadcast_ss(&*x.d.add(b));
                 acc = _mm256_fmadd_ps(p, _mm256_mul_ps(dx, _mm256_set1_ps(dw)), acc);
             }
         }
+        acc
     }
-    acc
+}
+
+/// Bytes `0..16` at `p` of the 8 blocks at `p`, `p + bs`, … transposed ([`transpose4`]): 32-bit
+/// lane `l` of vector `k` holds bytes `4k..4k + 4` of block `l`. `PAIR` reads them with
+/// [`load_pair`], else with 16-byte loads.
+///
+/// # Safety
+/// Those bytes are readable, and with `PAIR` 16 more after each of the first four blocks' 16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn group_words<const PAIR: bool>(
+    p: *const u8,
+    bs: usize,
+) -> [std::arch::x86_64::__m256i; 4] {
+    use std::arch::x86_64::*;
+    // SAFETY: forwarded from the caller.
+    let r = std::array::from_fn(|m| unsafe {
+        let (lo, hi) = (p.add(m * bs), p.add((m + 4) * bs));
+        if PAIR {
+            load_pair(lo, hi)
+        } else {
+            _mm256_loadu2_m128i(hi.cast(), lo.cast())
+        }
+    });
+    transpose4(r)
+}
+
+/// One block's dot products per 32-bit lane (four products of unsigned bytes `a` and signed bytes
+/// `b` each): one `vpdpbusd` with [`VNNI`], else `maddubs` (exact while each pair of products fits
+/// in i16) and `madd` with `ones` (`_mm256_set1_epi16(1)`).
+///
+/// # Safety
+/// The CPU has the features of `I`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn block_dot<const I: u8>(
+    a: std::arch::x86_64::__m256i,
+    b: std::arch::x86_64::__m256i,
+    ones: std::arch::x86_64::__m256i,
+) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    // SAFETY: the CPU has the features of `I` (caller).
+    unsafe {
+        if I == VNNI {
+            _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b)
+        } else {
+            _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), ones)
+        }
+    }
+}
+
+/// A group's weight values (the 8 blocks at `w`, `w + bs`, …, `w` at their values) as the
+/// unsigned operands of [`group_dot_vnni`]: four vectors of 64 bytes in the order of the group's
+/// activations (32-bit lane `l` of each half from block `l`), with masks of the bytes whose
+/// activations are negated. `Q8_0`: `|w|` and the signs of `w` (the sign trick); 4-bit: the low
+/// nibbles, then the high ones, and no masks.
+///
+/// # Safety
+/// The group's blocks are readable, and with `PAIR` (see [`group_words`]) the 16 bytes after the
+/// first four blocks' values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+unsafe fn group_operands_vnni<const K: u8, const PAIR: bool>(
+    w: *const u8,
+    bs: usize,
+) -> (
+    [std::arch::x86_64::__m512i; 4],
+    [std::arch::x86_64::__mmask64; 4],
+) {
+    use std::arch::x86_64::*;
+    let join = |a, b| _mm512_inserti64x4::<1>(_mm512_castsi256_si512(a), b);
+    // SAFETY: forwarded from the caller (`Q8_0`: bytes 16..32 of each value are in its block).
+    let v = unsafe { group_words::<PAIR>(w, bs) };
+    if K == Q8_0 {
+        // SAFETY: as above.
+        let u = unsafe { group_words::<PAIR>(w.add(16), bs) };
+        let q = [
+            join(v[0], v[1]),
+            join(v[2], v[3]),
+            join(u[0], u[1]),
+            join(u[2], u[3]),
+        ];
+        (
+            q.map(|q| _mm512_abs_epi8(q)),
+            q.map(|q| _mm512_movepi8_mask(q)),
+        )
+    } else {
+        let nib = _mm512_set1_epi8(0x0F);
+        let (a, b) = (join(v[0], v[1]), join(v[2], v[3]));
+        let hi = |x| _mm512_and_si512(_mm512_srli_epi16::<4>(x), nib);
+        let lo = |x| _mm512_and_si512(x, nib);
+        ([lo(a), lo(b), hi(a), hi(b)], [0; 4])
+    }
+}
+
+/// A group's eight blocks' dot products (lane `l`: block `l`) of weights `w` from
+/// [`group_operands_vnni`] and the 256 bytes of activations at `y` (negated where `neg` says):
+/// four 512-bit `vpdpbusd`, then the two halves' sums added.
+///
+/// # Safety
+/// The 256 bytes at `y` are readable.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+unsafe fn group_dot_vnni(
+    w: [std::arch::x86_64::__m512i; 4],
+    neg: [std::arch::x86_64::__mmask64; 4],
+    y: *const i8,
+) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    let zero = _mm512_setzero_si512();
+    let mut sum = zero;
+    for k in 0..4 {
+        // SAFETY: inside the 256 bytes at `y` (caller).
+        let yk = unsafe { _mm512_loadu_si512(y.add(64 * k).cast()) };
+        let yk = _mm512_mask_sub_epi8(yk, neg[k], zero, yk);
+        sum = _mm512_dpbusd_epi32(sum, w[k], yk);
+    }
+    _mm256_add_epi32(
+        _mm512_castsi512_si256(sum),
+        _mm512_extracti64x4_epi64::<1>(sum),
+    )
 }
 
 /// Floats of weight scales a task converts ahead of the products (per array, on the stack).
@@ -1050,7 +1264,7 @@ struct Tile {
 /// (sized so their scales fit the scratch and their blocks the L2 cache), convert the weight
 /// scales once, then pass every tile of input rows over those weight rows.
 #[inline(always)]
-fn drive<const K: u8, const AVX: bool>(job: &Job) {
+fn drive<const K: u8, const I: u8>(job: &Job) {
     let bs = block_bytes(K);
     let nb = job.nb;
     let row_bytes = nb * bs;
@@ -1086,8 +1300,8 @@ fn drive<const K: u8, const AVX: bool>(job: &Job) {
                     &mut cw[j * kbp..(j + 1) * kbp],
                 );
                 #[cfg(target_arch = "x86_64")]
-                if AVX {
-                    // SAFETY: `drive::<_, true>` only runs where AVX2, FMA and F16C are.
+                if I != PORTABLE {
+                    // SAFETY: `drive::<_, AVX2 | VNNI>` only runs where AVX2, FMA and F16C are.
                     unsafe { scales_avx2::<K>(w, dw, cw) };
                     continue;
                 }
@@ -1118,7 +1332,7 @@ fn drive<const K: u8, const AVX: bool>(job: &Job) {
                 };
                 // SAFETY: the rows, blocks, scales and outputs are in bounds (asserted above, by
                 // the loop bounds and by `matmul_q8`), and `rm <= TILE_M`.
-                unsafe { run_tile::<K, AVX>(rm, &tile) };
+                unsafe { run_tile::<K, I>(rm, &tile) };
                 i0 += rm;
             }
             c0 += cr;
@@ -1130,19 +1344,20 @@ fn drive<const K: u8, const AVX: bool>(job: &Job) {
 /// Runs the tile kernel for `rm` input rows.
 ///
 /// # Safety
-/// `t` describes valid operands for `rm` input rows; on x86-64 with `AVX`, the CPU has AVX2,
-/// FMA and F16C.
+/// `t` describes valid operands for `rm` input rows; on x86-64, the CPU has the features of `I`.
 #[inline(always)]
-unsafe fn run_tile<const K: u8, const AVX: bool>(rm: usize, t: &Tile) {
+unsafe fn run_tile<const K: u8, const I: u8>(rm: usize, t: &Tile) {
     macro_rules! dispatch {
         ($($m:literal)*) => {
             match rm {
                 $($m => {
                     #[cfg(target_arch = "x86_64")]
-                    if AVX {
+                    match I {
                         // SAFETY: forwarded from the caller.
-                        unsafe { tile_avx2::<K, $m>(t) };
-                        return;
+                        VNNI => return unsafe { tile_vnni::<K, $m>(t) },
+                        // SAFETY: forwarded from the caller.
+                        AVX2 => return unsafe { tile_avx2::<K, $m>(t) },
+                        _ => {}
                     }
                     // SAFETY: forwarded from the caller.
                     unsafe { tile_portable::<K, $m>(t) };
@@ -1328,7 +1543,29 @@ unsafe fn block_operands<const K: u8>(
     }
 }
 
-/// A tile in AVX2, for `RM` input rows and one weight row.
+/// [`tile_x86`] in AVX2.
+///
+/// # Safety
+/// `t` describes valid operands for `RM` input rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_avx2<const K: u8, const RM: usize>(t: &Tile) {
+    // SAFETY: forwarded from the caller; this function runs with AVX2, FMA and F16C.
+    unsafe { tile_x86::<K, RM, AVX2>(t) }
+}
+
+/// [`tile_x86`] with VNNI's dot products.
+///
+/// # Safety
+/// `t` describes valid operands for `RM` input rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn tile_vnni<const K: u8, const RM: usize>(t: &Tile) {
+    // SAFETY: forwarded from the caller; this function runs with VNNI's features and AVX2's.
+    unsafe { tile_x86::<K, RM, VNNI>(t) }
+}
+
+/// A tile in AVX2, or with VNNI's dot products (`I`), for `RM` input rows and one weight row.
 ///
 /// The blocks go eight at a time (a group): the eight blocks' values are transposed in registers
 /// so that 32-bit lane `l` of vector `k` holds values `4k..4k + 4` of block `l` (the layout
@@ -1340,27 +1577,36 @@ unsafe fn block_operands<const K: u8>(
 /// unsigned nibbles, their offset added as `Σ_b c_w · s_x`, eight blocks per multiply-add. The
 /// blocks after the last whole group go one at a time.
 ///
+/// With VNNI, a group's weight values are joined into four 64-byte vectors in the order of its
+/// activations ([`group_operands_vnni`]; `Q8_0`'s signs kept as masks and moved onto the
+/// activations by a masked subtraction), and each input row's group takes four 512-bit `vpdpbusd`
+/// (unsigned × signed bytes, four products added into each i32 lane) and one addition of the
+/// halves ([`group_dot_vnni`]); the blocks after the groups take one 256-bit `vpdpbusd` each. The
+/// integer sums are the same, and so are the floating-point operations and the results.
+///
 /// # Safety
-/// `t` describes valid operands for `RM` input rows.
+/// `t` describes valid operands for `RM` input rows; the CPU has the features of `I`, and this is
+/// inlined into a function that enables them.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile_avx2<const K: u8, const RM: usize>(t: &Tile) {
+#[inline(always)]
+unsafe fn tile_x86<const K: u8, const RM: usize, const I: u8>(t: &Tile) {
     use std::arch::x86_64::*;
     for j in 0..t.rows {
-        // SAFETY: forwarded from the caller, for weight row `j`.
-        let acc = unsafe { row_avx2::<K, RM>(t, j) };
-        // Four sums per 128-bit lane pair: `hadd` twice, then the two halves added. Every tile
-        // size sums a row's lanes in this same order, so an input row's result does not depend on
-        // how many rows share its tile (a sequence decodes alike alone and in a batch).
-        let a = |i: usize| if i < RM { acc[i] } else { _mm256_setzero_ps() };
-        let h = _mm256_hadd_ps(_mm256_hadd_ps(a(0), a(1)), _mm256_hadd_ps(a(2), a(3)));
-        let sums = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
-        let mut v = [0f32; 4];
-        // SAFETY: `v` holds 4 floats.
-        unsafe { _mm_storeu_ps(v.as_mut_ptr(), sums) };
-        for (i, &v) in v.iter().enumerate().take(RM) {
-            // SAFETY: output `(i, j)` is in bounds (caller).
-            unsafe {
+        // SAFETY: forwarded from the caller, for weight row `j`; `v` holds 4 floats, and output
+        // `(i, j)` is in bounds (caller).
+        unsafe {
+            let acc = row_x86::<K, RM, I>(t, j);
+            // Four sums per 128-bit lane pair: `hadd` twice, then the two halves added. Every
+            // tile size sums a row's lanes in this same order, so an input row's result does not
+            // depend on how many rows share its tile (a sequence decodes alike alone and in a
+            // batch).
+            let zero = _mm256_setzero_ps();
+            let a = |i: usize| if i < RM { acc[i] } else { zero };
+            let h = _mm256_hadd_ps(_mm256_hadd_ps(a(0), a(1)), _mm256_hadd_ps(a(2), a(3)));
+            let sums = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
+            let mut v = [0f32; 4];
+            _mm_storeu_ps(v.as_mut_ptr(), sums);
+            for (i, &v) in v.iter().enumerate().take(RM) {
                 let p = t.out.add(i * t.out_stride + j);
                 if t.store { *p = v } else { *p += v }
             }
@@ -1368,50 +1614,54 @@ unsafe fn tile_avx2<const K: u8, const RM: usize>(t: &Tile) {
     }
 }
 
-/// [`tile_avx2`] for weight row `j`: `RM` accumulators whose lanes sum to the products.
+/// [`tile_x86`] for weight row `j`: `RM` accumulators whose lanes sum to the products.
 ///
 /// # Safety
-/// As [`tile_avx2`], `j < t.rows`.
+/// As [`tile_x86`], `j < t.rows`.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn row_avx2<const K: u8, const RM: usize>(
+#[inline(always)]
+unsafe fn row_x86<const K: u8, const RM: usize, const I: u8>(
     t: &Tile,
     j: usize,
 ) -> [std::arch::x86_64::__m256; RM] {
     use std::arch::x86_64::*;
-    // SAFETY: weight row `j` and its scales are in bounds (caller).
-    let (w0, dw0, cw0) = unsafe {
-        (
+    let bs = block_bytes(K);
+    let qo = qs_offset(K);
+    // SAFETY: weight row `j` and its scales are in bounds, every pointer below stays inside the
+    // operands `t` describes, and the CPU has the features of `I` (caller); the masked loads
+    // touch only blocks `< kb`.
+    unsafe {
+        let (w0, dw0, cw0) = (
             t.w.add(j * t.w_stride),
             t.dw.add(j * t.sc_stride),
             t.cw.add(j * t.sc_stride),
-        )
-    };
-    let bs = block_bytes(K);
-    let qo = qs_offset(K);
-    let ones = _mm256_set1_epi16(1);
-    let nib = _mm256_set1_epi8(0x0F);
-    let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    let mut acc = [_mm256_setzero_ps(); RM];
-    // SAFETY: every pointer below stays inside the operands `t` describes (caller), and the
-    // masked loads touch only blocks `< kb`.
-    unsafe {
+        );
+        let ones = _mm256_set1_epi16(1);
+        let nib = _mm256_set1_epi8(0x0F);
+        let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let mut acc = [_mm256_setzero_ps(); RM];
         for g in 0..t.groups {
             let b = 8 * g;
             let w = w0.add(b * bs + qo);
             let dw = _mm256_loadu_ps(dw0.add(b));
-            if K == Q8_0 {
+            if I == VNNI {
+                let (wv, neg) = group_operands_vnni::<K, false>(w, bs);
+                let cw = _mm256_loadu_ps(cw0.add(b));
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let sum = group_dot_vnni(wv, neg, t.qs.add(i * t.q_stride + b * QK));
+                    let dx = _mm256_loadu_ps(t.d.add(i * t.b_stride + b));
+                    let p = _mm256_cvtepi32_ps(sum);
+                    *acc = _mm256_fmadd_ps(p, _mm256_mul_ps(dx, dw), *acc);
+                    if K != Q8_0 {
+                        let sx = _mm256_loadu_ps(t.s.add(i * t.b_stride + b));
+                        *acc = _mm256_fmadd_ps(cw, sx, *acc);
+                    }
+                }
+            } else if K == Q8_0 {
                 let mut sums = [_mm256_setzero_si256(); RM];
                 for half in 0..2 {
                     let h = 16 * half;
-                    let r: [__m256i; 4] = std::array::from_fn(|m| {
-                        _mm256_loadu2_m128i(
-                            w.add((m + 4) * bs + h).cast(),
-                            w.add(m * bs + h).cast(),
-                        )
-                    });
-                    let v = transpose4(r);
+                    let v = group_words::<false>(w.add(h), bs);
                     for (m, &v) in v.iter().enumerate() {
                         let a = _mm256_sign_epi8(v, v);
                         for (i, sum) in sums.iter_mut().enumerate() {
@@ -1430,10 +1680,7 @@ unsafe fn row_avx2<const K: u8, const RM: usize>(
                     *acc = _mm256_fmadd_ps(p, _mm256_mul_ps(dx, dw), *acc);
                 }
             } else {
-                let r: [__m256i; 4] = std::array::from_fn(|m| {
-                    _mm256_loadu2_m128i(w.add((m + 4) * bs).cast(), w.add(m * bs).cast())
-                });
-                let v = transpose4(r);
+                let v = group_words::<false>(w, bs);
                 let mut sums = [_mm256_setzero_si256(); RM];
                 for (m, &v) in v.iter().enumerate() {
                     let lo = _mm256_and_si256(v, nib);
@@ -1474,18 +1721,18 @@ unsafe fn row_avx2<const K: u8, const RM: usize>(
                 for (i, acc) in acc.iter_mut().enumerate() {
                     let y = _mm256_loadu_si256(t.qs.add(i * t.q_stride + b * QK).cast());
                     let p = if K == Q8_0 {
-                        _mm256_maddubs_epi16(wa, _mm256_sign_epi8(y, wv))
+                        block_dot::<I>(wa, _mm256_sign_epi8(y, wv), ones)
                     } else {
-                        _mm256_maddubs_epi16(wv, y)
+                        block_dot::<I>(wv, y, ones)
                     };
-                    let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
+                    let p = _mm256_cvtepi32_ps(p);
                     let dx = _mm256_broadcast_ss(&*t.d.add(i * t.b_stride + b));
                     *acc = _mm256_fmadd_ps(p, _mm256_mul_ps(dx, dw), *acc);
                 }
             }
         }
+        acc
     }
-    acc
 }
 
 /// Transposes 32-bit lanes within each 128-bit half: from `r[m]` = (lanes 0..4 of block `m`,
@@ -1676,6 +1923,107 @@ mod tests {
                 m.forward(&x[r * cols..(r + 1) * cols], 1, &mut alone)
                     .unwrap();
                 assert_eq!(alone, want, "{ty:?} {rows}×{cols} row {r}");
+            }
+        }
+    }
+
+    /// `rows × cols` weights of type `ty` whose quantized values are random bytes (every nibble,
+    /// and `-128` for `Q8_0`), with fixed scales.
+    fn raw_matrix(ty: GgmlType, rows: usize, cols: usize, seed: u32) -> QuantMatrix {
+        let (head, len) = match ty {
+            GgmlType::Q4_0 => (2, 16),
+            GgmlType::Q4_1 => (4, 16),
+            _ => (2, 32),
+        };
+        let bytes = values(rows * cols / 32 * len, seed)
+            .into_iter()
+            .map(|v| (v * 1000.0) as i32 as u8);
+        let mut data = Vec::new();
+        for (b, q) in bytes.collect::<Vec<_>>().chunks(len).enumerate() {
+            data.extend_from_slice(&f16::from_f32(0.01 + b as f32 * 1e-4).to_le_bytes());
+            if head == 4 {
+                data.extend_from_slice(&f16::from_f32(-0.05).to_le_bytes());
+            }
+            data.extend_from_slice(q);
+        }
+        QuantMatrix::from_vec(ty, rows, cols, data).unwrap()
+    }
+
+    /// `f`'s product of `q` and `x` as one task.
+    fn product(f: RowsFn, q: &QuantMatrix, x: &Q8Rows) -> Vec<f32> {
+        let mut out = vec![0f32; x.rows() * q.rows()];
+        f(&Job {
+            w: q.data(),
+            rows: q.rows(),
+            nb: q.cols() / QK,
+            x,
+            out: OutPtr(out.as_mut_ptr()),
+            stride: q.rows(),
+            col0: 0,
+        });
+        out
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn vnni_equals_avx2() {
+        if best_kernel() < VNNI {
+            return;
+        }
+        // SAFETY: the CPU has VNNI's features and AVX2's (above).
+        let fns = |kind: u8| -> (RowsFn, RowsFn) {
+            match kind {
+                Q4_0 => (
+                    |j| unsafe { rows_avx2::<Q4_0>(j) },
+                    |j| unsafe { rows_vnni::<Q4_0>(j) },
+                ),
+                Q4_1 => (
+                    |j| unsafe { rows_avx2::<Q4_1>(j) },
+                    |j| unsafe { rows_vnni::<Q4_1>(j) },
+                ),
+                _ => (
+                    |j| unsafe { rows_avx2::<Q8_0>(j) },
+                    |j| unsafe { rows_vnni::<Q8_0>(j) },
+                ),
+            }
+        };
+        // Weight rows in fours and not, blocks fewer than a group, in whole groups, with a rest,
+        // and more than the scale scratch holds; one input row (its own kernel) to a prefill.
+        let shapes = [
+            (1, 1),
+            (7, 7),
+            (13, 8),
+            (37, 9),
+            (70, 18),
+            (45, 25),
+            (9, 48),
+            (3, SCRATCH + 9),
+        ];
+        for ty in QuantMatrix::SUPPORTED {
+            for (rows, nb) in shapes {
+                let cols = nb * QK;
+                for (m, q) in [matrix(ty, rows, cols, 3), raw_matrix(ty, rows, cols, 4)]
+                    .iter()
+                    .enumerate()
+                {
+                    let (avx2, vnni) = fns(q.kind);
+                    for n in [1, 2, 3, 4, 5, 37] {
+                        let x = Q8Rows::quantize(&values(n * cols, 7 + n as u32), n, cols).unwrap();
+                        let want = product(avx2, q, &x);
+                        let what = format!("{ty} matrix {m} {rows}×{cols} n={n}");
+                        assert_eq!(product(vnni, q, &x), want, "{what}");
+                        let reference = reference(&q.dequantize(), &x.dequantize(), rows, cols, n);
+                        let portable = product(portable_rows_fn(q.kind), q, &x);
+                        for (k, ((&got, &p), &r)) in
+                            want.iter().zip(&portable).zip(&reference).enumerate()
+                        {
+                            assert!(
+                                close(got, r) && close(p, r),
+                                "{what} [{k}]: {got}, {p} vs {r:?}"
+                            );
+                        }
+                    }
+                }
             }
         }
     }
