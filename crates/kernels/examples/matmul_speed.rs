@@ -11,6 +11,18 @@ use std::time::Instant;
 
 use kiln_kernels::gemm::{MatRef, Products, available, matmul};
 
+/// (label, m, k, n, A, A's row and column strides, B, B's row and column strides).
+type Product<'a> = (
+    &'static str,
+    usize,
+    usize,
+    usize,
+    &'a [f32],
+    (usize, usize),
+    &'a [f32],
+    (usize, usize),
+);
+
 fn values(len: usize) -> Vec<f32> {
     (0..len)
         .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
@@ -108,17 +120,7 @@ fn main() {
         let x = values(rows * d_in);
         let w = values(d_in * d_out);
         let dy = values(rows * d_out);
-        // (label, m, k, n, A, A strides, B, B strides)
-        let products: [(
-            &str,
-            usize,
-            usize,
-            usize,
-            &[f32],
-            (usize, usize),
-            &[f32],
-            (usize, usize),
-        ); 3] = [
+        let products: [Product; 3] = [
             ("X·W", rows, d_in, d_out, &x, (d_in, 1), &w, (d_out, 1)),
             ("dY·Wᵀ", rows, d_out, d_in, &dy, (d_out, 1), &w, (1, d_out)),
             ("Xᵀ·dY", d_in, rows, d_out, &x, (1, d_in), &dy, (d_out, 1)),

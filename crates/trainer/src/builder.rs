@@ -9,7 +9,7 @@ use kiln_bpe::{TokenShard, Tokenizer};
 use kiln_transformer::{ModelConfig, Transformer};
 
 use crate::checkpoint::{self, TrainerState};
-use crate::config::{ModelSpec, TrainConfig};
+use crate::config::{ModelSpec, Precision, TrainConfig};
 use crate::distill::Teacher;
 use crate::error::{Result, TrainError};
 use crate::memory;
@@ -203,7 +203,13 @@ impl<B: AutodiffBackend> TrainerBuilder<B> {
         // CPU backends share the host's memory; elsewhere only an explicit budget is checked.
         let host_memory = backend.contains("flex") || backend.contains("ndarray");
         if let Some(available) = memory::available_bytes(&config, host_memory) {
-            memory::check_fits(&model_config, &config, available, self.sync.world_size())?;
+            // bf16 products (Flex on AVX512_BF16 CPUs) keep every tensor in f32, with no copy:
+            // the memory of an f32 run.
+            let mut sized = config.clone();
+            if config.precision.linear_products::<B>().is_some() {
+                sized.precision = Precision::F32;
+            }
+            memory::check_fits(&model_config, &sized, available, self.sync.world_size())?;
         }
         let shards = open_shards(&config)?;
         if self.sync.rank() == 0 {
