@@ -247,9 +247,21 @@ fn linear_matches_burn() {
     let w0 = random([d_in, d_out]).inner();
     let b0 = random([d_out]).inner();
     let weights = random([rows, d_out]).inner();
+    // Each value rounded to nearest bf16, ties to even, as the kernel rounds (`half`'s
+    // conversion, element by element in logical order).
     let round = |t: Tensor<Flex, 2>| {
-        t.cast(burn::tensor::FloatDType::BF16)
-            .cast(burn::tensor::FloatDType::F32)
+        let shape = t.dims();
+        let values: Vec<f32> = t
+            .into_data()
+            .into_vec::<f32>()
+            .expect("f32")
+            .into_iter()
+            .map(|v| half::bf16::from_f32(v).to_f32())
+            .collect();
+        Tensor::<Flex, 2>::from_data(
+            burn::tensor::TensorData::new(values, shape),
+            &Default::default(),
+        )
     };
     for products in [Products::F32, Products::Bf16] {
         if !FusedOps::<Ad>::multiplies_in(&kernels, products) {
@@ -291,7 +303,8 @@ fn linear_matches_burn() {
             };
             let (y, dx, dw, db) = run(true);
             let (want_y, want_dx, want_dw, want_db) = run(false);
-            assert_close("linear output", y, want_y);
+            let case = format!("{products:?}, transposed input {transposed}");
+            assert_close(&format!("linear output ({case})"), y, want_y);
             if products == Products::F32 {
                 assert_close("linear input gradient", dx, want_dx);
                 assert_close("linear weight gradient", dw, want_dw);
