@@ -17,13 +17,13 @@ use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, FloatDType};
 use kiln_bpe::{TokenShard, Tokenizer};
-use kiln_kernels::fused::LinearProducts;
+use kiln_kernels::fused::{LinearProducts, Products};
 use kiln_transformer::{ModelConfig, Transformer};
 use serde_json::json;
 
 use crate::builder::{BoxedOptimizer, TrainerBuilder};
 use crate::checkpoint::{self, TrainerState};
-use crate::config::TrainConfig;
+use crate::config::{Precision, TrainConfig};
 use crate::data::{Prefetcher, to_tensors};
 use crate::distill::Teacher;
 use crate::error::{Result, TrainError};
@@ -366,11 +366,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         let loss_fn = CrossEntropyLossConfig::new().init(&self.device);
         let compute = c.precision.compute_dtype();
         let source = self.optimizer.weight_source();
-        // A sharded optimizer's weight source hands out its own low-precision working copy.
-        let products = c
-            .precision
-            .linear_products::<B>()
-            .filter(|_| source.is_none());
+        let products = self.linear_products();
         let mut accumulator = GradientsAccumulator::<Transformer<B>>::new();
         let mut loss_sum = 0.0;
         for _ in 0..accum {
@@ -639,8 +635,31 @@ impl<B: AutodiffBackend> Trainer<B> {
             .collect())
     }
 
-    /// Logs every rank's model-state bytes (metrics on rank 0, stderr with a progress bar).
+    /// The precision the linear layers multiply in without a compute copy (bf16 products, see
+    /// [`Precision::linear_products`](crate::Precision::linear_products)); `None` for f32 and
+    /// for a compute copy. A sharded optimizer's weight source hands out its own low-precision
+    /// working copy, so it keeps the copy.
+    fn linear_products(&self) -> Option<Products> {
+        self.config
+            .precision
+            .linear_products::<B>()
+            .filter(|_| self.optimizer.weight_source().is_none())
+    }
+
+    /// Logs every rank's model-state bytes (metrics on rank 0, stderr with a progress bar), and
+    /// how mixed precision runs.
     fn report_memory(&mut self) -> Result<()> {
+        let precision = self.config.precision;
+        if precision != Precision::F32 {
+            let how = match self.linear_products() {
+                Some(_) => "bf16 products in f32 tensors",
+                None => "a low-precision compute copy",
+            };
+            if self.is_rank0() && self.show_progress {
+                eprintln!("mixed precision {}: {how}", precision.name());
+            }
+            self.metrics(json!({"step": self.state.step, "mixed_precision": how}))?;
+        }
         let by_rank = self.model_state_bytes_by_rank()?;
         if self.is_rank0() && self.show_progress {
             for (r, b) in by_rank.iter().enumerate() {

@@ -289,6 +289,17 @@ fn bf16_trains_like_f32() {
         1.0,
         "bf16 needs no loss scaling"
     );
+    // The run says which bf16 path it took.
+    let metrics = std::fs::read_to_string(dir.path().join("run-Bf16/metrics.jsonl")).unwrap();
+    let how = if Precision::Bf16.linear_products::<B>().is_some() {
+        "bf16 products in f32 tensors"
+    } else {
+        "a low-precision compute copy"
+    };
+    assert!(
+        metrics.contains(&format!("\"mixed_precision\":\"{how}\"")),
+        "{metrics}"
+    );
 }
 
 #[test]
