@@ -21,6 +21,7 @@ fn shared(rel: &str) -> PathBuf {
 }
 
 fn bench(c: &mut Criterion) {
+    eprintln!("CPU: {}", kiln::kernels::cpu_description());
     let corpus = shared("data/tinyshakespeare.txt");
     let Ok(text) = std::fs::read_to_string(&corpus) else {
         eprintln!("{} not found: nothing to benchmark", corpus.display());

@@ -93,6 +93,11 @@ fn bench_step(
 }
 
 fn bench(c: &mut Criterion) {
+    eprintln!(
+        "CPU: {}; {} threads",
+        kiln::kernels::cpu_description(),
+        rayon::current_num_threads()
+    );
     bench_model(
         c,
         "shakespeare_char_cpu_4x128_ctx64_b12",

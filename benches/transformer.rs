@@ -15,6 +15,7 @@ use kiln::transformer::{KvCache, Logits, load_model};
 static GLOBAL: kiln::Allocator = kiln::Allocator;
 
 fn bench(c: &mut Criterion) {
+    eprintln!("CPU: {}", kiln::kernels::cpu_description());
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf");
     if !path.exists() {

@@ -85,14 +85,7 @@ fn measure(comm: &Communicator<Flex>, iters: usize) -> Vec<(usize, Duration)> {
 
 fn report(results: &[(usize, Duration)], ranks: usize, how: &str) {
     let memcpy = memcpy_gbs();
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
-        })
-        .unwrap_or_default();
+    let cpu = kiln::kernels::cpu_description();
     println!("all-reduce over {ranks} {how} on loopback; CPU: {cpu}; memcpy {memcpy:.2} GB/s");
     println!(
         "{:>8} {:>10} {:>12} {:>10}",

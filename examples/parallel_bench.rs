@@ -213,7 +213,7 @@ fn main() {
     }
     println!(
         "CPU: {}; {} cores",
-        cpu_model(),
+        kiln::kernels::cpu_description(),
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
     let config = config(&args);
@@ -325,16 +325,4 @@ fn main() {
 
 fn mb(bytes: usize) -> f64 {
     bytes as f64 / 1e6
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into())
 }

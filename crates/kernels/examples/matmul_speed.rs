@@ -88,14 +88,7 @@ fn crate_gemm(
 }
 
 fn main() {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
+    let cpu = kiln_kernels::cpu_description();
     println!(
         "CPU: {cpu}, {} threads; bf16 products: {}",
         rayon::current_num_threads(),

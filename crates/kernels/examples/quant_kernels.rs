@@ -33,15 +33,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     if std::env::args().nth(1).as_deref() == Some(CHILD) {
         return child();
     }
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown".into());
+    let cpu = kiln_kernels::cpu_description();
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!("CPU: {cpu}");
     println!(

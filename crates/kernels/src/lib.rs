@@ -45,7 +45,7 @@ mod linear;
 pub mod quant;
 mod quant_linear;
 
-pub use host::{on_worker, runs_host_kernels};
+pub use host::{cpu_description, on_worker, runs_host_kernels};
 pub use int8::{BLOCK, Int8Matrix};
 pub use linear::{KERNEL_MAX_ROWS, KernelError, LinearKernel};
 pub use quant::{Q8Rows, QuantMatrix, SharedBytes};
