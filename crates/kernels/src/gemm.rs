@@ -197,8 +197,12 @@ pub fn matmul(
         let nc = NC.min(n - j0);
         let panels_n = nc.div_ceil(NR);
         for k0 in (0..k).step_by(KC * per_step) {
-            let kc = (KC * per_step).min(k - k0);
-            let steps = kc.div_ceil(per_step);
+            let depth = Depth {
+                k0,
+                kc: (KC * per_step).min(k - k0),
+                pairs,
+            };
+            let steps = depth.steps();
             // Stale words in the padding of edge panels only reach tile rows and columns that
             // are not written out, so the buffers are reused without clearing.
             b_pack.resize(panels_n * steps * NR, 0u32);
@@ -210,7 +214,7 @@ pub fn matmul(
                 .for_each(|(g, panels)| {
                     let col = j0 + g * group * NR;
                     let width = (group * NR).min(j0 + nc - col);
-                    pack_block(&b.t(), col, width, NR, k0, kc, pairs, panels);
+                    pack_block(&b.t(), col, width, NR, depth, panels);
                 });
             let store = k0 == 0 && !accumulate;
             // Tasks: row blocks of `A`, split further by column panels when there are fewer row
@@ -232,7 +236,7 @@ pub fn matmul(
                 A_PACK.with_borrow_mut(|a_pack| {
                     a_pack.resize(a_pack.len().max(panels_m * steps * MR), 0);
                     let a_pack = &mut a_pack[..panels_m * steps * MR];
-                    pack_block(&a, i0, rows, MR, k0, kc, pairs, a_pack);
+                    pack_block(&a, i0, rows, MR, depth, a_pack);
                     for jp in panels {
                         let col = j0 + jp * NR;
                         let width = NR.min(j0 + nc - col);
@@ -269,6 +273,28 @@ thread_local! {
     static A_PACK: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// The columns of the summed dimension one packed block covers, and how they are stored.
+#[derive(Clone, Copy, Debug)]
+struct Depth {
+    /// First column.
+    k0: usize,
+    /// Columns.
+    kc: usize,
+    /// bf16 pairs (two columns per step) rather than f32 values (one per step).
+    pairs: bool,
+}
+
+impl Depth {
+    /// Packed steps.
+    fn steps(self) -> usize {
+        if self.pairs {
+            self.kc.div_ceil(2)
+        } else {
+            self.kc
+        }
+    }
+}
+
 /// `C`'s base pointer, shared by the tasks that write disjoint tiles of it.
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
@@ -290,19 +316,10 @@ impl OutPtr {
 }
 
 /// Packs rows `row..row + height` of `src` into consecutive `wide`-row panels (as [`pack`] packs
-/// one), over columns `k0..k0 + kc`.
-#[allow(clippy::too_many_arguments)]
-fn pack_block(
-    src: &MatRef,
-    row: usize,
-    height: usize,
-    wide: usize,
-    k0: usize,
-    kc: usize,
-    pairs: bool,
-    out: &mut [u32],
-) {
-    let steps = if pairs { kc.div_ceil(2) } else { kc };
+/// one), over the columns of `depth`.
+fn pack_block(src: &MatRef, row: usize, height: usize, wide: usize, depth: Depth, out: &mut [u32]) {
+    let Depth { k0, kc, pairs } = depth;
+    let steps = depth.steps();
     #[cfg(target_arch = "x86_64")]
     if pairs && src.row_stride == 1 && bf16_products_available() {
         let base = src.offset + row + k0 * src.col_stride;
@@ -323,29 +340,19 @@ fn pack_block(
             first,
             wide.min(row + height - first),
             wide,
-            k0,
-            kc,
-            pairs,
+            depth,
             panel,
         );
     }
 }
 
-/// Packs rows `row..row + height` of `src` (the rest of the `wide`-row panel zero) over columns
-/// `k0..k0 + kc`: step `s` holds each row's value at column `k0 + s` (f32 bits), or with `pairs`
-/// its bf16 values at columns `k0 + 2s` (low half) and `k0 + 2s + 1` (high half).
-#[allow(clippy::too_many_arguments)]
-fn pack(
-    src: &MatRef,
-    row: usize,
-    height: usize,
-    wide: usize,
-    k0: usize,
-    kc: usize,
-    pairs: bool,
-    out: &mut [u32],
-) {
-    let steps = if pairs { kc.div_ceil(2) } else { kc };
+/// Packs rows `row..row + height` of `src` into one `wide`-row panel over the columns of `depth`
+/// (`k0..k0 + kc`): step `s` holds each row's value at column `k0 + s` (f32 bits), or with `pairs`
+/// its bf16 values at columns `k0 + 2s` (low half) and `k0 + 2s + 1` (high half). Rows past
+/// `height` are left as they are (their results are never written out).
+fn pack(src: &MatRef, row: usize, height: usize, wide: usize, depth: Depth, out: &mut [u32]) {
+    let Depth { k0, kc, pairs } = depth;
+    let steps = depth.steps();
     let out = &mut out[..steps * wide];
     let base = src.offset + row * src.row_stride + k0 * src.col_stride;
     let data = &src.data[base..];
