@@ -177,21 +177,60 @@ pub fn matmul(
     if !available(products) {
         return Err(KernelError::Declined);
     }
-    if m == 0 || n == 0 {
-        return Ok(());
-    }
     if k == 0 {
         if !accumulate {
             c.fill(0.0);
         }
         return Ok(());
     }
+    // SAFETY: `c` holds the `m × n` initialized values (checked above).
+    unsafe { multiply(a, b, c.as_mut_ptr(), accumulate, products) };
+    Ok(())
+}
+
+/// `A · B` in a new contiguous row-major `a.rows() × b.cols()` matrix, written once by the
+/// kernels (no zero-filled buffer first). Errors as [`matmul`].
+pub fn product(a: MatRef, b: MatRef, products: Products) -> Result<Vec<f32>, KernelError> {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    if b.rows != k {
+        return Err(KernelError::Shape {
+            rows: m,
+            cols: n,
+            len: 0,
+        });
+    }
+    if !available(products) {
+        return Err(KernelError::Declined);
+    }
+    if k == 0 {
+        return Ok(vec![0.0; m * n]);
+    }
+    let mut c = Vec::with_capacity(m * n);
+    // SAFETY: `c` has room for `m × n` values, and without `accumulate` the kernels store every
+    // one of them (the first block of the summed dimension covers every tile) before `set_len`.
+    unsafe {
+        multiply(a, b, c.as_mut_ptr(), false, products);
+        c.set_len(m * n);
+    }
+    Ok(c)
+}
+
+/// The blocked product behind [`matmul`] and [`product`], for `k > 0` on a CPU with the
+/// instructions `products` needs.
+///
+/// # Safety
+/// `c` points at `a.rows() × b.cols()` writable values, initialized when `accumulate`.
+unsafe fn multiply(a: MatRef, b: MatRef, c: *mut f32, accumulate: bool, products: Products) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    if m == 0 || n == 0 {
+        return;
+    }
     let pairs = products == Products::Bf16;
     let kernel: MicroKernel = micro_kernel(products);
     // Depth in packed steps, and `k` values per step.
     let per_step = if pairs { 2 } else { 1 };
     let threads = rayon::current_num_threads().max(1);
-    let out = OutPtr(c.as_mut_ptr());
+    let out = OutPtr(c);
     let mut b_pack = Vec::new();
     for j0 in (0..n).step_by(NC) {
         let nc = NC.min(n - j0);
@@ -265,7 +304,6 @@ pub fn matmul(
             });
         }
     }
-    Ok(())
 }
 
 thread_local! {

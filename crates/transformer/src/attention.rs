@@ -85,11 +85,12 @@ impl<B: Backend> Attention<B> {
     ) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
         let (h, kvh, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let qkv = self.qkv.forward(x);
+        // Heads first, then the slices: slicing the last dimension and then splitting it into
+        // heads would copy each slice (a reshape of a strided view), in both passes.
+        let qkv = self.qkv.forward(x).reshape([b, t, h + 2 * kvh, d]);
         let split = |from: usize, heads: usize| {
             qkv.clone()
-                .slice([0..b, 0..t, from * d..(from + heads) * d])
-                .reshape([b, t, heads, d])
+                .slice([0..b, 0..t, from..from + heads, 0..d])
                 .swap_dims(1, 2)
         };
         let (mut q, mut k, v) = (split(0, h), split(h, kvh), split(h + kvh, kvh));

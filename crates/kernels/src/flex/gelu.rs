@@ -1,12 +1,11 @@
 //! GELU (exact or tanh), forward and backward, on f32 Flex tensors with a vectorized `erf` and
 //! `tanh` (Flex calls libm's scalar `erff` / `tanhf` for every element, in both passes).
 
+use crate::fused::Gelu;
 use burn::tensor::{DType, TensorData};
 use burn_flex::FlexTensor;
-use rayon::prelude::*;
 
-use crate::fused::Gelu;
-
+use super::buffer::filled_in_parallel;
 use super::math;
 
 /// Elements per parallel task.
@@ -19,13 +18,13 @@ pub(crate) fn forward(x: &FlexTensor, kind: Gelu) -> Option<FlexTensor> {
     }
     let x = x.to_contiguous();
     let xs = x.as_slice::<f32>()?;
-    let mut y = vec![0.0f32; xs.len()];
-    y.par_chunks_mut(CHUNK)
-        .zip(xs.par_chunks(CHUNK))
-        .for_each(|(y, x)| match kind {
+    let y = filled_in_parallel(xs.len(), CHUNK, |i, y| {
+        let x = &xs[i * CHUNK..][..y.len()];
+        match kind {
             Gelu::Erf => math::gelu(x, y),
             Gelu::Tanh => math::gelu_tanh(x, y),
-        });
+        }
+    });
     Some(FlexTensor::from_data(TensorData::new(
         y,
         x.layout().shape().clone(),
@@ -42,13 +41,13 @@ pub(crate) fn backward(x: &FlexTensor, grad: &FlexTensor, kind: Gelu) -> Option<
     if xs.len() != gs.len() {
         return None;
     }
-    let mut dx = vec![0.0f32; xs.len()];
-    dx.par_chunks_mut(CHUNK)
-        .zip(xs.par_chunks(CHUNK).zip(gs.par_chunks(CHUNK)))
-        .for_each(|(dx, (x, g))| match kind {
+    let dx = filled_in_parallel(xs.len(), CHUNK, |i, dx| {
+        let (x, g) = (&xs[i * CHUNK..][..dx.len()], &gs[i * CHUNK..][..dx.len()]);
+        match kind {
             Gelu::Erf => math::gelu_backward(x, g, dx),
             Gelu::Tanh => math::gelu_tanh_backward(x, g, dx),
-        });
+        }
+    });
     Some(FlexTensor::from_data(TensorData::new(
         dx,
         x.layout().shape().clone(),

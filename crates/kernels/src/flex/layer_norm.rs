@@ -5,6 +5,7 @@ use burn::tensor::TensorData;
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
+use super::buffer::filled_in_parallel;
 use super::math;
 
 /// Rows per parallel task.
@@ -46,23 +47,21 @@ pub(crate) fn forward(
         return None;
     }
     let xs = x.as_slice::<f32>()?;
-    let mut y = vec![0.0f32; xs.len()];
-    y.par_chunks_mut(ROWS_PER_TASK * d)
-        .zip(xs.par_chunks(ROWS_PER_TASK * d))
-        .for_each(|(y, xs)| {
-            for (y, x) in y.chunks_exact_mut(d).zip(xs.chunks_exact(d)) {
-                let (mean, rstd) = row_stats(x, eps);
-                if beta.is_empty() {
-                    for ((o, &v), &g) in y.iter_mut().zip(x).zip(w) {
-                        *o = (v - mean) * rstd * g;
-                    }
-                } else {
-                    for (((o, &v), &g), &b) in y.iter_mut().zip(x).zip(w).zip(beta) {
-                        *o = (v - mean) * rstd * g + b;
-                    }
+    let y = filled_in_parallel(xs.len(), ROWS_PER_TASK * d, |task, y| {
+        let xs = &xs[task * ROWS_PER_TASK * d..][..y.len()];
+        for (y, x) in y.chunks_exact_mut(d).zip(xs.chunks_exact(d)) {
+            let (mean, rstd) = row_stats(x, eps);
+            if beta.is_empty() {
+                for ((o, &v), &g) in y.iter_mut().zip(x).zip(w) {
+                    *o = (v - mean) * rstd * g;
+                }
+            } else {
+                for (((o, &v), &g), &b) in y.iter_mut().zip(x).zip(w).zip(beta) {
+                    *o = (v - mean) * rstd * g + b;
                 }
             }
-        });
+        }
+    });
     Some(FlexTensor::from_data(TensorData::new(y, shape)))
 }
 

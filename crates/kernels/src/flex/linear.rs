@@ -55,18 +55,18 @@ pub(crate) fn forward(
         }
         None => None,
     };
-    let mut y = vec![0f32; rows * d_out];
-    let accumulate = match &bias {
+    let y = match &bias {
         Some(b) => {
             let b = b.as_slice::<f32>()?;
-            for row in y.chunks_exact_mut(d_out) {
-                row.copy_from_slice(b);
+            let mut y = Vec::with_capacity(rows * d_out);
+            for _ in 0..rows {
+                y.extend_from_slice(b);
             }
-            true
+            gemm::matmul(xm, wm, &mut y, true, products).ok()?;
+            y
         }
-        None => false,
+        None => gemm::product(xm, wm, products).ok()?,
     };
-    gemm::matmul(xm, wm, &mut y, accumulate, products).ok()?;
     Some(tensor(y, [rows, d_out]))
 }
 
@@ -85,15 +85,13 @@ pub(crate) fn backward(
         return None;
     }
     let dx = if want[0] {
-        let mut dx = vec![0f32; rows * d_in];
-        gemm::matmul(dym, wm.t(), &mut dx, false, products).ok()?;
+        let dx = gemm::product(dym, wm.t(), products).ok()?;
         Some(tensor(dx, [rows, d_in]))
     } else {
         None
     };
     let dw = if want[1] {
-        let mut dw = vec![0f32; d_in * d_out];
-        gemm::matmul(xm.t(), dym, &mut dw, false, products).ok()?;
+        let dw = gemm::product(xm.t(), dym, products).ok()?;
         Some(tensor(dw, [d_in, d_out]))
     } else {
         None

@@ -24,7 +24,10 @@ fn exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
-    let scaled = y * f32::from_bits(((n as i32 + 127) << 23) as u32);
+    // 2^n from the bits of `n + 127 + 2^23`, whose low mantissa bits hold the biased exponent:
+    // a float-to-int cast (`as i32`) saturates, which LLVM cannot vectorize.
+    let biased = (n + 127.0 + 8_388_608.0).to_bits();
+    let scaled = y * f32::from_bits(biased << 23);
     let underflow = if x < -87.336_54 { 0.0 } else { scaled };
     if x > 88.722_84 {
         f32::INFINITY
@@ -36,12 +39,18 @@ fn exp(x: f32) -> f32 {
 /// `erf(x)` (Abramowitz–Stegun 7.1.26).
 #[inline(always)]
 fn erf(x: f32) -> f32 {
+    erf_given(x, exp(-x * x))
+}
+
+/// `erf(x)` given `e^{−x²}` (which GELU's derivative shares with the normal density).
+#[inline(always)]
+fn erf_given(x: f32, exp_neg_square: f32) -> f32 {
     let a = x.abs();
     let t = 1.0 / (1.0 + 0.327_591_1 * a);
     let poly = t
         * (0.254_829_6
             + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152 + t * 1.061_405_4))));
-    let y = 1.0 - poly * exp(-a * a);
+    let y = 1.0 - poly * exp_neg_square;
     if x < 0.0 { -y } else { y }
 }
 
@@ -95,8 +104,10 @@ fn gelu_body(x: &[f32], out: &mut [f32]) {
 #[inline(always)]
 fn gelu_backward_body(x: &[f32], grad: &[f32], out: &mut [f32]) {
     for ((o, &x), &g) in out.iter_mut().zip(x).zip(grad) {
-        let density = INV_SQRT_2PI * exp(-0.5 * x * x);
-        *o = g * (normal_cdf(x) + x * density);
+        // One `e^{−x²/2}` for both Φ(x) = (1 + erf(x/√2))/2 and the density φ(x).
+        let e = exp(-0.5 * x * x);
+        let cdf = 0.5 * (1.0 + erf_given(x * FRAC_1_SQRT_2, e));
+        *o = g * (cdf + x * INV_SQRT_2PI * e);
     }
 }
 

@@ -8,6 +8,7 @@
 //! Burn's ops.
 
 mod attention;
+mod buffer;
 mod gelu;
 mod layer_norm;
 mod linear;
