@@ -36,6 +36,21 @@ pub trait FusedOps<B: Backend>: Send + Sync {
         v: &Tensor<B, 4>,
     ) -> Option<Tensor<B, 4>>;
 
+    /// [`causal_attention`](Self::causal_attention) of the packed `[batch, seq, (heads + 2 ·
+    /// kv_heads) · head_dim]` output of a fused QKV projection (queries, then keys, then values,
+    /// head by head), read in place: returns `[batch, seq, heads · head_dim]`, and in training
+    /// the gradient of the packed tensor in one buffer, not three to stitch together. `None` (the
+    /// default) where the backend has no such kernel.
+    fn causal_attention_packed(
+        &self,
+        qkv: &Tensor<B, 3>,
+        heads: usize,
+        kv_heads: usize,
+    ) -> Option<Tensor<B, 3>> {
+        let _ = (qkv, heads, kv_heads);
+        None
+    }
+
     /// LayerNorm over the last dimension: `(x − mean) / √(var + eps) · weight + bias`.
     fn layer_norm(
         &self,

@@ -85,9 +85,21 @@ impl<B: Backend> Attention<B> {
     ) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
         let (h, kvh, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let qkv = self.qkv.forward(x);
+        if t > 1
+            && ctx.rope.is_none()
+            && ctx.mask.is_none()
+            && ctx.cache.is_none()
+            && let Some(y) = kiln_kernels::fused::ops::<B>()
+                .and_then(|fused| fused.causal_attention_packed(&qkv, h, kvh))
+        {
+            // Plain causal attention (GPT-2 in training and evaluation): the kernel reads the
+            // heads in place and its backward pass returns the projection's gradient whole.
+            return self.proj.forward(y);
+        }
         // Heads first, then the slices: slicing the last dimension and then splitting it into
         // heads would copy each slice (a reshape of a strided view), in both passes.
-        let qkv = self.qkv.forward(x).reshape([b, t, h + 2 * kvh, d]);
+        let qkv = qkv.reshape([b, t, h + 2 * kvh, d]);
         let split = |from: usize, heads: usize| {
             qkv.clone()
                 .slice([0..b, 0..t, from..from + heads, 0..d])

@@ -12,6 +12,7 @@ use burn::tensor::TensorData;
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
+use super::buffer::filled_in_parallel;
 use super::math;
 use super::strided::{Operand, SharedOut, StridedF32, matmul};
 
@@ -157,31 +158,83 @@ pub(crate) fn decode(
     )))
 }
 
-/// A `[b, heads, t, d]` result stored as `[b, t, heads, d]`, so that the caller's
-/// `swap_dims(1, 2)` back to token-major order is free.
-struct TokenMajor {
-    data: Vec<f32>,
-    dims: [usize; 4],
+/// Where a kernel writes the rows of a `[b, heads, t, d]` result: token-major, in a
+/// `[b, t, slots, d]` buffer with head `h` in slot `first + h`. Token-major, so that the caller's
+/// `swap_dims(1, 2)` back to token order is free; slots, so that one buffer can hold several
+/// results side by side (the gradients of a packed QKV tensor).
+#[derive(Clone, Copy, Debug)]
+struct HeadRows {
+    seq: usize,
+    dim: usize,
+    slots: usize,
+    first: usize,
 }
 
-impl TokenMajor {
-    fn zeros(batch: usize, heads: usize, seq: usize, dim: usize) -> Self {
+impl HeadRows {
+    /// Heads `first..` of a buffer with `slots` heads per token.
+    fn new(dims: &Dims, slots: usize, first: usize) -> Self {
         Self {
-            data: vec![0.0; batch * seq * heads * dim],
-            dims: [batch, heads, seq, dim],
+            seq: dims.seq,
+            dim: dims.dim,
+            slots,
+            first,
         }
     }
 
     /// Offset of row `(b, head, i)`.
     fn offset(&self, b: usize, head: usize, i: usize) -> usize {
-        let [_, heads, seq, dim] = self.dims;
-        ((b * seq + i) * heads + head) * dim
+        ((b * self.seq + i) * self.slots + self.first + head) * self.dim
     }
+}
 
-    fn into_tensor(self) -> FlexTensor {
-        let [b, h, t, d] = self.dims;
-        FlexTensor::from_data(TensorData::new(self.data, [b, t, h, d])).transpose(1, 2)
+/// A new buffer of `len` values, every one of them written by `write`.
+///
+/// # Safety
+/// `write` writes each of the `len` values through the [`SharedOut`] it is given.
+unsafe fn written(len: usize, write: impl FnOnce(SharedOut)) -> Vec<f32> {
+    let mut data = Vec::with_capacity(len);
+    write(SharedOut::spare(&mut data));
+    // SAFETY: all `len` values were written (caller).
+    unsafe { data.set_len(len) };
+    data
+}
+
+/// A token-major `[b, t, heads, d]` buffer as the `[b, heads, t, d]` tensor it holds.
+fn heads_tensor(data: Vec<f32>, dims: &Dims, heads: usize) -> FlexTensor {
+    let (b, t, d) = (dims.batch, dims.seq, dims.dim);
+    FlexTensor::from_data(TensorData::new(data, [b, t, heads, d])).transpose(1, 2)
+}
+
+/// `q`, `k` and `v` of a packed `[b, t, (heads + 2 · kv_heads) · d]` tensor (a fused QKV
+/// projection's output) as `[b, heads | kv_heads, t, d]` views, and their sizes.
+fn packed(
+    qkv: &FlexTensor,
+    heads: usize,
+    kv_heads: usize,
+) -> Option<(Dims, [StridedF32<'_, 4>; 3])> {
+    let view = StridedF32::<3>::new(qkv)?;
+    let [batch, seq, width] = view.shape;
+    let slots = heads + 2 * kv_heads;
+    if kv_heads == 0 || heads % kv_heads != 0 || width % slots != 0 || batch == 0 || seq == 0 {
+        return None;
     }
+    let dim = width / slots;
+    if dim == 0 {
+        return None;
+    }
+    let dims = Dims {
+        batch,
+        heads,
+        kv_heads,
+        seq,
+        dim,
+    };
+    let views = [
+        view.heads(0, heads, dim),
+        view.heads(heads, kv_heads, dim),
+        view.heads(heads + kv_heads, kv_heads, dim),
+    ];
+    Some((dims, views))
 }
 
 /// Per-task scratch buffers.
@@ -219,8 +272,8 @@ fn gather(view: &StridedF32<'_, 4>, b: usize, head: usize, out: &mut [f32]) {
 }
 
 /// Writes `rows` (`[t, d]`) as head `head` of batch row `b` of `out`.
-fn scatter(out: SharedOut, layout: &TokenMajor, b: usize, head: usize, rows: &[f32]) {
-    let [_, _, t, d] = layout.dims;
+fn scatter(out: SharedOut, layout: &HeadRows, b: usize, head: usize, rows: &[f32]) {
+    let (t, d) = (layout.seq, layout.dim);
     for i in 0..t {
         // SAFETY: row (b, head, i) of the output belongs to this task alone and lies inside it.
         unsafe { out.write(layout.offset(b, head, i), &rows[i * d..(i + 1) * d]) }
@@ -270,31 +323,26 @@ fn head_output(dims: &Dims, probs: &[f32], v: &[f32], y: &mut [f32]) {
     }
 }
 
-/// The attention output `[b, h, t, d]` and, when `keep_probs`, the probabilities
-/// `[b, h, t, t]` the backward pass needs. `None` when the inputs are not f32 or do not fit.
-pub(crate) fn forward(
-    q: &FlexTensor,
-    k: &FlexTensor,
-    v: &FlexTensor,
-    keep_probs: bool,
-) -> Option<(FlexTensor, Option<FlexTensor>)> {
-    let dims = Dims::of(q, k, v)?;
-    let (qv, kv, vv) = (
-        StridedF32::<4>::new(q)?,
-        StridedF32::<4>::new(k)?,
-        StridedF32::<4>::new(v)?,
-    );
+/// New probabilities buffer `[b, h, t, t]` for [`forward_into`] when `keep`, else empty.
+fn probs_buffer(dims: &Dims, keep: bool) -> Vec<f32> {
+    if !keep {
+        return Vec::new();
+    }
+    let t = dims.seq;
+    filled_in_parallel(dims.batch * dims.heads * t * t, t * t, |_, _| {})
+}
+
+/// The attention of the views `q`, `k`, `v` written into `out` (`layout`, every row of every
+/// query head), and the probabilities of every head into `probs` unless it is empty.
+fn forward_into(
+    dims: &Dims,
+    [qv, kv, vv]: [&StridedF32<'_, 4>; 3],
+    probs: &mut [f32],
+    out: SharedOut,
+    layout: HeadRows,
+) {
     let (t, rep) = (dims.seq, dims.group());
-    let mut out = TokenMajor::zeros(dims.batch, dims.heads, t, dims.dim);
-    let mut probs = vec![
-        0.0f32;
-        if keep_probs {
-            dims.batch * dims.heads * t * t
-        } else {
-            0
-        }
-    ];
-    let shared = SharedOut::new(&mut out.data);
+    let keep_probs = !probs.is_empty();
     let group_probs = rep * t * t;
     let tasks: Vec<(usize, &mut [f32])> = if keep_probs {
         probs.chunks_mut(group_probs).enumerate().collect()
@@ -304,71 +352,98 @@ pub(crate) fn forward(
             .collect()
     };
     tasks.into_par_iter().for_each_init(
-        || Scratch::new(&dims, !keep_probs),
+        || Scratch::new(dims, !keep_probs),
         |s, (group, kept)| {
             let (b, g) = (group / dims.kv_heads, group % dims.kv_heads);
-            gather(&kv, b, g, &mut s.k);
-            gather(&vv, b, g, &mut s.v);
+            gather(kv, b, g, &mut s.k);
+            gather(vv, b, g, &mut s.v);
             for r in 0..rep {
                 let head = g * rep + r;
-                gather(&qv, b, head, &mut s.q);
+                gather(qv, b, head, &mut s.q);
                 let head_probs_buf = if keep_probs {
                     &mut kept[r * t * t..(r + 1) * t * t]
                 } else {
                     &mut s.scores[..]
                 };
-                head_probs(&dims, &s.q, &s.k, head_probs_buf);
-                head_output(&dims, head_probs_buf, &s.v, &mut s.y);
-                scatter(shared, &out, b, head, &s.y);
+                head_probs(dims, &s.q, &s.k, head_probs_buf);
+                head_output(dims, head_probs_buf, &s.v, &mut s.y);
+                scatter(out, &layout, b, head, &s.y);
             }
         },
     );
-    let probs = keep_probs
-        .then(|| FlexTensor::from_data(TensorData::new(probs, [dims.batch, dims.heads, t, t])));
-    Some((out.into_tensor(), probs))
 }
 
-/// Gradients `(dq, dk, dv)` of the attention output given `grad` (`[b, h, t, d]`), from the
-/// inputs and the probabilities [`forward`] kept, or, when it kept none (activation
-/// checkpointing), probabilities recomputed head by head. `None` when the tensors do not fit
-/// together.
-pub(crate) fn backward(
+/// The attention output `[b, h, t, d]` and, when `keep_probs`, the probabilities
+/// `[b, h, t, t]` the backward pass needs. `None` when the inputs are not f32 or do not fit.
+pub(crate) fn forward(
     q: &FlexTensor,
     k: &FlexTensor,
     v: &FlexTensor,
-    probs: Option<&FlexTensor>,
-    grad: &FlexTensor,
-) -> Option<(FlexTensor, FlexTensor, FlexTensor)> {
+    keep_probs: bool,
+) -> Option<(FlexTensor, Option<FlexTensor>)> {
     let dims = Dims::of(q, k, v)?;
-    let grad = super::strided::readable::<4>(grad)?;
-    let (qv, kv, vv, gv) = (
-        StridedF32::<4>::new(q)?,
-        StridedF32::<4>::new(k)?,
-        StridedF32::<4>::new(v)?,
-        StridedF32::<4>::new(&grad)?,
-    );
-    let (t, d, rep, scale) = (dims.seq, dims.dim, dims.group(), dims.scale());
-    let probs = match probs {
-        Some(p) => Some(p.as_slice::<f32>()?),
-        None => None,
+    let views = [
+        &StridedF32::<4>::new(q)?,
+        &StridedF32::<4>::new(k)?,
+        &StridedF32::<4>::new(v)?,
+    ];
+    let mut probs = probs_buffer(&dims, keep_probs);
+    let len = dims.batch * dims.seq * dims.heads * dims.dim;
+    let layout = HeadRows::new(&dims, dims.heads, 0);
+    // SAFETY: `forward_into` writes every row of every head of the output.
+    let y = unsafe {
+        written(len, |out| {
+            forward_into(&dims, views, &mut probs, out, layout)
+        })
     };
-    if gv.shape != qv.shape || probs.is_some_and(|p| p.len() != dims.batch * dims.heads * t * t) {
-        return None;
-    }
-    let mut dq = TokenMajor::zeros(dims.batch, dims.heads, t, d);
-    let mut dk = TokenMajor::zeros(dims.batch, dims.kv_heads, t, d);
-    let mut dv = TokenMajor::zeros(dims.batch, dims.kv_heads, t, d);
-    let (dq_out, dk_out, dv_out) = (
-        SharedOut::new(&mut dq.data),
-        SharedOut::new(&mut dk.data),
-        SharedOut::new(&mut dv.data),
-    );
+    Some((heads_tensor(y, &dims, dims.heads), kept(probs, &dims)))
+}
+
+/// [`forward`] of a packed `[b, t, (heads + 2 · kv_heads) · d]` QKV tensor, read in place: the
+/// output `[b, t, heads · d]`, ready for the output projection.
+pub(crate) fn forward_packed(
+    qkv: &FlexTensor,
+    heads: usize,
+    kv_heads: usize,
+    keep_probs: bool,
+) -> Option<(FlexTensor, Option<FlexTensor>)> {
+    let (dims, [qv, kv, vv]) = packed(qkv, heads, kv_heads)?;
+    let mut probs = probs_buffer(&dims, keep_probs);
+    let (b, t, d) = (dims.batch, dims.seq, dims.dim);
+    let layout = HeadRows::new(&dims, heads, 0);
+    // SAFETY: `forward_into` writes every row of every head of the output.
+    let y = unsafe {
+        written(b * t * heads * d, |out| {
+            forward_into(&dims, [&qv, &kv, &vv], &mut probs, out, layout)
+        })
+    };
+    let y = FlexTensor::from_data(TensorData::new(y, [b, t, heads * d]));
+    Some((y, kept(probs, &dims)))
+}
+
+/// The kept probabilities as a `[b, h, t, t]` tensor (`None` when none were kept).
+fn kept(probs: Vec<f32>, dims: &Dims) -> Option<FlexTensor> {
+    let t = dims.seq;
+    (!probs.is_empty())
+        .then(|| FlexTensor::from_data(TensorData::new(probs, [dims.batch, dims.heads, t, t])))
+}
+
+/// The gradients of the attention of the views `q`, `k`, `v` given the output gradient `gv`
+/// (`[b, h, t, d]`), written into `dq`, `dk` and `dv` (every row of every head), from the kept
+/// probabilities or, when none were kept, probabilities recomputed head by head.
+fn backward_into(
+    dims: &Dims,
+    [qv, kv, vv, gv]: [&StridedF32<'_, 4>; 4],
+    probs: Option<&[f32]>,
+    [(dq_out, dq_rows), (dk_out, dk_rows), (dv_out, dv_rows)]: [(SharedOut, HeadRows); 3],
+) {
+    let (t, d, rep, scale) = (dims.seq, dims.dim, dims.group(), dims.scale());
     (0..dims.batch * dims.kv_heads)
         .into_par_iter()
         .for_each_init(
             || {
                 (
-                    Scratch::new(&dims, true),
+                    Scratch::new(dims, true),
                     vec![0.0f32; t * d],
                     vec![0.0f32; t * d],
                     vec![0.0f32; if probs.is_some() { 0 } else { t * t }],
@@ -376,22 +451,22 @@ pub(crate) fn backward(
             },
             |(s, dk_head, dv_head, recomputed), group| {
                 let (b, g) = (group / dims.kv_heads, group % dims.kv_heads);
-                gather(&kv, b, g, &mut s.k);
-                gather(&vv, b, g, &mut s.v);
+                gather(kv, b, g, &mut s.k);
+                gather(vv, b, g, &mut s.v);
                 dk_head.fill(0.0);
                 dv_head.fill(0.0);
                 for r in 0..rep {
                     let head = g * rep + r;
-                    gather(&qv, b, head, &mut s.q);
+                    gather(qv, b, head, &mut s.q);
                     let p: &[f32] = match probs {
                         Some(probs) => &probs[(b * dims.heads + head) * t * t..][..t * t],
                         None => {
-                            head_probs(&dims, &s.q, &s.k, recomputed);
+                            head_probs(dims, &s.q, &s.k, recomputed);
                             recomputed
                         }
                     };
                     // `s.y` holds the output gradient of this head.
-                    gather(&gv, b, head, &mut s.y);
+                    gather(gv, b, head, &mut s.y);
                     // dV += Pᵀ · dY, key block by key block (rows c0.. of P are the only non-zero ones).
                     for (c0, c1) in blocks(t) {
                         matmul(
@@ -435,7 +510,7 @@ pub(crate) fn backward(
                             1.0,
                         );
                     }
-                    scatter(dq_out, &dq, b, head, &s.y);
+                    scatter(dq_out, &dq_rows, b, head, &s.y);
                     // dK += dSᵀ · Q.
                     for (c0, c1) in blocks(t) {
                         matmul(
@@ -448,9 +523,105 @@ pub(crate) fn backward(
                         );
                     }
                 }
-                scatter(dk_out, &dk, b, g, dk_head);
-                scatter(dv_out, &dv, b, g, dv_head);
+                scatter(dk_out, &dk_rows, b, g, dk_head);
+                scatter(dv_out, &dv_rows, b, g, dv_head);
             },
         );
-    Some((dq.into_tensor(), dk.into_tensor(), dv.into_tensor()))
+}
+
+/// Gradients `(dq, dk, dv)` of the attention output given `grad` (`[b, h, t, d]`), from the
+/// inputs and the probabilities [`forward`] kept, or, when it kept none (activation
+/// checkpointing), probabilities recomputed head by head. `None` when the tensors do not fit
+/// together.
+pub(crate) fn backward(
+    q: &FlexTensor,
+    k: &FlexTensor,
+    v: &FlexTensor,
+    probs: Option<&FlexTensor>,
+    grad: &FlexTensor,
+) -> Option<(FlexTensor, FlexTensor, FlexTensor)> {
+    let dims = Dims::of(q, k, v)?;
+    let grad = super::strided::readable::<4>(grad)?;
+    let (qv, kv, vv, gv) = (
+        StridedF32::<4>::new(q)?,
+        StridedF32::<4>::new(k)?,
+        StridedF32::<4>::new(v)?,
+        StridedF32::<4>::new(&grad)?,
+    );
+    let probs = checked_probs(probs, &dims)?;
+    if gv.shape != qv.shape {
+        return None;
+    }
+    let (b, t, d, h, kvh) = (dims.batch, dims.seq, dims.dim, dims.heads, dims.kv_heads);
+    let (mut dq, mut dk, mut dv) = (
+        Vec::with_capacity(b * t * h * d),
+        Vec::with_capacity(b * t * kvh * d),
+        Vec::with_capacity(b * t * kvh * d),
+    );
+    let outs = [
+        (SharedOut::spare(&mut dq), HeadRows::new(&dims, h, 0)),
+        (SharedOut::spare(&mut dk), HeadRows::new(&dims, kvh, 0)),
+        (SharedOut::spare(&mut dv), HeadRows::new(&dims, kvh, 0)),
+    ];
+    backward_into(&dims, [&qv, &kv, &vv, &gv], probs, outs);
+    // SAFETY: `backward_into` wrote every row of every head of the three gradients.
+    unsafe {
+        dq.set_len(b * t * h * d);
+        dk.set_len(b * t * kvh * d);
+        dv.set_len(b * t * kvh * d);
+    }
+    Some((
+        heads_tensor(dq, &dims, h),
+        heads_tensor(dk, &dims, kvh),
+        heads_tensor(dv, &dims, kvh),
+    ))
+}
+
+/// The gradient of [`forward_packed`]'s input: `d(qkv)` `[b, t, (heads + 2 · kv_heads) · d]` given
+/// the output gradient `grad` `[b, t, heads · d]`, the q, k and v parts side by side in one
+/// buffer as the projection that made them needs it.
+pub(crate) fn backward_packed(
+    qkv: &FlexTensor,
+    heads: usize,
+    kv_heads: usize,
+    probs: Option<&FlexTensor>,
+    grad: &FlexTensor,
+) -> Option<FlexTensor> {
+    let (dims, [qv, kv, vv]) = packed(qkv, heads, kv_heads)?;
+    let (b, t, d) = (dims.batch, dims.seq, dims.dim);
+    let grad = super::strided::readable::<3>(grad)?;
+    let gv = StridedF32::<3>::new(&grad)?;
+    if gv.shape != [b, t, heads * d] {
+        return None;
+    }
+    let gv = gv.heads(0, heads, d);
+    let probs = checked_probs(probs, &dims)?;
+    let slots = heads + 2 * kv_heads;
+    let mut dqkv = Vec::with_capacity(b * t * slots * d);
+    let out = SharedOut::spare(&mut dqkv);
+    let outs = [
+        (out, HeadRows::new(&dims, slots, 0)),
+        (out, HeadRows::new(&dims, slots, heads)),
+        (out, HeadRows::new(&dims, slots, heads + kv_heads)),
+    ];
+    backward_into(&dims, [&qv, &kv, &vv, &gv], probs, outs);
+    // SAFETY: `backward_into` wrote every row of the q, k and v heads, which fill the slots.
+    unsafe { dqkv.set_len(b * t * slots * d) };
+    Some(FlexTensor::from_data(TensorData::new(
+        dqkv,
+        [b, t, slots * d],
+    )))
+}
+
+/// The kept probabilities' values, checked against `dims`: `Some(None)` when none were kept,
+/// `None` when they do not fit.
+fn checked_probs<'a>(probs: Option<&'a FlexTensor>, dims: &Dims) -> Option<Option<&'a [f32]>> {
+    match probs {
+        None => Some(None),
+        Some(p) => {
+            let values = p.as_slice::<f32>()?;
+            let t = dims.seq;
+            (values.len() == dims.batch * dims.heads * t * t).then_some(Some(values))
+        }
+    }
 }

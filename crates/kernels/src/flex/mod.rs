@@ -88,6 +88,16 @@ impl FusedOps<Flex> for FlexKernels {
         Some(wrap(y))
     }
 
+    fn causal_attention_packed(
+        &self,
+        qkv: &Tensor<Flex, 3>,
+        heads: usize,
+        kv_heads: usize,
+    ) -> Option<Tensor<Flex, 3>> {
+        let (y, _) = attention::forward_packed(&primitive(qkv), heads, kv_heads, false)?;
+        Some(wrap(y))
+    }
+
     fn layer_norm(
         &self,
         x: &Tensor<Flex, 3>,
@@ -159,6 +169,33 @@ impl Backward<Flex, 3> for AttentionBackward {
             if let Some(node) = parent {
                 grads.register::<Flex>(node.id, grad);
             }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct PackedAttentionBackward;
+
+#[derive(Clone, Debug)]
+struct PackedAttentionState {
+    qkv: FlexTensor,
+    heads: usize,
+    kv_heads: usize,
+    probs: Option<FlexTensor>,
+}
+
+impl Backward<Flex, 1> for PackedAttentionBackward {
+    type State = PackedAttentionState;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<Flex>(&ops.node);
+        let s = ops.state;
+        let [parent] = ops.parents;
+        if let Some(node) = parent {
+            let dqkv =
+                attention::backward_packed(&s.qkv, s.heads, s.kv_heads, s.probs.as_ref(), &grad)
+                    .expect(CHECKED_IN_FORWARD);
+            grads.register::<Flex>(node.id, dqkv);
         }
     }
 }
@@ -335,6 +372,37 @@ impl<C: CheckpointStrategy> FusedOps<Ad<C>> for FlexKernels {
             }
             OpsKind::UnTracked(prep) => {
                 let (y, _) = attention::forward(&q.primitive, &k.primitive, &v.primitive, false)?;
+                prep.finish(y)
+            }
+        };
+        Some(wrap(output))
+    }
+
+    fn causal_attention_packed(
+        &self,
+        qkv: &Tensor<Ad<C>, 3>,
+        heads: usize,
+        kv_heads: usize,
+    ) -> Option<Tensor<Ad<C>, 3>> {
+        let qkv = primitive(qkv);
+        let prep = PackedAttentionBackward
+            .prepare::<C>([qkv.node.clone()])
+            .compute_bound()
+            .stateful();
+        let output = match prep {
+            OpsKind::Tracked(prep) => {
+                let keep = self.keep_attention_probs;
+                let (y, probs) = attention::forward_packed(&qkv.primitive, heads, kv_heads, keep)?;
+                let state = PackedAttentionState {
+                    qkv: qkv.primitive,
+                    heads,
+                    kv_heads,
+                    probs,
+                };
+                prep.finish(state, y)
+            }
+            OpsKind::UnTracked(prep) => {
+                let (y, _) = attention::forward_packed(&qkv.primitive, heads, kv_heads, false)?;
                 prep.finish(y)
             }
         };

@@ -34,6 +34,7 @@ impl<'a, const D: usize> StridedF32<'a, D> {
         })
     }
 
+    /// Offset of element `index` in the storage.
     fn position(&self, index: [usize; D]) -> usize {
         self.offset
             + index
@@ -74,6 +75,21 @@ impl<'a, const D: usize> StridedF32<'a, D> {
     }
 }
 
+impl<'a> StridedF32<'a, 3> {
+    /// Heads `first..first + heads` of a packed `[b, t, n · dim]` tensor (`n` heads of `dim`
+    /// values per token, like a fused QKV projection's output) as a `[b, heads, t, dim]` view.
+    pub fn heads(&self, first: usize, heads: usize, dim: usize) -> StridedF32<'a, 4> {
+        let [b, t, _] = self.shape;
+        let [sb, st, sc] = self.strides;
+        StridedF32 {
+            data: self.data,
+            offset: self.offset + first * dim * sc,
+            strides: [sb, dim * sc, st, sc],
+            shape: [b, heads, t, dim],
+        }
+    }
+}
+
 /// `tensor` as an f32 view of rank `D`, copying it to a contiguous layout first when its strides
 /// cannot be read directly (negative strides). `None` for other dtypes or ranks.
 pub(crate) fn readable<const D: usize>(tensor: &FlexTensor) -> Option<FlexTensor> {
@@ -97,8 +113,10 @@ unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
 
 impl SharedOut {
-    pub fn new(buffer: &mut [f32]) -> Self {
-        Self(buffer.as_mut_ptr())
+    /// The spare capacity of `buffer`, for a kernel that writes every value before the caller
+    /// sets the length.
+    pub fn spare(buffer: &mut Vec<f32>) -> Self {
+        Self(buffer.spare_capacity_mut().as_mut_ptr().cast())
     }
 
     /// Copies `row` to `offset..offset + row.len()`.

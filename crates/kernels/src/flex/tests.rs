@@ -74,7 +74,34 @@ fn check_attention(b: usize, t: usize, h: usize, kvh: usize, d: usize) {
         let (y, grad) = run(&|[q, k, v]| kernels.causal_attention(&q, &k, &v).expect("fused"));
         assert_close("attention output", y, want_y.clone());
         assert_close("attention input gradient", grad, want_grad.clone());
+        // The packed kernel: `[b, t, h · d]` out, the packed tensor's gradient in one piece.
+        let token_major = |y: Tensor<Flex, 4>| y.swap_dims(1, 2).reshape([b, t, h * d]);
+        let qkv = leaf();
+        let y = kernels
+            .causal_attention_packed(&qkv, h, kvh)
+            .expect("fused packed");
+        let packed_weights = weights.clone().swap_dims(1, 2).reshape([b, t, h * d]);
+        let grads = (y.clone() * packed_weights).sum().backward();
+        let grad = qkv.grad(&grads).expect("gradient");
+        assert_close(
+            "packed attention output",
+            y.inner(),
+            token_major(want_y.clone()),
+        );
+        assert_close("packed attention gradient", grad, want_grad.clone());
     }
+    let packed_inference = FusedOps::<Flex>::causal_attention_packed(
+        &FlexKernels::default(),
+        &packed,
+        h,
+        kvh,
+    )
+    .expect("inference packed attention");
+    assert_close(
+        "inference packed attention",
+        packed_inference,
+        want_y.clone().swap_dims(1, 2).reshape([b, t, h * d]),
+    );
     let [q, k, v] = split_qkv(&leaf(), h, kvh, d);
     let inference = FusedOps::<Flex>::causal_attention(
         &FlexKernels::default(),
