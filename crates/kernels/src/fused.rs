@@ -51,6 +51,19 @@ pub trait FusedOps<B: Backend>: Send + Sync {
         None
     }
 
+    /// One AdamW step of a parameter (flattened): the new parameter and moments, from the
+    /// gradient and the moments of the previous step (zero at the first). `Err` hands the
+    /// tensors back unchanged where the backend has no such kernel (the default) or does not take
+    /// them, and the caller runs Burn's `AdamW`.
+    fn adamw(
+        &self,
+        tensors: AdamWTensors<B>,
+        step: &AdamWStep,
+    ) -> Result<AdamWTensors<B>, AdamWTensors<B>> {
+        let _ = step;
+        Err(tensors)
+    }
+
     /// LayerNorm over the last dimension: `(x − mean) / √(var + eps) · weight + bias`.
     fn layer_norm(
         &self,
@@ -100,6 +113,35 @@ pub trait FusedOps<B: Backend>: Send + Sync {
         let _ = products;
         false
     }
+}
+
+/// A parameter, its gradient and its AdamW moments (`None` before the first step), flattened.
+#[derive(Debug)]
+pub struct AdamWTensors<B: Backend> {
+    /// The parameter.
+    pub param: Tensor<B, 1>,
+    /// Its gradient.
+    pub grad: Tensor<B, 1>,
+    /// The first and second moments.
+    pub moments: Option<(Tensor<B, 1>, Tensor<B, 1>)>,
+}
+
+/// The constants of one AdamW step (Loshchilov & Hutter's decoupled weight decay, as PyTorch's and
+/// Burn's `AdamW`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWStep {
+    /// Learning rate.
+    pub lr: f64,
+    /// β₁, the first moment's decay.
+    pub beta_1: f32,
+    /// β₂, the second moment's decay.
+    pub beta_2: f32,
+    /// ε, added to the second moment's square root.
+    pub epsilon: f32,
+    /// Weight decay (a fraction of `lr` per step).
+    pub weight_decay: f32,
+    /// The step's number, from 1 (for the bias corrections).
+    pub time: usize,
 }
 
 /// Which GELU.

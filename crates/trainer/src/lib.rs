@@ -46,6 +46,7 @@
 
 #![warn(missing_docs)]
 
+pub mod adamw;
 mod builder;
 pub mod checkpoint;
 mod config;

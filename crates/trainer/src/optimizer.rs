@@ -2,8 +2,9 @@
 //! plus global-norm gradient clipping.
 //!
 //! As in nanoGPT's `configure_optimizers`, every parameter of rank ≥ 2 (the matrices, embedding
-//! tables included) gets weight decay; biases and norm scales do not. Two Burn `AdamW` optimizers,
-//! one per group, each see only their group's gradients.
+//! tables included) gets weight decay; biases and norm scales do not. Two AdamW optimizers, one per
+//! group, each see only their group's gradients ([`KernelAdamW`](crate::adamw::KernelAdamW):
+//! Burn's state and arithmetic, one kernel pass per parameter where the backend has one).
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -11,12 +12,13 @@ use std::path::Path;
 use burn::module::{AutodiffModule, ModuleVisitor, Param, ParamId};
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::record::AdaptorRecord;
-use burn::optim::{AdamW, AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::{GradientsParams, Optimizer};
 use burn::record::Record;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, FloatDType, Tensor};
 use kiln_transformer::{Transformer, WeightSource};
 
+use crate::adamw::KernelAdamW as AdamW;
 use crate::checkpoint;
 use crate::config::TrainConfig;
 use crate::error::Result;
@@ -304,13 +306,17 @@ pub struct GroupedAdamW<B: AutodiffBackend, M: AutodiffModule<B>> {
 impl<B: AutodiffBackend, M: AutodiffModule<B>> GroupedAdamW<B, M> {
     /// AdamW with `weight_decay` on every parameter of `module` of rank ≥ 2.
     pub fn new(module: &M, beta1: f64, beta2: f64, eps: f64, weight_decay: f64) -> Self {
-        let base = AdamWConfig::new()
-            .with_beta_1(beta1 as f32)
-            .with_beta_2(beta2 as f32)
-            .with_epsilon(eps as f32);
+        let adamw = |decay: f64| {
+            OptimizerAdaptor::from(AdamW::new(
+                beta1 as f32,
+                beta2 as f32,
+                eps as f32,
+                decay as f32,
+            ))
+        };
         Self {
-            decay: base.clone().with_weight_decay(weight_decay as f32).init(),
-            no_decay: base.with_weight_decay(0.0).init(),
+            decay: adamw(weight_decay),
+            no_decay: adamw(0.0),
             decay_ids: param_infos(module)
                 .into_iter()
                 .filter(|p| p.decay)

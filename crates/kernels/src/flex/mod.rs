@@ -7,6 +7,7 @@
 //! them). Only f32 tensors take the fused path; other dtypes (BF16/F16 compute) fall back to
 //! Burn's ops.
 
+mod adamw;
 mod attention;
 mod buffer;
 mod gelu;
@@ -31,7 +32,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorPrimitive};
 use burn_flex::{Flex, FlexTensor};
 
-use crate::fused::{Entry, FusedOps, Gelu, entry, find};
+use crate::fused::{AdamWStep, AdamWTensors, Entry, FusedOps, Gelu, entry, find};
 use crate::gemm::{self, Products};
 
 /// The built-in kernels of backend `B`, if it is Flex or Flex under autodiff.
@@ -96,6 +97,44 @@ impl FusedOps<Flex> for FlexKernels {
     ) -> Option<Tensor<Flex, 3>> {
         let (y, _) = attention::forward_packed(&primitive(qkv), heads, kv_heads, false)?;
         Some(wrap(y))
+    }
+
+    fn adamw(
+        &self,
+        tensors: AdamWTensors<Flex>,
+        step: &AdamWStep,
+    ) -> Result<AdamWTensors<Flex>, AdamWTensors<Flex>> {
+        let accepted = |t: &Tensor<Flex, 1>| t.dtype() == burn::tensor::DType::F32;
+        let size = tensors.param.dims();
+        let fits = |t: &Tensor<Flex, 1>| accepted(t) && t.dims() == size;
+        let moments_fit = tensors
+            .moments
+            .as_ref()
+            .is_none_or(|(m, v)| fits(m) && fits(v));
+        if !(fits(&tensors.param) && fits(&tensors.grad) && moments_fit)
+            || i32::try_from(step.time).is_err()
+        {
+            return Err(tensors);
+        }
+        let AdamWTensors {
+            param,
+            grad,
+            moments,
+        } = tensors;
+        let moments =
+            moments.map(|(m, v)| (m.into_primitive().tensor(), v.into_primitive().tensor()));
+        let (param, m, v) = adamw::step(
+            param.into_primitive().tensor(),
+            &grad.clone().into_primitive().tensor(),
+            moments,
+            step,
+        )
+        .expect("f32 tensors of one size and a step number that fits, checked above");
+        Ok(AdamWTensors {
+            param: wrap(param),
+            grad,
+            moments: Some((wrap(m), wrap(v))),
+        })
     }
 
     fn layer_norm(

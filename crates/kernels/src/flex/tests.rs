@@ -90,13 +90,9 @@ fn check_attention(b: usize, t: usize, h: usize, kvh: usize, d: usize) {
         );
         assert_close("packed attention gradient", grad, want_grad.clone());
     }
-    let packed_inference = FusedOps::<Flex>::causal_attention_packed(
-        &FlexKernels::default(),
-        &packed,
-        h,
-        kvh,
-    )
-    .expect("inference packed attention");
+    let packed_inference =
+        FusedOps::<Flex>::causal_attention_packed(&FlexKernels::default(), &packed, h, kvh)
+            .expect("inference packed attention");
     assert_close(
         "inference packed attention",
         packed_inference,
