@@ -215,7 +215,12 @@ fn packed(
     let view = StridedF32::<3>::new(qkv)?;
     let [batch, seq, width] = view.shape;
     let slots = heads + 2 * kv_heads;
-    if kv_heads == 0 || heads % kv_heads != 0 || width % slots != 0 || batch == 0 || seq == 0 {
+    if kv_heads == 0
+        || !heads.is_multiple_of(kv_heads)
+        || !width.is_multiple_of(slots)
+        || batch == 0
+        || seq == 0
+    {
         return None;
     }
     let dim = width / slots;
