@@ -8,8 +8,13 @@
 //! 3. **Tensor-parallel communication per step**: bytes each rank all-reduced, against Megatron's
 //!    count, 4 all-reduces of `b·s·d` values per layer per micro-batch (2 forward, 2 backward).
 //!
+//! With `--timeline`, the bubble table also says where each stage's idle time went, from the
+//! per-action timestamps of `ParallelStepReport::timeline`: waiting for an activation (before a
+//! forward pass), waiting for a gradient (before a backward pass), sending, and the step's tail.
+//!
 //! ```text
-//! cargo run --release --example parallel_bench -- [--layers 8] [--d-model 128] [--seq 64]
+//! cargo run --release --example parallel_bench -- [--layers 8] [--d-model 128] [--seq 128]
+//!     [--stages 2,4] [--micro-batches 4,8,16] [--timeline] [--bubble-only]
 //! ```
 
 use std::sync::Arc;
@@ -19,8 +24,8 @@ use burn::module::Module;
 use burn::tensor::backend::Backend;
 use clap::Parser;
 use kiln::distributed::{
-    AdamWSettings, ParallelOptions, ParallelRank, PeerNet, PipelineSchedule, bubble_fraction,
-    thread_ranks,
+    Action, AdamWSettings, ParallelOptions, ParallelRank, ParallelStepReport, PeerNet,
+    PipelineSchedule, bubble_fraction, thread_ranks,
 };
 use kiln::transformer::{ModelConfig, Transformer};
 
@@ -44,6 +49,18 @@ struct Args {
     /// Timed steps per setting (after one warm-up); the median is reported.
     #[arg(long, default_value_t = 3)]
     steps: usize,
+    /// Pipeline stage counts P of the bubble table.
+    #[arg(long, value_delimiter = ',', default_values_t = [2usize, 4])]
+    stages: Vec<usize>,
+    /// Micro-batch counts M of the bubble table.
+    #[arg(long, value_delimiter = ',', default_values_t = [4usize, 8, 16])]
+    micro_batches: Vec<usize>,
+    /// Also print where each stage's idle time went (milliseconds per step, median step).
+    #[arg(long)]
+    timeline: bool,
+    /// Only the bubble table (not the memory and traffic sections).
+    #[arg(long)]
+    bubble_only: bool,
     /// Pipeline stages as threads of this process (default: one process per stage, talking over
     /// loopback, as `kiln train --nproc` runs them; threads share Burn's autodiff bookkeeping,
     /// whose locks slow a stage's backward pass while another stage computes).
@@ -84,13 +101,75 @@ fn on_ranks<T: Send>(world: usize, f: impl Fn(Arc<PeerNet<Flex>>) -> T + Sync) -
     thread_ranks::<Flex, T>(world, Default::default(), f).expect("thread ranks")
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+/// One stage's step, from its timeline: the idle fraction, and where the idle time went
+/// (seconds).
+#[derive(Clone, Copy, Debug, Default)]
+struct StageIdle {
+    /// 1 − compute time / the step's wall time.
+    idle: f64,
+    /// Waiting before forward passes (for the previous stage's activation).
+    wait_forward: f64,
+    /// Waiting before backward passes (for the next stage's gradient).
+    wait_backward: f64,
+    /// Inside sends.
+    send: f64,
+    /// After the last send, until the end of the step.
+    tail: f64,
+    /// The step's wall time.
+    seconds: f64,
 }
 
-/// This stage's idle fraction of the step (median over the timed steps): 1 − its compute time
-/// over the step's wall time, from the timestamps of its forward and backward passes.
+impl StageIdle {
+    fn of(report: &ParallelStepReport) -> Self {
+        let mut out = Self {
+            seconds: report.seconds,
+            ..Self::default()
+        };
+        let mut ready = 0.0;
+        let mut busy = 0.0;
+        for a in &report.timeline {
+            let wait = a.start - ready;
+            match a.action {
+                Action::Forward(_) => out.wait_forward += wait,
+                Action::Backward(_) => out.wait_backward += wait,
+            }
+            busy += a.end - a.start;
+            out.send += a.sent - a.end;
+            ready = a.sent;
+        }
+        out.tail = report.seconds - ready;
+        out.idle = 1.0 - busy / report.seconds;
+        out
+    }
+
+    fn line(&self) -> String {
+        format!(
+            "{} {} {} {} {} {}",
+            self.idle, self.wait_forward, self.wait_backward, self.send, self.tail, self.seconds
+        )
+    }
+
+    fn parse(line: &str) -> Option<Self> {
+        let v: Vec<f64> = line
+            .split_whitespace()
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .ok()?;
+        let [idle, wait_forward, wait_backward, send, tail, seconds] = v[..] else {
+            return None;
+        };
+        Some(Self {
+            idle,
+            wait_forward,
+            wait_backward,
+            send,
+            tail,
+            seconds,
+        })
+    }
+}
+
+/// This stage's step with the median idle fraction over the timed steps.
 fn stage_idle(
     model: &Transformer<Ad>,
     net: Arc<PeerNet<Flex>>,
@@ -98,7 +177,7 @@ fn stage_idle(
     p: usize,
     m: usize,
     schedule: PipelineSchedule,
-) -> f64 {
+) -> StageIdle {
     let rows = batch(args.rows * m, args.seq);
     let mut rank = ParallelRank::<Ad>::new(
         model.clone(),
@@ -117,21 +196,21 @@ fn stage_idle(
         Default::default(),
     )
     .expect("rank");
-    let mut idle = Vec::new();
+    let mut steps = Vec::new();
     for step in 0..=args.steps {
         let report = rank.step(&rows, 1e-4).expect("step");
-        let busy: f64 = report.timeline.iter().map(|a| a.end - a.start).sum();
         if step > 0 {
-            idle.push(1.0 - busy / report.seconds);
+            steps.push(StageIdle::of(&report));
         }
     }
     rank.net().drain();
-    median(idle)
+    steps.sort_by(|a, b| a.idle.total_cmp(&b.idle));
+    steps[steps.len() / 2]
 }
 
 /// The stages as `p` processes (this program again, with `--stage-of`), each with its share of
-/// the cores; their idle fractions in stage order.
-fn stage_processes(args: &Args, p: usize, m: usize, schedule: PipelineSchedule) -> Vec<f64> {
+/// the cores; their steps in stage order.
+fn stage_processes(args: &Args, p: usize, m: usize, schedule: PipelineSchedule) -> Vec<StageIdle> {
     let addresses = PeerNet::<Flex>::local_addresses(p)
         .expect("ports")
         .join(",");
@@ -165,10 +244,7 @@ fn stage_processes(args: &Args, p: usize, m: usize, schedule: PipelineSchedule) 
         .map(|c| {
             let out = c.wait_with_output().expect("stage process");
             assert!(out.status.success(), "a stage process failed");
-            String::from_utf8_lossy(&out.stdout)
-                .trim()
-                .parse()
-                .expect("idle fraction")
+            StageIdle::parse(String::from_utf8_lossy(&out.stdout).trim()).expect("stage report")
         })
         .collect()
 }
@@ -208,7 +284,7 @@ fn main() {
             m,
             schedule,
         );
-        println!("{idle}");
+        println!("{}", idle.line());
         return;
     }
     println!(
@@ -228,14 +304,15 @@ fn main() {
         "P  M   schedule  idle per stage (median of {} steps)      mean   formula  mean/formula",
         args.steps
     );
-    for p in [2usize, 4] {
-        for m in [4usize, 8, 16] {
+    for &p in &args.stages {
+        for &m in &args.micro_batches {
             for schedule in [PipelineSchedule::GPipe, PipelineSchedule::OneFOneB] {
-                let idle = if args.threads {
+                let steps = if args.threads {
                     on_ranks(p, |net| stage_idle(&model, net, &args, p, m, schedule))
                 } else {
                     stage_processes(&args, p, m, schedule)
                 };
+                let idle: Vec<f64> = steps.iter().map(|s| s.idle).collect();
                 let mean = idle.iter().sum::<f64>() / idle.len() as f64;
                 let formula = bubble_fraction(p, m);
                 let stages: Vec<String> = idle.iter().map(|x| format!("{x:.3}")).collect();
@@ -244,8 +321,25 @@ fn main() {
                     stages.join(" "),
                     mean / formula
                 );
+                if args.timeline {
+                    for (stage, s) in steps.iter().enumerate() {
+                        println!(
+                            "     stage {stage}: step {:.1} ms; idle {:.1} ms = waiting for \
+                             activations {:.1} + for gradients {:.1} + sending {:.1} + tail {:.1}",
+                            1e3 * s.seconds,
+                            1e3 * s.idle * s.seconds,
+                            1e3 * s.wait_forward,
+                            1e3 * s.wait_backward,
+                            1e3 * s.send,
+                            1e3 * s.tail
+                        );
+                    }
+                }
             }
         }
+    }
+    if args.bubble_only {
+        return;
     }
 
     println!(
