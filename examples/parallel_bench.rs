@@ -2,15 +2,18 @@
 //! (Kiln's side of `scripts/bench_distributed.sh`):
 //!
 //! 1. **The pipeline bubble.** For P = 2, 4 stages and M = 4, 8, 16 micro-batches, GPipe and 1F1B:
-//!    each stage's idle fraction of the step (1 − its compute time / the step's wall time, from
-//!    the timestamps of its forward and backward passes), against `(P − 1)/(M + P − 1)`.
+//!    each stage's idle fraction of the pipeline's step (1 − its compute time / the step's wall
+//!    time, from the timestamps of the forward and backward passes; the step runs from the first
+//!    action of any stage to the last, the same window for every stage, as the formula counts),
+//!    against `(P − 1)/(M + P − 1)`.
 //! 2. **Parameter memory per rank** with T = 2, 4 and P = 2, 4 against one device.
 //! 3. **Tensor-parallel communication per step**: bytes each rank all-reduced, against Megatron's
 //!    count, 4 all-reduces of `b·s·d` values per layer per micro-batch (2 forward, 2 backward).
 //!
 //! With `--timeline`, the bubble table also says where each stage's idle time went, from the
-//! per-action timestamps of `ParallelStepReport::timeline`: waiting for an activation (before a
-//! forward pass), waiting for a gradient (before a backward pass), sending, and the step's tail.
+//! per-action timestamps of `ParallelStepReport::timeline` of every stage on one clock: waiting
+//! while the neighbour still computes what this stage needs (the bubble proper), waiting for a
+//! tensor the neighbour has finished computing (the transfer), and sending.
 //!
 //! ```text
 //! cargo run --release --example parallel_bench -- [--layers 8] [--d-model 128] [--seq 128]
@@ -25,7 +28,7 @@ use burn::tensor::backend::Backend;
 use clap::Parser;
 use kiln::distributed::{
     Action, AdamWSettings, ParallelOptions, ParallelRank, ParallelStepReport, PeerNet,
-    PipelineSchedule, bubble_fraction, thread_ranks,
+    PipelineSchedule, TimedAction, bubble_fraction, thread_ranks,
 };
 use kiln::transformer::{ModelConfig, Transformer};
 
@@ -101,83 +104,163 @@ fn on_ranks<T: Send>(world: usize, f: impl Fn(Arc<PeerNet<Flex>>) -> T + Sync) -
     thread_ranks::<Flex, T>(world, Default::default(), f).expect("thread ranks")
 }
 
-/// One stage's step, from its timeline: the idle fraction, and where the idle time went
-/// (seconds).
-#[derive(Clone, Copy, Debug, Default)]
-struct StageIdle {
-    /// 1 − compute time / the step's wall time.
-    idle: f64,
-    /// Waiting before forward passes (for the previous stage's activation).
-    wait_forward: f64,
-    /// Waiting before backward passes (for the next stage's gradient).
-    wait_backward: f64,
-    /// Inside sends.
-    send: f64,
-    /// After the last send, until the end of the step.
-    tail: f64,
-    /// The step's wall time.
-    seconds: f64,
+/// One stage's step: its timeline (`ParallelStepReport::timeline`) on the machine's clock,
+/// seconds since the Unix epoch (the stages are processes of one machine).
+#[derive(Clone, Debug, Default)]
+struct StageStep {
+    actions: Vec<TimedAction>,
 }
 
-impl StageIdle {
-    fn of(report: &ParallelStepReport) -> Self {
-        let mut out = Self {
-            seconds: report.seconds,
-            ..Self::default()
-        };
-        let mut ready = 0.0;
-        let mut busy = 0.0;
-        for a in &report.timeline {
-            let wait = a.start - ready;
-            match a.action {
-                Action::Forward(_) => out.wait_forward += wait,
-                Action::Backward(_) => out.wait_backward += wait,
-            }
-            busy += a.end - a.start;
-            out.send += a.sent - a.end;
-            ready = a.sent;
-        }
-        out.tail = report.seconds - ready;
-        out.idle = 1.0 - busy / report.seconds;
-        out
+impl StageStep {
+    /// `report`'s step, which began at `t0` (seconds since the Unix epoch).
+    fn of(report: &ParallelStepReport, t0: f64) -> Self {
+        let actions = report
+            .timeline
+            .iter()
+            .map(|a| TimedAction {
+                action: a.action,
+                start: t0 + a.start,
+                end: t0 + a.end,
+                sent: t0 + a.sent,
+            })
+            .collect();
+        Self { actions }
     }
 
     fn line(&self) -> String {
-        format!(
-            "{} {} {} {} {} {}",
-            self.idle, self.wait_forward, self.wait_backward, self.send, self.tail, self.seconds
-        )
+        let words: Vec<String> = self
+            .actions
+            .iter()
+            .map(|a| {
+                let (kind, i) = match a.action {
+                    Action::Forward(i) => ('F', i),
+                    Action::Backward(i) => ('B', i),
+                };
+                format!("{kind}:{i}:{}:{}:{}", a.start, a.end, a.sent)
+            })
+            .collect();
+        words.join(" ")
     }
 
     fn parse(line: &str) -> Option<Self> {
-        let v: Vec<f64> = line
+        let actions = line
             .split_whitespace()
-            .map(str::parse)
-            .collect::<Result<_, _>>()
-            .ok()?;
-        let [idle, wait_forward, wait_backward, send, tail, seconds] = v[..] else {
-            return None;
-        };
-        Some(Self {
-            idle,
-            wait_forward,
-            wait_backward,
-            send,
-            tail,
-            seconds,
-        })
+            .map(|word| {
+                let parts: Vec<&str> = word.split(':').collect();
+                let [kind, i, start, end, sent] = parts[..] else {
+                    return None;
+                };
+                let i = i.parse().ok()?;
+                Some(TimedAction {
+                    action: if kind == "F" {
+                        Action::Forward(i)
+                    } else {
+                        Action::Backward(i)
+                    },
+                    start: start.parse().ok()?,
+                    end: end.parse().ok()?,
+                    sent: sent.parse().ok()?,
+                })
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(Self { actions })
+    }
+
+    fn first(&self) -> f64 {
+        self.actions.first().map_or(0.0, |a| a.start)
+    }
+
+    fn last(&self) -> f64 {
+        self.actions.last().map_or(0.0, |a| a.end)
+    }
+
+    fn find(&self, action: Action) -> Option<&TimedAction> {
+        self.actions.iter().find(|a| a.action == action)
     }
 }
 
-/// This stage's step with the median idle fraction over the timed steps.
-fn stage_idle(
+/// One stage's idle time in one pipeline step. The step runs from the first action of any stage
+/// to the last, the same window for every stage (the formula's definition); idle is the window
+/// less the stage's compute, split into sending, waiting for a tensor its neighbour had already
+/// computed (the transfer), and the rest (the neighbour still computing: the bubble itself).
+#[derive(Clone, Copy, Debug, Default)]
+struct StageIdle {
+    /// Idle fraction of the window.
+    idle: f64,
+    /// The window (seconds).
+    window: f64,
+    /// Inside sends.
+    send: f64,
+    /// Waiting after the awaited tensor's compute had ended on the neighbour.
+    transfer: f64,
+    /// Receives that waited on a transfer.
+    late: usize,
+}
+
+/// Each stage's idle time, the median step of each (by idle fraction); `steps[stage][step]`.
+fn pipeline_idle(steps: &[Vec<StageStep>]) -> Vec<StageIdle> {
+    let p = steps.len();
+    let n = steps.iter().map(Vec::len).min().unwrap_or(0);
+    (0..p)
+        .map(|s| {
+            let mut per_step: Vec<StageIdle> = (0..n)
+                .map(|k| {
+                    let start = steps
+                        .iter()
+                        .map(|st| st[k].first())
+                        .fold(f64::MAX, f64::min);
+                    let end = steps.iter().map(|st| st[k].last()).fold(f64::MIN, f64::max);
+                    let own = &steps[s][k];
+                    let window = end - start;
+                    let mut out = StageIdle {
+                        window,
+                        ..StageIdle::default()
+                    };
+                    let mut busy = 0.0;
+                    let mut ready = start;
+                    for a in &own.actions {
+                        busy += a.end - a.start;
+                        // The neighbour's action whose output this one waits for.
+                        let producer = match a.action {
+                            Action::Forward(_) if s > 0 => steps[s - 1][k].find(a.action),
+                            Action::Backward(_) if s + 1 < p => steps[s + 1][k].find(a.action),
+                            _ => None,
+                        };
+                        if let Some(producer) = producer {
+                            let waited = (a.start - ready.max(producer.end)).max(0.0);
+                            if waited > 0.0 {
+                                out.transfer += waited;
+                                out.late += 1;
+                            }
+                        }
+                        out.send += a.sent - a.end;
+                        ready = a.sent;
+                    }
+                    out.idle = 1.0 - busy / window;
+                    out
+                })
+                .collect();
+            per_step.sort_by(|a, b| a.idle.total_cmp(&b.idle));
+            per_step[per_step.len() / 2]
+        })
+        .collect()
+}
+
+fn unix_seconds() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// This stage's timed steps (after one warm-up).
+fn stage_steps(
     model: &Transformer<Ad>,
     net: Arc<PeerNet<Flex>>,
     args: &Args,
     p: usize,
     m: usize,
     schedule: PipelineSchedule,
-) -> StageIdle {
+) -> Vec<StageStep> {
     let rows = batch(args.rows * m, args.seq);
     let mut rank = ParallelRank::<Ad>::new(
         model.clone(),
@@ -198,19 +281,24 @@ fn stage_idle(
     .expect("rank");
     let mut steps = Vec::new();
     for step in 0..=args.steps {
+        let t0 = unix_seconds();
         let report = rank.step(&rows, 1e-4).expect("step");
         if step > 0 {
-            steps.push(StageIdle::of(&report));
+            steps.push(StageStep::of(&report, t0));
         }
     }
     rank.net().drain();
-    steps.sort_by(|a, b| a.idle.total_cmp(&b.idle));
-    steps[steps.len() / 2]
+    steps
 }
 
 /// The stages as `p` processes (this program again, with `--stage-of`), each with its share of
 /// the cores; their steps in stage order.
-fn stage_processes(args: &Args, p: usize, m: usize, schedule: PipelineSchedule) -> Vec<StageIdle> {
+fn stage_processes(
+    args: &Args,
+    p: usize,
+    m: usize,
+    schedule: PipelineSchedule,
+) -> Vec<Vec<StageStep>> {
     let addresses = PeerNet::<Flex>::local_addresses(p)
         .expect("ports")
         .join(",");
@@ -244,7 +332,10 @@ fn stage_processes(args: &Args, p: usize, m: usize, schedule: PipelineSchedule) 
         .map(|c| {
             let out = c.wait_with_output().expect("stage process");
             assert!(out.status.success(), "a stage process failed");
-            StageIdle::parse(String::from_utf8_lossy(&out.stdout).trim()).expect("stage report")
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(|l| StageStep::parse(l).expect("stage report"))
+                .collect()
         })
         .collect()
 }
@@ -276,7 +367,7 @@ fn main() {
         let addresses = addresses.split(',').map(str::to_owned).collect();
         let net =
             PeerNet::<Flex>::start(rank, addresses, Default::default()).expect("data service");
-        let idle = stage_idle(
+        let steps = stage_steps(
             &bench_model(&config(&args)),
             Arc::new(net),
             &args,
@@ -284,7 +375,9 @@ fn main() {
             m,
             schedule,
         );
-        println!("{}", idle.line());
+        for step in steps {
+            println!("{}", step.line());
+        }
         return;
     }
     println!(
@@ -307,11 +400,12 @@ fn main() {
     for &p in &args.stages {
         for &m in &args.micro_batches {
             for schedule in [PipelineSchedule::GPipe, PipelineSchedule::OneFOneB] {
-                let steps = if args.threads {
-                    on_ranks(p, |net| stage_idle(&model, net, &args, p, m, schedule))
+                let stage_steps = if args.threads {
+                    on_ranks(p, |net| stage_steps(&model, net, &args, p, m, schedule))
                 } else {
                     stage_processes(&args, p, m, schedule)
                 };
+                let steps = pipeline_idle(&stage_steps);
                 let idle: Vec<f64> = steps.iter().map(|s| s.idle).collect();
                 let mean = idle.iter().sum::<f64>() / idle.len() as f64;
                 let formula = bubble_fraction(p, m);
@@ -323,15 +417,19 @@ fn main() {
                 );
                 if args.timeline {
                     for (stage, s) in steps.iter().enumerate() {
+                        let idle = s.idle * s.window;
                         println!(
-                            "     stage {stage}: step {:.1} ms; idle {:.1} ms = waiting for \
-                             activations {:.1} + for gradients {:.1} + sending {:.1} + tail {:.1}",
-                            1e3 * s.seconds,
-                            1e3 * s.idle * s.seconds,
-                            1e3 * s.wait_forward,
-                            1e3 * s.wait_backward,
-                            1e3 * s.send,
-                            1e3 * s.tail
+                            "     stage {stage}: step {:.1} ms, compute {:.1}, idle {:.1} = neighbour \
+                             computing {:.1} + transfers {:.1} ({} late receives, {:.2} ms each) + \
+                             sending {:.1}",
+                            1e3 * s.window,
+                            1e3 * (s.window - idle),
+                            1e3 * idle,
+                            1e3 * (idle - s.transfer - s.send),
+                            1e3 * s.transfer,
+                            s.late,
+                            1e3 * s.transfer / s.late.max(1) as f64,
+                            1e3 * s.send
                         );
                     }
                 }
