@@ -60,5 +60,5 @@ echo "1 process x 2 threads:   $one tokens/s"
 echo "2 processes x 1 thread:  $ddp tokens/s (DDP)   ratio $(python3 -c "print(f'{$ddp/$one:.2f}')")x   peak RSS of a rank $(($(tail -1 "$OUT/ddp.rss") / 1024)) MB"
 echo "2 processes, ZeRO-3:     $z3 tokens/s          step time vs DDP $(python3 -c "print(f'{$ddp/$z3:.2f}')")x   peak RSS of a rank $(($(tail -1 "$OUT/z3.rss") / 1024)) MB"
 
-echo "== tensor and pipeline parallelism (ranks as threads, one core per stage)"
-RAYON_NUM_THREADS=1 ./target/release/examples/parallel_bench
+echo "== tensor and pipeline parallelism (pipeline stages as processes over loopback, one core per stage)"
+RAYON_NUM_THREADS=1 ./target/release/examples/parallel_bench --timeline

@@ -145,6 +145,8 @@ pub struct TimedAction {
     pub start: f64,
     /// Seconds from the start of the step to the end of the compute (before the send).
     pub end: f64,
+    /// Seconds from the start of the step to when the send returned (`end` without a send).
+    pub sent: f64,
 }
 
 /// What a step did on this rank.
@@ -423,15 +425,22 @@ impl<B: TensorParallelBackend> ParallelRank<B> {
         let mut timeline = Vec::with_capacity(actions.len());
         let started = Instant::now();
         let loss_fn = CrossEntropyLossConfig::new().init(&self.device);
+        // The schedule says what comes: M activations from the previous stage, M gradients from
+        // the next. Their receives are posted ahead, so they travel while this stage computes.
+        let mut from_prev = self.prev.map(|peer| Inbox::new(peer, m));
+        let mut from_next = self.next.map(|peer| Inbox::new(peer, m));
+        for inbox in from_prev.iter_mut().chain(from_next.iter_mut()) {
+            inbox.fill(&self.net)?;
+        }
         for action in actions {
             match action {
                 Action::Forward(i) => {
                     let (inputs, targets) = self.micro_batch(batch, i)?;
-                    let input = match self.prev {
+                    let input = match from_prev.as_mut() {
                         None => None,
-                        Some(prev) => Some(
-                            Tensor::<B, 3>::from_inner(self.net.recv::<3>(prev)?).require_grad(),
-                        ),
+                        Some(inbox) => {
+                            Some(Tensor::<B, 3>::from_inner(inbox.recv(&self.net)?).require_grad())
+                        }
                     };
                     let start = started.elapsed().as_secs_f64();
                     let out = stage.forward(match &input {
@@ -453,8 +462,14 @@ impl<B: TensorParallelBackend> ParallelRank<B> {
                     if let Some(next) = self.next {
                         self.net.send(next, output.clone().inner())?;
                     }
+                    let sent = started.elapsed().as_secs_f64();
                     stashes.insert(i, Stash::new(input, output, &counter));
-                    timeline.push(TimedAction { action, start, end });
+                    timeline.push(TimedAction {
+                        action,
+                        start,
+                        end,
+                        sent,
+                    });
                 }
                 Action::Backward(i) => {
                     let stash = stashes.remove(&i).ok_or_else(|| {
@@ -464,9 +479,9 @@ impl<B: TensorParallelBackend> ParallelRank<B> {
                     })?;
                     // The next stage's gradient of this stage's output: backpropagating
                     // `sum(output · gradient)` gives exactly the chain rule's terms.
-                    let upstream = match self.next {
+                    let upstream = match from_next.as_mut() {
                         None => None,
-                        Some(next) => Some(Tensor::<B, 3>::from_inner(self.net.recv::<3>(next)?)),
+                        Some(inbox) => Some(Tensor::<B, 3>::from_inner(inbox.recv(&self.net)?)),
                     };
                     if self.layout.tensor > 1 && self.net.shares_process() {
                         // Ranks that are threads share Burn's autodiff bookkeeping: after a
@@ -491,8 +506,14 @@ impl<B: TensorParallelBackend> ParallelRank<B> {
                         })?;
                         self.net.send(prev, g)?;
                     }
+                    let sent = started.elapsed().as_secs_f64();
                     drop(stash);
-                    timeline.push(TimedAction { action, start, end });
+                    timeline.push(TimedAction {
+                        action,
+                        start,
+                        end,
+                        sent,
+                    });
                 }
             }
         }
@@ -690,6 +711,54 @@ impl<B: TensorParallelBackend> ParallelRank<B> {
             *skeleton = with_values(skeleton.clone(), values, self.net.device())?;
         }
         Ok(Some(Transformer::from_stages(stages)?))
+    }
+}
+
+/// Receives posted ahead of the compute per neighbour (one in flight while the stage computes,
+/// one more queued behind it on the same connection).
+const POSTED_AHEAD: usize = 2;
+
+/// One step's receives from one neighbouring stage: `total` tensors, in order, at most
+/// [`POSTED_AHEAD`] of them posted before they are needed (never more than the step receives,
+/// so nothing posted is left for a later message of the same pair).
+struct Inbox {
+    peer: usize,
+    total: usize,
+    posted: usize,
+    taken: usize,
+}
+
+impl Inbox {
+    fn new(peer: usize, total: usize) -> Self {
+        Self {
+            peer,
+            total,
+            posted: 0,
+            taken: 0,
+        }
+    }
+
+    /// Posts receives until [`POSTED_AHEAD`] are waiting or all `total` are posted.
+    fn fill<B: Backend>(&mut self, net: &PeerNet<B>) -> Result<()> {
+        while self.posted < self.total && self.posted - self.taken < POSTED_AHEAD {
+            net.post_recv(self.peer)?;
+            self.posted += 1;
+        }
+        Ok(())
+    }
+
+    /// The next tensor; the receive after it is posted before this returns.
+    fn recv<B: Backend, const D: usize>(&mut self, net: &PeerNet<B>) -> Result<Tensor<B, D>> {
+        if self.taken == self.total {
+            return Err(DistError::Config(format!(
+                "more than the {} tensors of a step received from rank {}",
+                self.total, self.peer
+            )));
+        }
+        let tensor = net.recv::<D>(self.peer)?;
+        self.taken += 1;
+        self.fill(net)?;
+        Ok(tensor)
     }
 }
 

@@ -11,12 +11,19 @@
 //! ranks that make matching sends and receives in the same order always meet, and since a send
 //! never blocks, no schedule in which every receive has a matching send can deadlock.
 //!
+//! A receive can be *posted* ahead of time ([`PeerNet::post_recv`]): it takes the pair's next
+//! number at once and downloads in the background, on the runtime the data service already runs
+//! on, so that the [`recv`](PeerNet::recv) that comes for it finds the tensor arrived. A download
+//! asked for before its tensor is exposed is answered the moment it is, instead of a request and
+//! a reply after the receiver gets there: a pipeline stage that knows its next receives from the
+//! schedule takes the transfer off its critical path (Megatron's batched p2p does the same).
+//!
 //! Ranks that are threads of one process ([`thread_ranks`]) skip the network: a send puts the
 //! tensor in the receiver's in-process mailbox, with the same numbering. Serializing a tensor
 //! and a round trip through a local WebSocket cost a millisecond or more per message, which a
-//! 1F1B pipeline pays on its critical path at every micro-batch.
+//! 1F1B pipeline pays on its critical path at every micro-batch unless the receive is posted.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -47,6 +54,7 @@ pub struct PeerNet<B: Backend> {
     link: Link<B>,
     sent: Mutex<HashMap<usize, u64>>,
     received: Mutex<HashMap<usize, u64>>,
+    posted: Mutex<HashMap<usize, VecDeque<Posted>>>,
     reachable: Mutex<Vec<bool>>,
     device: B::Device,
     bytes_sent: AtomicU64,
@@ -59,9 +67,17 @@ enum Link<B: Backend> {
         service: Arc<TensorDataService<B, WebSocket>>,
         runtime: tokio::runtime::Runtime,
         cancel: CancellationToken,
+        /// Sends handed to the runtime and not yet exposed.
+        exposing: Arc<AtomicU64>,
     },
     /// Mailboxes shared by ranks that are threads of one process.
     Local(Arc<LocalHub>),
+}
+
+/// A receive under way in the background: message `seq` from its peer.
+struct Posted {
+    seq: u64,
+    download: tokio::task::JoinHandle<Option<TensorData>>,
 }
 
 /// The in-process mailboxes of a set of thread ranks: messages keyed by transfer id, and the
@@ -160,6 +176,7 @@ impl<B: Backend> PeerNet<B> {
                 service,
                 runtime,
                 cancel,
+                exposing: Arc::new(AtomicU64::new(0)),
             },
             device,
         ))
@@ -187,6 +204,7 @@ impl<B: Backend> PeerNet<B> {
             link,
             sent: Mutex::new(HashMap::new()),
             received: Mutex::new(HashMap::new()),
+            posted: Mutex::new(HashMap::new()),
             reachable: Mutex::new(reachable),
             device,
             bytes_sent: AtomicU64::new(0),
@@ -260,6 +278,8 @@ impl<B: Backend> PeerNet<B> {
     }
 
     /// Sends `data` to `to` (returns at once; the peer's matching [`recv`](Self::recv) gets it).
+    /// Over the data service the tensor is serialized and exposed in the background, off the
+    /// caller's thread; [`drain`](Self::drain) waits for it.
     pub fn send_data(&self, to: usize, data: TensorData) -> Result<()> {
         self.check_peer(to)?;
         let seq = Self::next(&self.sent, to);
@@ -268,20 +288,67 @@ impl<B: Backend> PeerNet<B> {
         let id = Self::transfer_id(self.rank, to, seq);
         match &self.link {
             Link::Service {
-                service, runtime, ..
-            } => runtime.block_on(service.expose_data(data, 1, id.into())),
+                service,
+                runtime,
+                exposing,
+                ..
+            } => {
+                let (service, exposing) = (Arc::clone(service), Arc::clone(exposing));
+                exposing.fetch_add(1, Ordering::SeqCst);
+                runtime.spawn(async move {
+                    service.expose_data(data, 1, id.into()).await;
+                    exposing.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
             Link::Local(hub) => hub.put(id, data),
         }
         Ok(())
     }
 
+    /// Posts the receive of the next tensor `from` sends: its download starts now, in the
+    /// background, and the next [`recv_data`](Self::recv_data) from `from` returns it (posted
+    /// receives are taken in the order they were posted, before any later message). Posting
+    /// ahead does not change which tensor a receive gets, only when it travels. Between thread
+    /// ranks (mailboxes) there is nothing to start, and this does nothing.
+    pub fn post_recv(&self, from: usize) -> Result<()> {
+        self.check_peer(from)?;
+        let Link::Service {
+            service, runtime, ..
+        } = &self.link
+        else {
+            return Ok(());
+        };
+        self.wait_reachable(from)?;
+        let address = Address::from_str(&format!("ws://{}", self.addresses[from]))
+            .map_err(|e| DistError::Config(format!("address of rank {from}: {e}")))?;
+        let seq = Self::next(&self.received, from);
+        let id = Self::transfer_id(from, self.rank, seq);
+        let service = Arc::clone(service);
+        // A task of its own: the data service panics on a lost connection, which then ends this
+        // download (an error for `recv_data`) rather than the caller.
+        let download =
+            runtime.spawn(async move { service.download_tensor(address, id.into()).await });
+        self.lock_posted()
+            .entry(from)
+            .or_default()
+            .push_back(Posted { seq, download });
+        Ok(())
+    }
+
+    /// Receives posted and not yet taken, from every peer.
+    pub fn posted_receives(&self) -> usize {
+        self.lock_posted().values().map(VecDeque::len).sum()
+    }
+
+    fn lock_posted(&self) -> std::sync::MutexGuard<'_, HashMap<usize, VecDeque<Posted>>> {
+        self.posted.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// The next tensor `from` sends this rank (waits for it).
     pub fn recv_data(&self, from: usize) -> Result<TensorData> {
         self.check_peer(from)?;
-        let (service, runtime) = match &self.link {
-            Link::Service {
-                service, runtime, ..
-            } => (service, runtime),
+        let runtime = match &self.link {
+            Link::Service { runtime, .. } => runtime,
             Link::Local(hub) => {
                 let seq = Self::next(&self.received, from);
                 return hub
@@ -289,14 +356,30 @@ impl<B: Backend> PeerNet<B> {
                     .ok_or_else(|| self.closed_early(from, seq));
             }
         };
-        self.wait_reachable(from)?;
-        let seq = Self::next(&self.received, from);
-        let id = Self::transfer_id(from, self.rank, seq);
-        let address = Address::from_str(&format!("ws://{}", self.addresses[from]))
-            .map_err(|e| DistError::Config(format!("address of rank {from}: {e}")))?;
-        runtime
-            .block_on(service.download_tensor(address, id.into()))
-            .ok_or_else(|| self.closed_early(from, seq))
+        let posted = self
+            .lock_posted()
+            .get_mut(&from)
+            .and_then(VecDeque::pop_front);
+        let Posted { seq, download } = match posted {
+            Some(posted) => posted,
+            None => {
+                self.post_recv(from)?;
+                self.lock_posted()
+                    .get_mut(&from)
+                    .and_then(VecDeque::pop_front)
+                    .ok_or_else(|| {
+                        DistError::Collective(format!("the receive from rank {from} was lost"))
+                    })?
+            }
+        };
+        match runtime.block_on(download) {
+            Ok(Some(data)) => Ok(data),
+            Ok(None) => Err(self.closed_early(from, seq)),
+            Err(e) => Err(DistError::Collective(format!(
+                "downloading message {seq} from rank {from} to rank {} failed: {e}",
+                self.rank
+            ))),
+        }
     }
 
     fn closed_early(&self, from: usize, seq: u64) -> DistError {
@@ -330,7 +413,10 @@ impl<B: Backend> PeerNet<B> {
     /// `PeerNet` does it too.
     pub fn drain(&self) {
         let Link::Service {
-            service, runtime, ..
+            service,
+            runtime,
+            exposing,
+            ..
         } = &self.link
         else {
             return;
@@ -338,7 +424,8 @@ impl<B: Backend> PeerNet<B> {
         runtime.block_on(async {
             let started = Instant::now();
             loop {
-                let pending = !service.exposed_tensors.lock().await.is_empty()
+                let pending = exposing.load(Ordering::SeqCst) > 0
+                    || !service.exposed_tensors.lock().await.is_empty()
                     || service.sends_in_flight.load(Ordering::SeqCst) > 0;
                 if !pending || started.elapsed() > DRAIN_TIMEOUT {
                     break;
@@ -383,13 +470,27 @@ impl<B: Backend> Drop for PeerNet<B> {
     fn drop(&mut self) {
         LIVE_IN_PROCESS.fetch_sub(1, Ordering::Relaxed);
         self.drain();
+        let posted: Vec<Posted> = self
+            .lock_posted()
+            .drain()
+            .flat_map(|(_, queue)| queue)
+            .collect();
         match &self.link {
             Link::Service {
                 service,
                 runtime,
                 cancel,
+                ..
             } => {
-                runtime.block_on(service.close());
+                // Receives posted and never taken wait on a connection that `close` needs.
+                for Posted { download, .. } in posted {
+                    download.abort();
+                    let _ = runtime.block_on(download);
+                }
+                // In a task: closing a connection the peer already dropped panics in the data
+                // service, and a drop must not.
+                let service = Arc::clone(service);
+                let _ = runtime.block_on(runtime.spawn(async move { service.close().await }));
                 cancel.cancel();
             }
             Link::Local(hub) => hub.close(self.rank),

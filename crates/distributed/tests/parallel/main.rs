@@ -1,6 +1,6 @@
 //! Distributed training on ranks that are threads of this process: data parallelism and ZeRO
 //! ([`data_parallel`], [`zero3_gather`]) and tensor and pipeline parallelism ([`model_parallel`]),
-//! each against the single-device run. One test binary, so that they link once.
+//! each against the single-device run, and the point-to-point transfers under them ([`p2p`]). One test binary, so that they link once.
 
 use std::sync::Mutex;
 
@@ -8,6 +8,7 @@ use kiln_transformer::{MlpKind, ModelConfig, NormKind, PositionEncoding, RopePai
 
 mod data_parallel;
 mod model_parallel;
+mod p2p;
 mod zero3_gather;
 
 /// Burn's CPU random generator and its collective server are process-wide: one test at a time.

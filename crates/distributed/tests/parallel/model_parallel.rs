@@ -39,7 +39,7 @@ fn llama() -> ModelConfig {
 }
 
 /// Step `step`'s batch: `ROWS` rows of `SEQ + 1` tokens.
-fn batch(step: usize, vocab: usize) -> Vec<Vec<i64>> {
+pub(super) fn batch(step: usize, vocab: usize) -> Vec<Vec<i64>> {
     (0..ROWS)
         .map(|r| {
             (0..=SEQ)
@@ -144,7 +144,7 @@ fn assert_close(a: &[f32], b: &[f32], tol: f32, what: &str) {
 
 /// `model` with every parameter initialized, so that its clones share the values (Burn's lazy
 /// initializers run once per clone otherwise).
-fn settled(model: Transformer<Ad>) -> Transformer<Ad> {
+pub(super) fn settled(model: Transformer<Ad>) -> Transformer<Ad> {
     struct Read;
     impl burn::module::ModuleMapper<Ad> for Read {}
     model.map(&mut Read)
