@@ -14,11 +14,11 @@
 //! process, caps the choice for benchmarks and tests: the named kernel, or the best below it that
 //! the CPU runs.
 //!
-//! `Q4_0` weights are repacked when the matrix is built, into tiles of 16 rows whose blocks are
-//! interleaved ([`packed`]), so that the kernels multiply 16 weight rows by several input rows
-//! per loop, with the input values broadcast and no horizontal sums.
+//! `Q4_0` and `Q8_0` weights are repacked when the matrix is built, into tiles of 16 rows whose
+//! blocks are interleaved ([`packed`]), so that the kernels multiply 16 weight rows by several
+//! input rows per loop, with the input values broadcast and no horizontal sums.
 //!
-//! For `Q4_1` and `Q8_0`, a tile of input rows is multiplied by one or two weight rows at a time,
+//! For `Q4_1` (and weights kept in rows), a tile of input rows is multiplied by one or two weight rows at a time,
 //! so each weight block is loaded and unpacked once per tile, and the weight rows a task works on
 //! are taken in chunks that stay in the L2 cache while every tile of input rows passes over them.
 
@@ -134,8 +134,8 @@ pub struct Q8Rows {
     d: Vec<f32>,
     /// `d · Σ q` per block.
     s: Vec<f32>,
-    /// `-8 · Σ q` per block: `Q4_0`'s offset in integers, for the kernels that multiply its
-    /// nibbles unsigned and add the offset before scaling ([`packed`]).
+    /// `-8 · Σ q` per block: `Q4_0`'s offset in integers (16 times it `Q8_0`'s), for the
+    /// kernels that multiply weights unsigned and add the offset before scaling ([`packed`]).
     off: Vec<i32>,
 }
 
@@ -414,8 +414,8 @@ fn hsum_epi32(v: std::arch::x86_64::__m256i) -> i32 {
 
 /// A `rows × cols` weight matrix (`rows` output features, one row per output) in a GGUF block
 /// layout ([`SUPPORTED`](Self::SUPPORTED)), read in place (each row is `cols / 32` consecutive
-/// blocks), except `Q4_0`, whose blocks are repacked into an owned buffer of interleaved tiles of
-/// 16 rows when the matrix is built (the same bytes, moved; see the module's documentation).
+/// blocks), except `Q4_0` and `Q8_0`, whose blocks are repacked into an owned buffer of
+/// interleaved tiles of 16 rows when the matrix is built (the same values; see [`packed`]).
 #[derive(Clone)]
 pub struct QuantMatrix {
     ty: GgmlType,
@@ -447,7 +447,7 @@ impl QuantMatrix {
     pub const SUPPORTED: [GgmlType; 3] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0];
 
     /// `rows × cols` weights of type `ty` at `bytes[offset..offset + len]` (no copy, except
-    /// `Q4_0`'s, repacked into tiles), `len` being the matrix's size in that type.
+    /// `Q4_0`'s and `Q8_0`'s, repacked into tiles), `len` being the matrix's size in that type.
     /// [`KernelError::Declined`] for a type not in [`SUPPORTED`](Self::SUPPORTED) (see
     /// [`supports`]); [`KernelError::Shape`] when `cols` is not a multiple of 32 or the bytes are
     /// too short (its `len` is then the number of values the bytes hold).
@@ -459,7 +459,7 @@ impl QuantMatrix {
         offset: usize,
     ) -> Result<Self, KernelError> {
         let plain = Self::in_rows(ty, rows, cols, bytes, offset)?;
-        Ok(if plain.kind == Q4_0 {
+        Ok(if packed::packs(plain.kind) {
             plain.repacked()
         } else {
             plain
@@ -506,7 +506,7 @@ impl QuantMatrix {
 
     /// This matrix's rows (in rows) repacked into tiles, in a new buffer.
     fn repacked(&self) -> Self {
-        let bytes = packed::repack(self.data(), self.rows, self.cols / QK);
+        let bytes = packed::repack(self.kind, self.data(), self.rows, self.cols / QK);
         Self {
             offset: 0,
             len: bytes.len(),
@@ -519,7 +519,7 @@ impl QuantMatrix {
     /// The blocks of rows `rows`, one row after another (in GGUF's layout).
     fn rows_bytes(&self, rows: std::ops::Range<usize>) -> Vec<u8> {
         if self.packed {
-            packed::plain_rows(self.data(), self.cols / QK, rows)
+            packed::plain_rows(self.kind, self.data(), self.cols / QK, rows)
         } else {
             let rb = self.row_bytes();
             self.data()[rows.start * rb..rows.end * rb].to_vec()
@@ -537,7 +537,7 @@ impl QuantMatrix {
     }
 
     /// The matrix cut into consecutive row ranges of `rows[j]` rows each: views of the same bytes
-    /// (no copy; for `Q4_0`, when every cut falls between tiles of 16 rows, else each part
+    /// (no copy; for repacked types, when every cut falls between tiles of 16 rows, else each part
     /// repacked on its own). [`KernelError::Shape`] unless the counts add up to the matrix's rows.
     pub fn split_rows<const N: usize>(&self, rows: [usize; N]) -> Result<[Self; N], KernelError> {
         if rows.iter().sum::<usize>() != self.rows {
@@ -548,7 +548,7 @@ impl QuantMatrix {
             });
         }
         if self.packed {
-            let tile_bytes = self.cols / QK * packed::TILE_BLOCK;
+            let tile_bytes = self.cols / QK * packed::tile_block(self.kind);
             let mut start = 0;
             let whole_tiles = rows[..N.saturating_sub(1)].iter().all(|&n| {
                 start += n;
@@ -562,7 +562,7 @@ impl QuantMatrix {
                     Self {
                         rows: n,
                         offset: self.offset + range.start / packed::TILE * tile_bytes,
-                        len: packed::packed_len(n, self.cols / QK),
+                        len: packed::packed_len(self.kind, n, self.cols / QK),
                         data: Arc::clone(&self.data),
                         ..*self
                     }
@@ -610,7 +610,7 @@ impl QuantMatrix {
         self.cols
     }
 
-    /// Bytes of weights (with a repacked `Q4_0` matrix's padding to whole tiles of 16 rows).
+    /// Bytes of weights (with a repacked matrix's padding to whole tiles of 16 rows).
     pub fn bytes(&self) -> usize {
         self.len
     }
@@ -699,7 +699,7 @@ impl QuantMatrix {
         rows: std::ops::Range<usize>,
     ) {
         if self.packed {
-            packed::tiles_fn()(&packed::Job {
+            packed::tiles_fn(self.kind)(&packed::Job {
                 w: self.data(),
                 nb: self.cols / QK,
                 rows,
@@ -743,7 +743,7 @@ impl QuantMatrix {
         let row_bytes = self.row_bytes();
         for (&id, out) in ids.iter().zip(out.chunks_exact_mut(self.cols.max(1))) {
             if self.packed {
-                packed::decode_row(data, self.cols / QK, id, out);
+                packed::decode_row(self.kind, data, self.cols / QK, id, out);
             } else {
                 decode_row(self.kind, &data[id * row_bytes..(id + 1) * row_bytes], out);
             }
@@ -761,7 +761,9 @@ impl QuantMatrix {
             out.par_chunks_mut(self.cols)
                 .enumerate()
                 .with_min_len(64)
-                .for_each(|(r, out)| packed::decode_row(self.data(), self.cols / QK, r, out));
+                .for_each(|(r, out)| {
+                    packed::decode_row(self.kind, self.data(), self.cols / QK, r, out)
+                });
             return out;
         }
         let row_bytes = self.row_bytes();
@@ -1944,9 +1946,15 @@ mod tests {
     }
 
     #[test]
-    fn q4_0_splits_between_tiles_are_views() {
+    fn splits_between_tiles_are_views() {
+        for ty in [GgmlType::Q4_0, GgmlType::Q8_0] {
+            split_case(ty);
+        }
+    }
+
+    fn split_case(ty: GgmlType) {
         let (rows, cols, n) = (40, 96, 3);
-        let whole = matrix(GgmlType::Q4_0, rows, cols, 4);
+        let whole = matrix(ty, rows, cols, 4);
         let all = whole.dequantize();
         let x = Q8Rows::quantize(&values(n * cols, 2), n, cols).unwrap();
         let mut want = vec![0f32; n * rows];
@@ -1970,7 +1978,7 @@ mod tests {
         }
     }
 
-    /// `q`'s blocks in rows, as the file stores them (a repacked `Q4_0` matrix unpacked).
+    /// `q`'s blocks in rows, as the file stores them (a repacked matrix unpacked).
     fn in_rows(q: &QuantMatrix) -> QuantMatrix {
         let bytes = q.rows_bytes(0..q.rows);
         let plain = QuantMatrix::in_rows(q.ty, q.rows, q.cols, Arc::new(bytes), 0).unwrap();
@@ -2002,24 +2010,8 @@ mod tests {
         out
     }
 
-    /// The kernels on repacked `Q4_0` tiles this CPU runs, portable first.
-    fn packed_kernels() -> Vec<(&'static str, packed::TilesFn)> {
-        let mut k: Vec<(&'static str, packed::TilesFn)> =
-            vec![("portable", packed::tiles_portable)];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if best_kernel() >= AVX2 {
-                k.push(("avx2", packed::tiles_avx2_fn()));
-            }
-            if best_kernel() >= VNNI {
-                k.push(("vnni", packed::tiles_vnni_fn()));
-            }
-        }
-        k
-    }
-
     #[test]
-    fn packed_q4_0_kernels_equal_the_kernels_in_rows() {
+    fn packed_kernels_equal_the_kernels_in_rows() {
         // Rows in whole tiles of 16, with a rest, fewer than a tile; blocks fewer than a group,
         // in whole groups, with a rest; one input row (decoding) to more than a tile of them.
         let shapes = [
@@ -2031,34 +2023,37 @@ mod tests {
             (45, 25),
             (70, 48),
         ];
-        let kernels = packed_kernels();
-        for (rows, nb) in shapes {
+        for (ty, (rows, nb)) in [GgmlType::Q4_0, GgmlType::Q8_0]
+            .into_iter()
+            .flat_map(|ty| shapes.map(|s| (ty, s)))
+        {
             let cols = nb * QK;
-            for (m, q) in [
-                matrix(GgmlType::Q4_0, rows, cols, 3),
-                raw_matrix(GgmlType::Q4_0, rows, cols, 4),
-            ]
-            .iter()
-            .enumerate()
+            let kind = kind_of(ty).unwrap();
+            let kernels = packed::all_tiles_fns(kind);
+            for (m, q) in [matrix(ty, rows, cols, 3), raw_matrix(ty, rows, cols, 4)]
+                .iter()
+                .enumerate()
             {
+                assert!(q.packed);
                 let plain = in_rows(q);
                 assert_eq!(q.dequantize(), plain.dequantize());
                 for n in [1, 2, 5, 8, 9, 19] {
                     let x = Q8Rows::quantize(&values(n * cols, 7 + n as u32), n, cols).unwrap();
-                    let what = format!("matrix {m} {rows}×{cols} n={n}");
+                    let what = format!("{ty} matrix {m} {rows}×{cols} n={n}");
                     let reference = reference(&plain.dequantize(), &x.dequantize(), rows, cols, n);
                     // The existing kernels, on the blocks in rows.
-                    let mut kernels_in_rows = vec![product(portable_rows_fn(Q4_0), &plain, &x)];
+                    let mut kernels_in_rows = vec![product(portable_rows_fn(kind), &plain, &x)];
                     #[cfg(target_arch = "x86_64")]
                     if best_kernel() >= AVX2 {
                         // SAFETY: the CPU has AVX2, FMA and F16C (above).
-                        kernels_in_rows.push(product(
-                            |j| unsafe { rows_avx2::<Q4_0>(j) },
-                            &plain,
-                            &x,
-                        ));
+                        let f: RowsFn = if kind == Q8_0 {
+                            |j| unsafe { rows_avx2::<Q8_0>(j) }
+                        } else {
+                            |j| unsafe { rows_avx2::<Q4_0>(j) }
+                        };
+                        kernels_in_rows.push(product(f, &plain, &x));
                     }
-                    let want = packed_product(packed::tiles_portable, q, &x, 0..rows, rows, 0);
+                    let want = packed_product(kernels[0].1, q, &x, 0..rows, rows, 0);
                     for (k, &got) in want.iter().enumerate() {
                         assert!(
                             close(got, reference[k]),
@@ -2111,8 +2106,8 @@ mod tests {
             q.dequantize_rows(&[5, 2], &mut two).unwrap();
             assert_eq!(two[..cols], want[5 * cols..6 * cols]);
             assert_eq!(two[cols..], want[2 * cols..3 * cols]);
-            // Q4_0 is repacked into tiles of 16 rows.
-            let stored = if ty == GgmlType::Q4_0 { 16 } else { rows };
+            // Q4_0 and Q8_0 are repacked into tiles of 16 rows.
+            let stored = if ty == GgmlType::Q4_1 { rows } else { 16 };
             assert_eq!(q.bytes(), ty.type_size().unwrap() * stored * cols / 32);
         }
     }

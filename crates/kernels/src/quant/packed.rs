@@ -1,34 +1,36 @@
-//! `Q4_0` weights repacked at load into tiles of [`TILE`] rows whose blocks are interleaved, and
-//! the products on that layout (portable, AVX2, AVX-512 VNNI), as llama.cpp's CPU backend does
-//! with its `block_q4_0x8` repacking (a different layout, for the same purpose).
+//! `Q4_0` and `Q8_0` weights repacked at load into tiles of [`TILE`] rows whose blocks are
+//! interleaved, and the products on that layout (portable, AVX2, AVX-512 VNNI), as llama.cpp's CPU
+//! backend does with its `block_q4_0x8` repacking (a different layout, for the same purpose).
 //!
 //! A tile holds rows `16t..16t + 16` (zero rows pad the last tile): for each block column `b`,
-//! [`TILE_BLOCK`] bytes, the 16 rows' f16 scales `d` (32 bytes) and then their values in four
-//! 64-byte vectors, vector `m` holding bytes `4m..4m + 4` of each row's 16 value bytes (row `j` at
-//! `4j`). The low nibbles of vector `m` are values `4m..4m + 4` of the 16 rows' block `b`, its high
-//! nibbles values `16 + 4m..16 + 4m + 4`, so one AND (and a shift) gives a vector whose 32-bit lane
-//! `j` pairs with the same four activations for all 16 rows: the activations are broadcast, each
-//! `vpdpbusd` is 64 multiply-adds into 16 rows' sums, and the 16 rows' results come out in one
-//! vector, no horizontal sums. The bytes are those of the plain blocks, moved: the values
-//! dequantize exactly as before.
+//! [`tile_block`] bytes, the 16 rows' f16 scales `d` (32 bytes) and then their values in 64-byte
+//! vectors (four for `Q4_0`, eight for `Q8_0`), vector `m` holding bytes `4m..4m + 4` of each
+//! row's value bytes (row `j` at `4j`). For `Q4_0`, the low nibbles of vector `m` are values
+//! `4m..4m + 4` of the 16 rows' block `b` and its high nibbles values `16 + 4m..16 + 4m + 4`, so
+//! one AND (and a shift) gives a vector whose 32-bit lane `j` pairs with the same four activations
+//! for all 16 rows; `Q8_0`'s values are stored plus 128 (their sign bit flipped), unsigned, as
+//! `vpdpbusd` takes them. The activations are broadcast, each `vpdpbusd` is 64 multiply-adds into
+//! 16 rows' sums, and the 16 rows' results come out in one vector, no horizontal sums. The bytes
+//! are those of the plain blocks, moved (and for `Q8_0` flipped back): the values dequantize
+//! exactly as before.
 //!
-//! Per block, every kernel computes the integer `Σ q_w q_x − 8 Σ q_x` (the nibbles multiplied
-//! unsigned, the offset from [`Q8Rows`]) exactly, and then `acc = fma(float(dot), d_w · d_x, acc)`:
-//! the three kernels give the same bits, and an input row's results do not depend on the rows
-//! computed beside it.
+//! Per block, every kernel computes the integer `Σ q_w q_x` exactly (for `Q4_0` as
+//! `Σ n_w q_x − 8 Σ q_x` with unsigned nibbles `n_w`, for `Q8_0` on VNNI as `Σ u_w q_x − 128 Σ q_x`,
+//! the offsets from [`Q8Rows`]), and then `acc = fma(float(dot), d_w · d_x, acc)`: the three
+//! kernels give the same bits, and an input row's results do not depend on the rows computed
+//! beside it.
 
 use std::ops::Range;
 
 use half::f16;
 
-use super::{AVX2, OutPtr, Q8Rows, QK, VNNI, act_index, kernel};
+use super::{
+    AVX2, OutPtr, Q4_0, Q8_0, Q8Rows, QK, VNNI, act_index, block_bytes, decode_row as decode_block,
+    kernel,
+};
 
 /// Weight rows per tile.
 pub(super) const TILE: usize = 16;
-/// Bytes of a plain `Q4_0` block.
-const BLOCK: usize = 18;
-/// Bytes of one block column of a tile (its 16 rows' blocks).
-pub(super) const TILE_BLOCK: usize = TILE * BLOCK;
 /// Bytes of a block column's scales, ahead of its values.
 const SCALES: usize = 2 * TILE;
 /// Input rows per pass over a tile (VNNI; AVX2 takes [`RM_AVX2`]).
@@ -36,24 +38,45 @@ const RM_VNNI: usize = 8;
 /// Input rows per pass over half a tile in AVX2.
 const RM_AVX2: usize = 4;
 
-/// Bytes of `rows` rows of `nb` blocks repacked (whole tiles).
-pub(super) fn packed_len(rows: usize, nb: usize) -> usize {
-    rows.div_ceil(TILE) * nb * TILE_BLOCK
+/// Whether weights of format `kind` are repacked.
+pub(super) fn packs(kind: u8) -> bool {
+    kind == Q4_0 || kind == Q8_0
 }
 
-/// Plain `Q4_0` rows (`rows` rows of `nb` blocks, `plain.len() == rows · nb · 18`) repacked into
-/// tiles.
-pub(super) fn repack(plain: &[u8], rows: usize, nb: usize) -> Vec<u8> {
-    let mut out = vec![0u8; packed_len(rows, nb)];
-    let row_bytes = nb * BLOCK;
-    for (r, row) in plain.chunks_exact(row_bytes.max(1)).take(rows).enumerate() {
-        for (b, block) in row.chunks_exact(BLOCK).enumerate() {
-            let at = block_at(nb, r, b);
+/// Bytes of one block column of a tile (its 16 rows' blocks).
+pub(super) const fn tile_block(kind: u8) -> usize {
+    TILE * block_bytes(kind)
+}
+
+/// 64-byte value vectors per block column.
+const fn vectors(kind: u8) -> usize {
+    (block_bytes(kind) - 2) / 4
+}
+
+/// What a value byte is stored as (`Q8_0`'s sign bit flipped; the same both ways).
+const fn stored(kind: u8, byte: u8) -> u8 {
+    if kind == Q8_0 { byte ^ 0x80 } else { byte }
+}
+
+/// Bytes of `rows` rows of `nb` blocks of format `kind` repacked (whole tiles).
+pub(super) fn packed_len(kind: u8, rows: usize, nb: usize) -> usize {
+    rows.div_ceil(TILE) * nb * tile_block(kind)
+}
+
+/// Plain rows of format `kind` (`rows` rows of `nb` blocks) repacked into tiles.
+pub(super) fn repack(kind: u8, plain: &[u8], rows: usize, nb: usize) -> Vec<u8> {
+    let mut out = vec![0u8; packed_len(kind, rows, nb)];
+    let bs = block_bytes(kind);
+    for (r, row) in plain.chunks_exact((nb * bs).max(1)).take(rows).enumerate() {
+        for (b, block) in row.chunks_exact(bs).enumerate() {
+            let at = block_at(kind, nb, r, b);
             let j = r % TILE;
             out[at + 2 * j..at + 2 * j + 2].copy_from_slice(&block[..2]);
-            for m in 0..4 {
+            for m in 0..vectors(kind) {
                 let to = at + SCALES + 64 * m + 4 * j;
-                out[to..to + 4].copy_from_slice(&block[2 + 4 * m..6 + 4 * m]);
+                for (o, &v) in out[to..to + 4].iter_mut().zip(&block[2 + 4 * m..6 + 4 * m]) {
+                    *o = stored(kind, v);
+                }
             }
         }
     }
@@ -61,44 +84,46 @@ pub(super) fn repack(plain: &[u8], rows: usize, nb: usize) -> Vec<u8> {
 }
 
 /// Where block column `b` of row `r`'s tile starts.
-fn block_at(nb: usize, r: usize, b: usize) -> usize {
-    (r / TILE * nb + b) * TILE_BLOCK
+fn block_at(kind: u8, nb: usize, r: usize, b: usize) -> usize {
+    (r / TILE * nb + b) * tile_block(kind)
 }
 
-/// Plain block `b` of row `r` from tiles of `nb` block columns.
-pub(super) fn plain_block(packed: &[u8], nb: usize, r: usize, b: usize) -> [u8; BLOCK] {
-    let at = block_at(nb, r, b);
+/// Plain block `b` of row `r` (into `block`, [`block_bytes`] long) from tiles of `nb` block
+/// columns.
+fn plain_block(kind: u8, packed: &[u8], nb: usize, r: usize, b: usize, block: &mut [u8]) {
+    let at = block_at(kind, nb, r, b);
     let j = r % TILE;
-    let mut block = [0u8; BLOCK];
     block[..2].copy_from_slice(&packed[at + 2 * j..at + 2 * j + 2]);
-    for m in 0..4 {
+    for m in 0..vectors(kind) {
         let from = at + SCALES + 64 * m + 4 * j;
-        block[2 + 4 * m..6 + 4 * m].copy_from_slice(&packed[from..from + 4]);
+        for (o, &v) in block[2 + 4 * m..6 + 4 * m]
+            .iter_mut()
+            .zip(&packed[from..from + 4])
+        {
+            *o = stored(kind, v);
+        }
     }
-    block
 }
 
 /// Plain rows `rows` (their blocks, one row after another) from tiles of `nb` block columns.
-pub(super) fn plain_rows(packed: &[u8], nb: usize, rows: Range<usize>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(rows.len() * nb * BLOCK);
-    for r in rows {
-        for b in 0..nb {
-            out.extend_from_slice(&plain_block(packed, nb, r, b));
+pub(super) fn plain_rows(kind: u8, packed: &[u8], nb: usize, rows: Range<usize>) -> Vec<u8> {
+    let bs = block_bytes(kind);
+    let mut out = vec![0u8; rows.len() * nb * bs];
+    for (r, row) in rows.zip(out.chunks_exact_mut((nb * bs).max(1))) {
+        for (b, block) in row.chunks_exact_mut(bs).enumerate() {
+            plain_block(kind, packed, nb, r, b, block);
         }
     }
     out
 }
 
 /// Row `r` dequantized into `out` (`nb · 32` values; the operations of `kiln_gguf::blocks`).
-pub(super) fn decode_row(packed: &[u8], nb: usize, r: usize, out: &mut [f32]) {
+pub(super) fn decode_row(kind: u8, packed: &[u8], nb: usize, r: usize, out: &mut [f32]) {
+    let mut block = [0u8; 34];
+    let block = &mut block[..block_bytes(kind)];
     for (b, o) in out.chunks_exact_mut(QK).enumerate().take(nb) {
-        let block = plain_block(packed, nb, r, b);
-        let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
-        let (lo, hi) = o.split_at_mut(QK / 2);
-        for ((&q, l), h) in block[2..].iter().zip(lo).zip(hi) {
-            *l = f32::from((q & 0x0F) as i8 - 8) * d;
-            *h = f32::from((q >> 4) as i8 - 8) * d;
-        }
+        plain_block(kind, packed, nb, r, b, block);
+        decode_block(kind, block, o);
     }
 }
 
@@ -115,43 +140,69 @@ pub(super) struct Job<'a> {
     pub offset: usize,
 }
 
-/// A product with the kernel [`kernel`] chose.
+/// A product on tiles of one weight format.
 pub(super) type TilesFn = fn(&Job);
 
-/// The version [`kernel`] chose.
-pub(super) fn tiles_fn() -> TilesFn {
-    match kernel() {
+/// The version [`kernel`] chose, for weight format `kind` (one that [`packs`]).
+pub(super) fn tiles_fn(kind: u8) -> TilesFn {
+    match (kernel(), kind) {
         // SAFETY: `kernel` picks VNNI only where the CPU has its features and AVX2's.
         #[cfg(target_arch = "x86_64")]
-        VNNI => |j| unsafe { tiles_vnni(j) },
+        (VNNI, Q8_0) => |j| unsafe { tiles_vnni::<Q8_0>(j) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        (VNNI, _) => |j| unsafe { tiles_vnni::<Q4_0>(j) },
         // SAFETY: `kernel` picks AVX2 only where the CPU has AVX2, FMA and F16C.
         #[cfg(target_arch = "x86_64")]
-        AVX2 => |j| unsafe { tiles_avx2(j) },
-        _ => tiles_portable,
+        (AVX2, Q8_0) => |j| unsafe { tiles_avx2::<Q8_0>(j) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        (AVX2, _) => |j| unsafe { tiles_avx2::<Q4_0>(j) },
+        (_, Q8_0) => tiles_portable::<Q8_0>,
+        _ => tiles_portable::<Q4_0>,
     }
 }
 
-/// [`tiles_avx2`] as a [`TilesFn`], for tests that call each kernel the CPU runs: only where the
-/// CPU has AVX2, FMA and F16C.
-#[cfg(all(test, target_arch = "x86_64"))]
-pub(super) fn tiles_avx2_fn() -> TilesFn {
-    // SAFETY: the caller runs this only where the CPU has the features.
-    |j| unsafe { tiles_avx2(j) }
-}
-
-/// [`tiles_vnni`] as a [`TilesFn`], for tests: only where the CPU has VNNI's features and
-/// AVX2's.
-#[cfg(all(test, target_arch = "x86_64"))]
-pub(super) fn tiles_vnni_fn() -> TilesFn {
-    // SAFETY: the caller runs this only where the CPU has the features.
-    |j| unsafe { tiles_vnni(j) }
+/// The kernels on tiles of format `kind` this CPU runs, by name, portable first (for tests).
+#[cfg(test)]
+pub(super) fn all_tiles_fns(kind: u8) -> Vec<(&'static str, TilesFn)> {
+    let portable: TilesFn = if kind == Q8_0 {
+        tiles_portable::<Q8_0>
+    } else {
+        tiles_portable::<Q4_0>
+    };
+    #[allow(unused_mut)]
+    let mut fns = vec![("portable", portable)];
+    #[cfg(target_arch = "x86_64")]
+    {
+        let best = super::best_kernel();
+        if best >= AVX2 {
+            // SAFETY: the CPU has AVX2, FMA and F16C (above).
+            let f: TilesFn = if kind == Q8_0 {
+                |j| unsafe { tiles_avx2::<Q8_0>(j) }
+            } else {
+                |j| unsafe { tiles_avx2::<Q4_0>(j) }
+            };
+            fns.push(("avx2", f));
+        }
+        if best >= VNNI {
+            // SAFETY: the CPU has VNNI's features and AVX2's (above).
+            let f: TilesFn = if kind == Q8_0 {
+                |j| unsafe { tiles_vnni::<Q8_0>(j) }
+            } else {
+                |j| unsafe { tiles_vnni::<Q4_0>(j) }
+            };
+            fns.push(("vnni", f));
+        }
+    }
+    fns
 }
 
 /// Checks a job's operands against its shapes (the kernels' bounds).
-fn check(job: &Job) {
+fn check<const K: u8>(job: &Job) {
     let (x, nb) = (job.x, job.nb);
     assert!(
-        job.w.len() >= packed_len(job.rows.end, nb)
+        job.w.len() >= packed_len(K, job.rows.end, nb)
             && x.cols == nb * QK
             && x.qs.len() >= x.rows * x.cols
             && x.d.len() >= x.rows * nb
@@ -161,8 +212,8 @@ fn check(job: &Job) {
 }
 
 /// The kernels in portable code.
-pub(super) fn tiles_portable(job: &Job) {
-    check(job);
+fn tiles_portable<const K: u8>(job: &Job) {
+    check::<K>(job);
     let (x, nb) = (job.x, job.nb);
     let grouped = nb / 8 * 8;
     for r in job.rows.clone() {
@@ -171,14 +222,21 @@ pub(super) fn tiles_portable(job: &Job) {
             let y = &x.qs[i * x.cols..(i + 1) * x.cols];
             let mut acc = 0f32;
             for b in 0..nb {
-                let at = block_at(nb, r, b);
-                let blk = &job.w[at..at + TILE_BLOCK];
+                let at = block_at(K, nb, r, b);
+                let blk = &job.w[at..at + tile_block(K)];
                 let dw = f16::from_le_bytes([blk[2 * j], blk[2 * j + 1]]).to_f32();
-                let mut dot = x.off[i * nb + b];
-                for v in 0..QK / 2 {
-                    let q = blk[SCALES + 64 * (v / 4) + 4 * j + v % 4];
-                    dot += i32::from(q & 0x0F) * i32::from(y[act_index(grouped, b, v)]);
-                    dot += i32::from(q >> 4) * i32::from(y[act_index(grouped, b, v + 16)]);
+                let y = |v: usize| i32::from(y[act_index(grouped, b, v)]);
+                let q = |v: usize| blk[SCALES + 64 * (v / 4) + 4 * j + v % 4];
+                let mut dot = 0;
+                if K == Q8_0 {
+                    for v in 0..QK {
+                        dot += i32::from(stored(K, q(v)) as i8) * y(v);
+                    }
+                } else {
+                    dot = x.off[i * nb + b];
+                    for v in 0..QK / 2 {
+                        dot += i32::from(q(v) & 0x0F) * y(v) + i32::from(q(v) >> 4) * y(v + 16);
+                    }
                 }
                 acc = (dot as f32).mul_add(dw * x.d[i * nb + b], acc);
             }
@@ -201,8 +259,8 @@ fn act_block(grouped: usize, b: usize) -> (usize, usize) {
 
 /// The tiles of a job, their rows to store (a bit mask per tile) and their first output.
 #[inline(always)]
-fn for_each_tile(job: &Job, mut f: impl FnMut(*const u8, u32, *mut f32)) {
-    let tile_bytes = job.nb * TILE_BLOCK;
+fn for_each_tile<const K: u8>(job: &Job, mut f: impl FnMut(*const u8, u32, *mut f32)) {
+    let tile_bytes = job.nb * tile_block(K);
     for t in job.rows.start / TILE..job.rows.end.div_ceil(TILE) {
         let first = t * TILE;
         let lo = job.rows.start.max(first) - first;
@@ -226,10 +284,10 @@ fn for_each_tile(job: &Job, mut f: impl FnMut(*const u8, u32, *mut f32)) {
 /// The CPU has VNNI's features and AVX2's.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn tiles_vnni(job: &Job) {
-    check(job);
+unsafe fn tiles_vnni<const K: u8>(job: &Job) {
+    check::<K>(job);
     let n = job.x.rows;
-    for_each_tile(job, |w, mask, out| {
+    for_each_tile::<K>(job, |w, mask, out| {
         let mut i0 = 0;
         while i0 < n {
             let rm = RM_VNNI.min(n - i0);
@@ -240,7 +298,7 @@ unsafe fn tiles_vnni(job: &Job) {
                 macro_rules! run {
                     ($($m:literal)*) => {
                         match rm {
-                            $($m => tile_vnni::<$m>(w, job, i0, out, mask as u16),)*
+                            $($m => tile_vnni::<K, $m>(w, job, i0, out, mask as u16),)*
                             _ => unreachable!("at most RM_VNNI rows"),
                         }
                     };
@@ -259,7 +317,13 @@ unsafe fn tiles_vnni(job: &Job) {
 /// As [`tiles_vnni`]; the operands are in bounds, and the masked outputs writable.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn tile_vnni<const R: usize>(w: *const u8, job: &Job, i0: usize, out: *mut f32, mask: u16) {
+unsafe fn tile_vnni<const K: u8, const R: usize>(
+    w: *const u8,
+    job: &Job,
+    i0: usize,
+    out: *mut f32,
+    mask: u16,
+) {
     use std::arch::x86_64::*;
     let (x, nb) = (job.x, job.nb);
     let grouped = nb / 8 * 8;
@@ -270,24 +334,32 @@ unsafe fn tile_vnni<const R: usize>(w: *const u8, job: &Job, i0: usize, out: *mu
         let qs = x.qs.as_ptr().add(i0 * x.cols);
         let (d, off) = (x.d.as_ptr().add(i0 * nb), x.off.as_ptr().add(i0 * nb));
         for b in 0..nb {
-            let wb = w.add(b * TILE_BLOCK);
+            let wb = w.add(b * tile_block(K));
             let dw = _mm512_cvtph_ps(_mm256_loadu_si256(wb.cast()));
-            let raw: [__m512i; 4] =
-                std::array::from_fn(|m| _mm512_loadu_si512(wb.add(SCALES + 64 * m).cast()));
-            let wq: [__m512i; 8] = std::array::from_fn(|k| {
-                if k < 4 {
-                    _mm512_and_si512(raw[k], nib)
-                } else {
-                    _mm512_and_si512(_mm512_srli_epi16::<4>(raw[k - 4]), nib)
-                }
-            });
+            let load = |m: usize| _mm512_loadu_si512(wb.add(SCALES + 64 * m).cast());
+            let wq: [__m512i; 8] = if K == Q8_0 {
+                std::array::from_fn(load)
+            } else {
+                let raw: [__m512i; 4] = std::array::from_fn(load);
+                std::array::from_fn(|k| {
+                    if k < 4 {
+                        _mm512_and_si512(raw[k], nib)
+                    } else {
+                        _mm512_and_si512(_mm512_srli_epi16::<4>(raw[k - 4]), nib)
+                    }
+                })
+            };
             let (at, step) = act_block(grouped, b);
             for (i, acc) in acc.iter_mut().enumerate() {
                 let y = qs.add(i * x.cols + at);
                 let quad =
                     |k: usize| _mm512_set1_epi32(y.add(k * step).cast::<i32>().read_unaligned());
-                // Two chains of four, so one input row does not wait on eight in a row.
+                // `-8 Σ q_x`, or `-128 Σ q_x` for `Q8_0`'s values plus 128.
                 let mut lo = _mm512_set1_epi32(*off.add(i * nb + b));
+                if K == Q8_0 {
+                    lo = _mm512_slli_epi32::<4>(lo);
+                }
+                // Two chains of four, so one input row does not wait on eight in a row.
                 let mut hi = _mm512_setzero_si512();
                 for k in 0..4 {
                     lo = _mm512_dpbusd_epi32(lo, wq[k], quad(k));
@@ -305,16 +377,17 @@ unsafe fn tile_vnni<const R: usize>(w: *const u8, job: &Job, i0: usize, out: *mu
 }
 
 /// The kernels in AVX2: each half tile (8 weight rows) times [`RM_AVX2`] input rows, `maddubs`
-/// summing a block's products in i16 (at most 2 · 8 · 15 · 128 per lane).
+/// summing a `Q4_0` block's products in i16 (at most 2 · 8 · 15 · 128 per lane), a `Q8_0`
+/// block's (signed, by the sign trick: `|w|` times `x` with `w`'s sign) in i32.
 ///
 /// # Safety
 /// The CPU has AVX2, FMA and F16C.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tiles_avx2(job: &Job) {
-    check(job);
+unsafe fn tiles_avx2<const K: u8>(job: &Job) {
+    check::<K>(job);
     let n = job.x.rows;
-    for_each_tile(job, |w, mask, out| {
+    for_each_tile::<K>(job, |w, mask, out| {
         for half in 0..2 {
             let mask = (mask >> (8 * half)) & 0xFF;
             if mask == 0 {
@@ -327,10 +400,10 @@ unsafe fn tiles_avx2(job: &Job) {
                 unsafe {
                     let out = out.add(i0 * job.stride + 8 * half);
                     match rm {
-                        1 => half_avx2::<1>(w, half, job, i0, out, mask),
-                        2 => half_avx2::<2>(w, half, job, i0, out, mask),
-                        3 => half_avx2::<3>(w, half, job, i0, out, mask),
-                        _ => half_avx2::<4>(w, half, job, i0, out, mask),
+                        1 => half_avx2::<K, 1>(w, half, job, i0, out, mask),
+                        2 => half_avx2::<K, 2>(w, half, job, i0, out, mask),
+                        3 => half_avx2::<K, 3>(w, half, job, i0, out, mask),
+                        _ => half_avx2::<K, 4>(w, half, job, i0, out, mask),
                     }
                 }
                 i0 += rm;
@@ -346,7 +419,7 @@ unsafe fn tiles_avx2(job: &Job) {
 /// As [`tiles_avx2`]; the operands are in bounds, and the masked outputs writable.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn half_avx2<const R: usize>(
+unsafe fn half_avx2<const K: u8, const R: usize>(
     w: *const u8,
     half: usize,
     job: &Job,
@@ -365,30 +438,47 @@ unsafe fn half_avx2<const R: usize>(
         let qs = x.qs.as_ptr().add(i0 * x.cols);
         let (d, off) = (x.d.as_ptr().add(i0 * nb), x.off.as_ptr().add(i0 * nb));
         for b in 0..nb {
-            let wb = w.add(b * TILE_BLOCK);
+            let wb = w.add(b * tile_block(K));
             let dw = _mm256_cvtph_ps(_mm_loadu_si128(wb.add(16 * half).cast()));
-            let raw: [__m256i; 4] = std::array::from_fn(|m| {
-                _mm256_loadu_si256(wb.add(SCALES + 64 * m + 32 * half).cast())
-            });
-            let wq: [__m256i; 8] = std::array::from_fn(|k| {
-                if k < 4 {
-                    _mm256_and_si256(raw[k], nib)
-                } else {
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(raw[k - 4]), nib)
-                }
-            });
+            let load = |m: usize| _mm256_loadu_si256(wb.add(SCALES + 64 * m + 32 * half).cast());
+            // `Q4_0`: the nibbles; `Q8_0`: the signed values.
+            let wq: [__m256i; 8] = if K == Q8_0 {
+                std::array::from_fn(|k| _mm256_xor_si256(load(k), _mm256_set1_epi8(-128)))
+            } else {
+                let raw: [__m256i; 4] = std::array::from_fn(load);
+                std::array::from_fn(|k| {
+                    if k < 4 {
+                        _mm256_and_si256(raw[k], nib)
+                    } else {
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(raw[k - 4]), nib)
+                    }
+                })
+            };
             let (at, step) = act_block(grouped, b);
             for (i, acc) in acc.iter_mut().enumerate() {
                 let y = qs.add(i * x.cols + at);
-                let mut sum = _mm256_setzero_si256();
-                for (k, &wq) in wq.iter().enumerate() {
-                    let q = _mm256_set1_epi32(y.add(k * step).cast::<i32>().read_unaligned());
-                    sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(wq, q));
-                }
-                let dot = _mm256_add_epi32(
-                    _mm256_madd_epi16(sum, ones),
-                    _mm256_set1_epi32(*off.add(i * nb + b)),
-                );
+                let quad =
+                    |k: usize| _mm256_set1_epi32(y.add(k * step).cast::<i32>().read_unaligned());
+                let dot = if K == Q8_0 {
+                    let mut sum = _mm256_setzero_si256();
+                    for (k, &wq) in wq.iter().enumerate() {
+                        let p = _mm256_maddubs_epi16(
+                            _mm256_sign_epi8(wq, wq),
+                            _mm256_sign_epi8(quad(k), wq),
+                        );
+                        sum = _mm256_add_epi32(sum, _mm256_madd_epi16(p, ones));
+                    }
+                    sum
+                } else {
+                    let mut sum = _mm256_setzero_si256();
+                    for (k, &wq) in wq.iter().enumerate() {
+                        sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(wq, quad(k)));
+                    }
+                    _mm256_add_epi32(
+                        _mm256_madd_epi16(sum, ones),
+                        _mm256_set1_epi32(*off.add(i * nb + b)),
+                    )
+                };
                 let scale = _mm256_mul_ps(dw, _mm256_set1_ps(*d.add(i * nb + b)));
                 *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, *acc);
             }
