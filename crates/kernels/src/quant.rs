@@ -15,7 +15,7 @@
 //! the CPU runs.
 //!
 //! `Q4_0` and `Q8_0` weights are repacked when the matrix is built, into tiles of 16 rows whose
-//! blocks are interleaved ([`packed`]), so that the kernels multiply 16 weight rows by several
+//! blocks are interleaved (submodule `packed`), so that the kernels multiply 16 weight rows by several
 //! input rows per loop, with the input values broadcast and no horizontal sums.
 //!
 //! For `Q4_1` (and weights kept in rows), a tile of input rows is multiplied by one or two weight rows at a time,
@@ -415,7 +415,7 @@ fn hsum_epi32(v: std::arch::x86_64::__m256i) -> i32 {
 /// A `rows × cols` weight matrix (`rows` output features, one row per output) in a GGUF block
 /// layout ([`SUPPORTED`](Self::SUPPORTED)), read in place (each row is `cols / 32` consecutive
 /// blocks), except `Q4_0` and `Q8_0`, whose blocks are repacked into an owned buffer of
-/// interleaved tiles of 16 rows when the matrix is built (the same values; see [`packed`]).
+/// interleaved tiles of 16 rows when the matrix is built (the same values; see submodule `packed`).
 #[derive(Clone)]
 pub struct QuantMatrix {
     ty: GgmlType,
