@@ -93,6 +93,21 @@ pub trait FusedOps<B: Backend>: Send + Sync {
         None
     }
 
+    /// Rotary position embedding of `x` `[batch, heads, seq, head_dim]` by angles `cos`, `sin`
+    /// `[rows, 1, seq, head_dim / 2]` (`rows` 1 or `batch`): pairs `(i, i + head_dim / 2)` when
+    /// `half_split`, else `(2i, 2i + 1)`, each to `(x₀ cos − x₁ sin, x₁ cos + x₀ sin)`. `None`
+    /// (the default) where the backend has no such kernel, or for inputs it does not take.
+    fn rope(
+        &self,
+        x: &Tensor<B, 4>,
+        cos: &Tensor<B, 4>,
+        sin: &Tensor<B, 4>,
+        half_split: bool,
+    ) -> Option<Tensor<B, 4>> {
+        let _ = (x, cos, sin, half_split);
+        None
+    }
+
     /// A linear layer, `x · w + bias` for `x` `[rows, d_in]`, `w` `[d_in, d_out]`, `bias`
     /// `[d_out]`, with its multiplications (forward and backward) taken in `products`' precision
     /// and summed in f32. `None` (the default) where the backend has no such kernel or this

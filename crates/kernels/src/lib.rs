@@ -11,7 +11,8 @@
 //!   own format, and [`Int8Matrix`], `Q8_0` weights with AVX-512 / AVX2 / portable kernels chosen
 //!   at run time, for decoding.
 //! - [`QuantLinear`] / [`QuantMatrix`]: weights kept in GGUF's `Q4_0`, `Q4_1` and `Q8_0` blocks
-//!   (memory-mapped from the file where possible), multiplied with 8-bit activations and integer
+//!   (`Q4_1` memory-mapped from the file where possible; `Q4_0` and `Q8_0` repacked at load into
+//!   interleaved 16-row tiles), multiplied with 8-bit activations and integer
 //!   dot products (AVX-512 VNNI / AVX2 chosen at run time, portable fallback) for decoding and
 //!   prefill alike; the only resident copy of a quantized model's weights.
 //! - [`runs_host_kernels`]: which backends use the host-side kernels (Flex, without autodiff).

@@ -14,7 +14,11 @@
 //! process, caps the choice for benchmarks and tests: the named kernel, or the best below it that
 //! the CPU runs.
 //!
-//! For several input rows, a tile of input rows is multiplied by one or two weight rows at a time,
+//! `Q4_0` and `Q8_0` weights are repacked when the matrix is built, into tiles of 16 rows whose
+//! blocks are interleaved (submodule `packed`), so that the kernels multiply 16 weight rows by several
+//! input rows per loop, with the input values broadcast and no horizontal sums.
+//!
+//! For `Q4_1` (and weights kept in rows), a tile of input rows is multiplied by one or two weight rows at a time,
 //! so each weight block is loaded and unpacked once per tile, and the weight rows a task works on
 //! are taken in chunks that stay in the L2 cache while every tile of input rows passes over them.
 
@@ -26,6 +30,8 @@ use kiln_gguf::GgmlType;
 use rayon::prelude::*;
 
 use crate::linear::{KernelError, LinearKernel};
+
+mod packed;
 
 /// Shared bytes that outlive the matrix (a memory-mapped GGUF file or an owned buffer).
 pub type SharedBytes = Arc<dyn AsRef<[u8]> + Send + Sync>;
@@ -88,7 +94,7 @@ pub(crate) fn worth_splitting(n: usize, rows: usize, cols: usize) -> bool {
 pub(crate) fn rows_per_task(rows: usize, threads: usize) -> usize {
     rows.div_ceil(threads)
         .max(MIN_ROWS_PER_TASK)
-        .next_multiple_of(4)
+        .next_multiple_of(packed::TILE)
         .min(rows)
 }
 
@@ -128,6 +134,9 @@ pub struct Q8Rows {
     d: Vec<f32>,
     /// `d · Σ q` per block.
     s: Vec<f32>,
+    /// `-8 · Σ q` per block: `Q4_0`'s offset in integers (16 times it `Q8_0`'s), for the
+    /// kernels that multiply weights unsigned and add the offset before scaling ([`packed`]).
+    off: Vec<i32>,
 }
 
 impl fmt::Debug for Q8Rows {
@@ -149,6 +158,7 @@ impl Q8Rows {
             qs: Vec::new(),
             d: Vec::new(),
             s: Vec::new(),
+            off: Vec::new(),
         };
         q.requantize(x, n, cols)?;
         Ok(q)
@@ -171,6 +181,7 @@ impl Q8Rows {
         self.qs.resize(x.len(), 0);
         self.d.resize(blocks, 0.0);
         self.s.resize(blocks, 0.0);
+        self.off.resize(blocks, 0);
         if blocks == 0 {
             return Ok(());
         }
@@ -178,13 +189,14 @@ impl Q8Rows {
         let nb = cols / QK;
         let rows_per_task = QUANTIZE_BLOCKS_PER_TASK.div_ceil(nb);
         if n <= rows_per_task {
-            f(x, &mut self.qs, &mut self.d, &mut self.s, nb);
+            f(x, &mut self.qs, &mut self.d, &mut self.s, &mut self.off, nb);
         } else {
             x.par_chunks(rows_per_task * cols)
                 .zip(self.qs.par_chunks_mut(rows_per_task * cols))
                 .zip(self.d.par_chunks_mut(rows_per_task * nb))
                 .zip(self.s.par_chunks_mut(rows_per_task * nb))
-                .for_each(|(((x, q), d), s)| f(x, q, d, s, nb));
+                .zip(self.off.par_chunks_mut(rows_per_task * nb))
+                .for_each(|((((x, q), d), s), o)| f(x, q, d, s, o, nb));
         }
         Ok(())
     }
@@ -216,28 +228,36 @@ impl Q8Rows {
     }
 }
 
-/// Quantizes whole rows of `nb` blocks: `x.len() == q.len() == 32 · d.len() == 32 · s.len()`,
-/// a multiple of `32 · nb`.
-type QuantizeFn = fn(&[f32], &mut [i8], &mut [f32], &mut [f32], usize);
+/// Quantizes whole rows of `nb` blocks: `x.len() == q.len() == 32 · d.len() == 32 · s.len()`
+/// `== 32 · off.len()`, a multiple of `32 · nb`.
+type QuantizeFn = fn(&[f32], &mut [i8], &mut [f32], &mut [f32], &mut [i32], usize);
 
 fn quantize_fn() -> QuantizeFn {
     match kernel() {
         // SAFETY: `kernel` picks these only where the CPU has AVX2, FMA and F16C.
         #[cfg(target_arch = "x86_64")]
-        AVX2 | VNNI => |x, q, d, s, nb| unsafe { quantize_avx2(x, q, d, s, nb) },
+        AVX2 | VNNI => |x, q, d, s, o, nb| unsafe { quantize_avx2(x, q, d, s, o, nb) },
         _ => quantize_portable,
     }
 }
 
-fn quantize_portable(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32], nb: usize) {
+fn quantize_portable(
+    x: &[f32],
+    q: &mut [i8],
+    d: &mut [f32],
+    s: &mut [f32],
+    off: &mut [i32],
+    nb: usize,
+) {
     let grouped = nb / 8 * 8;
-    for (((x, q), d), s) in x
+    for ((((x, q), d), s), off) in x
         .chunks_exact(nb * QK)
         .zip(q.chunks_exact_mut(nb * QK))
         .zip(d.chunks_exact_mut(nb))
         .zip(s.chunks_exact_mut(nb))
+        .zip(off.chunks_exact_mut(nb))
     {
-        for (b, ((x, d), s)) in x.chunks_exact(QK).zip(d).zip(s).enumerate() {
+        for (b, (((x, d), s), off)) in x.chunks_exact(QK).zip(d).zip(s).zip(off).enumerate() {
             let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
             let scale = amax / 127.0;
             let inv = if amax != 0.0 { 127.0 / amax } else { 0.0 };
@@ -248,6 +268,7 @@ fn quantize_portable(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32], nb: 
                 sum += r;
             }
             (*d, *s) = stored_scales(scale, sum);
+            *off = -8 * sum;
         }
     }
 }
@@ -301,11 +322,22 @@ fn best_kernel() -> u8 {
 /// [`quantize_portable`] in AVX2 (the same operations, so the same values).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn quantize_avx2(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32], nb: usize) {
+fn quantize_avx2(
+    x: &[f32],
+    q: &mut [i8],
+    d: &mut [f32],
+    s: &mut [f32],
+    off: &mut [i32],
+    nb: usize,
+) {
     use std::arch::x86_64::*;
     let blocks = d.len();
     assert!(
-        x.len() >= blocks * QK && q.len() >= blocks * QK && s.len() >= blocks && nb > 0,
+        x.len() >= blocks * QK
+            && q.len() >= blocks * QK
+            && s.len() >= blocks
+            && off.len() >= blocks
+            && nb > 0,
         "quantize buffers disagree"
     );
     let grouped = nb / 8 * 8;
@@ -362,6 +394,7 @@ fn quantize_avx2(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32], nb: usiz
             let d16 = _mm_cvtss_f32(rounded);
             *d.get_unchecked_mut(b) = d16;
             *s.get_unchecked_mut(b) = d16 * sum as f32;
+            *off.get_unchecked_mut(b) = -8 * sum;
         }
     }
 }
@@ -380,8 +413,9 @@ fn hsum_epi32(v: std::arch::x86_64::__m256i) -> i32 {
 // Weights.
 
 /// A `rows × cols` weight matrix (`rows` output features, one row per output) in a GGUF block
-/// layout ([`SUPPORTED`](Self::SUPPORTED)), read in place: each row is `cols / 32` consecutive
-/// blocks.
+/// layout ([`SUPPORTED`](Self::SUPPORTED)), read in place (each row is `cols / 32` consecutive
+/// blocks), except `Q4_0` and `Q8_0`, whose blocks are repacked into an owned buffer of
+/// interleaved tiles of 16 rows when the matrix is built (the same values; see submodule `packed`).
 #[derive(Clone)]
 pub struct QuantMatrix {
     ty: GgmlType,
@@ -391,6 +425,8 @@ pub struct QuantMatrix {
     data: SharedBytes,
     offset: usize,
     len: usize,
+    /// The blocks are in [`packed`]'s tiles (`offset` at a tile), not in rows.
+    packed: bool,
 }
 
 impl fmt::Debug for QuantMatrix {
@@ -401,6 +437,7 @@ impl fmt::Debug for QuantMatrix {
             .field("cols", &self.cols)
             .field("offset", &self.offset)
             .field("bytes", &self.len)
+            .field("packed", &self.packed)
             .finish()
     }
 }
@@ -409,12 +446,28 @@ impl QuantMatrix {
     /// Types this kernel multiplies natively.
     pub const SUPPORTED: [GgmlType; 3] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0];
 
-    /// `rows × cols` weights of type `ty` at `bytes[offset..offset + len]` (no copy), `len` being
-    /// the matrix's size in that type. [`KernelError::Declined`] for a type not in
-    /// [`SUPPORTED`](Self::SUPPORTED) (see [`supports`]); [`KernelError::Shape`] when `cols` is not
-    /// a multiple of 32 or the bytes are too short (its `len` is then the number of values the
-    /// bytes hold).
+    /// `rows × cols` weights of type `ty` at `bytes[offset..offset + len]` (no copy, except
+    /// `Q4_0`'s and `Q8_0`'s, repacked into tiles), `len` being the matrix's size in that type.
+    /// [`KernelError::Declined`] for a type not in [`SUPPORTED`](Self::SUPPORTED) (see
+    /// [`supports`]); [`KernelError::Shape`] when `cols` is not a multiple of 32 or the bytes are
+    /// too short (its `len` is then the number of values the bytes hold).
     pub fn new(
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        bytes: SharedBytes,
+        offset: usize,
+    ) -> Result<Self, KernelError> {
+        let plain = Self::in_rows(ty, rows, cols, bytes, offset)?;
+        Ok(if packed::packs(plain.kind) {
+            plain.repacked()
+        } else {
+            plain
+        })
+    }
+
+    /// [`new`](Self::new) without the repacking: the blocks in rows, as stored.
+    fn in_rows(
         ty: GgmlType,
         rows: usize,
         cols: usize,
@@ -447,7 +500,30 @@ impl QuantMatrix {
             data: bytes,
             offset,
             len,
+            packed: false,
         })
+    }
+
+    /// This matrix's rows (in rows) repacked into tiles, in a new buffer.
+    fn repacked(&self) -> Self {
+        let bytes = packed::repack(self.kind, self.data(), self.rows, self.cols / QK);
+        Self {
+            offset: 0,
+            len: bytes.len(),
+            data: Arc::new(bytes),
+            packed: true,
+            ..*self
+        }
+    }
+
+    /// The blocks of rows `rows`, one row after another (in GGUF's layout).
+    fn rows_bytes(&self, rows: std::ops::Range<usize>) -> Vec<u8> {
+        if self.packed {
+            packed::plain_rows(self.kind, self.data(), self.cols / QK, rows)
+        } else {
+            let rb = self.row_bytes();
+            self.data()[rows.start * rb..rows.end * rb].to_vec()
+        }
     }
 
     /// [`new`](Self::new) owning its bytes (`bytes` holds exactly the matrix, or more after it).
@@ -461,7 +537,8 @@ impl QuantMatrix {
     }
 
     /// The matrix cut into consecutive row ranges of `rows[j]` rows each: views of the same bytes
-    /// (no copy). [`KernelError::Shape`] unless the counts add up to the matrix's rows.
+    /// (no copy; for repacked types, when every cut falls between tiles of 16 rows, else each part
+    /// repacked on its own). [`KernelError::Shape`] unless the counts add up to the matrix's rows.
     pub fn split_rows<const N: usize>(&self, rows: [usize; N]) -> Result<[Self; N], KernelError> {
         if rows.iter().sum::<usize>() != self.rows {
             return Err(KernelError::Shape {
@@ -469,6 +546,39 @@ impl QuantMatrix {
                 cols: self.cols,
                 len: self.rows * self.cols,
             });
+        }
+        if self.packed {
+            let tile_bytes = self.cols / QK * packed::tile_block(self.kind);
+            let mut start = 0;
+            let whole_tiles = rows[..N.saturating_sub(1)].iter().all(|&n| {
+                start += n;
+                start.is_multiple_of(packed::TILE)
+            });
+            let mut start = 0;
+            return Ok(rows.map(|n| {
+                let range = start..start + n;
+                start += n;
+                if whole_tiles {
+                    Self {
+                        rows: n,
+                        offset: self.offset + range.start / packed::TILE * tile_bytes,
+                        len: packed::packed_len(self.kind, n, self.cols / QK),
+                        data: Arc::clone(&self.data),
+                        ..*self
+                    }
+                } else {
+                    let bytes = self.rows_bytes(range);
+                    let part = Self {
+                        rows: n,
+                        offset: 0,
+                        len: bytes.len(),
+                        data: Arc::new(bytes),
+                        packed: false,
+                        ..*self
+                    };
+                    part.repacked()
+                }
+            }));
         }
         let row_bytes = self.len / self.rows.max(1);
         let mut start = 0;
@@ -500,7 +610,7 @@ impl QuantMatrix {
         self.cols
     }
 
-    /// Bytes of weights.
+    /// Bytes of weights (with a repacked matrix's padding to whole tiles of 16 rows).
     pub fn bytes(&self) -> usize {
         self.len
     }
@@ -588,6 +698,18 @@ impl QuantMatrix {
         out_offset: usize,
         rows: std::ops::Range<usize>,
     ) {
+        if self.packed {
+            packed::tiles_fn(self.kind)(&packed::Job {
+                w: self.data(),
+                nb: self.cols / QK,
+                rows,
+                x,
+                out,
+                stride: out_stride,
+                offset: out_offset,
+            });
+            return;
+        }
         let row_bytes = self.row_bytes();
         rows_fn(self.kind)(&Job {
             w: &self.data()[rows.start * row_bytes..rows.end * row_bytes],
@@ -620,7 +742,11 @@ impl QuantMatrix {
         let data = self.data();
         let row_bytes = self.row_bytes();
         for (&id, out) in ids.iter().zip(out.chunks_exact_mut(self.cols.max(1))) {
-            decode_row(self.kind, &data[id * row_bytes..(id + 1) * row_bytes], out);
+            if self.packed {
+                packed::decode_row(self.kind, data, self.cols / QK, id, out);
+            } else {
+                decode_row(self.kind, &data[id * row_bytes..(id + 1) * row_bytes], out);
+            }
         }
         Ok(())
     }
@@ -629,6 +755,15 @@ impl QuantMatrix {
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.rows * self.cols];
         if out.is_empty() {
+            return out;
+        }
+        if self.packed {
+            out.par_chunks_mut(self.cols)
+                .enumerate()
+                .with_min_len(64)
+                .for_each(|(r, out)| {
+                    packed::decode_row(self.kind, self.data(), self.cols / QK, r, out)
+                });
             return out;
         }
         let row_bytes = self.row_bytes();
@@ -1811,6 +1946,154 @@ mod tests {
     }
 
     #[test]
+    fn splits_between_tiles_are_views() {
+        for ty in [GgmlType::Q4_0, GgmlType::Q8_0] {
+            split_case(ty);
+        }
+    }
+
+    fn split_case(ty: GgmlType) {
+        let (rows, cols, n) = (40, 96, 3);
+        let whole = matrix(ty, rows, cols, 4);
+        let all = whole.dequantize();
+        let x = Q8Rows::quantize(&values(n * cols, 2), n, cols).unwrap();
+        let mut want = vec![0f32; n * rows];
+        whole.matmul_q8(&x, &mut want, rows, 0).unwrap();
+        // Cuts at tiles: views of the same buffer; elsewhere: parts of their own.
+        for (cuts, shared) in [([16, 16, 8], true), ([16, 10, 14], false)] {
+            let parts = whole.split_rows(cuts).unwrap();
+            let mut start = 0;
+            for (p, &m) in parts.iter().zip(&cuts) {
+                assert!(p.packed);
+                assert_eq!(Arc::ptr_eq(&p.data, &whole.data), shared, "{cuts:?}");
+                assert_eq!(p.dequantize(), all[start * cols..(start + m) * cols]);
+                let mut got = vec![0f32; n * m];
+                p.matmul_q8(&x, &mut got, m, 0).unwrap();
+                for i in 0..n {
+                    let want = &want[i * rows + start..i * rows + start + m];
+                    assert_eq!(&got[i * m..(i + 1) * m], want, "{cuts:?}");
+                }
+                start += m;
+            }
+        }
+    }
+
+    /// `q`'s blocks in rows, as the file stores them (a repacked matrix unpacked).
+    fn in_rows(q: &QuantMatrix) -> QuantMatrix {
+        let bytes = q.rows_bytes(0..q.rows);
+        let plain = QuantMatrix::in_rows(q.ty, q.rows, q.cols, Arc::new(bytes), 0).unwrap();
+        assert!(!plain.packed);
+        plain
+    }
+
+    /// `f`'s product of rows `rows` of the repacked `q` and `x`, into outputs `offset..` of rows of
+    /// `stride` that start as `7.0`.
+    fn packed_product(
+        f: packed::TilesFn,
+        q: &QuantMatrix,
+        x: &Q8Rows,
+        rows: std::ops::Range<usize>,
+        stride: usize,
+        offset: usize,
+    ) -> Vec<f32> {
+        assert!(q.packed && offset + q.rows <= stride);
+        let mut out = vec![7f32; x.rows() * stride];
+        f(&packed::Job {
+            w: q.data(),
+            nb: q.cols / QK,
+            rows,
+            x,
+            out: OutPtr(out.as_mut_ptr()),
+            stride,
+            offset,
+        });
+        out
+    }
+
+    #[test]
+    fn packed_kernels_equal_the_kernels_in_rows() {
+        // Rows in whole tiles of 16, with a rest, fewer than a tile; blocks fewer than a group,
+        // in whole groups, with a rest; one input row (decoding) to more than a tile of them.
+        let shapes = [
+            (1, 1),
+            (7, 7),
+            (16, 8),
+            (17, 9),
+            (37, 18),
+            (45, 25),
+            (70, 48),
+        ];
+        for (ty, (rows, nb)) in [GgmlType::Q4_0, GgmlType::Q8_0]
+            .into_iter()
+            .flat_map(|ty| shapes.map(|s| (ty, s)))
+        {
+            let cols = nb * QK;
+            let kind = kind_of(ty).unwrap();
+            let kernels = packed::all_tiles_fns(kind);
+            for (m, q) in [matrix(ty, rows, cols, 3), raw_matrix(ty, rows, cols, 4)]
+                .iter()
+                .enumerate()
+            {
+                assert!(q.packed);
+                let plain = in_rows(q);
+                assert_eq!(q.dequantize(), plain.dequantize());
+                for n in [1, 2, 5, 8, 9, 19] {
+                    let x = Q8Rows::quantize(&values(n * cols, 7 + n as u32), n, cols).unwrap();
+                    let what = format!("{ty} matrix {m} {rows}×{cols} n={n}");
+                    let reference = reference(&plain.dequantize(), &x.dequantize(), rows, cols, n);
+                    // The existing kernels, on the blocks in rows.
+                    let mut kernels_in_rows = vec![product(portable_rows_fn(kind), &plain, &x)];
+                    #[cfg(target_arch = "x86_64")]
+                    if best_kernel() >= AVX2 {
+                        // SAFETY: the CPU has AVX2, FMA and F16C (above).
+                        let f: RowsFn = if kind == Q8_0 {
+                            |j| unsafe { rows_avx2::<Q8_0>(j) }
+                        } else {
+                            |j| unsafe { rows_avx2::<Q4_0>(j) }
+                        };
+                        kernels_in_rows.push(product(f, &plain, &x));
+                    }
+                    let want = packed_product(kernels[0].1, q, &x, 0..rows, rows, 0);
+                    for (k, &got) in want.iter().enumerate() {
+                        assert!(
+                            close(got, reference[k]),
+                            "{what} [{k}]: {got} vs {:?}",
+                            reference[k]
+                        );
+                        for theirs in &kernels_in_rows {
+                            let (r, mag) = reference[k];
+                            let tight = 2e-6 * (r.abs() + mag) + 1e-7;
+                            assert!(
+                                (f64::from(got) - f64::from(theirs[k])).abs() <= tight,
+                                "{what} [{k}]: {got} vs {}",
+                                theirs[k]
+                            );
+                        }
+                    }
+                    for &(name, f) in &kernels {
+                        // Bit for bit the portable kernel's, whole and for a range of rows
+                        // written beside other outputs.
+                        let got = packed_product(f, q, &x, 0..rows, rows, 0);
+                        assert_eq!(got, want, "{name} {what}");
+                        let (first, stride, offset) = (rows / 3, rows + 21, 5);
+                        let got = packed_product(f, q, &x, first..rows, stride, offset);
+                        for i in 0..n {
+                            for c in 0..stride {
+                                let v = got[i * stride + c];
+                                if (offset + first..offset + rows).contains(&c) {
+                                    assert_eq!(v, want[i * rows + c - offset], "{name} {what}");
+                                } else {
+                                    assert_eq!(v, 7.0, "{name} {what}: [{i}, {c}] written");
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn dequantize_equals_gguf_codec() {
         for ty in QuantMatrix::SUPPORTED {
             let (rows, cols) = (7, 96);
@@ -1823,7 +2106,9 @@ mod tests {
             q.dequantize_rows(&[5, 2], &mut two).unwrap();
             assert_eq!(two[..cols], want[5 * cols..6 * cols]);
             assert_eq!(two[cols..], want[2 * cols..3 * cols]);
-            assert_eq!(q.bytes(), ty.type_size().unwrap() * rows * cols / 32);
+            // Q4_0 and Q8_0 are repacked into tiles of 16 rows.
+            let stored = if ty == GgmlType::Q4_1 { rows } else { 16 };
+            assert_eq!(q.bytes(), ty.type_size().unwrap() * stored * cols / 32);
         }
     }
 
@@ -1850,8 +2135,18 @@ mod tests {
         // The portable quantizer gives the same bytes.
         let blocks = n * cols / 32;
         let (mut qs, mut d, mut s) = (vec![0i8; x.len()], vec![0f32; blocks], vec![0f32; blocks]);
-        quantize_portable(&x, &mut qs, &mut d, &mut s, cols / 32);
-        assert_eq!((qs, d, s), (q.qs.clone(), q.d.clone(), q.s.clone()));
+        let mut off = vec![0i32; blocks];
+        quantize_portable(&x, &mut qs, &mut d, &mut s, &mut off, cols / 32);
+        assert_eq!(
+            (qs, d, s, off),
+            (q.qs.clone(), q.d.clone(), q.s.clone(), q.off.clone())
+        );
+        for (b, &o) in q.off.iter().enumerate() {
+            let sum: i32 = (0..32)
+                .map(|v| i32::from(q.qs[b / 18 * cols + act_index(16, b % 18, v)]))
+                .sum();
+            assert_eq!(o, -8 * sum, "block {b}");
+        }
         // All zeros; reuse of the buffers.
         let mut z = Q8Rows::quantize(&[0.0; 32], 1, 32).unwrap();
         assert_eq!(z.dequantize(), vec![0.0; 32]);
@@ -1887,7 +2182,8 @@ mod tests {
                         k % rows
                     );
                 }
-                // The portable kernel agrees.
+                // The portable kernel agrees (on the blocks in rows for Q4_0's plain kernels).
+                let q = in_rows(&q);
                 let mut portable = vec![0f32; n * rows];
                 portable_rows_fn(q.kind)(&Job {
                     w: q.data(),
@@ -2004,9 +2300,11 @@ mod tests {
                 let cols = nb * QK;
                 for (m, q) in [matrix(ty, rows, cols, 3), raw_matrix(ty, rows, cols, 4)]
                     .iter()
+                    .map(in_rows)
                     .enumerate()
                 {
                     let (avx2, vnni) = fns(q.kind);
+                    let q = &q;
                     for n in [1, 2, 3, 4, 5, 37] {
                         let x = Q8Rows::quantize(&values(n * cols, 7 + n as u32), n, cols).unwrap();
                         let want = product(avx2, q, &x);

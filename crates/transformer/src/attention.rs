@@ -125,6 +125,20 @@ impl<B: Backend> Attention<B> {
                 return self.proj.forward(y.reshape([b, t, h * d]));
             }
         }
+        if t > 1
+            && ctx.mask.is_none()
+            && let Some(slots) = &ctx.cache
+            && slots.starts.iter().all(|&s| s == 0)
+            && let Some(y) =
+                kiln_kernels::fused::ops::<B>().and_then(|f| f.causal_attention(&q, &k, &v))
+        {
+            // A prompt's first pass: its keys are all there is, so the fused causal attention
+            // reads them as they are (no copy per query head), and the cache only stores them.
+            if let Some(layer) = kv {
+                layer.store(k, v, slots);
+            }
+            return self.proj.forward(y.swap_dims(1, 2).reshape([b, t, h * d]));
+        }
         let (k, v) = match (kv, &ctx.cache) {
             (Some(layer), Some(slots)) => layer.write(k, v, slots),
             _ => (k, v),

@@ -85,6 +85,13 @@ impl<B: Backend> RopeAngles<B> {
     /// Rotates `x` of shape `[batch, heads, seq, head_dim]`, in `x`'s float dtype (the tables are
     /// built in f32 and cast, so bf16/f16 compute works on backends that do not mix dtypes).
     pub fn apply(&self, x: Tensor<B, 4>, pairing: RopePairing) -> Tensor<B, 4> {
+        let half_split = pairing == RopePairing::HalfSplit;
+        if let Some(y) = kiln_kernels::fused::ops::<B>()
+            .and_then(|f| f.rope(&x, &self.cos, &self.sin, half_split))
+        {
+            // One pass over `x` read through its strides (Flex, f32, inference).
+            return y;
+        }
         let [b, h, t, d] = x.dims();
         let half = d / 2;
         let (mut cos, mut sin) = (self.cos.clone(), self.sin.clone());

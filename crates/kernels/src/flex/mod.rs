@@ -1,5 +1,6 @@
 //! Kiln's fused CPU kernels for Burn's Flex backend: causal attention, LayerNorm and GELU, each
-//! one kernel forward and one backward instead of a chain of recorded tensor ops.
+//! one kernel forward and one backward instead of a chain of recorded tensor ops; RoPE for
+//! inference (without autodiff).
 //!
 //! They are built in: [`crate::fused::ops`] returns them for Flex (inference and evaluation) and
 //! for Flex under autodiff (training, with or without activation checkpointing; with
@@ -14,6 +15,7 @@ mod gelu;
 mod layer_norm;
 mod linear;
 mod math;
+mod rope;
 mod strided;
 #[cfg(test)]
 mod tests;
@@ -150,6 +152,16 @@ impl FusedOps<Flex> for FlexKernels {
 
     fn gelu(&self, x: &Tensor<Flex, 3>, kind: Gelu) -> Option<Tensor<Flex, 3>> {
         gelu::forward(&primitive(x), kind).map(wrap)
+    }
+
+    fn rope(
+        &self,
+        x: &Tensor<Flex, 4>,
+        cos: &Tensor<Flex, 4>,
+        sin: &Tensor<Flex, 4>,
+        half_split: bool,
+    ) -> Option<Tensor<Flex, 4>> {
+        rope::forward(&primitive(x), &primitive(cos), &primitive(sin), half_split).map(wrap)
     }
 
     fn decode_attention(

@@ -355,3 +355,68 @@ fn linear_matches_burn() {
         }
     }
 }
+
+/// `x` rotated by Burn's ops: pairs `(i, i + d/2)` when `half_split`, else `(2i, 2i + 1)`.
+fn reference_rope(
+    x: Tensor<Flex, 4>,
+    cos: Tensor<Flex, 4>,
+    sin: Tensor<Flex, 4>,
+    half_split: bool,
+) -> Tensor<Flex, 4> {
+    let [b, h, t, d] = x.dims();
+    let half = d / 2;
+    let (x0, x1) = if half_split {
+        (
+            x.clone().slice([0..b, 0..h, 0..t, 0..half]),
+            x.slice([0..b, 0..h, 0..t, half..d]),
+        )
+    } else {
+        let pairs = x.reshape([b, h, t, half, 2]);
+        (
+            pairs
+                .clone()
+                .slice([0..b, 0..h, 0..t, 0..half, 0..1])
+                .reshape([b, h, t, half]),
+            pairs
+                .slice([0..b, 0..h, 0..t, 0..half, 1..2])
+                .reshape([b, h, t, half]),
+        )
+    };
+    let o0 = x0.clone() * cos.clone() - x1.clone() * sin.clone();
+    let o1 = x1 * cos + x0 * sin;
+    if half_split {
+        Tensor::cat(vec![o0, o1], 3)
+    } else {
+        Tensor::stack::<5>(vec![o0, o1], 4).reshape([b, h, t, d])
+    }
+}
+
+#[test]
+fn rope_matches_burn_on_strided_views() {
+    // Queries and keys as views of one projection; angles shared by the batch or per row;
+    // a decoding step's single position and a prompt's many (the threaded path).
+    for (b, t, rows) in [(2, 5, 1), (2, 5, 2), (1, 1, 1), (1, 70, 1)] {
+        let (h, kvh, d) = (6, 2, 16);
+        let qkv = random([b, t, (h + 2 * kvh) * d]);
+        let [q, k, _] = split_qkv(&qkv, h, kvh, d);
+        let cos = random([rows, 1, t, d / 2]).inner();
+        let sin = random([rows, 1, t, d / 2]).inner();
+        for half_split in [true, false] {
+            for x in [q.clone().inner(), k.clone().inner()] {
+                let got = FlexKernels::default()
+                    .rope(&x, &cos, &sin, half_split)
+                    .expect("f32 inputs of fitting shapes");
+                let want = reference_rope(x, cos.clone(), sin.clone(), half_split);
+                assert_eq!(
+                    got.into_data().to_vec::<f32>().unwrap(),
+                    want.into_data().to_vec::<f32>().unwrap(),
+                    "b={b} t={t} rows={rows} half_split={half_split}"
+                );
+            }
+        }
+    }
+    // Angles that do not fit are declined.
+    let x = random([1, 2, 3, 8]).inner();
+    let cos = random([1, 1, 4, 4]).inner();
+    assert!(FlexKernels::default().rope(&x, &cos, &cos, true).is_none());
+}
