@@ -34,11 +34,15 @@ c2 = client.completions.create(model=model, prompt=[504, 3575, 282, 4649, 314], 
 assert c2.choices[0].text == " Paris", repr(c2.choices[0].text)
 assert c2.choices[0].finish_reason == "stop"
 
-# A chat completion through the model's ChatML template; stops at the end of the turn.
+# A chat completion through the model's ChatML template; stops at the end of the turn. The question
+# asks for a sentence: asked plainly, SmolLM2's first answer token is a 0.09-logit tie between "The"
+# and "La" in llama.cpp's own logits, which any engine's rounding decides; asked this way, every
+# token up to "Paris" leads by at least 1.6.
+QUESTION = "What is the capital of France? Answer in one sentence."
 chat = client.chat.completions.create(
     model=model,
     messages=[{"role": "system", "content": "You are a helpful assistant."},
-              {"role": "user", "content": "What is the capital of France?"}],
+              {"role": "user", "content": QUESTION}],
     max_tokens=40,
     temperature=0,
 )
@@ -55,7 +59,7 @@ assert chat.usage.total_tokens == chat.usage.prompt_tokens + chat.usage.completi
 stream = client.chat.completions.create(
     model=model,
     messages=[{"role": "system", "content": "You are a helpful assistant."},
-              {"role": "user", "content": "What is the capital of France?"}],
+              {"role": "user", "content": QUESTION}],
     max_tokens=40,
     temperature=0,
     stream=True,

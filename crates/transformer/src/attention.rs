@@ -7,7 +7,7 @@ use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bool, Tensor};
+use burn::tensor::{Bool, DType, Tensor};
 
 use crate::cache::{CacheSlots, LayerKv};
 use crate::config::{ModelConfig, RopePairing};
@@ -33,6 +33,11 @@ pub struct Attention<B: Backend> {
     /// Width of one head.
     #[module(skip)]
     pub head_dim: usize,
+    /// Keys and values rounded to f16 as they are computed, as llama.cpp's default (F16) KV cache
+    /// holds them: set for models run from a GGUF file's quantized blocks, whose 8-bit activations
+    /// already compute as llama.cpp does, so that their logits track llama.cpp's on the same file.
+    #[module(skip)]
+    pub kv_f16: bool,
 }
 
 /// Per-forward inputs shared by every layer.
@@ -72,6 +77,7 @@ impl<B: Backend> Attention<B> {
             n_heads: config.n_heads,
             n_kv_heads: config.n_kv_heads,
             head_dim: h,
+            kv_f16: false,
         }
     }
 
@@ -87,6 +93,7 @@ impl<B: Backend> Attention<B> {
         let (h, kvh, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let qkv = self.qkv.forward(x);
         if t > 1
+            && !self.kv_f16
             && ctx.rope.is_none()
             && ctx.mask.is_none()
             && ctx.cache.is_none()
@@ -105,10 +112,18 @@ impl<B: Backend> Attention<B> {
                 .slice([0..b, 0..t, from..from + heads, 0..d])
                 .swap_dims(1, 2)
         };
-        let (mut q, mut k, v) = (split(0, h), split(h, kvh), split(h + kvh, kvh));
+        let (mut q, mut k, mut v) = (split(0, h), split(h, kvh), split(h + kvh, kvh));
         if let Some((angles, pairing)) = &ctx.rope {
             q = angles.apply(q, *pairing);
             k = angles.apply(k, *pairing);
+        }
+        if self.kv_f16 {
+            let rounded = |x: Tensor<B, 4>| {
+                let dtype = x.dtype();
+                x.cast(DType::F16).cast(dtype)
+            };
+            k = rounded(k);
+            v = rounded(v);
         }
         if t == 1
             && ctx.mask.is_none()

@@ -110,6 +110,7 @@ impl Reader<'_> {
                 ])?
             };
             let attn = &mut block.attn;
+            attn.kv_f16 = true;
             let qkv_bias = attn.qkv.bias.take();
             attn.qkv = Projection::from_quantized(qkv, attn.qkv.weight.id, device);
             if let Some(bias) = qkv_bias {
