@@ -100,8 +100,8 @@ pub enum Quantize {
     /// f32 weights, plus int8 copies (a scale per block of 32) for token-by-token decoding.
     Int8,
     /// The GGUF file's own quantized blocks, memory-mapped, as the only copy of the weights:
-    /// 8-bit activations and integer dot products for prefill and decoding (Q4_0, Q4_1 and Q8_0
-    /// natively; other types converted to Q8_0 once at load).
+    /// 8-bit activations and integer dot products for prefill and decoding (Q4_0, Q4_1, Q5_0 and
+    /// Q8_0 natively, Q4_K transcoded exactly; other types converted to Q8_0 once at load).
     Native,
 }
 

@@ -1,6 +1,7 @@
 //! Times [`QuantMatrix::matmul_q8`] on SmolLM2-135M's weight shapes (`[out, in]`: 576×576,
 //! 1536×576, 576×1536, 49152×576) for one input row (decoding) and 128 (prefill), in `Q4_0`,
-//! `Q4_1` and `Q8_0`, with each x86-64 kernel this CPU runs (AVX2, and AVX-512 VNNI where it
+//! `Q4_1`, `Q8_0`, `Q5_0` and `Q4_K` (transcoded at load into 6-bit blocks with f32 scales; only
+//! the 1536-wide shape, since 256 does not divide 576), with each x86-64 kernel this CPU runs (AVX2, and AVX-512 VNNI where it
 //! has it), and prints the rate in GOPS (2 operations per weight per input row) and the
 //! VNNI / AVX2 ratio. Each kernel runs in child processes of this program with
 //! `KILN_QUANT_KERNEL` set, since the kernel is chosen once per process; the best of 3 runs per
@@ -23,7 +24,13 @@ use kiln_kernels::{Q8Rows, QuantMatrix};
 const SHAPES: [(usize, usize); 4] = [(576, 576), (1536, 576), (576, 1536), (49152, 576)];
 /// Input rows: decoding, prefill.
 const INPUT_ROWS: [usize; 2] = [1, 128];
-const TYPES: [GgmlType; 3] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0];
+const TYPES: [GgmlType; 5] = [
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q8_0,
+    GgmlType::Q5_0,
+    GgmlType::Q4_K,
+];
 /// Runs of each kernel, alternating.
 const ROUNDS: usize = 3;
 /// Argument that makes this program time the kernel its environment selects and print results.
@@ -79,7 +86,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     }
     println!();
     for (rows, cols) in SHAPES {
-        for ty in TYPES {
+        for ty in TYPES.into_iter().filter(|t| fits(*t, cols)) {
             for n in INPUT_ROWS {
                 let case = case_name(rows, cols, ty, n);
                 print!(
@@ -125,7 +132,7 @@ fn case_name(rows: usize, cols: usize, ty: GgmlType, n: usize) -> String {
 fn child() -> Result<(), Box<dyn Error>> {
     let mut seed = 0x9E37_79B9_7F4A_7C15u64;
     for (rows, cols) in SHAPES {
-        for ty in TYPES {
+        for ty in TYPES.into_iter().filter(|t| fits(*t, cols)) {
             let w = QuantMatrix::from_vec(ty, rows, cols, blocks(ty, rows * cols, &mut seed))?;
             for n in INPUT_ROWS {
                 let x: Vec<f32> = (0..n * cols)
@@ -168,20 +175,30 @@ fn next(s: &mut u64) -> u64 {
     *s
 }
 
-/// `values / 32` blocks of type `ty` with random quantized values and small scales.
+/// Whether rows of `cols` values are whole blocks of `ty`.
+fn fits(ty: GgmlType, cols: usize) -> bool {
+    cols.is_multiple_of(ty.block_size())
+}
+
+/// `values` in blocks of type `ty` with random quantized values (and `Q4_K`'s sub-block scales)
+/// and small scales.
 fn blocks(ty: GgmlType, values: usize, seed: &mut u64) -> Vec<u8> {
-    let (head, qs) = match ty {
-        GgmlType::Q4_0 => (2, 16),
-        GgmlType::Q4_1 => (4, 16),
-        _ => (2, 32),
-    };
-    let mut out = Vec::with_capacity(values / 32 * (head + qs));
-    for _ in 0..values / 32 {
-        out.extend_from_slice(&f16::from_f32(0.01).to_le_bytes());
-        if head == 4 {
-            out.extend_from_slice(&f16::from_f32(-0.05).to_le_bytes());
+    let bs = ty.type_size().unwrap_or(0);
+    let mut out = Vec::with_capacity(values / ty.block_size() * bs);
+    for _ in 0..values / ty.block_size() {
+        let at = out.len();
+        out.extend((0..bs).map(|_| next(seed) as u8));
+        out[at..at + 2].copy_from_slice(&f16::from_f32(0.01).to_le_bytes());
+        match ty {
+            GgmlType::Q4_1 => {
+                out[at + 2..at + 4].copy_from_slice(&f16::from_f32(-0.05).to_le_bytes())
+            }
+            // `dmin`.
+            GgmlType::Q4_K => {
+                out[at + 2..at + 4].copy_from_slice(&f16::from_f32(0.003).to_le_bytes())
+            }
+            _ => {}
         }
-        out.extend((0..qs).map(|_| next(seed) as u8));
     }
     out
 }

@@ -3,6 +3,14 @@
 //! per value in blocks of 32 ([`Q8Rows`], llama.cpp's `Q8_0` / `Q8_1` activations) and integer
 //! dot products, as llama.cpp's ggml does on the CPU.
 //!
+//! `Q5_0` is read natively from repacked tiles (its 5-bit values unsigned, `−16 Σ q_x` added: the
+//! integer dot product of llama.cpp's `ggml_vec_dot_q5_0_q8_0`, 5.5 bits per weight in memory).
+//! `Q4_K` is transcoded exactly once at load (submodule `transcode`) into an internal `Q4_1`-like
+//! kind with f32 sub-block scales and offsets (`d·sc`, `−dmin·m`), 6 bits per weight, which
+//! dequantizes to the file's values bit for bit; its sub-blocks of 32 meet the activation blocks
+//! of 32 (llama.cpp quantizes `Q4_K`'s activations in blocks of 256, `Q8_K`, so its products are
+//! close to, not bit-identical with, these). Other types are not read here ([`supports`]).
+//!
 //! The kernels, chosen at run time: AVX2 (with FMA and F16C); the same with AVX-512 VNNI's
 //! `vpdpbusd` for the integer dot products where the CPU has it (with AVX-512 VL and BW), which
 //! gives the AVX2 kernel's results bit for bit; and a portable scalar path. All compute, for every
@@ -14,7 +22,7 @@
 //! process, caps the choice for benchmarks and tests: the named kernel, or the best below it that
 //! the CPU runs.
 //!
-//! `Q4_0` and `Q8_0` weights are repacked when the matrix is built, into tiles of 16 rows whose
+//! `Q4_0`, `Q5_0` and `Q8_0` weights are repacked when the matrix is built, into tiles of 16 rows whose
 //! blocks are interleaved (submodule `packed`), so that the kernels multiply 16 weight rows by several
 //! input rows per loop, with the input values broadcast and no horizontal sums.
 //!
@@ -32,6 +40,7 @@ use rayon::prelude::*;
 use crate::linear::{KernelError, LinearKernel};
 
 mod packed;
+mod transcode;
 
 /// Shared bytes that outlive the matrix (a memory-mapped GGUF file or an owned buffer).
 pub type SharedBytes = Arc<dyn AsRef<[u8]> + Send + Sync>;
@@ -49,12 +58,20 @@ pub fn supports(ty: GgmlType) -> bool {
 const Q4_0: u8 = 0;
 const Q4_1: u8 = 1;
 const Q8_0: u8 = 2;
+/// `Q4_1`'s math with f32 scale and offset (`d: f32, m: f32, qs: [u8; 16]`, value `d · q + m`):
+/// what `Q4_K`'s sub-blocks are transcoded into (submodule `transcode`); no GGUF type.
+const Q4F: u8 = 3;
+/// `Q5_0` (`d: f16, qh: u32, qs: [u8; 16]`, value `d · (q − 16)`): only ever in [`packed`]'s
+/// tiles, which have its kernels (the kernels in rows do not read it).
+const Q5_0: u8 = 4;
 
 /// Bytes per block of a weight format.
 const fn block_bytes(kind: u8) -> usize {
     match kind {
         Q4_0 => 18,
         Q4_1 => 20,
+        Q5_0 => 22,
+        Q4F => 24,
         _ => 34,
     }
 }
@@ -63,6 +80,8 @@ const fn block_bytes(kind: u8) -> usize {
 const fn qs_offset(kind: u8) -> usize {
     match kind {
         Q4_1 => 4,
+        Q5_0 => 6,
+        Q4F => 8,
         _ => 2,
     }
 }
@@ -72,6 +91,7 @@ fn kind_of(ty: GgmlType) -> Option<u8> {
         GgmlType::Q4_0 => Some(Q4_0),
         GgmlType::Q4_1 => Some(Q4_1),
         GgmlType::Q8_0 => Some(Q8_0),
+        GgmlType::Q5_0 => Some(Q5_0),
         _ => None,
     }
 }
@@ -415,7 +435,8 @@ fn hsum_epi32(v: std::arch::x86_64::__m256i) -> i32 {
 /// A `rows × cols` weight matrix (`rows` output features, one row per output) in a GGUF block
 /// layout ([`SUPPORTED`](Self::SUPPORTED)), read in place (each row is `cols / 32` consecutive
 /// blocks), except `Q4_0` and `Q8_0`, whose blocks are repacked into an owned buffer of
-/// interleaved tiles of 16 rows when the matrix is built (the same values; see submodule `packed`).
+/// interleaved tiles of 16 rows when the matrix is built (the same values; see submodule `packed`),
+/// as are `Q5_0`'s, and `Q4_K`, transcoded exactly into an owned buffer (see the module docs).
 #[derive(Clone)]
 pub struct QuantMatrix {
     ty: GgmlType,
@@ -443,14 +464,22 @@ impl fmt::Debug for QuantMatrix {
 }
 
 impl QuantMatrix {
-    /// Types this kernel multiplies natively.
-    pub const SUPPORTED: [GgmlType; 3] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0];
+    /// Types this kernel multiplies: `Q4_0`, `Q4_1`, `Q5_0` and `Q8_0` read as stored (`Q4_0`,
+    /// `Q5_0` and `Q8_0` repacked), `Q4_K` transcoded exactly at load (see the module docs).
+    pub const SUPPORTED: [GgmlType; 5] = [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q8_0,
+        GgmlType::Q5_0,
+        GgmlType::Q4_K,
+    ];
 
     /// `rows × cols` weights of type `ty` at `bytes[offset..offset + len]` (no copy, except
-    /// `Q4_0`'s and `Q8_0`'s, repacked into tiles), `len` being the matrix's size in that type.
-    /// [`KernelError::Declined`] for a type not in [`SUPPORTED`](Self::SUPPORTED) (see
-    /// [`supports`]); [`KernelError::Shape`] when `cols` is not a multiple of 32 or the bytes are
-    /// too short (its `len` is then the number of values the bytes hold).
+    /// `Q4_0`'s, `Q5_0`'s and `Q8_0`'s, repacked into tiles, and `Q4_K`'s, transcoded), `len`
+    /// being the matrix's size in that type. [`KernelError::Declined`] for a type not in
+    /// [`SUPPORTED`](Self::SUPPORTED) (see [`supports`]); [`KernelError::Shape`] when `cols` is not
+    /// whole blocks of the type (32 values, 256 for `Q4_K`) or the bytes are too short (its `len`
+    /// is then the number of values the bytes hold).
     pub fn new(
         ty: GgmlType,
         rows: usize,
@@ -458,7 +487,16 @@ impl QuantMatrix {
         bytes: SharedBytes,
         offset: usize,
     ) -> Result<Self, KernelError> {
-        let plain = Self::in_rows(ty, rows, cols, bytes, offset)?;
+        let plain = if transcode::target(ty).is_some() {
+            let all = (*bytes).as_ref();
+            let Some(from) = all.get(offset..) else {
+                return Err(KernelError::Shape { rows, cols, len: 0 });
+            };
+            let (kind, owned) = transcode::transcode(ty, rows, cols, from)?;
+            Self::with_kind(ty, kind, rows, cols, Arc::new(owned), 0)?
+        } else {
+            Self::in_rows(ty, rows, cols, bytes, offset)?
+        };
         Ok(if packed::packs(plain.kind) {
             plain.repacked()
         } else {
@@ -475,6 +513,18 @@ impl QuantMatrix {
         offset: usize,
     ) -> Result<Self, KernelError> {
         let kind = kind_of(ty).ok_or(KernelError::Declined)?;
+        Self::with_kind(ty, kind, rows, cols, bytes, offset)
+    }
+
+    /// Blocks of format `kind` in rows, as stored, for weights of type `ty`.
+    fn with_kind(
+        ty: GgmlType,
+        kind: u8,
+        rows: usize,
+        cols: usize,
+        bytes: SharedBytes,
+        offset: usize,
+    ) -> Result<Self, KernelError> {
         let available = (*bytes).as_ref().len().saturating_sub(offset);
         let bs = block_bytes(kind);
         let shape = KernelError::Shape {
@@ -595,7 +645,7 @@ impl QuantMatrix {
         }))
     }
 
-    /// The weights' type.
+    /// The weights' type (in the file; `Q4_K` is held transcoded).
     pub fn ty(&self) -> GgmlType {
         self.ty
     }
@@ -610,7 +660,8 @@ impl QuantMatrix {
         self.cols
     }
 
-    /// Bytes of weights (with a repacked matrix's padding to whole tiles of 16 rows).
+    /// Bytes of weights in memory (with a repacked matrix's padding to whole tiles of 16 rows, and
+    /// a transcoded matrix's blocks in the layout it was transcoded into).
     pub fn bytes(&self) -> usize {
         self.len
     }
@@ -847,6 +898,12 @@ fn f16_at(b: &[u8]) -> f32 {
     f16::from_le_bytes([b[0], b[1]]).to_f32()
 }
 
+/// Reads a little-endian f32 at `b[0..4]`.
+#[inline(always)]
+fn f32_at(b: &[u8]) -> f32 {
+    f32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
 /// Decodes one row of blocks (the same operations as `kiln_gguf::blocks`, so the same floats).
 fn decode_row(kind: u8, w: &[u8], out: &mut [f32]) {
     let bs = block_bytes(kind);
@@ -865,6 +922,22 @@ fn decode_row(kind: u8, w: &[u8], out: &mut [f32]) {
                 for ((&q, l), h) in b[4..20].iter().zip(lo).zip(hi) {
                     *l = f32::from(q & 0x0F) * d + m;
                     *h = f32::from(q >> 4) * d + m;
+                }
+            }
+            Q5_0 => {
+                let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+                for (j, ((&q, l), h)) in b[6..22].iter().zip(lo).zip(hi).enumerate() {
+                    let (bl, bh) = (((qh >> j) & 1) as u8, ((qh >> (j + 16)) & 1) as u8);
+                    *l = f32::from(((q & 0x0F) | (bl << 4)) as i8 - 16) * d;
+                    *h = f32::from(((q >> 4) | (bh << 4)) as i8 - 16) * d;
+                }
+            }
+            Q4F => {
+                // `Q4_K`'s `d1 · q − m1` (the offset is `−m1`, and `a + (−b)` is `a − b`).
+                let (d, m) = (f32_at(b), f32_at(&b[4..]));
+                for ((&q, l), h) in b[8..24].iter().zip(lo).zip(hi) {
+                    *l = d * f32::from(q & 0x0F) + m;
+                    *h = d * f32::from(q >> 4) + m;
                 }
             }
             _ => {
@@ -910,6 +983,7 @@ fn rows_fn(kind: u8) -> RowsFn {
         VNNI => match kind {
             Q4_0 => |j| unsafe { rows_vnni::<Q4_0>(j) },
             Q4_1 => |j| unsafe { rows_vnni::<Q4_1>(j) },
+            Q4F => |j| unsafe { rows_vnni::<Q4F>(j) },
             _ => |j| unsafe { rows_vnni::<Q8_0>(j) },
         },
         // SAFETY: `kernel` picks AVX2 only where the CPU has AVX2, FMA and F16C.
@@ -917,6 +991,7 @@ fn rows_fn(kind: u8) -> RowsFn {
         AVX2 => match kind {
             Q4_0 => |j| unsafe { rows_avx2::<Q4_0>(j) },
             Q4_1 => |j| unsafe { rows_avx2::<Q4_1>(j) },
+            Q4F => |j| unsafe { rows_avx2::<Q4F>(j) },
             _ => |j| unsafe { rows_avx2::<Q8_0>(j) },
         },
         _ => portable_rows_fn(kind),
@@ -927,6 +1002,7 @@ fn portable_rows_fn(kind: u8) -> RowsFn {
     match kind {
         Q4_0 => rows_portable::<Q4_0>,
         Q4_1 => rows_portable::<Q4_1>,
+        Q4F => rows_portable::<Q4F>,
         _ => rows_portable::<Q8_0>,
     }
 }
@@ -1122,6 +1198,38 @@ fn head_scales<const K: u8>(
     (d, c)
 }
 
+/// The scales `d` and offset coefficients of the (up to) 8 blocks at `p`, `p + bs`, … (lanes of
+/// blocks past `count` zero): [`head_scales`] of their heads, or [`Q4F`]'s f32 fields.
+///
+/// # Safety
+/// Blocks `0..count` at `p` are readable.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn group_scales<const K: u8>(
+    p: *const u8,
+    bs: usize,
+    count: usize,
+) -> (std::arch::x86_64::__m256, std::arch::x86_64::__m256) {
+    use std::arch::x86_64::*;
+    if K == Q4F {
+        let (mut d, mut c) = ([0f32; 8], [0f32; 8]);
+        for (k, (d, c)) in d.iter_mut().zip(&mut c).enumerate().take(count) {
+            // SAFETY: block `k < count` is readable (caller), and it starts with two f32.
+            unsafe {
+                let b = p.add(k * bs);
+                *d = b.cast::<f32>().read_unaligned();
+                *c = b.add(4).cast::<f32>().read_unaligned();
+            }
+        }
+        // SAFETY: 8 floats each.
+        unsafe { (_mm256_loadu_ps(d.as_ptr()), _mm256_loadu_ps(c.as_ptr())) }
+    } else {
+        // SAFETY: forwarded from the caller.
+        head_scales::<K>(unsafe { block_heads(p, bs, count) })
+    }
+}
+
 /// The 16 bytes at `lo` and at `hi` as the low and high halves of a vector, read as a 32-byte
 /// load blended with a broadcast (not an insert, which only one of Zen 3's vector pipes runs).
 ///
@@ -1162,7 +1270,7 @@ unsafe fn gemv_row<const K: u8, const I: u8>(w0: *const u8, x: &XRow) -> std::ar
             let b = 8 * g;
             let wb = w0.add(b * bs);
             let w = wb.add(qo);
-            let (dw, cw) = head_scales::<K>(block_heads(wb, bs, 8));
+            let (dw, cw) = group_scales::<K>(wb, bs, 8);
             let y = x.qs.add(b * QK);
             let dx = _mm256_loadu_ps(x.d.add(b));
             if I == VNNI {
@@ -1211,7 +1319,7 @@ unsafe fn gemv_row<const K: u8, const I: u8>(w0: *const u8, x: &XRow) -> std::ar
         if first < x.nb {
             let rest = x.nb - first;
             let wf = w0.add(first * bs);
-            let (dws, cw) = head_scales::<K>(block_heads(wf, bs, rest));
+            let (dws, cw) = group_scales::<K>(wf, bs, rest);
             if K != Q8_0 {
                 let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
                 let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(rest as i32), lanes);
@@ -1511,6 +1619,10 @@ fn scales_portable<const K: u8>(w: &[u8], dw: &mut [f32], cw: &mut [f32]) {
     dw.fill(0.0);
     cw.fill(0.0);
     for ((b, dw), cw) in w.chunks_exact(block_bytes(K)).zip(dw).zip(cw) {
+        if K == Q4F {
+            (*dw, *cw) = (f32_at(b), f32_at(&b[4..]));
+            continue;
+        }
         *dw = f16_at(b);
         *cw = match K {
             Q4_0 => -8.0 * *dw,
@@ -1610,6 +1722,10 @@ unsafe fn row_portable<const K: u8, const RM: usize>(t: &Tile, j: usize) -> [f32
 #[target_feature(enable = "avx2,fma,f16c")]
 fn scales_avx2<const K: u8>(w: &[u8], dw: &mut [f32], cw: &mut [f32]) {
     use std::arch::x86_64::*;
+    if K == Q4F {
+        // f32 already: copies, the same values either way.
+        return scales_portable::<K>(w, dw, cw);
+    }
     let bs = block_bytes(K);
     let kb = w.len() / bs;
     assert!(
@@ -1905,6 +2021,11 @@ mod tests {
             .collect()
     }
 
+    /// `cols` rounded up to whole blocks of `ty` (256 values for `Q4_K`).
+    fn fit(ty: GgmlType, cols: usize) -> usize {
+        cols.next_multiple_of(ty.block_size())
+    }
+
     fn matrix(ty: GgmlType, rows: usize, cols: usize, seed: u32) -> QuantMatrix {
         let w = values(rows * cols, seed);
         let bytes = blocks::quantize(ty, &w).unwrap();
@@ -1935,19 +2056,29 @@ mod tests {
     #[test]
     fn split_rows_are_views_of_the_whole() {
         for ty in QuantMatrix::SUPPORTED {
-            let whole = matrix(ty, 9, 64, 4);
+            let c64 = fit(ty, 64);
+            let whole = matrix(ty, 9, c64, 4);
             let all = whole.dequantize();
             let [a, b, c] = whole.split_rows([2, 4, 3]).unwrap();
-            assert_eq!(a.dequantize(), all[..2 * 64], "{ty}");
-            assert_eq!(b.dequantize(), all[2 * 64..6 * 64], "{ty}");
-            assert_eq!(c.dequantize(), all[6 * 64..], "{ty}");
+            assert_eq!(a.dequantize(), all[..2 * c64], "{ty}");
+            assert_eq!(b.dequantize(), all[2 * c64..6 * c64], "{ty}");
+            assert_eq!(c.dequantize(), all[6 * c64..], "{ty}");
+            // The parts multiply as the rows of the whole.
+            let x = Q8Rows::quantize(&values(3 * c64, 5), 3, c64).unwrap();
+            let mut want = vec![0f32; 3 * 9];
+            whole.matmul_q8(&x, &mut want, 9, 0).unwrap();
+            let mut got = vec![0f32; 3 * 9];
+            for (p, first) in [(&a, 0), (&b, 2), (&c, 6)] {
+                p.matmul_q8(&x, &mut got, 9, first).unwrap();
+            }
+            assert_eq!(got, want, "{ty}");
             assert!(whole.split_rows([2, 2]).is_err());
         }
     }
 
     #[test]
     fn splits_between_tiles_are_views() {
-        for ty in [GgmlType::Q4_0, GgmlType::Q8_0] {
+        for ty in [GgmlType::Q4_0, GgmlType::Q8_0, GgmlType::Q5_0] {
             split_case(ty);
         }
     }
@@ -1981,7 +2112,8 @@ mod tests {
     /// `q`'s blocks in rows, as the file stores them (a repacked matrix unpacked).
     fn in_rows(q: &QuantMatrix) -> QuantMatrix {
         let bytes = q.rows_bytes(0..q.rows);
-        let plain = QuantMatrix::in_rows(q.ty, q.rows, q.cols, Arc::new(bytes), 0).unwrap();
+        let plain =
+            QuantMatrix::with_kind(q.ty, q.kind, q.rows, q.cols, Arc::new(bytes), 0).unwrap();
         assert!(!plain.packed);
         plain
     }
@@ -2023,7 +2155,7 @@ mod tests {
             (45, 25),
             (70, 48),
         ];
-        for (ty, (rows, nb)) in [GgmlType::Q4_0, GgmlType::Q8_0]
+        for (ty, (rows, nb)) in [GgmlType::Q4_0, GgmlType::Q8_0, GgmlType::Q5_0]
             .into_iter()
             .flat_map(|ty| shapes.map(|s| (ty, s)))
         {
@@ -2041,10 +2173,13 @@ mod tests {
                     let x = Q8Rows::quantize(&values(n * cols, 7 + n as u32), n, cols).unwrap();
                     let what = format!("{ty} matrix {m} {rows}×{cols} n={n}");
                     let reference = reference(&plain.dequantize(), &x.dequantize(), rows, cols, n);
-                    // The existing kernels, on the blocks in rows.
-                    let mut kernels_in_rows = vec![product(portable_rows_fn(kind), &plain, &x)];
+                    // The existing kernels, on the blocks in rows (none for Q5_0).
+                    let mut kernels_in_rows = Vec::new();
+                    if kind != Q5_0 {
+                        kernels_in_rows.push(product(portable_rows_fn(kind), &plain, &x));
+                    }
                     #[cfg(target_arch = "x86_64")]
-                    if best_kernel() >= AVX2 {
+                    if best_kernel() >= AVX2 && kind != Q5_0 {
                         // SAFETY: the CPU has AVX2, FMA and F16C (above).
                         let f: RowsFn = if kind == Q8_0 {
                             |j| unsafe { rows_avx2::<Q8_0>(j) }
@@ -2096,7 +2231,7 @@ mod tests {
     #[test]
     fn dequantize_equals_gguf_codec() {
         for ty in QuantMatrix::SUPPORTED {
-            let (rows, cols) = (7, 96);
+            let (rows, cols) = (7, fit(ty, 96));
             let w = values(rows * cols, 3);
             let bytes = blocks::quantize(ty, &w).unwrap();
             let want = blocks::dequantize_to_vec(ty, &bytes, w.len()).unwrap();
@@ -2106,10 +2241,171 @@ mod tests {
             q.dequantize_rows(&[5, 2], &mut two).unwrap();
             assert_eq!(two[..cols], want[5 * cols..6 * cols]);
             assert_eq!(two[cols..], want[2 * cols..3 * cols]);
-            // Q4_0 and Q8_0 are repacked into tiles of 16 rows.
-            let stored = if ty == GgmlType::Q4_1 { rows } else { 16 };
-            assert_eq!(q.bytes(), ty.type_size().unwrap() * stored * cols / 32);
+            // Q4_0, Q5_0 and Q8_0 are repacked into tiles of 16 rows, Q4_K transcoded into blocks
+            // of 24 bytes per 32 values.
+            let (stored, block) = match ty {
+                GgmlType::Q4_1 => (rows, 20),
+                GgmlType::Q4_K => (rows, 24),
+                GgmlType::Q4_0 => (16, 18),
+                GgmlType::Q5_0 => (16, 22),
+                _ => (16, 34),
+            };
+            assert_eq!(q.bytes(), block * stored * cols / 32, "{ty}");
         }
+    }
+
+    /// `Q5_0` (in tiles) and `Q4_K` (transcoded at load): products equal the f64 product of the file's own
+    /// weights (kiln-gguf's dequantizer) and the quantized activations, for one input row and
+    /// many, odd row counts and parts of the matrix; lookups give the file's values.
+    #[test]
+    fn q5_0_and_q4_k_multiply_the_files_weights() {
+        // (rows, cols, input rows): SmolLM2's `ffn_down` (1536 wide), a row of 9 super-blocks.
+        let shapes = [
+            (1, 256, 1),
+            (37, 512, 1),
+            (65, 1536, 1),
+            (65, 1536, 15),
+            (130, 768, 5),
+            (9, 2304, 3),
+            (17, 256, 38),
+        ];
+        for ty in [GgmlType::Q5_0, GgmlType::Q4_K] {
+            for (rows, cols, n) in shapes {
+                let w = values(rows * cols, 13);
+                let file = blocks::quantize(ty, &w).unwrap();
+                let weights = blocks::dequantize_to_vec(ty, &file, rows * cols).unwrap();
+                // At an offset in a larger buffer, as in a mapped file.
+                let mut mapped = vec![0xA5u8; 40];
+                mapped.extend_from_slice(&file);
+                let q = QuantMatrix::new(ty, rows, cols, Arc::new(mapped), 40).unwrap();
+                assert_eq!(q.dequantize(), weights, "{ty} {rows}×{cols}");
+                let ids: Vec<usize> = (0..rows).rev().step_by(3).collect();
+                let mut looked = vec![0f32; ids.len() * cols];
+                q.dequantize_rows(&ids, &mut looked).unwrap();
+                for (&id, got) in ids.iter().zip(looked.chunks(cols)) {
+                    assert_eq!(got, &weights[id * cols..(id + 1) * cols], "{ty} row {id}");
+                }
+                let x = Q8Rows::quantize(&values(n * cols, 3 + n as u32), n, cols).unwrap();
+                let want = reference(&weights, &x.dequantize(), rows, cols, n);
+                let mut out = vec![0f32; n * rows];
+                q.matmul_q8(&x, &mut out, rows, 0).unwrap();
+                for (k, (&got, &want)) in out.iter().zip(&want).enumerate() {
+                    assert!(
+                        close(got, want),
+                        "{ty} {rows}×{cols} n={n} [{}, {}]: {got} vs {want:?}",
+                        k / rows,
+                        k % rows
+                    );
+                }
+                // Parts of the matrix (an odd cut), side by side in one output.
+                let cut = rows / 3 + 1;
+                let [a, b] = q.split_rows([cut, rows - cut]).unwrap();
+                let mut parts = vec![0f32; n * rows];
+                a.matmul_q8(&x, &mut parts, rows, 0).unwrap();
+                b.matmul_q8(&x, &mut parts, rows, cut).unwrap();
+                assert_eq!(parts, out, "{ty} {rows}×{cols} n={n} in parts");
+            }
+        }
+    }
+
+    #[test]
+    fn new_types_stay_small() {
+        let (rows, cols) = (64, 1536);
+        let w = values(rows * cols, 1);
+        let size = |ty| {
+            let q = QuantMatrix::from_vec(ty, rows, cols, blocks::quantize(ty, &w).unwrap());
+            q.unwrap().bytes() as f64 * 8.0 / (rows * cols) as f64
+        };
+        // Bits per weight in memory: Q4_K's 4.5 become 6 (f32 sub-block scales), Q5_0 stays 5.5.
+        assert_eq!(size(GgmlType::Q4_K), 6.0);
+        assert_eq!(size(GgmlType::Q5_0), 5.5);
+        assert_eq!(size(GgmlType::Q8_0), 8.5);
+    }
+
+    #[test]
+    fn q5_0_and_q4_k_reject_bad_shapes() {
+        let q4k = Arc::new(blocks::quantize(GgmlType::Q4_K, &values(4 * 512, 2)).unwrap());
+        let q50 = Arc::new(blocks::quantize(GgmlType::Q5_0, &values(4 * 64, 2)).unwrap());
+        let shape =
+            |r: Result<QuantMatrix, KernelError>| matches!(r, Err(KernelError::Shape { .. }));
+        // Rows not whole super-blocks (Q4_K) or blocks (Q5_0).
+        assert!(shape(QuantMatrix::new(
+            GgmlType::Q4_K,
+            8,
+            256 + 32,
+            q4k.clone(),
+            0
+        )));
+        assert!(shape(QuantMatrix::new(
+            GgmlType::Q5_0,
+            8,
+            48,
+            q50.clone(),
+            0
+        )));
+        // Bytes too short, past the end, overflowing sizes.
+        assert!(shape(QuantMatrix::new(
+            GgmlType::Q4_K,
+            5,
+            512,
+            q4k.clone(),
+            0
+        )));
+        assert!(shape(QuantMatrix::new(
+            GgmlType::Q4_K,
+            4,
+            512,
+            q4k.clone(),
+            1
+        )));
+        assert!(shape(QuantMatrix::new(
+            GgmlType::Q4_K,
+            1,
+            256,
+            q4k.clone(),
+            100_000
+        )));
+        assert!(shape(QuantMatrix::new(
+            GgmlType::Q4_K,
+            usize::MAX,
+            512,
+            q4k.clone(),
+            0
+        )));
+        assert!(shape(QuantMatrix::new(
+            GgmlType::Q5_0,
+            5,
+            64,
+            q50.clone(),
+            0
+        )));
+        assert!(shape(QuantMatrix::new(
+            GgmlType::Q5_0,
+            usize::MAX / 2,
+            64,
+            q50.clone(),
+            0
+        )));
+        // Exactly the bytes, or a tail of them: fine.
+        assert!(QuantMatrix::new(GgmlType::Q4_K, 4, 512, q4k.clone(), 0).is_ok());
+        assert!(QuantMatrix::new(GgmlType::Q4_K, 2, 512, q4k, 4 * 144).is_ok());
+        assert!(QuantMatrix::new(GgmlType::Q5_0, 4, 64, q50, 0).is_ok());
+        // Types neither read nor transcoded.
+        for ty in [
+            GgmlType::Q5_1,
+            GgmlType::Q5_K,
+            GgmlType::Q6_K,
+            GgmlType::F16,
+        ] {
+            let bytes = Arc::new(vec![0u8; 1 << 16]);
+            assert_eq!(
+                QuantMatrix::new(ty, 4, 256, bytes, 0).unwrap_err(),
+                KernelError::Declined,
+                "{ty}"
+            );
+            assert!(!supports(ty));
+        }
+        assert!(supports(GgmlType::Q5_0) && supports(GgmlType::Q4_K));
     }
 
     #[test]
@@ -2168,6 +2464,7 @@ mod tests {
         ];
         for ty in QuantMatrix::SUPPORTED {
             for &(rows, cols, n) in &shapes {
+                let cols = fit(ty, cols);
                 let q = matrix(ty, rows, cols, 11);
                 let w = q.dequantize();
                 let x = Q8Rows::quantize(&values(n * cols, 5), n, cols).unwrap();
@@ -2182,7 +2479,11 @@ mod tests {
                         k % rows
                     );
                 }
-                // The portable kernel agrees (on the blocks in rows for Q4_0's plain kernels).
+                // The portable kernel agrees (on the blocks in rows for Q4_0's plain kernels;
+                // Q5_0's kernels are on tiles only, see `packed_kernels_equal_the_kernels_in_rows`).
+                if q.kind == Q5_0 {
+                    continue;
+                }
                 let q = in_rows(&q);
                 let mut portable = vec![0f32; n * rows];
                 portable_rows_fn(q.kind)(&Job {
@@ -2210,6 +2511,7 @@ mod tests {
             .into_iter()
             .flat_map(|ty| [(150, 320), (70, 576), (41, 64), (9, 96)].map(|s| (ty, s)))
         {
+            let cols = fit(ty, cols);
             let m = matrix(ty, rows, cols, 5);
             let x = values(7 * cols, 8);
             let mut batch = vec![0f32; 7 * rows];
@@ -2226,23 +2528,39 @@ mod tests {
     /// `rows × cols` weights of type `ty` whose quantized values are random bytes (every nibble,
     /// and `-128` for `Q8_0`), with fixed scales.
     fn raw_matrix(ty: GgmlType, rows: usize, cols: usize, seed: u32) -> QuantMatrix {
-        let (head, len) = match ty {
-            GgmlType::Q4_0 => (2, 16),
-            GgmlType::Q4_1 => (4, 16),
-            _ => (2, 32),
-        };
-        let bytes = values(rows * cols / 32 * len, seed)
-            .into_iter()
-            .map(|v| (v * 1000.0) as i32 as u8);
-        let mut data = Vec::new();
-        for (b, q) in bytes.collect::<Vec<_>>().chunks(len).enumerate() {
-            data.extend_from_slice(&f16::from_f32(0.01 + b as f32 * 1e-4).to_le_bytes());
-            if head == 4 {
-                data.extend_from_slice(&f16::from_f32(-0.05).to_le_bytes());
+        let (per, bs) = (ty.block_size(), ty.type_size().unwrap());
+        let mut data = random_bytes(rows * cols / per * bs, seed);
+        for (b, block) in data.chunks_exact_mut(bs).enumerate() {
+            let d = f16::from_f32(0.01 + b as f32 * 1e-4).to_le_bytes();
+            block[..2].copy_from_slice(&d);
+            match ty {
+                GgmlType::Q4_1 => block[2..4].copy_from_slice(&f16::from_f32(-0.05).to_le_bytes()),
+                // `d` and `dmin`; the 6-bit scales and mins random.
+                GgmlType::Q4_K => block[2..4].copy_from_slice(&f16::from_f32(0.003).to_le_bytes()),
+                _ => {}
             }
-            data.extend_from_slice(q);
         }
         QuantMatrix::from_vec(ty, rows, cols, data).unwrap()
+    }
+
+    fn random_bytes(len: usize, seed: u32) -> Vec<u8> {
+        values(len, seed)
+            .into_iter()
+            .map(|v| (v * 1000.0) as i32 as u8)
+            .collect()
+    }
+
+    /// `rows × cols` weights of the internal kind [`Q4F`] (which `Q4_K` is transcoded into) with
+    /// random nibbles and f32 scales and offsets that no f16 holds; any number of blocks per row.
+    fn raw_q4f(rows: usize, cols: usize, seed: u32) -> QuantMatrix {
+        let mut data = random_bytes(rows * cols / 32 * 24, seed);
+        for (b, block) in data.chunks_exact_mut(24).enumerate() {
+            let d = 0.012_345_6 * (1.0 + b as f32 * 1e-3);
+            let m = -0.054_321_9 - b as f32 * 1.3e-5;
+            block[..4].copy_from_slice(&d.to_le_bytes());
+            block[4..8].copy_from_slice(&m.to_le_bytes());
+        }
+        QuantMatrix::with_kind(GgmlType::Q4_K, Q4F, rows, cols, Arc::new(data), 0).unwrap()
     }
 
     /// `f`'s product of `q` and `x` as one task.
@@ -2277,14 +2595,43 @@ mod tests {
                     |j| unsafe { rows_avx2::<Q4_1>(j) },
                     |j| unsafe { rows_vnni::<Q4_1>(j) },
                 ),
+                Q4F => (
+                    |j| unsafe { rows_avx2::<Q4F>(j) },
+                    |j| unsafe { rows_vnni::<Q4F>(j) },
+                ),
                 _ => (
                     |j| unsafe { rows_avx2::<Q8_0>(j) },
                     |j| unsafe { rows_vnni::<Q8_0>(j) },
                 ),
             }
         };
-        // Weight rows in fours and not, blocks fewer than a group, in whole groups, with a rest,
-        // and more than the scale scratch holds; one input row (its own kernel) to a prefill.
+        // One input row (its own kernel) to a prefill.
+        for q in kernel_cases() {
+            let (rows, cols) = (q.rows, q.cols);
+            let (avx2, vnni) = fns(q.kind);
+            for n in [1, 2, 3, 4, 5, 37] {
+                let x = Q8Rows::quantize(&values(n * cols, 7 + n as u32), n, cols).unwrap();
+                let want = product(avx2, &q, &x);
+                let what = format!("{} kind {} {rows}×{cols} n={n}", q.ty, q.kind);
+                assert_eq!(product(vnni, &q, &x), want, "{what}");
+                let reference = reference(&q.dequantize(), &x.dequantize(), rows, cols, n);
+                let portable = product(portable_rows_fn(q.kind), &q, &x);
+                for (k, ((&got, &p), &r)) in want.iter().zip(&portable).zip(&reference).enumerate()
+                {
+                    assert!(
+                        close(got, r) && close(p, r),
+                        "{what} [{k}]: {got}, {p} vs {r:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The matrices of [`vnni_equals_avx2`]: every type with kernels in rows, as encoded and with
+    /// random bytes, and the internal kind [`Q4F`] with any number of blocks, in rows; weight rows
+    /// in fours and not, blocks fewer than a group, in whole groups, with a rest, and more than
+    /// the scale scratch holds.
+    fn kernel_cases() -> Vec<QuantMatrix> {
         let shapes = [
             (1, 1),
             (7, 7),
@@ -2295,32 +2642,50 @@ mod tests {
             (9, 48),
             (3, SCRATCH + 9),
         ];
-        for ty in QuantMatrix::SUPPORTED {
+        let mut cases = Vec::new();
+        // (Q5_0 has kernels on tiles only: `packed_kernels_equal_the_kernels_in_rows`.)
+        for ty in QuantMatrix::SUPPORTED
+            .into_iter()
+            .filter(|&t| t != GgmlType::Q5_0)
+        {
             for (rows, nb) in shapes {
-                let cols = nb * QK;
-                for (m, q) in [matrix(ty, rows, cols, 3), raw_matrix(ty, rows, cols, 4)]
-                    .iter()
-                    .map(in_rows)
-                    .enumerate()
-                {
-                    let (avx2, vnni) = fns(q.kind);
-                    let q = &q;
-                    for n in [1, 2, 3, 4, 5, 37] {
-                        let x = Q8Rows::quantize(&values(n * cols, 7 + n as u32), n, cols).unwrap();
-                        let want = product(avx2, q, &x);
-                        let what = format!("{ty} matrix {m} {rows}×{cols} n={n}");
-                        assert_eq!(product(vnni, q, &x), want, "{what}");
-                        let reference = reference(&q.dequantize(), &x.dequantize(), rows, cols, n);
-                        let portable = product(portable_rows_fn(q.kind), q, &x);
-                        for (k, ((&got, &p), &r)) in
-                            want.iter().zip(&portable).zip(&reference).enumerate()
-                        {
-                            assert!(
-                                close(got, r) && close(p, r),
-                                "{what} [{k}]: {got}, {p} vs {r:?}"
-                            );
-                        }
-                    }
+                let cols = fit(ty, nb * QK);
+                cases.push(matrix(ty, rows, cols, 3));
+                cases.push(raw_matrix(ty, rows, cols, 4));
+                if ty == GgmlType::Q4_K {
+                    cases.push(raw_q4f(rows, nb * QK, 5));
+                }
+            }
+        }
+        cases.iter().map(in_rows).collect()
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx2_and_portable_equal_the_dequantized_product() {
+        if best_kernel() < AVX2 {
+            return;
+        }
+        for q in kernel_cases() {
+            // SAFETY: the CPU has AVX2, FMA and F16C (above).
+            let avx2: RowsFn = match q.kind {
+                Q4_0 => |j| unsafe { rows_avx2::<Q4_0>(j) },
+                Q4_1 => |j| unsafe { rows_avx2::<Q4_1>(j) },
+                Q4F => |j| unsafe { rows_avx2::<Q4F>(j) },
+                _ => |j| unsafe { rows_avx2::<Q8_0>(j) },
+            };
+            let (rows, cols) = (q.rows, q.cols);
+            for n in [1, 2, 5, 37] {
+                let x = Q8Rows::quantize(&values(n * cols, 7 + n as u32), n, cols).unwrap();
+                let what = format!("{} kind {} {rows}×{cols} n={n}", q.ty, q.kind);
+                let reference = reference(&q.dequantize(), &x.dequantize(), rows, cols, n);
+                let got = product(avx2, &q, &x);
+                let portable = product(portable_rows_fn(q.kind), &q, &x);
+                for (k, ((&got, &p), &r)) in got.iter().zip(&portable).zip(&reference).enumerate() {
+                    assert!(
+                        close(got, r) && close(p, r),
+                        "{what} [{k}]: {got}, {p} vs {r:?}"
+                    );
                 }
             }
         }
@@ -2329,7 +2694,7 @@ mod tests {
     #[test]
     fn strided_output_leaves_other_columns() {
         for ty in QuantMatrix::SUPPORTED {
-            let (rows, cols, n) = (100, 128, 6);
+            let (rows, cols, n) = (100, fit(ty, 128), 6);
             let q = matrix(ty, rows, cols, 2);
             let x = Q8Rows::quantize(&values(n * cols, 9), n, cols).unwrap();
             let mut plain = vec![0f32; n * rows];
@@ -2354,6 +2719,7 @@ mod tests {
     fn large_rows_chunk_the_blocks() {
         // More blocks per row than the scale scratch holds, so the blocks are taken in chunks.
         let (rows, cols, n) = (3, 32 * (SCRATCH + 40), 2);
+        assert!(cols.is_multiple_of(256));
         for ty in QuantMatrix::SUPPORTED {
             let q = matrix(ty, rows, cols, 4);
             let x = Q8Rows::quantize(&values(n * cols, 1), n, cols).unwrap();
@@ -2405,7 +2771,7 @@ mod tests {
         assert!(QuantMatrix::new(GgmlType::Q4_1, usize::MAX, 64, shared.clone(), 0).is_err());
         // Unsupported types are declined.
         assert_eq!(
-            QuantMatrix::new(GgmlType::Q4_K, 4, 64, shared.clone(), 0).unwrap_err(),
+            QuantMatrix::new(GgmlType::Q6_K, 4, 256, shared.clone(), 0).unwrap_err(),
             KernelError::Declined
         );
         assert!(!supports(GgmlType::F32) && supports(GgmlType::Q8_0));

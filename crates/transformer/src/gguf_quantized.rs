@@ -1,9 +1,11 @@
 //! Quantized GGUF files run from their blocks: every projection and the token embedding (also the
 //! tied output head) keep the file's blocks as [`QuantLinear`] kernels, memory-mapped with no copy
-//! where the kernels read the type (`Q4_0`, `Q4_1`, `Q8_0`); other types are converted to `Q8_0`
-//! once at load. Norms, biases and learned positions are f32. The f32 weights are made
-//! (dequantized) only if a path asks for them: a backend without host kernels, or training. The
-//! Llama family and llama.cpp's `gpt2` both.
+//! where the kernels read the type in place (`Q4_1`; `Q4_0`, `Q5_0` and `Q8_0` repacked into
+//! tiles), `Q4_K` transcoded exactly into 6-bit blocks with f32 sub-block scales (the file's
+//! weights, bit for bit); other types (`Q5_1`, `Q5_K`, `Q6_K`, floats, …) are converted to `Q8_0`
+//! once at load (a second rounding). Norms, biases and learned positions are f32. The f32 weights
+//! are made (dequantized) only if a path asks for them: a backend without host kernels, or
+//! training. The Llama family and llama.cpp's `gpt2` both.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -312,7 +314,7 @@ impl Reader<'_> {
             name: name.to_owned(),
             reason,
         };
-        let matrix = if supports(info.ty) && cols.is_multiple_of(32) {
+        let matrix = if supports(info.ty) && cols.is_multiple_of(info.ty.block_size()) {
             match head_dim {
                 None => {
                     QuantMatrix::new(info.ty, rows, cols, Arc::clone(&self.bytes), offset(info))
@@ -325,7 +327,7 @@ impl Reader<'_> {
                 }
             }
         } else {
-            // Types the kernels do not read (K-quants, Q5, floats) become Q8_0 once.
+            // Types the kernels do not take (Q5_1, K-quants but Q4_K, floats) become Q8_0 once.
             let mut values = dequantize_to_vec(info.ty, self.file.tensor_data(info), rows * cols)
                 .map_err(|source| ModelError::Dequant {
                 tensor: name.to_owned(),

@@ -1,4 +1,4 @@
-//! `Q4_0` and `Q8_0` weights repacked at load into tiles of [`TILE`] rows whose blocks are
+//! `Q4_0`, `Q5_0` and `Q8_0` weights repacked at load into tiles of [`TILE`] rows whose blocks are
 //! interleaved, and the products on that layout (portable, AVX2, AVX-512 VNNI), as llama.cpp's CPU
 //! backend does with its `block_q4_0x8` repacking (a different layout, for the same purpose).
 //!
@@ -9,14 +9,19 @@
 //! `4m..4m + 4` of the 16 rows' block `b` and its high nibbles values `16 + 4m..16 + 4m + 4`, so
 //! one AND (and a shift) gives a vector whose 32-bit lane `j` pairs with the same four activations
 //! for all 16 rows; `Q8_0`'s values are stored plus 128 (their sign bit flipped), unsigned, as
-//! `vpdpbusd` takes them. The activations are broadcast, each `vpdpbusd` is 64 multiply-adds into
-//! 16 rows' sums, and the 16 rows' results come out in one vector, no horizontal sums. The bytes
-//! are those of the plain blocks, moved (and for `Q8_0` flipped back): the values dequantize
-//! exactly as before.
+//! `vpdpbusd` takes them. `Q5_0` is `Q4_0`'s tile plus a fifth 64-byte vector of its high bits:
+//! byte `i` of row `j`'s word (at `4j + i`) holds in bit `k` the high bit of the value that byte
+//! `i` of nibble vector `k` holds (`k < 4`: low nibble of vector `k`; `k >= 4`: high nibble of
+//! vector `k − 4`), so one 16-bit shift and an AND put the high bits of a vector's values at bit 4
+//! (ORed onto the nibbles: unsigned 5-bit values). The activations are broadcast, each
+//! `vpdpbusd` is 64 multiply-adds into 16 rows' sums, and the 16 rows' results come out in one
+//! vector, no horizontal sums. The bytes are those of the plain blocks, moved (and for `Q8_0`
+//! flipped back, for `Q5_0`'s high bits rearranged back): the values dequantize exactly as before.
 //!
 //! Per block, every kernel computes the integer `Σ q_w q_x` exactly (for `Q4_0` as
-//! `Σ n_w q_x − 8 Σ q_x` with unsigned nibbles `n_w`, for `Q8_0` on VNNI as `Σ u_w q_x − 128 Σ q_x`,
-//! the offsets from [`Q8Rows`]), and then `acc = fma(float(dot), d_w · d_x, acc)`: the three
+//! `Σ n_w q_x − 8 Σ q_x` with unsigned nibbles `n_w`, for `Q5_0` as `Σ u_w q_x − 16 Σ q_x` with the
+//! unsigned 5-bit values, as llama.cpp's `ggml_vec_dot_q5_0_q8_0`; for `Q8_0` on VNNI as
+//! `Σ u_w q_x − 128 Σ q_x`; the offsets from [`Q8Rows`]), and then `acc = fma(float(dot), d_w · d_x, acc)`: the three
 //! kernels give the same bits, and an input row's results do not depend on the rows computed
 //! beside it.
 
@@ -25,8 +30,8 @@ use std::ops::Range;
 use half::f16;
 
 use super::{
-    AVX2, OutPtr, Q4_0, Q8_0, Q8Rows, QK, VNNI, act_index, block_bytes, decode_row as decode_block,
-    kernel,
+    AVX2, OutPtr, Q4_0, Q5_0, Q8_0, Q8Rows, QK, VNNI, act_index, block_bytes,
+    decode_row as decode_block, kernel,
 };
 
 /// Weight rows per tile.
@@ -40,7 +45,7 @@ const RM_AVX2: usize = 4;
 
 /// Whether weights of format `kind` are repacked.
 pub(super) fn packs(kind: u8) -> bool {
-    kind == Q4_0 || kind == Q8_0
+    kind == Q4_0 || kind == Q8_0 || kind == Q5_0
 }
 
 /// Bytes of one block column of a tile (its 16 rows' blocks).
@@ -48,9 +53,44 @@ pub(super) const fn tile_block(kind: u8) -> usize {
     TILE * block_bytes(kind)
 }
 
-/// 64-byte value vectors per block column.
+/// 64-byte value vectors per block column (`Q5_0`: the nibbles' four, then the high bits').
 const fn vectors(kind: u8) -> usize {
     (block_bytes(kind) - 2) / 4
+}
+
+/// Offset of the nibbles in a plain block (after `d`, and `Q5_0`'s `qh`).
+const fn nibbles_at(kind: u8) -> usize {
+    if kind == Q5_0 { 6 } else { 2 }
+}
+
+/// Vector `k`'s values of `Q5_0` (`k < 4`: values `4k..4k + 4`, low nibbles; `k >= 4`: values
+/// `16 + 4(k − 4)..`, high nibbles) take their high bits from bit `k` of the high-bit bytes: byte
+/// `i` of the tile's high-bit word of a row, from the block's `qh`.
+fn high_bits_byte(qh: u32, i: usize) -> u8 {
+    (0..8).fold(0u8, |b, k| {
+        let value = if k < 4 {
+            4 * k + i
+        } else {
+            16 + 4 * (k - 4) + i
+        };
+        b | ((((qh >> value) & 1) as u8) << k)
+    })
+}
+
+/// `qh` back from the four high-bit bytes of a row ([`high_bits_byte`] inverted).
+fn qh_of(bytes: &[u8]) -> u32 {
+    let mut qh = 0u32;
+    for (i, &b) in bytes.iter().enumerate().take(4) {
+        for k in 0..8 {
+            let value = if k < 4 {
+                4 * k + i
+            } else {
+                16 + 4 * (k - 4) + i
+            };
+            qh |= u32::from((b >> k) & 1) << value;
+        }
+    }
+    qh
 }
 
 /// What a value byte is stored as (`Q8_0`'s sign bit flipped; the same both ways).
@@ -72,9 +112,20 @@ pub(super) fn repack(kind: u8, plain: &[u8], rows: usize, nb: usize) -> Vec<u8> 
             let at = block_at(kind, nb, r, b);
             let j = r % TILE;
             out[at + 2 * j..at + 2 * j + 2].copy_from_slice(&block[..2]);
+            let qs = nibbles_at(kind);
             for m in 0..vectors(kind) {
                 let to = at + SCALES + 64 * m + 4 * j;
-                for (o, &v) in out[to..to + 4].iter_mut().zip(&block[2 + 4 * m..6 + 4 * m]) {
+                if kind == Q5_0 && m == 4 {
+                    let qh = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
+                    for (i, o) in out[to..to + 4].iter_mut().enumerate() {
+                        *o = high_bits_byte(qh, i);
+                    }
+                    continue;
+                }
+                for (o, &v) in out[to..to + 4]
+                    .iter_mut()
+                    .zip(&block[qs + 4 * m..qs + 4 + 4 * m])
+                {
                     *o = stored(kind, v);
                 }
             }
@@ -94,9 +145,14 @@ fn plain_block(kind: u8, packed: &[u8], nb: usize, r: usize, b: usize, block: &m
     let at = block_at(kind, nb, r, b);
     let j = r % TILE;
     block[..2].copy_from_slice(&packed[at + 2 * j..at + 2 * j + 2]);
+    let qs = nibbles_at(kind);
     for m in 0..vectors(kind) {
         let from = at + SCALES + 64 * m + 4 * j;
-        for (o, &v) in block[2 + 4 * m..6 + 4 * m]
+        if kind == Q5_0 && m == 4 {
+            block[2..6].copy_from_slice(&qh_of(&packed[from..from + 4]).to_le_bytes());
+            continue;
+        }
+        for (o, &v) in block[qs + 4 * m..qs + 4 + 4 * m]
             .iter_mut()
             .zip(&packed[from..from + 4])
         {
@@ -151,14 +207,21 @@ pub(super) fn tiles_fn(kind: u8) -> TilesFn {
         (VNNI, Q8_0) => |j| unsafe { tiles_vnni::<Q8_0>(j) },
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
+        (VNNI, Q5_0) => |j| unsafe { tiles_vnni::<Q5_0>(j) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
         (VNNI, _) => |j| unsafe { tiles_vnni::<Q4_0>(j) },
         // SAFETY: `kernel` picks AVX2 only where the CPU has AVX2, FMA and F16C.
         #[cfg(target_arch = "x86_64")]
         (AVX2, Q8_0) => |j| unsafe { tiles_avx2::<Q8_0>(j) },
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
+        (AVX2, Q5_0) => |j| unsafe { tiles_avx2::<Q5_0>(j) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
         (AVX2, _) => |j| unsafe { tiles_avx2::<Q4_0>(j) },
         (_, Q8_0) => tiles_portable::<Q8_0>,
+        (_, Q5_0) => tiles_portable::<Q5_0>,
         _ => tiles_portable::<Q4_0>,
     }
 }
@@ -166,10 +229,10 @@ pub(super) fn tiles_fn(kind: u8) -> TilesFn {
 /// The kernels on tiles of format `kind` this CPU runs, by name, portable first (for tests).
 #[cfg(test)]
 pub(super) fn all_tiles_fns(kind: u8) -> Vec<(&'static str, TilesFn)> {
-    let portable: TilesFn = if kind == Q8_0 {
-        tiles_portable::<Q8_0>
-    } else {
-        tiles_portable::<Q4_0>
+    let portable: TilesFn = match kind {
+        Q8_0 => tiles_portable::<Q8_0>,
+        Q5_0 => tiles_portable::<Q5_0>,
+        _ => tiles_portable::<Q4_0>,
     };
     #[allow(unused_mut)]
     let mut fns = vec![("portable", portable)];
@@ -178,19 +241,19 @@ pub(super) fn all_tiles_fns(kind: u8) -> Vec<(&'static str, TilesFn)> {
         let best = super::best_kernel();
         if best >= AVX2 {
             // SAFETY: the CPU has AVX2, FMA and F16C (above).
-            let f: TilesFn = if kind == Q8_0 {
-                |j| unsafe { tiles_avx2::<Q8_0>(j) }
-            } else {
-                |j| unsafe { tiles_avx2::<Q4_0>(j) }
+            let f: TilesFn = match kind {
+                Q8_0 => |j| unsafe { tiles_avx2::<Q8_0>(j) },
+                Q5_0 => |j| unsafe { tiles_avx2::<Q5_0>(j) },
+                _ => |j| unsafe { tiles_avx2::<Q4_0>(j) },
             };
             fns.push(("avx2", f));
         }
         if best >= VNNI {
             // SAFETY: the CPU has VNNI's features and AVX2's (above).
-            let f: TilesFn = if kind == Q8_0 {
-                |j| unsafe { tiles_vnni::<Q8_0>(j) }
-            } else {
-                |j| unsafe { tiles_vnni::<Q4_0>(j) }
+            let f: TilesFn = match kind {
+                Q8_0 => |j| unsafe { tiles_vnni::<Q8_0>(j) },
+                Q5_0 => |j| unsafe { tiles_vnni::<Q5_0>(j) },
+                _ => |j| unsafe { tiles_vnni::<Q4_0>(j) },
             };
             fns.push(("vnni", f));
         }
@@ -231,6 +294,15 @@ fn tiles_portable<const K: u8>(job: &Job) {
                 if K == Q8_0 {
                     for v in 0..QK {
                         dot += i32::from(stored(K, q(v)) as i8) * y(v);
+                    }
+                } else if K == Q5_0 {
+                    // `-16 Σ q_x`; the high bits from the fifth vector.
+                    dot = 2 * x.off[i * nb + b];
+                    for v in 0..QK / 2 {
+                        let h = blk[SCALES + 256 + 4 * j + v % 4];
+                        let lo = (q(v) & 0x0F) | (((h >> (v / 4)) & 1) << 4);
+                        let hi = (q(v) >> 4) | (((h >> (4 + v / 4)) & 1) << 4);
+                        dot += i32::from(lo) * y(v) + i32::from(hi) * y(v + 16);
                     }
                 } else {
                     dot = x.off[i * nb + b];
@@ -337,7 +409,7 @@ unsafe fn tile_vnni<const K: u8, const R: usize>(
             let wb = w.add(b * tile_block(K));
             let dw = _mm512_cvtph_ps(_mm256_loadu_si256(wb.cast()));
             let load = |m: usize| _mm512_loadu_si512(wb.add(SCALES + 64 * m).cast());
-            let wq: [__m512i; 8] = if K == Q8_0 {
+            let mut wq: [__m512i; 8] = if K == Q8_0 {
                 std::array::from_fn(load)
             } else {
                 let raw: [__m512i; 4] = std::array::from_fn(load);
@@ -349,6 +421,25 @@ unsafe fn tile_vnni<const K: u8, const R: usize>(
                     }
                 })
             };
+            if K == Q5_0 {
+                // Bit `k` of each high-bit byte to bit 4 of vector `k`'s bytes (16-bit shifts
+                // of at most 4 keep each byte's bits in the byte that bit 4 is taken from).
+                let h = load(4);
+                let b4 = _mm512_set1_epi8(0x10);
+                let hb = [
+                    _mm512_slli_epi16::<4>(h),
+                    _mm512_slli_epi16::<3>(h),
+                    _mm512_slli_epi16::<2>(h),
+                    _mm512_slli_epi16::<1>(h),
+                    h,
+                    _mm512_srli_epi16::<1>(h),
+                    _mm512_srli_epi16::<2>(h),
+                    _mm512_srli_epi16::<3>(h),
+                ];
+                for (w, hb) in wq.iter_mut().zip(hb) {
+                    *w = _mm512_or_si512(*w, _mm512_and_si512(hb, b4));
+                }
+            }
             let (at, step) = act_block(grouped, b);
             for (i, acc) in acc.iter_mut().enumerate() {
                 let y = qs.add(i * x.cols + at);
@@ -358,6 +449,9 @@ unsafe fn tile_vnni<const K: u8, const R: usize>(
                 let mut lo = _mm512_set1_epi32(*off.add(i * nb + b));
                 if K == Q8_0 {
                     lo = _mm512_slli_epi32::<4>(lo);
+                } else if K == Q5_0 {
+                    // `-16 Σ q_x`.
+                    lo = _mm512_slli_epi32::<1>(lo);
                 }
                 // Two chains of four, so one input row does not wait on eight in a row.
                 let mut hi = _mm512_setzero_si512();
@@ -377,8 +471,9 @@ unsafe fn tile_vnni<const K: u8, const R: usize>(
 }
 
 /// The kernels in AVX2: each half tile (8 weight rows) times [`RM_AVX2`] input rows, `maddubs`
-/// summing a `Q4_0` block's products in i16 (at most 2 · 8 · 15 · 128 per lane), a `Q8_0`
-/// block's (signed, by the sign trick: `|w|` times `x` with `w`'s sign) in i32.
+/// summing a `Q4_0` block's products in i16 (at most 2 · 8 · 15 · 128 per lane; `Q5_0`'s in two
+/// halves of four), a `Q8_0` block's (signed, by the sign trick: `|w|` times `x` with `w`'s sign)
+/// in i32.
 ///
 /// # Safety
 /// The CPU has AVX2, FMA and F16C.
@@ -441,8 +536,8 @@ unsafe fn half_avx2<const K: u8, const R: usize>(
             let wb = w.add(b * tile_block(K));
             let dw = _mm256_cvtph_ps(_mm_loadu_si128(wb.add(16 * half).cast()));
             let load = |m: usize| _mm256_loadu_si256(wb.add(SCALES + 64 * m + 32 * half).cast());
-            // `Q4_0`: the nibbles; `Q8_0`: the signed values.
-            let wq: [__m256i; 8] = if K == Q8_0 {
+            // `Q4_0`: the nibbles; `Q5_0`: with their high bits; `Q8_0`: the signed values.
+            let mut wq: [__m256i; 8] = if K == Q8_0 {
                 std::array::from_fn(|k| _mm256_xor_si256(load(k), _mm256_set1_epi8(-128)))
             } else {
                 let raw: [__m256i; 4] = std::array::from_fn(load);
@@ -454,6 +549,24 @@ unsafe fn half_avx2<const K: u8, const R: usize>(
                     }
                 })
             };
+            if K == Q5_0 {
+                // As in `tile_vnni`.
+                let h = load(4);
+                let b4 = _mm256_set1_epi8(0x10);
+                let hb = [
+                    _mm256_slli_epi16::<4>(h),
+                    _mm256_slli_epi16::<3>(h),
+                    _mm256_slli_epi16::<2>(h),
+                    _mm256_slli_epi16::<1>(h),
+                    h,
+                    _mm256_srli_epi16::<1>(h),
+                    _mm256_srli_epi16::<2>(h),
+                    _mm256_srli_epi16::<3>(h),
+                ];
+                for (w, hb) in wq.iter_mut().zip(hb) {
+                    *w = _mm256_or_si256(*w, _mm256_and_si256(hb, b4));
+                }
+            }
             let (at, step) = act_block(grouped, b);
             for (i, acc) in acc.iter_mut().enumerate() {
                 let y = qs.add(i * x.cols + at);
@@ -469,6 +582,20 @@ unsafe fn half_avx2<const K: u8, const R: usize>(
                         sum = _mm256_add_epi32(sum, _mm256_madd_epi16(p, ones));
                     }
                     sum
+                } else if K == Q5_0 {
+                    // Four `maddubs` of 5-bit values per i16 sum (at most 4 · 2 · 31 · 128).
+                    let mut sums = [_mm256_setzero_si256(); 2];
+                    for (k, &wq) in wq.iter().enumerate() {
+                        let p = _mm256_maddubs_epi16(wq, quad(k));
+                        sums[k / 4] = _mm256_add_epi16(sums[k / 4], p);
+                    }
+                    _mm256_add_epi32(
+                        _mm256_add_epi32(
+                            _mm256_madd_epi16(sums[0], ones),
+                            _mm256_madd_epi16(sums[1], ones),
+                        ),
+                        _mm256_set1_epi32(2 * *off.add(i * nb + b)),
+                    )
                 } else {
                     let mut sum = _mm256_setzero_si256();
                     for (k, &wq) in wq.iter().enumerate() {

@@ -120,17 +120,21 @@ fn requantized(source: &Path, ty: GgmlType, out: &Path) {
 #[test]
 fn quantized_files_run_from_their_blocks_like_their_f32_weights() {
     let dir = tempfile::tempdir().unwrap();
-    for name in ARCHITECTURES {
+    // Q8_0 read in place, Q5_0 from its own kernels.
+    for (name, ty) in ARCHITECTURES
+        .into_iter()
+        .flat_map(|name| [GgmlType::Q8_0, GgmlType::Q5_0].map(|ty| (name, ty)))
+    {
         let e = expected(name);
         let (ids, vocab) = (ids_of(&e), e["vocab"].as_u64().unwrap() as usize);
-        let path = dir.path().join(format!("{name}.q8_0.gguf"));
-        requantized(&fixture(&format!("{name}.gguf")), GgmlType::Q8_0, &path);
+        let path = dir.path().join(format!("{name}.{ty}.gguf"));
+        requantized(&fixture(&format!("{name}.gguf")), ty, &path);
         let device = Default::default();
         let reference = logits(&load_gguf::<B>(&path, &device).unwrap().model, &ids);
         let native = load_gguf_quantized::<B>(&path, &device).unwrap();
         assert!(
             native.model.tied_head_kernel.is_some() || native.model.lm_head.is_some(),
-            "{name}"
+            "{name} {ty}"
         );
         let got = logits(&native.model, &ids);
         // The kernels round activations to 8 bits: close, and the same choices.
@@ -142,11 +146,11 @@ fn quantized_files_run_from_their_blocks_like_their_f32_weights() {
             .fold(0.0, f32::max);
         assert!(
             worst < 0.03 * scale,
-            "{name}: {worst} against logits up to {scale}"
+            "{name} {ty}: {worst} against logits up to {scale}"
         );
         let (a, b) = (argmax_rows(&got, vocab), argmax_rows(&reference, vocab));
         let same = a.iter().zip(&b).filter(|(x, y)| x == y).count();
-        assert!(same + 1 >= a.len(), "{name}: top-1 {same}/{}", a.len());
+        assert!(same + 1 >= a.len(), "{name} {ty}: top-1 {same}/{}", a.len());
     }
 }
 

@@ -9,7 +9,8 @@ use burn::backend::Flex;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use kiln_bpe::{BpeTrainer, PreTokenizer, Tokenizer, TrainerConfig};
-use kiln_gguf::GgufFile;
+use kiln_gguf::blocks::{dequantize_to_vec, quantize};
+use kiln_gguf::{GgmlType, GgufFile, GgufWriter};
 use kiln_transformer::{
     ModelConfig, ModelError, PositionEncoding, RopePairing, Transformer, load_gguf,
     load_gguf_quantized, save_gguf,
@@ -216,4 +217,101 @@ fn models_without_a_llama_cpp_architecture_are_refused() {
     .unwrap_err();
     assert!(err.to_string().contains("SentencePiece"), "{err}");
     assert!(!path.exists());
+}
+
+/// `source` with its matrices as llama.cpp's `Q4_K_M` makes them where 256 does not divide every
+/// row: `Q4_K` where it divides the row, else `Q5_0`.
+fn k_quant_mix(source: &Path, out: &Path) {
+    let file = GgufFile::open(source).unwrap();
+    let mut w = GgufWriter::new();
+    for (k, v) in &file.metadata {
+        w.add_metadata(k.clone(), v.clone()).unwrap();
+    }
+    for t in &file.tensors {
+        let data = file.tensor_data(t);
+        let n = t.n_elements() as usize;
+        let to = match t.dims.first() {
+            Some(&cols) if t.dims.len() == 2 && cols % 256 == 0 => GgmlType::Q4_K,
+            Some(&cols) if t.dims.len() == 2 && cols % 32 == 0 => GgmlType::Q5_0,
+            _ => t.ty,
+        };
+        let bytes = if to == t.ty {
+            data.to_vec()
+        } else {
+            quantize(to, &dequantize_to_vec(t.ty, data, n).unwrap()).unwrap()
+        };
+        w.add_tensor(t.name.clone(), &t.dims, to, bytes).unwrap();
+    }
+    w.write(out).unwrap();
+}
+
+/// `Q4_K` (transcoded at load, Q and K rows reordered for half-split RoPE) and `Q5_0` (read from
+/// tiles) run from their blocks like the same file's weights in f32, in under 6 bits per weight.
+#[test]
+fn q4_k_and_q5_0_files_run_from_their_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = tokenizer(320);
+    // Rows of 256 (Q4_K: Q, K, V, gate, up, the tied embedding) and of 288 (Q5_0: down).
+    let config = ModelConfig {
+        vocab_size: tok.vocab_size(),
+        context_length: 64,
+        n_layers: 2,
+        n_heads: 4,
+        n_kv_heads: 2,
+        d_model: 256,
+        d_ff: 288,
+        ..ModelConfig::smollm2_135m()
+    };
+    let model = random(config);
+    let f32_path = dir.path().join("f32.gguf");
+    save_gguf(&model, &tok, None, &f32_path).unwrap();
+    let path = dir.path().join("mix.gguf");
+    k_quant_mix(&f32_path, &path);
+    let file = GgufFile::open(&path).unwrap();
+    assert_eq!(
+        file.tensor("blk.0.attn_q.weight").unwrap().ty,
+        GgmlType::Q4_K
+    );
+    assert_eq!(
+        file.tensor("blk.0.ffn_down.weight").unwrap().ty,
+        GgmlType::Q5_0
+    );
+    let device = Default::default();
+    let ids: Vec<i64> = tok
+        .encode(TEXT)
+        .into_iter()
+        .take(24)
+        .map(i64::from)
+        .collect();
+    let reference = logits(&load_gguf::<B>(&path, &device).unwrap().model, &ids);
+    let native = load_gguf_quantized::<B>(&path, &device).unwrap().model;
+    let got = logits(&native, &ids);
+    // The kernels round activations to 8 bits: close, and the same choices.
+    let scale = reference.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let diff = worst(&got, &reference);
+    assert!(diff < 0.03 * scale, "{diff} against logits up to {scale}");
+    let top = |l: &[f32]| -> Vec<usize> {
+        l.chunks_exact(tok.vocab_size())
+            .map(|row| {
+                (0..row.len())
+                    .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+                    .unwrap()
+            })
+            .collect()
+    };
+    let (a, b) = (top(&got), top(&reference));
+    let same = a.iter().zip(&b).filter(|(x, y)| x == y).count();
+    assert!(same + 1 >= a.len(), "top-1 {same}/{}", a.len());
+    // Kept in 6 bits per weight (Q4_K's transcoding), not converted to Q8_0's 8.5.
+    let embedding = native.tok_emb_kernel.as_ref().unwrap().weight_bytes();
+    assert_eq!(embedding, tok.vocab_size() * 256 / 32 * 24);
+    // Q5_0 in 16-row tiles of 22 bytes per block.
+    let down = native.blocks[0]
+        .mlp
+        .down
+        .kernel
+        .as_ref()
+        .unwrap()
+        .weight_bytes();
+    assert_eq!(down, 256usize.div_ceil(16) * 16 * 288 / 32 * 22);
 }
