@@ -2326,66 +2326,26 @@ mod tests {
     fn q5_0_and_q4_k_reject_bad_shapes() {
         let q4k = Arc::new(blocks::quantize(GgmlType::Q4_K, &values(4 * 512, 2)).unwrap());
         let q50 = Arc::new(blocks::quantize(GgmlType::Q5_0, &values(4 * 64, 2)).unwrap());
-        let shape =
-            |r: Result<QuantMatrix, KernelError>| matches!(r, Err(KernelError::Shape { .. }));
-        // Rows not whole super-blocks (Q4_K) or blocks (Q5_0).
-        assert!(shape(QuantMatrix::new(
-            GgmlType::Q4_K,
-            8,
-            256 + 32,
-            q4k.clone(),
-            0
-        )));
-        assert!(shape(QuantMatrix::new(
-            GgmlType::Q5_0,
-            8,
-            48,
-            q50.clone(),
-            0
-        )));
-        // Bytes too short, past the end, overflowing sizes.
-        assert!(shape(QuantMatrix::new(
-            GgmlType::Q4_K,
-            5,
-            512,
-            q4k.clone(),
-            0
-        )));
-        assert!(shape(QuantMatrix::new(
-            GgmlType::Q4_K,
-            4,
-            512,
-            q4k.clone(),
-            1
-        )));
-        assert!(shape(QuantMatrix::new(
-            GgmlType::Q4_K,
-            1,
-            256,
-            q4k.clone(),
-            100_000
-        )));
-        assert!(shape(QuantMatrix::new(
-            GgmlType::Q4_K,
-            usize::MAX,
-            512,
-            q4k.clone(),
-            0
-        )));
-        assert!(shape(QuantMatrix::new(
-            GgmlType::Q5_0,
-            5,
-            64,
-            q50.clone(),
-            0
-        )));
-        assert!(shape(QuantMatrix::new(
-            GgmlType::Q5_0,
-            usize::MAX / 2,
-            64,
-            q50.clone(),
-            0
-        )));
+        // (type, rows, cols, byte offset): rows not whole super-blocks (Q4_K) or blocks (Q5_0);
+        // bytes too short, past the end, overflowing sizes.
+        let bad = [
+            (GgmlType::Q4_K, 8, 256 + 32, 0),
+            (GgmlType::Q5_0, 8, 48, 0),
+            (GgmlType::Q4_K, 5, 512, 0),
+            (GgmlType::Q4_K, 4, 512, 1),
+            (GgmlType::Q4_K, 1, 256, 100_000),
+            (GgmlType::Q4_K, usize::MAX, 512, 0),
+            (GgmlType::Q5_0, 5, 64, 0),
+            (GgmlType::Q5_0, usize::MAX / 2, 64, 0),
+        ];
+        for (ty, rows, cols, offset) in bad {
+            let bytes = if ty == GgmlType::Q4_K { &q4k } else { &q50 };
+            let made = QuantMatrix::new(ty, rows, cols, bytes.clone(), offset);
+            assert!(
+                matches!(made, Err(KernelError::Shape { .. })),
+                "{ty:?} {rows}×{cols} at {offset}"
+            );
+        }
         // Exactly the bytes, or a tail of them: fine.
         assert!(QuantMatrix::new(GgmlType::Q4_K, 4, 512, q4k.clone(), 0).is_ok());
         assert!(QuantMatrix::new(GgmlType::Q4_K, 2, 512, q4k, 4 * 144).is_ok());
