@@ -1,5 +1,8 @@
 //! Which backends the host-side [`LinearKernel`](crate::LinearKernel)s serve.
 
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use burn::tensor::backend::Backend;
 
 /// Whether a model on backend `B` should multiply through the host-side kernels attached to its
@@ -27,6 +30,51 @@ pub fn on_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     }
     // `scope` runs its body on a worker of the global pool and blocks this thread until it ends.
     rayon::scope(|_| f())
+}
+
+/// [`on_worker`], with the pool's other workers polling for work until `f` returns instead of
+/// going to sleep between two parallel loops and being woken for the next: a decoding step runs
+/// ~150 short products in a row, and each wake-up is a trip through the OS scheduler. A polling
+/// worker yields its core to any other runnable thread between polls (`sched_yield`), so it takes
+/// a core only from idle time, as llama.cpp's thread pool spins between operations.
+/// `KILN_POLLING_WORKERS=0` turns this off (plain [`on_worker`]).
+pub fn on_polling_workers<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    static ENABLED: OnceLock<bool> = OnceLock::new();
+    let enabled =
+        *ENABLED.get_or_init(|| std::env::var("KILN_POLLING_WORKERS").map_or(true, |v| v != "0"));
+    if !enabled || rayon::current_thread_index().is_some() {
+        return on_worker(f);
+    }
+    let done = &AtomicBool::new(false);
+    rayon::scope(|scope| {
+        let owner = rayon::current_thread_index();
+        for _ in 1..rayon::current_num_threads() {
+            scope.spawn(move |_| {
+                // The thread running `f` may pick this task up while it waits inside `f`; polling
+                // there would keep `f` from ever finishing.
+                if rayon::current_thread_index() == owner {
+                    return;
+                }
+                while !done.load(Ordering::Acquire) {
+                    if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                        std::thread::yield_now();
+                    }
+                }
+            });
+        }
+        // Set when `f` returns or unwinds, so that the polling workers always stop.
+        let _stop = StopOnDrop(done);
+        f()
+    })
+}
+
+/// Sets its flag when dropped.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
 }
 
 /// This machine's CPU for benchmark reports: the model name (`/proc/cpuinfo`), or `"unknown CPU"`,
@@ -62,4 +110,42 @@ pub fn cpu_description() -> String {
         }
     }
     model
+}
+
+#[cfg(test)]
+mod tests {
+    use rayon::prelude::*;
+
+    use super::on_polling_workers;
+
+    /// Parallel loops inside `f` finish with the right results, and the polling workers stop when
+    /// `f` returns (or the call would never return), also when called again right after; on a
+    /// worker already (inside another parallel loop), `f` just runs.
+    #[test]
+    fn polling_workers_share_the_work_and_stop() {
+        for _ in 0..20 {
+            let sums: Vec<u64> = on_polling_workers(|| {
+                (0..50u64)
+                    .map(|n| (0..=n * 1000).into_par_iter().sum())
+                    .collect()
+            });
+            for (n, sum) in (0u64..).zip(&sums) {
+                let n = n * 1000;
+                assert_eq!(*sum, n * (n + 1) / 2);
+            }
+        }
+        let nested: Vec<usize> = (0..4usize)
+            .into_par_iter()
+            .map(|i| on_polling_workers(|| (0..=i).into_par_iter().sum()))
+            .collect();
+        assert_eq!(nested, [0, 1, 3, 6]);
+        // A panic inside `f` reaches the caller (the polling workers stop instead of spinning on).
+        let caught = std::panic::catch_unwind(|| {
+            on_polling_workers(|| {
+                let sum: u64 = (0..1000u64).into_par_iter().sum();
+                assert_eq!(sum, 0, "deliberate");
+            })
+        });
+        assert!(caught.is_err());
+    }
 }

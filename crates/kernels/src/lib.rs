@@ -46,7 +46,7 @@ mod linear;
 pub mod quant;
 mod quant_linear;
 
-pub use host::{cpu_description, on_worker, runs_host_kernels};
+pub use host::{cpu_description, on_polling_workers, on_worker, runs_host_kernels};
 pub use int8::{BLOCK, Int8Matrix};
 pub use linear::{KERNEL_MAX_ROWS, KernelError, LinearKernel};
 pub use quant::{Q8Rows, QuantMatrix, SharedBytes};

@@ -36,6 +36,8 @@ pub struct Attention<B: Backend> {
     /// Keys and values rounded to f16 as they are computed, as llama.cpp's default (F16) KV cache
     /// holds them: set for models run from a GGUF file's quantized blocks, whose 8-bit activations
     /// already compute as llama.cpp does, so that their logits track llama.cpp's on the same file.
+    /// Only where the host kernels run (Flex): on a GPU such a model computes with its weights
+    /// dequantized, in the backend's float type.
     #[module(skip)]
     pub kv_f16: bool,
 }
@@ -93,7 +95,7 @@ impl<B: Backend> Attention<B> {
         let (h, kvh, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let qkv = self.qkv.forward(x);
         if t > 1
-            && !self.kv_f16
+            && !(self.kv_f16 && kiln_kernels::runs_host_kernels::<B>())
             && ctx.rope.is_none()
             && ctx.mask.is_none()
             && ctx.cache.is_none()
@@ -117,7 +119,7 @@ impl<B: Backend> Attention<B> {
             q = angles.apply(q, *pairing);
             k = angles.apply(k, *pairing);
         }
-        if self.kv_f16 {
+        if self.kv_f16 && kiln_kernels::runs_host_kernels::<B>() {
             let rounded = |x: Tensor<B, 4>| {
                 let dtype = x.dtype();
                 x.cast(DType::F16).cast(dtype)

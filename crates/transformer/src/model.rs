@@ -6,7 +6,7 @@ use burn::module::{Module, ModuleMapper, Param, ParamId};
 use burn::nn::{Dropout, DropoutConfig, Embedding};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
-use kiln_kernels::{LinearKernel, on_worker, runs_host_kernels};
+use kiln_kernels::{LinearKernel, on_polling_workers, on_worker, runs_host_kernels};
 
 use crate::attention::AttentionContext;
 use crate::block::Block;
@@ -190,9 +190,10 @@ impl<B: Backend> Transformer<B> {
     ) -> Result<Tensor<B, 3>> {
         if runs_host_kernels::<B>() {
             // On a worker of the host kernels' thread pool, so that their parallel loops share the
-            // work with this thread instead of waking every worker while it sleeps (decoding
-            // makes ~150 such calls per token).
-            on_worker(|| self.forward_rows_here(tokens, cache, rows, valid, which))
+            // work with this thread instead of waking every worker while it sleeps, and with the
+            // other workers polling for the next loop rather than sleeping between two (decoding
+            // makes ~150 such loops per token).
+            on_polling_workers(|| self.forward_rows_here(tokens, cache, rows, valid, which))
         } else {
             self.forward_rows_here(tokens, cache, rows, valid, which)
         }
