@@ -5,12 +5,12 @@
 
 use std::path::Path;
 
+use crate::gguf_architectures::requantized;
 use burn::backend::Flex;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use kiln_bpe::{BpeTrainer, PreTokenizer, Tokenizer, TrainerConfig};
-use kiln_gguf::blocks::{dequantize_to_vec, quantize};
-use kiln_gguf::{GgmlType, GgufFile, GgufWriter};
+use kiln_gguf::{GgmlType, GgufFile};
 use kiln_transformer::{
     ModelConfig, ModelError, PositionEncoding, RopePairing, Transformer, load_gguf,
     load_gguf_quantized, save_gguf,
@@ -219,32 +219,6 @@ fn models_without_a_llama_cpp_architecture_are_refused() {
     assert!(!path.exists());
 }
 
-/// `source` with its matrices as llama.cpp's `Q4_K_M` makes them where 256 does not divide every
-/// row: `Q4_K` where it divides the row, else `Q5_0`.
-fn k_quant_mix(source: &Path, out: &Path) {
-    let file = GgufFile::open(source).unwrap();
-    let mut w = GgufWriter::new();
-    for (k, v) in &file.metadata {
-        w.add_metadata(k.clone(), v.clone()).unwrap();
-    }
-    for t in &file.tensors {
-        let data = file.tensor_data(t);
-        let n = t.n_elements() as usize;
-        let to = match t.dims.first() {
-            Some(&cols) if t.dims.len() == 2 && cols % 256 == 0 => GgmlType::Q4_K,
-            Some(&cols) if t.dims.len() == 2 && cols % 32 == 0 => GgmlType::Q5_0,
-            _ => t.ty,
-        };
-        let bytes = if to == t.ty {
-            data.to_vec()
-        } else {
-            quantize(to, &dequantize_to_vec(t.ty, data, n).unwrap()).unwrap()
-        };
-        w.add_tensor(t.name.clone(), &t.dims, to, bytes).unwrap();
-    }
-    w.write(out).unwrap();
-}
-
 /// `Q4_K` (transcoded at load, Q and K rows reordered for half-split RoPE) and `Q5_0` (read from
 /// tiles) run from their blocks like the same file's weights in f32, in under 6 bits per weight.
 #[test]
@@ -266,7 +240,15 @@ fn q4_k_and_q5_0_files_run_from_their_blocks() {
     let f32_path = dir.path().join("f32.gguf");
     save_gguf(&model, &tok, None, &f32_path).unwrap();
     let path = dir.path().join("mix.gguf");
-    k_quant_mix(&f32_path, &path);
+    // As llama.cpp's `Q4_K_M` makes them where 256 does not divide every row: `Q4_K` where it
+    // divides the row, else `Q5_0`.
+    requantized(&f32_path, &path, |cols| {
+        if cols.is_multiple_of(256) {
+            Some(GgmlType::Q4_K)
+        } else {
+            cols.is_multiple_of(32).then_some(GgmlType::Q5_0)
+        }
+    });
     let file = GgufFile::open(&path).unwrap();
     assert_eq!(
         file.tensor("blk.0.attn_q.weight").unwrap().ty,
