@@ -29,6 +29,8 @@ use crate::GgmlType;
 mod encode;
 mod kquants;
 
+pub use kquants::scale_min_k4;
+
 /// Elements per block of the legacy quantizations (`QK` in GGML).
 pub const QK: usize = 32;
 

@@ -31,7 +31,7 @@ pub(super) fn super_blocks<const N: usize>(
 /// `j + 4`; `j >= 4` splits its pair between the nibbles of byte `j + 4` (low bits) and the top
 /// 2 bits of bytes `j - 4` and `j`.
 #[inline(always)]
-pub(super) fn scale_min_k4(scales: &[u8; 12]) -> [(u8, u8); 8] {
+pub fn scale_min_k4(scales: &[u8; 12]) -> [(u8, u8); 8] {
     let (a, rest) = split::<_, 4, 8, 12>(scales);
     let (b, c) = split::<_, 4, 4, 8>(rest);
     let mut out = [(0, 0); 8];

@@ -15,14 +15,10 @@
 
 use half::f16;
 use kiln_gguf::GgmlType;
+use kiln_gguf::blocks::{QK_K, scale_min_k4};
 
 use super::{Q4F, QK, block_bytes};
 use crate::linear::KernelError;
-
-/// Values per `Q4_K` super-block.
-pub(super) const QK_K: usize = 256;
-/// Bytes per `Q4_K` super-block.
-const Q4_K_BYTES: usize = 144;
 
 /// The internal kind a transcoded type becomes, and the values per block of the source type.
 pub(super) fn target(ty: GgmlType) -> Option<(u8, usize)> {
@@ -43,7 +39,7 @@ pub(super) fn transcode(
     bytes: &[u8],
 ) -> Result<(u8, Vec<u8>), KernelError> {
     let (kind, per_block) = target(ty).ok_or(KernelError::Declined)?;
-    let src = Q4_K_BYTES;
+    let src = ty.type_size().ok_or(KernelError::Declined)?;
     let shape = KernelError::Shape {
         rows,
         cols,
@@ -69,28 +65,12 @@ pub(super) fn transcode(
     Ok((kind, out))
 }
 
-/// The eight 6-bit `(scale, min)` pairs of a `Q4_K` super-block's 12 packed bytes (llama.cpp's
-/// `get_scale_min_k4`): sub-block `j < 4` in the low 6 bits of bytes `j` and `j + 4`; `j >= 4`
-/// in the nibbles of byte `j + 4` and the top 2 bits of bytes `j − 4` and `j`.
-fn scale_min_k4(s: &[u8]) -> [(u8, u8); 8] {
-    std::array::from_fn(|j| {
-        if j < 4 {
-            (s[j] & 63, s[j + 4] & 63)
-        } else {
-            (
-                (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4),
-                (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
-            )
-        }
-    })
-}
-
 /// One `Q4_K` super-block (144 bytes) into eight [`Q4F`] blocks (24 bytes each: f32 scale, f32
 /// offset, 16 bytes of nibbles in `Q4_1`'s order).
 fn q4_k(b: &[u8], o: &mut [u8]) {
     let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
     let dmin = f16::from_le_bytes([b[2], b[3]]).to_f32();
-    let sm = scale_min_k4(&b[4..16]);
+    let sm = scale_min_k4(&std::array::from_fn(|i| b[4 + i]));
     let qs = &b[16..144];
     let bs = block_bytes(Q4F);
     for (j, ((sc, m), o)) in sm.iter().zip(o.chunks_exact_mut(bs)).enumerate() {
