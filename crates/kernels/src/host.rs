@@ -35,8 +35,9 @@ pub fn on_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 /// [`on_worker`], with the pool's other workers polling for work until `f` returns instead of
 /// going to sleep between two parallel loops and being woken for the next: a decoding step runs
 /// ~150 short products in a row, and each wake-up is a trip through the OS scheduler. A polling
-/// worker yields its core to any other runnable thread between polls (`sched_yield`), so it takes
-/// a core only from idle time, as llama.cpp's thread pool spins between operations.
+/// worker offers its core to other runnable threads between polls (`sched_yield`), but still
+/// keeps every core of the pool busy while `f` runs, as llama.cpp's thread pool does between
+/// operations: on a machine shared with other work it can cost more than it saves.
 /// `KILN_POLLING_WORKERS=0` turns this off (plain [`on_worker`]).
 pub fn on_polling_workers<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     static ENABLED: OnceLock<bool> = OnceLock::new();

@@ -94,8 +94,9 @@ impl<B: Backend> Attention<B> {
         let [b, t, _] = x.dims();
         let (h, kvh, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let qkv = self.qkv.forward(x);
+        let round_kv = self.kv_f16 && kiln_kernels::runs_host_kernels::<B>();
         if t > 1
-            && !(self.kv_f16 && kiln_kernels::runs_host_kernels::<B>())
+            && !round_kv
             && ctx.rope.is_none()
             && ctx.mask.is_none()
             && ctx.cache.is_none()
@@ -119,7 +120,7 @@ impl<B: Backend> Attention<B> {
             q = angles.apply(q, *pairing);
             k = angles.apply(k, *pairing);
         }
-        if self.kv_f16 && kiln_kernels::runs_host_kernels::<B>() {
+        if round_kv {
             let rounded = |x: Tensor<B, 4>| {
                 let dtype = x.dtype();
                 x.cast(DType::F16).cast(dtype)
